@@ -1,0 +1,19 @@
+"""bnaudit: audit the BatchNorm layers of PyTorch checkpoints."""
+
+__version__ = "0.1.0"
+
+from bnaudit.audit import AuditOptions, audit  # noqa: E402
+from bnaudit.findings import Thresholds  # noqa: E402
+from bnaudit.results import AuditReport, FailOn, Finding, LayerResult, Severity  # noqa: E402
+
+__all__ = [
+    "AuditOptions",
+    "AuditReport",
+    "FailOn",
+    "Finding",
+    "LayerResult",
+    "Severity",
+    "Thresholds",
+    "__version__",
+    "audit",
+]

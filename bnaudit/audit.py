@@ -1,0 +1,294 @@
+"""The audit engine: one eval-mode and one train-mode pass per batch, hooks on every BN layer.
+
+Each hook reconstructs the layer's output by hand from the attributes, checks the running-stat
+update, reduces the layer's input to per-channel accumulators and drops every tensor. The model's
+modes, buffers and momentum are put back in `finally`; the train-mode update is undone in the
+hook itself, so every batch is compared against the checkpoint's statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnaudit import formulas as F
+from bnaudit.batches import call_model, move_batch
+from bnaudit.errors import DataError, NothingToAudit, describe
+from bnaudit.findings import Thresholds, is_stale, judge_layer
+from bnaudit.layers import LayerAttrs, find_bn_layers, preserved
+from bnaudit.results import AuditReport, FailOn, LayerMetrics, LayerResult
+from bnaudit.metrics import measure
+from bnaudit.statistics import LayerStats, RegimeStats
+
+@dataclass(frozen=True)
+class AuditOptions:
+    """How to run the passes and judge them. Thresholds live in `Thresholds`."""
+
+    thresholds: Thresholds = dataclasses.field(default_factory=Thresholds)
+    train_mode: str = "bn"  # "bn": only BN layers in train mode; "all": the whole model
+    fail_on: FailOn = FailOn.FAIL
+    max_batches: int | None = None
+    synthetic_data: bool = False
+
+
+class _Probe:
+    """Forward hook of one BN layer; `regime` is switched by the engine between passes."""
+
+    def __init__(self, name: str, module: _BatchNorm, clock: itertools.count) -> None:
+        self.name = name
+        self.clock = clock  # shared by all probes: orders layers by their first call
+        self.first_call: int | None = None
+        self.module = module
+        self.attrs = LayerAttrs.of(module)
+        # Exact copies (original dtype) to undo each train-mode update.
+        self.saved = {k: b.detach().clone() for k, b in module.named_buffers(recurse=False)}
+        self.stats = LayerStats()
+        self.regime = "eval"
+        self.nonfinite_inputs = 0
+        self.nonfinite_outputs = 0
+
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if not inputs or not isinstance(inputs[0], Tensor) or not isinstance(output, Tensor):
+            return
+        x, y = inputs[0].detach(), output.detach()
+        if x.dim() < 2 or y.shape != x.shape:
+            return
+        if self.first_call is None:
+            self.first_call = next(self.clock)
+        a = self.attrs
+        x64, y64 = x.double(), y.double()
+        mean, var = F.batch_stats(x64)
+        n = F.values_per_channel(x)
+        regime = self.stats.train if self.regime == "train" else self.stats.eval
+        use_batch = self.regime == "train" or not a.has_running_stats
+        ref_mean, ref_var = (mean, var) if use_batch else (a.running_mean, a.running_var)
+        _record_error(regime, x64, y64, ref_mean, ref_var, a, y.dtype)
+        regime.add_batch(n, x.shape[0], mean, var)
+        bad_in = int((~torch.isfinite(x)).sum())
+        self.nonfinite_inputs += bad_in
+        if not bad_in:  # a NaN arriving from upstream is that layer's finding, not this one's
+            self.nonfinite_outputs += int((~torch.isfinite(y)).sum())
+        if self.regime == "train" and a.has_running_stats:
+            self._check_update(mean, var, n)
+
+    def _check_update(self, mean: Tensor, var: Tensor, n: int) -> None:
+        """Compare one running-stat update with (1 − m)·old + m·batch, then undo it."""
+        a, m = self.attrs, self.module
+        assert a.running_mean is not None and a.running_var is not None  # has_running_stats
+        t_before = a.num_batches_tracked or 0
+        exp_mean, exp_var, exp_t = F.running_update(
+            a.running_mean, a.running_var, mean, var, n, a.momentum, t_before
+        )
+        got_mean, got_var = m.running_mean.double(), m.running_var.double()
+        rtol, atol = F.tolerance(m.running_mean.dtype)
+        factor = F.update_factor(a.momentum, t_before)
+        # The batch moments are sums of |x|-sized terms: their rounding scales with E[x²].
+        second = var + mean.square()
+        tol_mean = atol + rtol * (exp_mean.abs() + factor * second.sqrt())
+        tol_var = atol + rtol * (exp_var.abs() + factor * F.bessel(n) * second)
+        upd = self.stats.update
+        upd.mean_ratio.add(_mismatch(got_mean, exp_mean) / tol_mean)
+        upd.var_ratio.add(_mismatch(got_var, exp_var) / tol_var)
+        upd.mean_step.add((got_mean - a.running_mean).abs() / (a.running_var + a.eps).sqrt())
+        upd.var_step.add(((got_var + a.eps) / (a.running_var + a.eps)).log().abs())
+        nbt = getattr(m, "num_batches_tracked", None)
+        if nbt is not None and int(nbt.item()) != exp_t:
+            upd.count_errors += 1
+        with torch.no_grad():
+            for key, value in self.saved.items():
+                getattr(m, key).copy_(value)
+
+
+def _record_error(
+    regime: RegimeStats,
+    x: Tensor,
+    y: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    a: LayerAttrs,
+    dtype: torch.dtype,
+) -> None:
+    """Max |y − ref| and its ratio to the dtype's tolerance, per channel.
+
+    The tolerance is assert_close's atol + rtol·|ref| plus rtol·|scale|·(|x| + |μ|): the rounding
+    the layer itself makes when it subtracts μ in its own dtype (without it, a healthy layer
+    whose mean is large against its spread would fail on cancellation alone).
+    """
+    ref = F.normalize(x, mean, var, a.weight, a.bias, a.eps)
+    rtol, atol = F.tolerance(dtype)
+    scale = torch.rsqrt(var + a.eps)
+    if a.weight is not None:
+        scale = scale * a.weight.abs()
+    nd = x.dim()
+    tol = atol + rtol * (ref.abs() + F.channel_view(scale, nd) * (x.abs() + F.channel_view(mean.abs(), nd)))
+    err = _mismatch(y, ref)
+    dims = F.stat_dims(x)
+    regime.err_abs.add(err.amax(dim=dims))
+    regime.err_ratio.add(torch.where(err == 0, err, err / tol).amax(dim=dims))
+
+
+def _mismatch(got: Tensor, want: Tensor) -> Tensor:
+    """|got − want|, 0 where both are the same non-finite value (NaN/Inf passed through)."""
+    same = (got == want) | (got.isnan() & want.isnan())
+    return torch.where(same, torch.zeros_like(got), (got - want).abs())
+
+
+def _set_train_mode(model: nn.Module, layers: list[tuple[str, _BatchNorm]], mode: str) -> None:
+    if mode == "all":
+        model.train()
+    else:
+        model.eval()
+        for _, m in layers:
+            m.train()
+
+
+def run_passes(model: nn.Module, batches: Iterable[Any], options: AuditOptions) -> tuple[list[_Probe], int]:
+    """Run every batch once in eval and once in train mode with all probes attached."""
+    layers = find_bn_layers(model)
+    if not layers:
+        raise NothingToAudit(
+            "the model has no BatchNorm layer (no torch.nn.modules.batchnorm._BatchNorm)"
+        )
+    clock = itertools.count()
+    probes = [_Probe(name, m, clock) for name, m in layers]
+    device, dtype = _model_device_dtype(model)
+    count = 0
+    with preserved(model, layers), torch.no_grad():
+        handles = [m.register_forward_hook(p) for (_, m), p in zip(layers, probes)]
+        try:
+            for batch in batches:
+                if options.max_batches is not None and count >= options.max_batches:
+                    break
+                batch = move_batch(batch, device, dtype)
+                for regime in ("eval", "train"):
+                    for p in probes:
+                        p.regime = regime
+                    if regime == "eval":
+                        model.eval()
+                    else:
+                        _set_train_mode(model, layers, options.train_mode)
+                    _forward(model, batch, count, regime)
+                count += 1
+        finally:
+            for h in handles:
+                h.remove()
+    return probes, count
+
+
+def _forward(model: nn.Module, batch: Any, index: int, regime: str) -> None:
+    try:
+        call_model(model, batch)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        hint = ""
+        if "more than 1 value per channel" in str(exc):
+            hint = (
+                " A BN layer saw a single value per channel in train mode: use batches of at"
+                " least 2 samples (--batch-size)."
+            )
+        raise DataError(
+            f"the model's forward failed on batch {index} in {regime} mode: "
+            f"{describe(exc)}.{hint}"
+        ) from exc
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def audit(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    options: AuditOptions | None = None,
+    checkpoint: str | None = None,
+    sha256: str | None = None,
+    **overrides: Any,
+) -> AuditReport:
+    """Audit every BN layer of `model` on `batches`; the model is left exactly as it was.
+
+    Args:
+        model: any nn.Module with BatchNorm layers, on the device the batches should run on.
+        batches: an iterable of batches (a Tensor, a tuple passed as model(*batch), a dict
+            passed as model(**batch)); consumed once.
+        options: how to run and judge; keyword overrides take `AuditOptions` fields
+            (train_mode, fail_on, max_batches, synthetic_data) or `Thresholds` fields.
+    """
+    options = _with_overrides(options or AuditOptions(), overrides)
+    t = options.thresholds
+    probes, count = run_passes(model, batches, options)
+    metrics = {
+        p.name: measure(
+            p.attrs,
+            p.stats,
+            t,
+            nonfinite_inputs=p.nonfinite_inputs,
+            nonfinite_outputs=p.nonfinite_outputs,
+            synthetic=options.synthetic_data,
+        )
+        for p in probes
+    }
+    # Layers in the order they run, for "a consequence of stale stats upstream".
+    ran = sorted((p for p in probes if p.first_call is not None), key=lambda p: p.first_call)
+    position = {p.name: i for i, p in enumerate(ran)}
+    stale = [p.name for p in ran if is_stale(metrics[p.name], t)]
+    results = []
+    for p in probes:
+        here = position.get(p.name)
+        upstream = tuple(n for n in stale if here is not None and position[n] < here)
+        findings = judge_layer(
+            p.name,
+            metrics[p.name],
+            t,
+            type_name=p.attrs.type_name,
+            overrides_forward=p.attrs.overrides_forward,
+            upstream_stale=upstream,
+        )
+        results.append(LayerResult(p.name, p.attrs.type_name, metrics[p.name], findings))
+    return AuditReport(
+        layers=tuple(results),
+        fail_on=options.fail_on,
+        batches=count,
+        forward_passes=2 * count,
+        synthetic_data=options.synthetic_data,
+        notes=_notes(results, count),
+        checkpoint=checkpoint,
+        sha256=sha256,
+        thresholds=dataclasses.asdict(t),
+    )
+
+
+def _with_overrides(options: AuditOptions, overrides: dict[str, Any]) -> AuditOptions:
+    own = {f.name for f in dataclasses.fields(AuditOptions)} - {"thresholds"}
+    mine = {k: v for k, v in overrides.items() if k in own}
+    if "fail_on" in mine:
+        mine["fail_on"] = FailOn(mine["fail_on"])
+    rest = {k: v for k, v in overrides.items() if k not in own}
+    thresholds = options.thresholds.replace(**rest) if rest else options.thresholds
+    return dataclasses.replace(options, thresholds=thresholds, **mine)
+
+
+def _notes(results: list[LayerResult], batches: int) -> tuple[str, ...]:
+    """Why some verdicts were not drawn, once per reason, with the layers it applies to."""
+    reasons: dict[str, list[str]] = {}
+    for r in results:
+        for label, status in (("stale-stats", r.metrics.stale_judged),
+                              ("train-eval-gap", r.metrics.gap_judged)):
+            if status.startswith("no"):
+                reasons.setdefault(f"{label} not judged ({status.removeprefix('no: ')})", []).append(r.name)
+    notes = []
+    for reason, names in reasons.items():
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        notes.append(f"{reason}: {shown}")
+    if batches == 0:
+        notes.insert(0, "no batch was run: only the static checks ran")
+    return tuple(notes)

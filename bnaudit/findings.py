@@ -1,0 +1,205 @@
+"""Thresholds, and the rules that turn a layer's metrics into findings.
+
+Every rule handles non-finite numbers explicitly: NaN compares false, so `value > limit` alone
+would let a NaN through.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from bnaudit.results import Finding, LayerMetrics, Severity
+
+JUDGED = "yes"
+
+# Stable codes and how to fix each; every code is documented in the README.
+HINTS: dict[str, str] = {
+    "recon-train": "the train-mode output is not BN with batch statistics: look for a patched or "
+    "overridden forward",
+    "recon-eval": "the eval-mode output is not BN with the stored running statistics: look for a "
+    "patched or overridden forward",
+    "running-update": "a train step does not update the running stats as (1-m)*old + m*batch "
+    "(unbiased variance): look for custom momentum or update code",
+    "stale-stats": "recalibrate on representative data, e.g. torch.optim.swa_utils.update_bn"
+    "(loader, model), then save the checkpoint again",
+    "train-eval-gap": "stats fit train mode but not what the deployed (eval) model sees; "
+    "recalibrate in eval mode layer by layer, or normalise over larger batches",
+    "init-stats": "the layer never ran in train mode on data: calibrate it (update_bn) before "
+    "saving",
+    "nonfinite": "restore an earlier checkpoint or recalibrate; look for overflow in training",
+    "bad-var": "a running variance is never negative after a real update: the buffer was "
+    "corrupted or written by hand; recalibrate",
+    "tiny-var": "near-zero running variance with large gamma amplifies noise and can overflow "
+    "float16: check for dead channels, raise eps, or prune the channel",
+    "var-bias": "expected with this few values per channel; validate in eval mode, or use larger "
+    "batches or GroupNorm for this layer",
+    "momentum-warmup": "the running stats still carry their initial 0/1 values: calibrate with "
+    "more batches",
+    "momentum-convention": "PyTorch momentum is the weight of the new batch (Keras 0.99 = PyTorch "
+    "0.01): set momentum = 1 - keras_momentum and recalibrate",
+    "no-running-stats": "eval output depends on the batch and fails on a single sample: set "
+    "track_running_stats=True and calibrate, unless this is intended",
+    "nonstandard-forward": "the class overrides forward; the formula checks test what it computes",
+    "not-reached": "the layer did not run on the sample batches: check the data reaches it",
+}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Limits of the audit; defaults are documented in the README (Findings)."""
+
+    max_error_ratio: float = 1.0  # reconstruction error / tolerance
+    stale_shift: float = 0.3  # |μ − μ_r| / sqrt(σ²_r + ε)
+    stale_log_var: float = 0.4  # |ln((σ² + ε)/(σ²_r + ε))|: variance off by 1.49× or more
+    stale_z: float = 4.0  # and beyond this many sds of sample noise plus EMA jitter
+    stale_fraction: float = 0.1  # of the channels, for a layer verdict
+    min_batch: int = 3  # smaller audit batches make the stale comparison unreliable
+    var_bias_scale: float = 0.02  # eval/train output scale 1 − sqrt((N−1)/N) above this warns
+    max_amplification: float = 1000.0  # |γ|/sqrt(σ²_r + ε)
+    max_init_weight: float = 0.05  # (1 − m)^T still carried by the initial values
+    keras_momentum: float = 0.5  # m at or above this is likely a Keras/TF value
+
+    def replace(self, **changes: float) -> Thresholds:
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown threshold(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return f"{v:.3g}"
+
+
+def is_stale(m: LayerMetrics, t: Thresholds) -> bool:
+    return m.stale_judged == JUDGED and m.stale_fraction >= t.stale_fraction
+
+
+def judge_layer(
+    name: str,
+    m: LayerMetrics,
+    t: Thresholds,
+    *,
+    type_name: str,
+    overrides_forward: bool,
+    upstream_stale: tuple[str, ...] = (),
+) -> tuple[Finding, ...]:
+    """All findings for one layer, most severe first."""
+    out: list[Finding] = []
+
+    def add(code: str, sev: Severity, msg: str, value=None, threshold=None) -> None:
+        out.append(Finding(name, code, sev, msg, HINTS[code], value, threshold))
+
+    # 6. static checks
+    if m.nonfinite_values:
+        add("nonfinite", Severity.FAIL, f"{m.nonfinite_values} NaN/Inf value(s) in weight, bias "
+            "or running stats", m.nonfinite_values, 0)
+    if m.nonfinite_outputs and not m.nonfinite_values:
+        add("nonfinite", Severity.FAIL, f"{m.nonfinite_outputs} non-finite output value(s) on "
+            "the sample batches", m.nonfinite_outputs, 0)
+    if m.negative_var_channels:
+        add("bad-var", Severity.FAIL, f"running_var < 0 in {m.negative_var_channels} channel(s)",
+            m.negative_var_channels, 0)
+    if m.zero_var_channels:
+        add("bad-var", Severity.WARN, f"running_var exactly 0 in {m.zero_var_channels} "
+            "channel(s): eval mode divides by sqrt(eps) there", m.zero_var_channels, 0)
+    if math.isfinite(m.max_amplification) and m.max_amplification > t.max_amplification:
+        add("tiny-var", Severity.WARN, f"max |gamma|/sqrt(running_var + eps) = "
+            f"{_fmt(m.max_amplification)} > {_fmt(t.max_amplification)}",
+            m.max_amplification, t.max_amplification)
+    if not m.track_running_stats:
+        add("no-running-stats", Severity.WARN, "track_running_stats=False: eval mode normalises "
+            "with batch statistics")
+    _judge_init(add, m, t)
+
+    # 1. reconstruction
+    if m.calls == 0:
+        add("not-reached", Severity.INFO, "no forward call reached this layer; only the static "
+            "checks ran")
+    mismatch = False
+    for code, mode, ratio, err in (
+        ("recon-train", "train", m.recon_train_ratio, m.recon_train_max_err),
+        ("recon-eval", "eval", m.recon_eval_ratio, m.recon_eval_max_err),
+    ):
+        if m.calls and _over(ratio, t.max_error_ratio):
+            mismatch = True
+            add(code, Severity.FAIL, f"{mode}-mode output differs from the BN formula: max abs "
+                f"err {_fmt(err)}, {_fmt(ratio)}x the tolerance (limit {_fmt(t.max_error_ratio)}x)",
+                ratio, t.max_error_ratio)
+    if m.calls and m.track_running_stats:
+        worst = max(m.update_mean_ratio, m.update_var_ratio)
+        if _over(worst, t.max_error_ratio) or (math.isnan(worst)):
+            add("running-update", Severity.FAIL, "one train step moves the running stats away "
+                f"from (1-m)*old + m*batch: {_fmt(m.update_mean_ratio)}x (mean), "
+                f"{_fmt(m.update_var_ratio)}x (var) the tolerance", worst, t.max_error_ratio)
+        if m.update_count_errors:
+            add("running-update", Severity.FAIL, f"num_batches_tracked did not grow by 1 in "
+                f"{m.update_count_errors} train step(s)", m.update_count_errors, 0)
+    if overrides_forward:
+        sev = Severity.WARN if mismatch else Severity.INFO
+        what = "and its output does not match BN" if mismatch else "and its output matches BN"
+        add("nonstandard-forward", sev, f"{type_name} overrides forward {what}")
+
+    # 2./3. stale statistics and the train/eval gap
+    if is_stale(m, t):
+        add("stale-stats", Severity.FAIL, f"running stats do not describe the train-mode input: "
+            f"{_pct(m.stale_fraction)} of channels beyond the limits and sample noise (limit "
+            f"{_pct(t.stale_fraction)}); worst channel {m.stale_channel}: mean shift "
+            f"{_fmt(m.stale_shift_max)} sd (limit {_fmt(t.stale_shift)}), ln var ratio "
+            f"{_fmt(m.stale_log_var_max)} (limit +/-{_fmt(t.stale_log_var)})",
+            m.stale_fraction, t.stale_fraction)
+    elif m.gap_judged == JUDGED and m.gap_fraction >= t.stale_fraction:
+        msg = (f"eval-mode input drifts from the running stats in {_pct(m.gap_fraction)} of "
+               f"channels (limit {_pct(t.stale_fraction)}): mean shift {_fmt(m.gap_shift_max)} "
+               f"sd, ln var ratio {_fmt(m.gap_log_var_max)}; the stats fit train mode")
+        if upstream_stale:
+            add("train-eval-gap", Severity.INFO, msg + "; likely a consequence of stale stats "
+                f"earlier in the forward pass ({', '.join(upstream_stale)}): fix those first",
+                m.gap_fraction, t.stale_fraction)
+        else:
+            add("train-eval-gap", Severity.WARN, msg, m.gap_fraction, t.stale_fraction)
+
+    # 4. biased vs unbiased variance
+    mismatch_scale = 1.0 - m.eval_scale
+    if m.calls and _over(mismatch_scale, t.var_bias_scale):
+        add("var-bias", Severity.WARN, f"N = {m.values_per_channel} values per channel: "
+            f"running_var estimates the unbiased variance, {_fmt(m.bessel_factor)}x the biased "
+            f"one train mode uses (observed {_fmt(m.var_ratio_observed)}x); eval outputs are "
+            f"scaled by {_fmt(m.eval_scale)} relative to train mode (limit "
+            f"{_fmt(1 - t.var_bias_scale)})", mismatch_scale, t.var_bias_scale)
+
+    # 5. momentum
+    if m.momentum is not None and m.momentum >= t.keras_momentum:
+        add("momentum-convention", Severity.WARN, f"momentum = {_fmt(m.momentum)} >= "
+            f"{_fmt(t.keras_momentum)}: likely a Keras/TF value; the running stats are "
+            "essentially the last batch", m.momentum, t.keras_momentum)
+    return tuple(sorted(out, key=lambda f: -f.severity))
+
+
+def _judge_init(add, m: LayerMetrics, t: Thresholds) -> None:
+    if not m.track_running_stats:
+        return
+    if m.num_batches_tracked == 0 and not m.initial_stats:
+        add("init-stats", Severity.INFO, "num_batches_tracked = 0 but the running stats are not "
+            "the initial values: saved before the counter existed, or the counter was reset")
+    elif m.initial_stats:
+        add("init-stats", Severity.FAIL, "running stats are exactly the initial values "
+            f"(mean 0, var 1; num_batches_tracked = {m.num_batches_tracked}): never updated")
+    elif (m.num_batches_tracked or 0) >= 1 and _over(m.init_weight, t.max_init_weight):
+        add("momentum-warmup", Severity.WARN, f"after T = {m.num_batches_tracked} updates the "
+            f"initial values still weigh (1-m)^T = {_fmt(m.init_weight)} (limit "
+            f"{_fmt(t.max_init_weight)})", m.init_weight, t.max_init_weight)
+
+
+def _over(value: float, limit: float) -> bool:
+    """value > limit, where a NaN value counts as over: an unmeasurable check does not pass."""
+    return math.isnan(value) or value > limit
+
+
+def _pct(fraction: float) -> str:
+    return f"{100 * fraction:.0f}%"

@@ -1,0 +1,143 @@
+"""BatchNorm formulas as pure tensor functions (see shared BN-NOTES.md).
+
+They take tensors and numbers, never modules, so they serve a live module and a bare state dict
+alike and can be checked against torch's own layers in isolation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# assert_close-style tolerances (rtol, atol) by the dtype of the output being checked.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-7, 1e-7),
+    torch.float32: (1.3e-6, 1e-5),
+    torch.float16: (1e-3, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-5),
+}
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """(rtol, atol) for comparing an output of this dtype with a float64 reference."""
+    return TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+
+
+def stat_dims(x: Tensor) -> tuple[int, ...]:
+    """Every dim but the channel dim 1: BN statistics are per channel over all the others."""
+    return (0, *range(2, x.dim()))
+
+
+def values_per_channel(x: Tensor) -> int:
+    """N: how many values of one channel a batch holds (B, B·L, B·H·W or B·D·H·W)."""
+    return x.numel() // x.shape[1] if x.dim() > 1 and x.shape[1] else 0
+
+
+def channel_view(t: Tensor, ndim: int) -> Tensor:
+    """Shape a per-channel vector [C] to broadcast against an input of `ndim` dims."""
+    return t.reshape(1, -1, *([1] * (ndim - 2)))
+
+
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel batch mean and *biased* variance (divide by N), the pair train mode uses."""
+    var, mean = torch.var_mean(x, dim=stat_dims(x), correction=0)
+    return mean, var
+
+
+def bessel(n: int) -> float:
+    """N/(N−1): the factor from biased to unbiased variance; inf when N ≤ 1."""
+    return n / (n - 1) if n > 1 else math.inf
+
+
+def normalize(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """γ·(x − μ)/sqrt(σ² + ε) + β with per-channel μ, σ², γ, β (γ = 1, β = 0 when absent)."""
+    nd = x.dim()
+    y = (x - channel_view(mean, nd)) * channel_view(torch.rsqrt(var + eps), nd)
+    if weight is not None:
+        y = y * channel_view(weight, nd)
+    if bias is not None:
+        y = y + channel_view(bias, nd)
+    return y
+
+
+def bn_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """Train-mode output: batch mean and biased batch variance."""
+    mean, var = batch_stats(x)
+    return normalize(x, mean, var, weight, bias, eps)
+
+
+def bn_eval(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """Eval-mode output: the running statistics (what conv+BN folding bakes in)."""
+    return normalize(x, running_mean, running_var, weight, bias, eps)
+
+
+def update_factor(momentum: float | None, num_batches_tracked: int) -> float:
+    """The weight of the new batch in one running-stat update.
+
+    `num_batches_tracked` is the count *before* the update; momentum=None is a cumulative
+    average whose factor is 1/T after incrementing T, so the first batch overwrites the initial
+    values completely.
+    """
+    if momentum is None:
+        return 1.0 / (num_batches_tracked + 1)
+    return momentum
+
+
+def running_update(
+    running_mean: Tensor,
+    running_var: Tensor,
+    batch_mean: Tensor,
+    batch_var_biased: Tensor,
+    n: int,
+    momentum: float | None,
+    num_batches_tracked: int,
+) -> tuple[Tensor, Tensor, int]:
+    """One train-mode update: (1 − m)·old + m·batch, with the *unbiased* batch variance."""
+    m = update_factor(momentum, num_batches_tracked)
+    unbiased = batch_var_biased * bessel(n)
+    new_mean = (1 - m) * running_mean + m * batch_mean
+    new_var = (1 - m) * running_var + m * unbiased
+    return new_mean, new_var, num_batches_tracked + 1
+
+
+def init_weight(momentum: float | None, num_batches_tracked: int) -> float:
+    """How much the initial values (μ_r = 0, σ²_r = 1) still weigh after T updates."""
+    if momentum is None:
+        return 1.0 if num_batches_tracked == 0 else 0.0
+    return (1.0 - momentum) ** num_batches_tracked
+
+
+def ema_window(momentum: float | None, num_batches_tracked: int) -> float:
+    """Equivalent averaging window in batches: (2 − m)/m, or T for the cumulative average."""
+    if momentum is None:
+        return float(num_batches_tracked)
+    return (2.0 - momentum) / momentum if momentum > 0 else math.inf
+
+
+def ema_jitter_var(between_batch_var: Tensor, momentum: float | None, num_batches_tracked: int):
+    """Stationary variance of an EMA of i.i.d. batch values: v·m/(2 − m) (v/T if cumulative)."""
+    if momentum is None:
+        return between_batch_var / max(num_batches_tracked, 1)
+    return between_batch_var * (momentum / (2.0 - momentum))
+
+
+def amplification(weight: Tensor | None, running_var: Tensor, eps: float) -> Tensor:
+    """|γ|/sqrt(σ²_r + ε): how much eval mode amplifies its input, per channel."""
+    gain = torch.rsqrt(running_var.double().clamp_min(0) + eps)
+    return gain if weight is None else weight.double().abs() * gain

@@ -1,0 +1,187 @@
+"""From a layer's attributes and accumulators to its `LayerMetrics`.
+
+Staleness compares the running stats with what their EMA estimates on the sample data: the mean
+over batches of the batch means and of the unbiased batch variances. A channel counts as off only
+when the difference is practically large *and* larger than the finite sample (K batches) and the
+EMA jitter (BN-NOTES "Momentum") explain: var(μ − μ_r) ≈ v/K + v·m/(2 − m), with v the variance
+of the batch means between batches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from bnaudit import formulas as F
+from bnaudit.findings import JUDGED, Thresholds
+from bnaudit.layers import LayerAttrs
+from bnaudit.results import LayerMetrics
+from bnaudit.statistics import LayerStats, MaxTracker, RegimeStats
+
+NAN = math.nan
+
+
+@dataclass(frozen=True)
+class Drift:
+    """How far the running stats are from one regime's input statistics."""
+
+    shift_max: float = NAN
+    shift_median: float = NAN
+    log_var_max: float = NAN  # signed, the largest in magnitude
+    log_var_median: float = NAN
+    fraction: float = NAN  # channels beyond the thresholds and beyond noise
+    channel: int = -1
+    finite: bool = True
+
+
+def drift(r: RegimeStats, a: LayerAttrs, t: Thresholds) -> Drift:
+    if not a.has_running_stats or r.batch_means.mean is None or r.batch_vars.mean is None:
+        return Drift()
+    assert a.running_mean is not None and a.running_var is not None  # has_running_stats
+    k = r.batch_means.count
+    run_var = a.running_var.clamp_min(0) + a.eps
+    diff = (r.batch_means.mean - a.running_mean).abs()
+    shift = diff / run_var.sqrt()
+    var = r.batch_vars.mean
+    log_var = ((var + a.eps) / run_var).log()
+    finite = bool(torch.isfinite(shift).all() and torch.isfinite(log_var).all())
+    fraction = NAN
+    v_mean, v_var = r.batch_means.variance(), r.batch_vars.variance()
+    if finite and v_mean is not None and v_var is not None:
+        nbt = a.num_batches_tracked or 0
+        sd_mean = (v_mean / k + F.ema_jitter_var(v_mean, a.momentum, nbt)).sqrt()
+        sd_log_var = (v_var / k + F.ema_jitter_var(v_var, a.momentum, nbt)).sqrt() / (var + a.eps)
+        off_mean = (shift > t.stale_shift) & (diff > t.stale_z * sd_mean)
+        off_var = (log_var.abs() > t.stale_log_var) & (log_var.abs() > t.stale_z * sd_log_var)
+        fraction = float((off_mean | off_var).double().mean())
+    badness = torch.maximum(shift / t.stale_shift, log_var.abs() / t.stale_log_var)
+    worst = int(torch.nan_to_num(badness, nan=math.inf).argmax())
+    return Drift(
+        shift_max=_max(shift),
+        shift_median=float(shift.median()),
+        log_var_max=float(log_var[int(log_var.abs().nan_to_num(math.inf).argmax())]),
+        log_var_median=float(log_var.median()),
+        fraction=fraction,
+        channel=worst,
+        finite=finite,
+    )
+
+
+def judged(r: RegimeStats, a: LayerAttrs, d: Drift, t: Thresholds, synthetic: bool) -> str:
+    """"yes" when the stale comparison is meaningful, else why not (shown in the report)."""
+    if not a.has_running_stats:
+        return "n/a: no running stats"
+    if synthetic:
+        return "no: synthetic data"
+    if r.calls == 0:
+        return "no: layer not reached"
+    if r.batch_means.count < 2:
+        return "no: needs at least 2 batches"
+    if r.min_batch < t.min_batch:
+        return f"no: batch size {r.min_batch} < {t.min_batch}"
+    if not d.finite:
+        return "no: non-finite input statistics"
+    return JUDGED
+
+
+def measure(
+    a: LayerAttrs,
+    s: LayerStats,
+    t: Thresholds,
+    *,
+    nonfinite_inputs: int,
+    nonfinite_outputs: int,
+    synthetic: bool,
+) -> LayerMetrics:
+    stale = drift(s.train, a, t)
+    gap = drift(s.eval, a, t)
+    n = s.train.min_n or s.eval.min_n
+    bessel = F.bessel(n) if n else NAN
+    nbt = a.num_batches_tracked or 0
+    jitter = NAN
+    observed = NAN
+    if a.has_running_stats:
+        assert a.running_var is not None
+        run_sd = (a.running_var.clamp_min(0) + a.eps).sqrt()
+        v_mean = s.train.batch_means.variance()
+        if v_mean is not None:
+            jitter = float((F.ema_jitter_var(v_mean, a.momentum, nbt).sqrt() / run_sd).median())
+        if s.train.biased_vars.mean is not None:
+            ratio = a.running_var / s.train.biased_vars.mean
+            observed = float(ratio.log().median().exp()) if bool((ratio > 0).all()) else NAN
+    return LayerMetrics(
+        channels=a.num_features,
+        eps=a.eps,
+        momentum=a.momentum,
+        affine=a.affine,
+        track_running_stats=a.has_running_stats,
+        num_batches_tracked=a.num_batches_tracked,
+        dtype=str(a.dtype).removeprefix("torch."),
+        nonfinite_values=_count_nonfinite(a),
+        negative_var_channels=_count(a.running_var, lambda v: v < 0),
+        zero_var_channels=_count(a.running_var, lambda v: v == 0),
+        initial_stats=_initial(a),
+        max_amplification=(
+            _max(F.amplification(a.weight, a.running_var, a.eps)) if a.running_var is not None
+            else NAN
+        ),
+        calls=s.train.calls,
+        values_per_channel=n,
+        batch_size=s.train.min_batch,
+        nonfinite_inputs=nonfinite_inputs,
+        nonfinite_outputs=nonfinite_outputs,
+        recon_train_max_err=_tracked(s.train.err_abs),
+        recon_train_ratio=_tracked(s.train.err_ratio),
+        recon_eval_max_err=_tracked(s.eval.err_abs),
+        recon_eval_ratio=_tracked(s.eval.err_ratio),
+        update_mean_ratio=_tracked(s.update.mean_ratio),
+        update_var_ratio=_tracked(s.update.var_ratio),
+        update_count_errors=s.update.count_errors,
+        stale_shift_max=stale.shift_max,
+        stale_shift_median=stale.shift_median,
+        stale_log_var_max=stale.log_var_max,
+        stale_log_var_median=stale.log_var_median,
+        stale_fraction=stale.fraction,
+        stale_channel=stale.channel,
+        stale_judged=judged(s.train, a, stale, t, synthetic),
+        gap_shift_max=gap.shift_max,
+        gap_log_var_max=gap.log_var_max,
+        gap_fraction=gap.fraction,
+        gap_channel=gap.channel,
+        gap_judged=judged(s.eval, a, gap, t, synthetic),
+        bessel_factor=bessel,
+        var_ratio_observed=observed,
+        eval_scale=1 / math.sqrt(bessel) if n > 1 else NAN,
+        init_weight=F.init_weight(a.momentum, nbt) if a.has_running_stats else NAN,
+        ema_window=F.ema_window(a.momentum, nbt),
+        ema_jitter=jitter,
+        step_shift=_tracked(s.update.mean_step),
+        step_log_var=_tracked(s.update.var_step),
+    )
+
+
+def _tracked(t: MaxTracker) -> float:
+    return NAN if t.value is None else _max(t.value)
+
+
+def _max(t: Tensor) -> float:
+    """Largest element, NaN if any element is NaN (a NaN must stay visible)."""
+    return float(t.max()) if t.numel() else NAN
+
+
+def _count(t: Tensor | None, predicate) -> int:
+    return 0 if t is None else int(predicate(t).sum())
+
+
+def _count_nonfinite(a: LayerAttrs) -> int:
+    tensors = (a.weight, a.bias, a.running_mean, a.running_var)
+    return sum(int((~torch.isfinite(t)).sum()) for t in tensors if t is not None)
+
+
+def _initial(a: LayerAttrs) -> bool:
+    if a.running_mean is None or a.running_var is None:
+        return False
+    return bool((a.running_mean == 0).all() and (a.running_var == 1).all())

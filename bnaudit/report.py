@@ -1,0 +1,205 @@
+"""Rendering an AuditReport: terminal table, markdown, CSV, JSON; atomic report files."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from bnaudit import __version__
+from bnaudit.errors import ReportError
+from bnaudit.results import AuditReport, LayerResult, Severity, finite_or_none
+
+
+class Format(str, enum.Enum):
+    TABLE = "table"
+    MARKDOWN = "markdown"
+    CSV = "csv"
+    JSON = "json"
+
+
+_HEADERS = ["layer", "type", "C", "N", "verdict", "train err", "eval err", "shift", "ln var",
+            "gap", "momentum", "T", "findings"]
+_WORST_SHOWN = 5
+
+
+def _num(v: float | int | None, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.{digits}g}"
+
+
+def _row(r: LayerResult) -> list[str]:
+    m = r.metrics
+    judged = m.stale_judged == "yes"
+    return [
+        r.name,
+        r.type,
+        str(m.channels),
+        _num(m.values_per_channel or None),
+        r.verdict,
+        _num(m.recon_train_ratio, 2),
+        _num(m.recon_eval_ratio, 2),
+        _num(m.stale_shift_max, 2) if judged else "-",
+        _num(m.stale_log_var_max, 2) if judged else "-",
+        _num(m.gap_fraction, 2) if m.gap_judged == "yes" else "-",
+        "cumul." if m.momentum is None else _num(m.momentum),
+        _num(m.num_batches_tracked),
+        " ".join(sorted({f.code for f in r.findings})),
+    ]
+
+
+def _summary_lines(report: AuditReport) -> list[str]:
+    counts = report.counts()
+    lines = [
+        f"bnaudit {__version__}: {len(report.layers)} BatchNorm layers, {report.batches} "
+        f"batches ({report.forward_passes} forward passes): {report.verdict.upper()}"
+        f" (fail on: {report.fail_on.value})",
+        "verdicts: " + ", ".join(f"{k} {v}" for k, v in counts.items()),
+    ]
+    if report.checkpoint:
+        lines.insert(1, f"checkpoint: {report.checkpoint} (sha256 {report.sha256})")
+    worst = sorted((r for r in report.layers if r.severity >= Severity.WARN),
+                   key=lambda r: -r.severity)[:_WORST_SHOWN]
+    for r in worst:
+        codes = ", ".join(dict.fromkeys(f.code for f in r.findings if f.severity == r.severity))
+        lines.append(f"worst: {r.name} ({r.verdict}: {codes})")
+    if report.synthetic_data:
+        lines.append("note: synthetic N(0,1) batches: data-dependent verdicts are not drawn")
+    lines += [f"note: {n}" for n in report.notes]
+    return lines
+
+
+def _finding_lines(report: AuditReport, bullet: str = "") -> list[str]:
+    lines = []
+    for f in sorted(report.findings, key=lambda f: -f.severity):
+        lines.append(f"{bullet}{f.severity.label.upper():4}  {f.layer}  {f.code}: {f.message}")
+        if f.hint:
+            lines.append(f"{'  ' if bullet else ''}      fix: {f.hint}")
+    return lines
+
+
+def render_table(report: AuditReport) -> str:
+    table = tabulate([_row(r) for r in report.layers], headers=_HEADERS, tablefmt="simple",
+                     disable_numparse=True)
+    parts = [table, "", *_summary_lines(report)]
+    findings = _finding_lines(report)
+    if findings:
+        parts += ["", "findings:", *findings]
+    return "\n".join(parts) + "\n"
+
+
+def render_markdown(report: AuditReport) -> str:
+    table = tabulate([_row(r) for r in report.layers], headers=_HEADERS, tablefmt="github",
+                     disable_numparse=True)
+    summary = _summary_lines(report)
+    parts = [f"# bnaudit report: {report.verdict.upper()}", "", *[f"- {s}" for s in summary[1:]],
+             "", table]
+    findings = _finding_lines(report, bullet="- ")
+    parts += ["", "## Findings", "", *(findings or ["None."])]
+    return "\n".join(parts) + "\n"
+
+
+def render_csv(report: AuditReport) -> str:
+    return report.to_frame().to_csv(index=False)
+
+
+def report_dict(report: AuditReport) -> dict[str, Any]:
+    return _finite({
+        "bnaudit_version": __version__,
+        "checkpoint": report.checkpoint,
+        "sha256": report.sha256,
+        "summary": {
+            "verdict": report.verdict,
+            "fail_on": report.fail_on.value,
+            "layers": len(report.layers),
+            "counts": report.counts(),
+            "batches": report.batches,
+            "forward_passes": report.forward_passes,
+            "synthetic_data": report.synthetic_data,
+            "notes": list(report.notes),
+        },
+        "thresholds": report.thresholds,
+        "layers": [
+            {
+                "name": r.name,
+                "type": r.type,
+                "verdict": r.verdict,
+                "metrics": dataclasses.asdict(r.metrics),
+                "findings": [
+                    {"code": f.code, "severity": f.severity.label, "message": f.message,
+                     "hint": f.hint, "value": f.value, "threshold": f.threshold}
+                    for f in r.findings
+                ],
+            }
+            for r in report.layers
+        ],
+    })
+
+
+def render_json(report: AuditReport) -> str:
+    # allow_nan=False: a NaN that slipped past _finite is a bug, not invalid JSON in a report.
+    return json.dumps(report_dict(report), indent=2, allow_nan=False) + "\n"
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float):
+        return finite_or_none(obj)
+    return obj
+
+
+RENDERERS = {
+    Format.TABLE: render_table,
+    Format.MARKDOWN: render_markdown,
+    Format.CSV: render_csv,
+    Format.JSON: render_json,
+}
+
+
+def render(report: AuditReport, fmt: Format) -> str:
+    return RENDERERS[fmt](report)
+
+
+def check_writable(path: Path, inputs: list[Path]) -> None:
+    """Refuse a report path that is an input, or whose folder is missing or read-only."""
+    target = path.resolve()
+    for inp in inputs:
+        if inp.exists() and target == inp.resolve():
+            raise ReportError(f"{path}: refusing to write a report over an input file")
+    folder = target.parent
+    if not folder.is_dir():
+        raise ReportError(f"{path}: folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise ReportError(f"{path}: folder {folder} is not writable")
+    if target.is_dir():
+        raise ReportError(f"{path}: is a directory")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename over `path`."""
+    folder = path.resolve().parent
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise ReportError(f"{path}: cannot write the report ({exc.strerror})") from exc
+        raise

@@ -1,0 +1,185 @@
+"""Typed audit results: what was measured per layer, what was found, and whether it passed."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+class Severity(enum.IntEnum):
+    OK = 0
+    INFO = 1
+    WARN = 2
+    FAIL = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class FailOn(str, enum.Enum):
+    """The lowest severity that makes the gate fail (exit 1)."""
+
+    FAIL = "fail"
+    WARN = "warn"
+    NEVER = "never"
+
+    def fails(self, severity: Severity) -> bool:
+        if self is FailOn.NEVER:
+            return False
+        return severity >= (Severity.WARN if self is FailOn.WARN else Severity.FAIL)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem on one layer: a stable code, the numbers behind it and how to fix it."""
+
+    layer: str
+    code: str
+    severity: Severity
+    message: str  # says the measured value and the threshold
+    hint: str = ""
+    value: float | None = None
+    threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class LayerMetrics:
+    """Every number measured on one layer. NaN means not measured (see the report notes)."""
+
+    # attributes
+    channels: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    num_batches_tracked: int | None
+    dtype: str
+    # static checks
+    nonfinite_values: int
+    negative_var_channels: int
+    zero_var_channels: int
+    initial_stats: bool  # μ_r exactly 0 and σ²_r exactly 1 everywhere: never updated
+    max_amplification: float  # max |γ|/sqrt(σ²_r + ε)
+    # what the passes saw
+    calls: int
+    values_per_channel: int  # N, fewest in one batch
+    batch_size: int  # smallest leading dim seen
+    nonfinite_inputs: int  # non-finite values arriving from upstream
+    nonfinite_outputs: int  # non-finite outputs this layer made from finite inputs
+    # 1. reconstruction
+    recon_train_max_err: float
+    recon_train_ratio: float  # worst |y − ref| / (atol + rtol·scale)
+    recon_eval_max_err: float
+    recon_eval_ratio: float
+    update_mean_ratio: float
+    update_var_ratio: float
+    update_count_errors: int
+    # 2. stale running stats (train-mode regime)
+    stale_shift_max: float  # |μ − μ_r| / sqrt(σ²_r + ε), worst channel
+    stale_shift_median: float
+    stale_log_var_max: float  # ln((σ² + ε)/(σ²_r + ε)), largest in magnitude, signed
+    stale_log_var_median: float
+    stale_fraction: float  # channels beyond the thresholds and beyond noise
+    stale_channel: int  # worst channel, -1 when none
+    stale_judged: str  # "yes", or why the verdict was not drawn
+    # 3. train/eval gap (eval-mode regime)
+    gap_shift_max: float
+    gap_log_var_max: float
+    gap_fraction: float
+    gap_channel: int
+    gap_judged: str
+    # 4. biased vs unbiased variance
+    bessel_factor: float  # N/(N−1)
+    var_ratio_observed: float  # σ²_r / mean biased batch variance, median channel
+    eval_scale: float  # sqrt((N−1)/N): eval output scale relative to train mode
+    # 5. momentum
+    init_weight: float  # (1 − m)^T
+    ema_window: float  # (2 − m)/m batches
+    ema_jitter: float  # expected EMA sd of the running mean, in σ_r units, median channel
+    step_shift: float  # how far one more train step moves μ_r, in σ_r units, worst
+    step_log_var: float  # |ln(σ²_r,new/σ²_r)| for one more train step, worst
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    name: str
+    type: str
+    metrics: LayerMetrics
+    findings: tuple[Finding, ...] = ()
+
+    @property
+    def severity(self) -> Severity:
+        return max((f.severity for f in self.findings), default=Severity.OK)
+
+    @property
+    def verdict(self) -> str:
+        return self.severity.label
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """The whole audit. `bool(report)` is `report.passed`."""
+
+    layers: tuple[LayerResult, ...]
+    fail_on: FailOn = FailOn.FAIL
+    batches: int = 0
+    forward_passes: int = 0
+    synthetic_data: bool = False
+    notes: tuple[str, ...] = ()
+    checkpoint: str | None = None
+    sha256: str | None = None
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def findings(self) -> list[Finding]:
+        return [f for layer in self.layers for f in layer.findings]
+
+    @property
+    def passed(self) -> bool:
+        return not any(self.fail_on.fails(f.severity) for f in self.findings)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    @property
+    def verdict(self) -> str:
+        return "pass" if self.passed else "fail"
+
+    def counts(self) -> dict[str, int]:
+        """Layers by verdict, every verdict present (zero counts included)."""
+        out = {s.label: 0 for s in Severity}
+        for layer in self.layers:
+            out[layer.verdict] += 1
+        return out
+
+    def layer(self, name: str) -> LayerResult:
+        for result in self.layers:
+            if result.name == name:
+                return result
+        raise KeyError(name)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per layer, every metric a column (built once, at the output boundary)."""
+        import pandas as pd
+
+        rows = []
+        for r in self.layers:
+            row = {"layer": r.name, "type": r.type, "verdict": r.verdict}
+            row["codes"] = " ".join(sorted({f.code for f in r.findings}))
+            row.update(dataclasses.asdict(r.metrics))
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """JSON has no NaN/Inf: non-finite numbers become null."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    return value
