@@ -2,9 +2,9 @@
 
 __version__ = "0.1.0"
 
-from bnaudit.audit import AuditOptions, audit  # noqa: E402
-from bnaudit.findings import Thresholds  # noqa: E402
-from bnaudit.results import AuditReport, FailOn, Finding, LayerResult, Severity  # noqa: E402
+from bnaudit.audit import AuditOptions, audit
+from bnaudit.findings import Thresholds
+from bnaudit.results import AuditReport, FailOn, Finding, LayerResult, Severity
 
 __all__ = [
     "AuditOptions",

@@ -23,9 +23,10 @@ from bnaudit.batches import call_model, move_batch
 from bnaudit.errors import DataError, NothingToAudit, describe
 from bnaudit.findings import Thresholds, is_stale, judge_layer
 from bnaudit.layers import LayerAttrs, find_bn_layers, preserved
-from bnaudit.results import AuditReport, FailOn, LayerMetrics, LayerResult
 from bnaudit.metrics import measure
+from bnaudit.results import AuditReport, FailOn, LayerResult
 from bnaudit.statistics import LayerStats, RegimeStats
+
 
 @dataclass(frozen=True)
 class AuditOptions:
@@ -127,7 +128,9 @@ def _record_error(
     if a.weight is not None:
         scale = scale * a.weight.abs()
     nd = x.dim()
-    tol = atol + rtol * (ref.abs() + F.channel_view(scale, nd) * (x.abs() + F.channel_view(mean.abs(), nd)))
+    tol = atol + rtol * (
+        ref.abs() + F.channel_view(scale, nd) * (x.abs() + F.channel_view(mean.abs(), nd))
+    )
     err = _mismatch(y, ref)
     dims = F.stat_dims(x)
     regime.err_abs.add(err.amax(dim=dims))
@@ -149,7 +152,9 @@ def _set_train_mode(model: nn.Module, layers: list[tuple[str, _BatchNorm]], mode
             m.train()
 
 
-def run_passes(model: nn.Module, batches: Iterable[Any], options: AuditOptions) -> tuple[list[_Probe], int]:
+def run_passes(
+    model: nn.Module, batches: Iterable[Any], options: AuditOptions
+) -> tuple[list[_Probe], int]:
     """Run every batch once in eval and once in train mode with all probes attached."""
     layers = find_bn_layers(model)
     if not layers:
@@ -161,7 +166,7 @@ def run_passes(model: nn.Module, batches: Iterable[Any], options: AuditOptions) 
     device, dtype = _model_device_dtype(model)
     count = 0
     with preserved(model, layers), torch.no_grad():
-        handles = [m.register_forward_hook(p) for (_, m), p in zip(layers, probes)]
+        handles = [m.register_forward_hook(p) for (_, m), p in zip(layers, probes, strict=True)]
         try:
             for batch in batches:
                 if options.max_batches is not None and count >= options.max_batches:
@@ -193,8 +198,7 @@ def _forward(model: nn.Module, batch: Any, index: int, regime: str) -> None:
                 " least 2 samples (--batch-size)."
             )
         raise DataError(
-            f"the model's forward failed on batch {index} in {regime} mode: "
-            f"{describe(exc)}.{hint}"
+            f"the model's forward failed on batch {index} in {regime} mode: {describe(exc)}.{hint}"
         ) from exc
 
 
@@ -251,6 +255,7 @@ def audit(
             t,
             type_name=p.attrs.type_name,
             overrides_forward=p.attrs.overrides_forward,
+            batches=count,
             upstream_stale=upstream,
         )
         results.append(LayerResult(p.name, p.attrs.type_name, metrics[p.name], findings))
@@ -281,10 +286,14 @@ def _notes(results: list[LayerResult], batches: int) -> tuple[str, ...]:
     """Why some verdicts were not drawn, once per reason, with the layers it applies to."""
     reasons: dict[str, list[str]] = {}
     for r in results:
-        for label, status in (("stale-stats", r.metrics.stale_judged),
-                              ("train-eval-gap", r.metrics.gap_judged)):
-            if status.startswith("no"):
-                reasons.setdefault(f"{label} not judged ({status.removeprefix('no: ')})", []).append(r.name)
+        for label, status in (
+            ("stale-stats", r.metrics.stale_judged),
+            ("train-eval-gap", r.metrics.gap_judged),
+        ):
+            if status.startswith("no") and status != "no: synthetic data":  # said once
+                reasons.setdefault(
+                    f"{label} not judged ({status.removeprefix('no: ')})", []
+                ).append(r.name)
     notes = []
     for reason, names in reasons.items():
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")

@@ -42,8 +42,9 @@ class Block(nn.Module):
 class DemoNet(nn.Module):
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16),
-                                  nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()
+        )
         self.layer1 = Block(16, 16)
         self.layer2 = Block(16, 32, stride=2)
         self.layer3 = Block(32, 64, stride=2)
@@ -96,8 +97,9 @@ def plant_stale(model: nn.Module, conv_name: str = PLANTED_CONV, seed: int = 1) 
     conv.weight.mul_(scale.reshape(-1, *([1] * (conv.weight.dim() - 1))))
 
 
-def make_demo(folder: Path, *, seed: int = 0, calib_batches: int = 8,
-              batch_size: int = 32) -> tuple[Path, Path]:
+def make_demo(
+    folder: Path, *, seed: int = 0, calib_batches: int = 8, batch_size: int = 32
+) -> tuple[Path, Path]:
     """Write the demo checkpoint and sample batches; returns (checkpoint, data) paths."""
     torch.manual_seed(seed)
     model = build_model()
@@ -113,8 +115,9 @@ def make_demo(folder: Path, *, seed: int = 0, calib_batches: int = 8,
 def main(argv: list[str]) -> int:
     folder = Path(argv[0] if argv else "demo")
     ckpt, data = make_demo(folder)
-    print(f"demo: wrote {ckpt} (stale layer planted at {PLANTED_LAYER}) and {data}",
-          file=sys.stderr)
+    print(
+        f"demo: wrote {ckpt} (stale layer planted at {PLANTED_LAYER}) and {data}", file=sys.stderr
+    )
     return 0
 
 

@@ -87,9 +87,14 @@ def judge_layer(
     *,
     type_name: str,
     overrides_forward: bool,
+    batches: int,
     upstream_stale: tuple[str, ...] = (),
 ) -> tuple[Finding, ...]:
-    """All findings for one layer, most severe first."""
+    """All findings for one layer, most severe first.
+
+    `batches` is how many batches were run (0: static checks only); `upstream_stale` names the
+    stale layers that ran before this one, whose eval-mode effect reaches it.
+    """
     out: list[Finding] = []
 
     def add(code: str, sev: Severity, msg: str, value=None, threshold=None) -> None:
@@ -97,30 +102,62 @@ def judge_layer(
 
     # 6. static checks
     if m.nonfinite_values:
-        add("nonfinite", Severity.FAIL, f"{m.nonfinite_values} NaN/Inf value(s) in weight, bias "
-            "or running stats", m.nonfinite_values, 0)
+        add(
+            "nonfinite",
+            Severity.FAIL,
+            f"{m.nonfinite_values} NaN/Inf value(s) in weight, bias or running stats",
+            m.nonfinite_values,
+            0,
+        )
     if m.nonfinite_outputs and not m.nonfinite_values:
-        add("nonfinite", Severity.FAIL, f"{m.nonfinite_outputs} non-finite output value(s) on "
-            "the sample batches", m.nonfinite_outputs, 0)
+        add(
+            "nonfinite",
+            Severity.FAIL,
+            f"{m.nonfinite_outputs} non-finite output value(s) on the sample batches",
+            m.nonfinite_outputs,
+            0,
+        )
     if m.negative_var_channels:
-        add("bad-var", Severity.FAIL, f"running_var < 0 in {m.negative_var_channels} channel(s)",
-            m.negative_var_channels, 0)
+        add(
+            "bad-var",
+            Severity.FAIL,
+            f"running_var < 0 in {m.negative_var_channels} channel(s)",
+            m.negative_var_channels,
+            0,
+        )
     if m.zero_var_channels:
-        add("bad-var", Severity.WARN, f"running_var exactly 0 in {m.zero_var_channels} "
-            "channel(s): eval mode divides by sqrt(eps) there", m.zero_var_channels, 0)
+        add(
+            "bad-var",
+            Severity.WARN,
+            f"running_var exactly 0 in {m.zero_var_channels} "
+            "channel(s): eval mode divides by sqrt(eps) there",
+            m.zero_var_channels,
+            0,
+        )
     if math.isfinite(m.max_amplification) and m.max_amplification > t.max_amplification:
-        add("tiny-var", Severity.WARN, f"max |gamma|/sqrt(running_var + eps) = "
+        add(
+            "tiny-var",
+            Severity.WARN,
+            f"max |gamma|/sqrt(running_var + eps) = "
             f"{_fmt(m.max_amplification)} > {_fmt(t.max_amplification)}",
-            m.max_amplification, t.max_amplification)
+            m.max_amplification,
+            t.max_amplification,
+        )
     if not m.track_running_stats:
-        add("no-running-stats", Severity.WARN, "track_running_stats=False: eval mode normalises "
-            "with batch statistics")
+        add(
+            "no-running-stats",
+            Severity.WARN,
+            "track_running_stats=False: eval mode normalises with batch statistics",
+        )
     _judge_init(add, m, t)
 
     # 1. reconstruction
-    if m.calls == 0:
-        add("not-reached", Severity.INFO, "no forward call reached this layer; only the static "
-            "checks ran")
+    if batches and m.calls == 0:
+        add(
+            "not-reached",
+            Severity.INFO,
+            "no forward call reached this layer; only the static checks ran",
+        )
     mismatch = False
     for code, mode, ratio, err in (
         ("recon-train", "train", m.recon_train_ratio, m.recon_train_max_err),
@@ -128,18 +165,34 @@ def judge_layer(
     ):
         if m.calls and _over(ratio, t.max_error_ratio):
             mismatch = True
-            add(code, Severity.FAIL, f"{mode}-mode output differs from the BN formula: max abs "
+            add(
+                code,
+                Severity.FAIL,
+                f"{mode}-mode output differs from the BN formula: max abs "
                 f"err {_fmt(err)}, {_fmt(ratio)}x the tolerance (limit {_fmt(t.max_error_ratio)}x)",
-                ratio, t.max_error_ratio)
+                ratio,
+                t.max_error_ratio,
+            )
     if m.calls and m.track_running_stats:
         worst = max(m.update_mean_ratio, m.update_var_ratio)
         if _over(worst, t.max_error_ratio) or (math.isnan(worst)):
-            add("running-update", Severity.FAIL, "one train step moves the running stats away "
+            add(
+                "running-update",
+                Severity.FAIL,
+                "one train step moves the running stats away "
                 f"from (1-m)*old + m*batch: {_fmt(m.update_mean_ratio)}x (mean), "
-                f"{_fmt(m.update_var_ratio)}x (var) the tolerance", worst, t.max_error_ratio)
+                f"{_fmt(m.update_var_ratio)}x (var) the tolerance",
+                worst,
+                t.max_error_ratio,
+            )
         if m.update_count_errors:
-            add("running-update", Severity.FAIL, f"num_batches_tracked did not grow by 1 in "
-                f"{m.update_count_errors} train step(s)", m.update_count_errors, 0)
+            add(
+                "running-update",
+                Severity.FAIL,
+                f"num_batches_tracked did not grow by 1 in {m.update_count_errors} train step(s)",
+                m.update_count_errors,
+                0,
+            )
     if overrides_forward:
         sev = Severity.WARN if mismatch else Severity.INFO
         what = "and its output does not match BN" if mismatch else "and its output matches BN"
@@ -147,37 +200,61 @@ def judge_layer(
 
     # 2./3. stale statistics and the train/eval gap
     if is_stale(m, t):
-        add("stale-stats", Severity.FAIL, f"running stats do not describe the train-mode input: "
+        add(
+            "stale-stats",
+            Severity.FAIL,
+            f"running stats do not describe the train-mode input: "
             f"{_pct(m.stale_fraction)} of channels beyond the limits and sample noise (limit "
             f"{_pct(t.stale_fraction)}); worst channel {m.stale_channel}: mean shift "
             f"{_fmt(m.stale_shift_max)} sd (limit {_fmt(t.stale_shift)}), ln var ratio "
             f"{_fmt(m.stale_log_var_max)} (limit +/-{_fmt(t.stale_log_var)})",
-            m.stale_fraction, t.stale_fraction)
+            m.stale_fraction,
+            t.stale_fraction,
+        )
     elif m.gap_judged == JUDGED and m.gap_fraction >= t.stale_fraction:
-        msg = (f"eval-mode input drifts from the running stats in {_pct(m.gap_fraction)} of "
-               f"channels (limit {_pct(t.stale_fraction)}): mean shift {_fmt(m.gap_shift_max)} "
-               f"sd, ln var ratio {_fmt(m.gap_log_var_max)}; the stats fit train mode")
+        msg = (
+            f"eval-mode input drifts from the running stats in {_pct(m.gap_fraction)} of "
+            f"channels (limit {_pct(t.stale_fraction)}): mean shift {_fmt(m.gap_shift_max)} "
+            f"sd, ln var ratio {_fmt(m.gap_log_var_max)}; the stats fit train mode"
+        )
         if upstream_stale:
-            add("train-eval-gap", Severity.INFO, msg + "; likely a consequence of stale stats "
+            add(
+                "train-eval-gap",
+                Severity.INFO,
+                msg + "; likely a consequence of stale stats "
                 f"earlier in the forward pass ({', '.join(upstream_stale)}): fix those first",
-                m.gap_fraction, t.stale_fraction)
+                m.gap_fraction,
+                t.stale_fraction,
+            )
         else:
             add("train-eval-gap", Severity.WARN, msg, m.gap_fraction, t.stale_fraction)
 
     # 4. biased vs unbiased variance
     mismatch_scale = 1.0 - m.eval_scale
     if m.calls and _over(mismatch_scale, t.var_bias_scale):
-        add("var-bias", Severity.WARN, f"N = {m.values_per_channel} values per channel: "
+        add(
+            "var-bias",
+            Severity.WARN,
+            f"N = {m.values_per_channel} values per channel: "
             f"running_var estimates the unbiased variance, {_fmt(m.bessel_factor)}x the biased "
             f"one train mode uses (observed {_fmt(m.var_ratio_observed)}x); eval outputs are "
             f"scaled by {_fmt(m.eval_scale)} relative to train mode (limit "
-            f"{_fmt(1 - t.var_bias_scale)})", mismatch_scale, t.var_bias_scale)
+            f"{_fmt(1 - t.var_bias_scale)})",
+            mismatch_scale,
+            t.var_bias_scale,
+        )
 
     # 5. momentum
     if m.momentum is not None and m.momentum >= t.keras_momentum:
-        add("momentum-convention", Severity.WARN, f"momentum = {_fmt(m.momentum)} >= "
+        add(
+            "momentum-convention",
+            Severity.WARN,
+            f"momentum = {_fmt(m.momentum)} >= "
             f"{_fmt(t.keras_momentum)}: likely a Keras/TF value; the running stats are "
-            "essentially the last batch", m.momentum, t.keras_momentum)
+            "essentially the last batch",
+            m.momentum,
+            t.keras_momentum,
+        )
     return tuple(sorted(out, key=lambda f: -f.severity))
 
 
@@ -185,15 +262,29 @@ def _judge_init(add, m: LayerMetrics, t: Thresholds) -> None:
     if not m.track_running_stats:
         return
     if m.num_batches_tracked == 0 and not m.initial_stats:
-        add("init-stats", Severity.INFO, "num_batches_tracked = 0 but the running stats are not "
-            "the initial values: saved before the counter existed, or the counter was reset")
+        add(
+            "init-stats",
+            Severity.INFO,
+            "num_batches_tracked = 0 but the running stats are not "
+            "the initial values: saved before the counter existed, or the counter was reset",
+        )
     elif m.initial_stats:
-        add("init-stats", Severity.FAIL, "running stats are exactly the initial values "
-            f"(mean 0, var 1; num_batches_tracked = {m.num_batches_tracked}): never updated")
+        add(
+            "init-stats",
+            Severity.FAIL,
+            "running stats are exactly the initial values "
+            f"(mean 0, var 1; num_batches_tracked = {m.num_batches_tracked}): never updated",
+        )
     elif (m.num_batches_tracked or 0) >= 1 and _over(m.init_weight, t.max_init_weight):
-        add("momentum-warmup", Severity.WARN, f"after T = {m.num_batches_tracked} updates the "
+        add(
+            "momentum-warmup",
+            Severity.WARN,
+            f"after T = {m.num_batches_tracked} updates the "
             f"initial values still weigh (1-m)^T = {_fmt(m.init_weight)} (limit "
-            f"{_fmt(t.max_init_weight)})", m.init_weight, t.max_init_weight)
+            f"{_fmt(t.max_init_weight)})",
+            m.init_weight,
+            t.max_init_weight,
+        )
 
 
 def _over(value: float, limit: float) -> bool:

@@ -102,8 +102,10 @@ def _unwrap(obj: Any, path: Path, sha: str, trust: bool) -> Checkpoint:
 
 
 def _is_state_dict(d: dict) -> bool:
-    return bool(d) and all(isinstance(k, str) for k in d) and any(
-        isinstance(v, Tensor) for v in d.values()
+    return (
+        bool(d)
+        and all(isinstance(k, str) for k in d)
+        and any(isinstance(v, Tensor) for v in d.values())
     )
 
 
@@ -147,7 +149,8 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], path: Path) -> No
     problems = [p for p in problems if p]
     if problems:
         raise CheckpointError(
-            f"{path}: the state dict does not fit --model: " + "; ".join(problems)
+            f"{path}: the state dict does not fit --model: "
+            + "; ".join(problems)
             + ". Check that --model builds the architecture this checkpoint was saved from"
         )
     try:
@@ -165,11 +168,11 @@ def _strip(state_dict: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
         return state_dict
     if not all(k.startswith(prefix) for k in state_dict):
         return {}
-    out: dict[str, Tensor] = OrderedDict((k[len(prefix):], v) for k, v in state_dict.items())
+    out: dict[str, Tensor] = OrderedDict((k[len(prefix) :], v) for k, v in state_dict.items())
     meta = getattr(state_dict, "_metadata", None)
     if meta is not None:  # version info: old BN checkpoints load num_batches_tracked from it
         out._metadata = OrderedDict(  # type: ignore[attr-defined]
-            (k[len(prefix):] if k.startswith(prefix) else k, v) for k, v in meta.items()
+            (k[len(prefix) :] if k.startswith(prefix) else k, v) for k, v in meta.items()
         )
     return out
 

@@ -71,7 +71,7 @@ def drift(r: RegimeStats, a: LayerAttrs, t: Thresholds) -> Drift:
 
 
 def judged(r: RegimeStats, a: LayerAttrs, d: Drift, t: Thresholds, synthetic: bool) -> str:
-    """"yes" when the stale comparison is meaningful, else why not (shown in the report)."""
+    """ "yes" when the stale comparison is meaningful, else why not (shown in the report)."""
     if not a.has_running_stats:
         return "n/a: no running stats"
     if synthetic:
@@ -125,7 +125,8 @@ def measure(
         zero_var_channels=_count(a.running_var, lambda v: v == 0),
         initial_stats=_initial(a),
         max_amplification=(
-            _max(F.amplification(a.weight, a.running_var, a.eps)) if a.running_var is not None
+            _max(F.amplification(a.weight, a.running_var, a.eps))
+            if a.running_var is not None
             else NAN
         ),
         calls=s.train.calls,

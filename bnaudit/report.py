@@ -25,8 +25,21 @@ class Format(str, enum.Enum):
     JSON = "json"
 
 
-_HEADERS = ["layer", "type", "C", "N", "verdict", "train err", "eval err", "shift", "ln var",
-            "gap", "momentum", "T", "findings"]
+_HEADERS = [
+    "layer",
+    "type",
+    "C",
+    "N",
+    "verdict",
+    "train err",
+    "eval err",
+    "shift",
+    "ln var",
+    "gap",
+    "momentum",
+    "T",
+    "findings",
+]
 _WORST_SHOWN = 5
 
 
@@ -68,8 +81,9 @@ def _summary_lines(report: AuditReport) -> list[str]:
     ]
     if report.checkpoint:
         lines.insert(1, f"checkpoint: {report.checkpoint} (sha256 {report.sha256})")
-    worst = sorted((r for r in report.layers if r.severity >= Severity.WARN),
-                   key=lambda r: -r.severity)[:_WORST_SHOWN]
+    worst = sorted(
+        (r for r in report.layers if r.severity >= Severity.WARN), key=lambda r: -r.severity
+    )[:_WORST_SHOWN]
     for r in worst:
         codes = ", ".join(dict.fromkeys(f.code for f in r.findings if f.severity == r.severity))
         lines.append(f"worst: {r.name} ({r.verdict}: {codes})")
@@ -89,8 +103,9 @@ def _finding_lines(report: AuditReport, bullet: str = "") -> list[str]:
 
 
 def render_table(report: AuditReport) -> str:
-    table = tabulate([_row(r) for r in report.layers], headers=_HEADERS, tablefmt="simple",
-                     disable_numparse=True)
+    table = tabulate(
+        [_row(r) for r in report.layers], headers=_HEADERS, tablefmt="simple", disable_numparse=True
+    )
     parts = [table, "", *_summary_lines(report)]
     findings = _finding_lines(report)
     if findings:
@@ -99,11 +114,17 @@ def render_table(report: AuditReport) -> str:
 
 
 def render_markdown(report: AuditReport) -> str:
-    table = tabulate([_row(r) for r in report.layers], headers=_HEADERS, tablefmt="github",
-                     disable_numparse=True)
+    table = tabulate(
+        [_row(r) for r in report.layers], headers=_HEADERS, tablefmt="github", disable_numparse=True
+    )
     summary = _summary_lines(report)
-    parts = [f"# bnaudit report: {report.verdict.upper()}", "", *[f"- {s}" for s in summary[1:]],
-             "", table]
+    parts = [
+        f"# bnaudit report: {report.verdict.upper()}",
+        "",
+        *[f"- {s}" for s in summary[1:]],
+        "",
+        table,
+    ]
     findings = _finding_lines(report, bullet="- ")
     parts += ["", "## Findings", "", *(findings or ["None."])]
     return "\n".join(parts) + "\n"
@@ -114,36 +135,44 @@ def render_csv(report: AuditReport) -> str:
 
 
 def report_dict(report: AuditReport) -> dict[str, Any]:
-    return _finite({
-        "bnaudit_version": __version__,
-        "checkpoint": report.checkpoint,
-        "sha256": report.sha256,
-        "summary": {
-            "verdict": report.verdict,
-            "fail_on": report.fail_on.value,
-            "layers": len(report.layers),
-            "counts": report.counts(),
-            "batches": report.batches,
-            "forward_passes": report.forward_passes,
-            "synthetic_data": report.synthetic_data,
-            "notes": list(report.notes),
-        },
-        "thresholds": report.thresholds,
-        "layers": [
-            {
-                "name": r.name,
-                "type": r.type,
-                "verdict": r.verdict,
-                "metrics": dataclasses.asdict(r.metrics),
-                "findings": [
-                    {"code": f.code, "severity": f.severity.label, "message": f.message,
-                     "hint": f.hint, "value": f.value, "threshold": f.threshold}
-                    for f in r.findings
-                ],
-            }
-            for r in report.layers
-        ],
-    })
+    return _finite(
+        {
+            "bnaudit_version": __version__,
+            "checkpoint": report.checkpoint,
+            "sha256": report.sha256,
+            "summary": {
+                "verdict": report.verdict,
+                "fail_on": report.fail_on.value,
+                "layers": len(report.layers),
+                "counts": report.counts(),
+                "batches": report.batches,
+                "forward_passes": report.forward_passes,
+                "synthetic_data": report.synthetic_data,
+                "notes": list(report.notes),
+            },
+            "thresholds": report.thresholds,
+            "layers": [
+                {
+                    "name": r.name,
+                    "type": r.type,
+                    "verdict": r.verdict,
+                    "metrics": dataclasses.asdict(r.metrics),
+                    "findings": [
+                        {
+                            "code": f.code,
+                            "severity": f.severity.label,
+                            "message": f.message,
+                            "hint": f.hint,
+                            "value": f.value,
+                            "threshold": f.threshold,
+                        }
+                        for f in r.findings
+                    ],
+                }
+                for r in report.layers
+            ],
+        }
+    )
 
 
 def render_json(report: AuditReport) -> str:

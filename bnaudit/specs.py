@@ -16,9 +16,7 @@ def import_object(spec: str, *, what: str) -> Any:
     """The object `name` from the module of `spec`; `what` names the option in messages."""
     module_part, sep, name = spec.rpartition(":")
     if not sep or not module_part or not name.isidentifier():
-        raise BnauditError(
-            f"{what} {spec!r}: expected path/to/file.py:name or package.module:name"
-        )
+        raise BnauditError(f"{what} {spec!r}: expected path/to/file.py:name or package.module:name")
     module = _import_module(module_part, spec, what)
     try:
         return getattr(module, name)
@@ -50,7 +48,9 @@ def _import_module(module_part: str, spec: str, what: str) -> Any:
     except BnauditError:
         raise
     except Exception as exc:
-        raise BnauditError(f"{what} {spec}: importing {module_part} failed: {describe(exc)}") from exc
+        raise BnauditError(
+            f"{what} {spec}: importing {module_part} failed: {describe(exc)}"
+        ) from exc
     finally:
         for p in added:
             if p in sys.path:

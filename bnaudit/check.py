@@ -1,0 +1,99 @@
+"""`bnaudit check` as a library call: load, audit, write the reports."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnaudit.audit import AuditOptions, audit
+from bnaudit.batches import load_batches, parse_shape, synthetic_batches
+from bnaudit.config import CheckSettings
+from bnaudit.errors import BnauditError, ModelError
+from bnaudit.loading import build_model, load_checkpoint, load_into
+from bnaudit.report import Format, check_writable, render, write_atomic
+from bnaudit.results import AuditReport
+
+SYNTHETIC_BATCHES = 4  # synthetic batches when --batches is not given
+
+
+def report_paths(s: CheckSettings) -> dict[Format, Path]:
+    paths = {Format.MARKDOWN: s.markdown, Format.CSV: s.csv, Format.JSON: s.json}
+    return {fmt: p for fmt, p in paths.items() if p is not None}
+
+
+def run_check(s: CheckSettings, log: Any = None) -> AuditReport:
+    """Everything `bnaudit check` does before rendering; raises BnauditError subclasses."""
+    inputs = [s.checkpoint]
+    if s.data and Path(s.data).exists():
+        inputs.append(Path(s.data))
+    for path in report_paths(s).values():  # fail before the audit, not after it
+        check_writable(path, inputs)
+    device = _device(s.device)
+    torch.manual_seed(s.seed)
+    ckpt = load_checkpoint(s.checkpoint, trust=s.trust)
+    model = _model(s, ckpt)
+    model.to(device)
+    batches, synthetic = _batches(s)
+    _log(log, f"auditing {s.checkpoint} ({ckpt.source}) on {device}")
+    options = AuditOptions(
+        thresholds=s.thresholds,
+        train_mode=s.train_mode.value,
+        fail_on=s.fail_on,
+        max_batches=s.batches,
+        synthetic_data=synthetic,
+    )
+    return audit(model, batches, options=options, checkpoint=str(s.checkpoint), sha256=ckpt.sha256)
+
+
+def write_reports(report: AuditReport, s: CheckSettings) -> list[Path]:
+    written = []
+    for fmt, path in report_paths(s).items():
+        write_atomic(path, render(report, fmt))
+        written.append(path)
+    return written
+
+
+def _model(s: CheckSettings, ckpt) -> nn.Module:
+    if s.model is None:
+        if ckpt.module is not None:
+            return ckpt.module
+        raise ModelError(
+            f"{s.checkpoint}: holds a state dict, so the architecture is needed: pass --model "
+            "path/to/file.py:factory or package.module:factory"
+        )
+    model = build_model(s.model)
+    if ckpt.state_dict is not None:
+        load_into(model, ckpt.state_dict, s.checkpoint)
+    elif ckpt.module is not None:
+        load_into(model, ckpt.module.state_dict(), s.checkpoint)
+    return model
+
+
+def _batches(s: CheckSettings) -> tuple[Iterable[Any], bool]:
+    if s.data and s.input_shape:
+        raise BnauditError("give either --data or --input-shape, not both")
+    if s.data:
+        return load_batches(s.data, s.batch_size), False
+    if s.input_shape:
+        count = s.batches if s.batches is not None else SYNTHETIC_BATCHES
+        return synthetic_batches(parse_shape(s.input_shape), count, s.seed), True
+    return [], False
+
+
+def _device(spec: str) -> torch.device:
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise BnauditError(f"--device {spec!r} is not a device (cpu, cuda, cuda:1, ...)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BnauditError(f"--device {spec}: CUDA is not available on this machine; use cpu")
+    return device
+
+
+def _log(log: Any, text: str) -> None:
+    if log is not None:
+        print(f"bnaudit: {text}", file=log)

@@ -1,0 +1,224 @@
+"""The `bnaudit` command: parses options, calls the library, maps errors to exit codes.
+
+Exit codes: 0 passed, 1 a finding at or above --fail-on, 2 usage/input/internal error,
+3 nothing to audit. An unhandled exception never exits 1.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from bnaudit import __version__
+from bnaudit.config import TrainMode, resolve
+from bnaudit.errors import BnauditError, NothingToAudit
+from bnaudit.report import Format
+from bnaudit.results import FailOn
+
+EXIT_OK, EXIT_FINDINGS, EXIT_ERROR, EXIT_NOTHING = 0, 1, 2, 3
+MIN_TORCH = (2, 10)
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Audit the BatchNorm layers of PyTorch checkpoints.",
+)
+
+_T = "Thresholds"
+_R = "Reports"
+_I = "Inputs"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"bnaudit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Audit the BatchNorm layers of PyTorch checkpoints."""
+
+
+@app.command()
+def check(
+    checkpoint: Path = typer.Argument(
+        ..., help="Checkpoint to audit (only read, never changed).", show_default=False
+    ),
+    model: str = typer.Option(
+        None,
+        "--model",
+        "-m",
+        rich_help_panel=_I,
+        help="Architecture: path/to/file.py:factory or package.module:factory"
+        " (called with no arguments).",
+    ),
+    data: str = typer.Option(
+        None,
+        "--data",
+        "-d",
+        rich_help_panel=_I,
+        help="Sample batches: .pt/.pth, .npy, .npz, or module:function.",
+    ),
+    input_shape: str = typer.Option(
+        None,
+        rich_help_panel=_I,
+        help="Synthetic N(0,1) batches of this shape, e.g. "
+        "8x3x224x224; data-dependent verdicts are not drawn.",
+    ),
+    batch_size: int = typer.Option(
+        None,
+        rich_help_panel=_I,
+        help="Split a single data tensor into batches of this size "
+        "[default: 32]; use the training batch size where known.",
+    ),
+    batches: int = typer.Option(None, rich_help_panel=_I, help="Use at most this many batches."),
+    device: str = typer.Option(None, rich_help_panel=_I, help="Device [default: cpu]."),
+    seed: int = typer.Option(None, rich_help_panel=_I, help="Random seed [default: 0]."),
+    train_mode: TrainMode = typer.Option(
+        None,
+        rich_help_panel=_I,
+        help="Train-mode pass: only BN layers (bn) or the whole model (all) [default: bn].",
+    ),
+    trust: bool = typer.Option(
+        False,
+        "--trust",
+        rich_help_panel=_I,
+        help="Allow a pickled nn.Module: this RUNS CODE from the file.",
+    ),
+    fmt: Format = typer.Option(
+        None, "--format", "-f", rich_help_panel=_R, help="What goes to stdout [default: table]."
+    ),
+    markdown: Path = typer.Option(None, rich_help_panel=_R, help="Write a markdown report."),
+    csv: Path = typer.Option(
+        None, rich_help_panel=_R, help="Write a CSV report (a row per layer)."
+    ),
+    json_path: Path = typer.Option(None, "--json", rich_help_panel=_R, help="Write a JSON report."),
+    fail_on: FailOn = typer.Option(
+        None,
+        rich_help_panel=_R,
+        help="Exit 1 on findings of this severity or worse [default: fail].",
+    ),
+    max_error_ratio: float = typer.Option(
+        None, rich_help_panel=_T, help="Reconstruction error / tolerance [default: 1]."
+    ),
+    stale_shift: float = typer.Option(
+        None, rich_help_panel=_T, help="Mean shift in running sds [default: 0.3]."
+    ),
+    stale_log_var: float = typer.Option(
+        None, rich_help_panel=_T, help="|ln variance ratio| [default: 0.4]."
+    ),
+    stale_z: float = typer.Option(
+        None, rich_help_panel=_T, help="Sds of sample noise + EMA jitter [default: 4]."
+    ),
+    stale_fraction: float = typer.Option(
+        None, rich_help_panel=_T, help="Fraction of channels for a layer verdict [default: 0.1]."
+    ),
+    min_batch: int = typer.Option(
+        None, rich_help_panel=_T, help="Smallest batch for a stale verdict [default: 3]."
+    ),
+    var_bias_scale: float = typer.Option(
+        None, rich_help_panel=_T, help="1 - sqrt((N-1)/N) above this warns [default: 0.02]."
+    ),
+    max_amplification: float = typer.Option(
+        None, rich_help_panel=_T, help="|gamma|/sqrt(var+eps) [default: 1000]."
+    ),
+    max_init_weight: float = typer.Option(
+        None, rich_help_panel=_T, help="(1-m)^T of the initial values [default: 0.05]."
+    ),
+    keras_momentum: float = typer.Option(
+        None,
+        rich_help_panel=_T,
+        help="Momentum at or above this is likely a Keras value [default: 0.5].",
+    ),
+    config: Path = typer.Option(
+        None,
+        help="TOML file with a [tool.bnaudit] table [default: pyproject.toml from here upward].",
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Audit every BatchNorm layer: reconstruction, stale stats, variance bias, momentum."""
+    cli = dict(locals())
+    for key in ("config", "debug"):
+        cli.pop(key)
+    cli["format"] = cli.pop("fmt")
+    cli["json"] = cli.pop("json_path")
+    cli["trust"] = trust or None
+    code = _guard(lambda: _check(cli, config), debug)
+    raise typer.Exit(code)
+
+
+def _check(cli: dict[str, Any], config: Path | None) -> int:
+    from bnaudit.check import run_check, write_reports
+    from bnaudit.report import render
+
+    settings = resolve(cli, config, Path.cwd())
+    try:
+        report = run_check(settings, log=sys.stderr)
+    except NothingToAudit as exc:
+        typer.echo(f"bnaudit: nothing to audit: {exc}", err=True)
+        return EXIT_NOTHING
+    write_reports(report, settings)
+    sys.stdout.write(render(report, settings.format))
+    return EXIT_OK if report.passed else EXIT_FINDINGS
+
+
+def _guard(action: Callable[[], int], debug: bool) -> int:
+    """Run `action`; every exception becomes a one-line message and exit 2."""
+    try:
+        return action()
+    except BnauditError as exc:
+        if debug:
+            traceback.print_exc()
+        typer.echo(f"bnaudit: error: {exc}", err=True)
+    except KeyboardInterrupt:
+        typer.echo("bnaudit: interrupted", err=True)
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        typer.echo(
+            f"bnaudit: internal error: {type(exc).__name__}: {exc}; rerun with --debug "
+            "for the traceback",
+            err=True,
+        )
+    return EXIT_ERROR
+
+
+def _torch_too_old() -> str | None:
+    import torch
+
+    parts = torch.__version__.split("+")[0].split(".")
+    try:
+        version = (int(parts[0]), int(parts[1]))
+    except (ValueError, IndexError):
+        return None
+    if version < MIN_TORCH:
+        return (
+            f"torch {torch.__version__} is too old: torch < 2.10 has known weights_only "
+            "bypasses (CVE-2025-32434, CVE-2026-24747) that let a checkpoint run code; "
+            "upgrade torch"
+        )
+    return None
+
+
+def main() -> None:
+    """Console-script entry point.
+
+    Usage errors exit 2 (typer's own handling); the command itself returns 0/1/2/3 and turns
+    every exception, KeyboardInterrupt included, into exit 2 in `_guard`, so 1 means findings.
+    """
+    problem = _torch_too_old()
+    if problem:
+        print(f"bnaudit: error: {problem}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+    app()

@@ -1,0 +1,152 @@
+"""Settings of `bnaudit check`: defaults, then [tool.bnaudit], then the command line.
+
+The table is read from `--config PATH` or from the first pyproject.toml found from the working
+directory upward. Unknown keys are an error that names the key: a typo must not silently
+disable a check. Relative paths in the file are relative to the file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bnaudit.errors import ConfigError
+from bnaudit.findings import Thresholds
+from bnaudit.report import Format
+from bnaudit.results import FailOn
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class TrainMode(str, enum.Enum):
+    """Which modules the train-mode pass puts in train mode."""
+
+    BN = "bn"  # only the BN layers: dropout and friends stay off, the audit is deterministic
+    ALL = "all"  # the whole model, as in training
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    checkpoint: Path
+    model: str | None = None
+    data: str | None = None
+    input_shape: str | None = None
+    batch_size: int = 32
+    batches: int | None = None
+    device: str = "cpu"
+    seed: int = 0
+    train_mode: TrainMode = TrainMode.BN
+    trust: bool = False
+    format: Format = Format.TABLE
+    markdown: Path | None = None
+    csv: Path | None = None
+    json: Path | None = None
+    fail_on: FailOn = FailOn.FAIL
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    config_file: Path | None = None
+
+
+# Keys the command line may take but a config file may not: trusting a file runs its code, and
+# that decision belongs to the person running the command, not to a file in the repository.
+_CLI_ONLY = {"checkpoint", "trust", "config_file"}
+_PATHS = {"markdown", "csv", "json"}
+_THRESHOLDS = {f.name: f for f in dataclasses.fields(Thresholds)}
+_SETTINGS = {f.name for f in dataclasses.fields(CheckSettings)}
+_ENUMS: dict[str, type[enum.Enum]] = {"format": Format, "fail_on": FailOn, "train_mode": TrainMode}
+
+
+def find_pyproject(start: Path) -> Path | None:
+    for folder in (start, *start.parents):
+        candidate = folder / "pyproject.toml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_table(path: Path, *, required: bool) -> dict[str, Any]:
+    """The [tool.bnaudit] table of a TOML file ({} when absent and not `required`)."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML ({exc})") from exc
+    # A dedicated --config file may hold the table at the top level or under [tool.bnaudit].
+    table = data.get("tool", {}).get("bnaudit")
+    if table is None and required and path.name != "pyproject.toml":
+        table = data
+    if table is None:
+        if required:
+            raise ConfigError(f"{path}: no [tool.bnaudit] table")
+        return {}
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [tool.bnaudit] must be a table")
+    return table
+
+
+def resolve(cli: dict[str, Any], config: Path | None, cwd: Path) -> CheckSettings:
+    """Merge defaults, the config file and the command line (which wins)."""
+    path = config if config is not None else find_pyproject(cwd)
+    table = read_table(path, required=config is not None) if path is not None else {}
+    values: dict[str, Any] = {}
+    thresholds: dict[str, Any] = {}
+    for raw_key, raw in table.items():
+        key = raw_key.replace("-", "_")
+        if key in _THRESHOLDS:
+            thresholds[key] = _coerce(raw, _THRESHOLDS[key].type, raw_key, path)
+        elif key in _SETTINGS and key not in _CLI_ONLY and key != "thresholds":
+            values[key] = _from_file(key, raw, raw_key, path)
+        else:
+            raise ConfigError(
+                f"{path}: unknown key {raw_key!r} in [tool.bnaudit]; see `bnaudit check --help` "
+                "for the option names"
+            )
+    for key, value in cli.items():
+        if value is None:
+            continue
+        if key in _THRESHOLDS:
+            thresholds[key] = value
+        else:
+            values[key] = value
+    try:
+        threshold_obj = Thresholds().replace(**thresholds)
+    except TypeError as exc:  # pragma: no cover - keys were checked above
+        raise ConfigError(str(exc)) from exc
+    values["config_file"] = path if table else None
+    return CheckSettings(thresholds=threshold_obj, **values)
+
+
+def _from_file(key: str, raw: Any, raw_key: str, path: Path) -> Any:
+    if key in _ENUMS:
+        try:
+            return _ENUMS[key](raw)
+        except ValueError:
+            choices = ", ".join(e.value for e in _ENUMS[key])
+            raise ConfigError(f"{path}: {raw_key} = {raw!r}: choose one of {choices}") from None
+    if key in _PATHS:
+        return path.parent / _coerce(raw, "str", raw_key, path)
+    if key == "data" and isinstance(raw, str) and (path.parent / raw).exists():
+        return str(path.parent / raw)
+    if key == "model" and isinstance(raw, str) and raw.rpartition(":")[0].endswith(".py"):
+        return str(path.parent / raw)
+    kind = {"batch_size": "int", "batches": "int", "seed": "int"}.get(key, "str")
+    return _coerce(raw, kind, raw_key, path)
+
+
+def _coerce(raw: Any, kind: Any, raw_key: str, path: Path) -> Any:
+    kind = getattr(kind, "__name__", kind)
+    ok = {
+        "int": isinstance(raw, int) and not isinstance(raw, bool),
+        "float": isinstance(raw, (int, float)) and not isinstance(raw, bool),
+        "str": isinstance(raw, str),
+    }.get(str(kind), False)
+    if not ok:
+        raise ConfigError(f"{path}: {raw_key} = {raw!r}: expected {kind}")
+    return float(raw) if kind == "float" else raw
