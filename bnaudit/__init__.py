@@ -16,4 +16,5 @@ __all__ = [
     "Thresholds",
     "__version__",
     "audit",
+    "errors",
 ]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from bnaudit.results import Finding, LayerMetrics, Severity
 
 JUDGED = "yes"
+_FORMULA_CODES = frozenset({"recon-train", "recon-eval", "running-update"})
 
 # Stable codes and how to fix each; every code is documented in the README.
 HINTS: dict[str, str] = {
@@ -97,8 +98,8 @@ def judge_layer(
     """
     out: list[Finding] = []
 
-    def add(code: str, sev: Severity, msg: str, value=None, threshold=None) -> None:
-        out.append(Finding(name, code, sev, msg, HINTS[code], value, threshold))
+    def add(code: str, sev: Severity, msg: str, value=None, threshold=None, hint=None) -> None:
+        out.append(Finding(name, code, sev, msg, hint or HINTS[code], value, threshold))
 
     # 6. static checks
     if m.nonfinite_values:
@@ -158,13 +159,11 @@ def judge_layer(
             Severity.INFO,
             "no forward call reached this layer; only the static checks ran",
         )
-    mismatch = False
     for code, mode, ratio, err in (
         ("recon-train", "train", m.recon_train_ratio, m.recon_train_max_err),
         ("recon-eval", "eval", m.recon_eval_ratio, m.recon_eval_max_err),
     ):
         if m.calls and _over(ratio, t.max_error_ratio):
-            mismatch = True
             add(
                 code,
                 Severity.FAIL,
@@ -174,8 +173,9 @@ def judge_layer(
                 t.max_error_ratio,
             )
     if m.calls and m.track_running_stats:
-        worst = max(m.update_mean_ratio, m.update_var_ratio)
-        if _over(worst, t.max_error_ratio) or (math.isnan(worst)):
+        pair = (m.update_mean_ratio, m.update_var_ratio)
+        worst = math.nan if any(map(math.isnan, pair)) else max(pair)  # max() may drop a NaN
+        if _over(worst, t.max_error_ratio):
             add(
                 "running-update",
                 Severity.FAIL,
@@ -194,8 +194,9 @@ def judge_layer(
                 0,
             )
     if overrides_forward:
+        mismatch = any(f.code in _FORMULA_CODES for f in out)
         sev = Severity.WARN if mismatch else Severity.INFO
-        what = "and its output does not match BN" if mismatch else "and its output matches BN"
+        what = "and does not compute plain BN" if mismatch else "and still computes plain BN"
         add("nonstandard-forward", sev, f"{type_name} overrides forward {what}")
 
     # 2./3. stale statistics and the train/eval gap
@@ -222,9 +223,10 @@ def judge_layer(
                 "train-eval-gap",
                 Severity.INFO,
                 msg + "; likely a consequence of stale stats "
-                f"earlier in the forward pass ({', '.join(upstream_stale)}): fix those first",
+                f"earlier in the forward pass ({', '.join(upstream_stale)})",
                 m.gap_fraction,
                 t.stale_fraction,
+                hint=f"recalibrate {', '.join(upstream_stale)} first, then audit again",
             )
         else:
             add("train-eval-gap", Severity.WARN, msg, m.gap_fraction, t.stale_fraction)

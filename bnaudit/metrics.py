@@ -84,6 +84,8 @@ def judged(r: RegimeStats, a: LayerAttrs, d: Drift, t: Thresholds, synthetic: bo
         return f"no: batch size {r.min_batch} < {t.min_batch}"
     if not d.finite:
         return "no: non-finite input statistics"
+    if math.isnan(d.fraction):
+        return "no: sample noise not measurable"
     return JUDGED
 
 
