@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnaudit import formulas as F
 from bnaudit.batches import call_model, move_batch
 from bnaudit.errors import DataError, NothingToAudit, describe
+from bnaudit.explain import Case, Diagnosis
 from bnaudit.findings import Thresholds, is_stale, judge_layer
-from bnaudit.layers import LayerAttrs, find_bn_layers, preserved
+from bnaudit.layers import Kind, LayerAttrs, find_bn_layers, preserved
 from bnaudit.metrics import measure
 from bnaudit.results import AuditReport, FailOn, LayerResult
 from bnaudit.statistics import LayerStats, RegimeStats
@@ -42,7 +42,7 @@ class AuditOptions:
 class _Probe:
     """Forward hook of one BN layer; `regime` is switched by the engine between passes."""
 
-    def __init__(self, name: str, module: _BatchNorm, clock: itertools.count) -> None:
+    def __init__(self, name: str, module: nn.Module, clock: itertools.count) -> None:
         self.name = name
         self.clock = clock  # shared by all probes: orders layers by their first call
         self.first_call: int | None = None
@@ -51,6 +51,7 @@ class _Probe:
         # Exact copies (original dtype) to undo each train-mode update.
         self.saved = {k: b.detach().clone() for k, b in module.named_buffers(recurse=False)}
         self.stats = LayerStats()
+        self.diagnosis = {"train": Diagnosis(), "eval": Diagnosis()}
         self.regime = "eval"
         self.nonfinite_inputs = 0
         self.nonfinite_outputs = 0
@@ -63,24 +64,61 @@ class _Probe:
             return
         if self.first_call is None:
             self.first_call = next(self.clock)
-        a = self.attrs
+        a, train = self.attrs, self.regime == "train"
         x64, y64 = x.double(), y.double()
-        mean, var = F.batch_stats(x64)
-        n = F.values_per_channel(x)
-        regime = self.stats.train if self.regime == "train" else self.stats.eval
-        use_batch = self.regime == "train" or not a.has_running_stats
-        ref_mean, ref_var = (mean, var) if use_batch else (a.running_mean, a.running_var)
-        _record_error(regime, x64, y64, ref_mean, ref_var, a, y.dtype)
-        regime.add_batch(n, x.shape[0], mean, var)
+        batch_mean, batch_var = F.batch_stats(x64)
+        # `stat_*` is what the running stats estimate; `ref_*` what this output normalised with.
+        if a.kind is Kind.INSTANCE:
+            inst_mean, inst_var = F.instance_stats(x64)
+            n = x[0, 0].numel()
+            stat_mean, stat_var = inst_mean.mean(0), inst_var.mean(0)
+        else:
+            inst_mean, inst_var = batch_mean, batch_var
+            n = F.values_per_channel(x)
+            stat_mean, stat_var = batch_mean, batch_var
+        uses_batch = a.kind is not Kind.FROZEN and (train or not a.has_running_stats)
+        ref_mean, ref_var = (inst_mean, inst_var) if uses_batch else (a.running_mean, a.running_var)
+        regime = self.stats.train if train else self.stats.eval
+        ratio = _record_error(regime, x64, y64, ref_mean, ref_var, a, y.dtype)
+        if not bool((ratio <= 1).all()):  # this batch misses the formula (or is NaN): why?
+            self.diagnosis[self.regime].add(
+                Case(
+                    x64,
+                    y64,
+                    ref_mean,
+                    ref_var,
+                    batch_mean,
+                    batch_var,
+                    a.running_mean,
+                    a.running_var,
+                    a.weight,
+                    a.bias,
+                    a.eps,
+                    n,
+                    uses_batch,
+                    y.dtype,
+                )
+            )
+        regime.add_batch(
+            n,
+            x.shape[0],
+            stat_mean,
+            stat_var,
+            pooled=(F.values_per_channel(x), batch_mean, batch_var),
+        )
         bad_in = int((~torch.isfinite(x)).sum())
         self.nonfinite_inputs += bad_in
         if not bad_in:  # a NaN arriving from upstream is that layer's finding, not this one's
             self.nonfinite_outputs += int((~torch.isfinite(y)).sum())
-        if self.regime == "train" and a.has_running_stats:
-            self._check_update(mean, var, n)
+        if train:
+            if a.kind is not Kind.FROZEN and a.has_running_stats:
+                self._check_update(stat_mean, stat_var, n)
+            with torch.no_grad():  # every batch starts from the checkpoint's statistics
+                for key, value in self.saved.items():
+                    getattr(module, key).copy_(value)
 
     def _check_update(self, mean: Tensor, var: Tensor, n: int) -> None:
-        """Compare one running-stat update with (1 − m)·old + m·batch, then undo it."""
+        """Compare one running-stat update with (1 − m)·old + m·batch."""
         a, m = self.attrs, self.module
         assert a.running_mean is not None and a.running_var is not None  # has_running_stats
         t_before = a.num_batches_tracked or 0
@@ -95,16 +133,13 @@ class _Probe:
         tol_mean = atol + rtol * (exp_mean.abs() + factor * second.sqrt())
         tol_var = atol + rtol * (exp_var.abs() + factor * F.bessel(n) * second)
         upd = self.stats.update
-        upd.mean_ratio.add(_mismatch(got_mean, exp_mean) / tol_mean)
-        upd.var_ratio.add(_mismatch(got_var, exp_var) / tol_var)
+        upd.mean_ratio.add(F.mismatch(got_mean, exp_mean) / tol_mean)
+        upd.var_ratio.add(F.mismatch(got_var, exp_var) / tol_var)
         upd.mean_step.add((got_mean - a.running_mean).abs() / (a.running_var + a.eps).sqrt())
         upd.var_step.add(((got_var + a.eps) / (a.running_var + a.eps)).log().abs())
         nbt = getattr(m, "num_batches_tracked", None)
         if nbt is not None and int(nbt.item()) != exp_t:
             upd.count_errors += 1
-        with torch.no_grad():
-            for key, value in self.saved.items():
-                getattr(m, key).copy_(value)
 
 
 def _record_error(
@@ -115,41 +150,27 @@ def _record_error(
     var: Tensor,
     a: LayerAttrs,
     dtype: torch.dtype,
-) -> None:
-    """Max |y − ref| and its ratio to the dtype's tolerance, per channel.
-
-    The tolerance is assert_close's atol + rtol·|ref| plus rtol·|scale|·(|x| + |μ|): the rounding
-    the layer itself makes when it subtracts μ in its own dtype (without it, a healthy layer
-    whose mean is large against its spread would fail on cancellation alone).
-    """
+) -> Tensor:
+    """Record max |y − ref| and its ratio to the tolerance per channel; return the ratios."""
     ref = F.normalize(x, mean, var, a.weight, a.bias, a.eps)
-    rtol, atol = F.tolerance(dtype)
-    scale = torch.rsqrt(var + a.eps)
-    if a.weight is not None:
-        scale = scale * a.weight.abs()
-    nd = x.dim()
-    tol = atol + rtol * (
-        ref.abs() + F.channel_view(scale, nd) * (x.abs() + F.channel_view(mean.abs(), nd))
-    )
-    err = _mismatch(y, ref)
+    err = F.mismatch(y, ref)
+    tol = F.elementwise_tolerance(x, ref, mean, var, a.weight, a.eps, dtype)
     dims = F.stat_dims(x)
+    ratio = torch.where(err == 0, err, err / tol).amax(dim=dims)
     regime.err_abs.add(err.amax(dim=dims))
-    regime.err_ratio.add(torch.where(err == 0, err, err / tol).amax(dim=dims))
+    regime.err_ratio.add(ratio)
+    return ratio
 
 
-def _mismatch(got: Tensor, want: Tensor) -> Tensor:
-    """|got − want|, 0 where both are the same non-finite value (NaN/Inf passed through)."""
-    same = (got == want) | (got.isnan() & want.isnan())
-    return torch.where(same, torch.zeros_like(got), (got - want).abs())
-
-
-def _set_train_mode(model: nn.Module, layers: list[tuple[str, _BatchNorm]], mode: str) -> None:
+def _set_train_mode(model: nn.Module, layers: list[tuple[str, nn.Module]], mode: str) -> None:
     if mode == "all":
         model.train()
     else:
         model.eval()
         for _, m in layers:
-            m.train()
+            # Not m.train(): a BN subclass's own children (timm's dropout in BatchNormAct2d)
+            # stay in eval mode, so the pass stays deterministic.
+            m.training = True
 
 
 def run_passes(
@@ -238,6 +259,8 @@ def audit(
             nonfinite_inputs=p.nonfinite_inputs,
             nonfinite_outputs=p.nonfinite_outputs,
             synthetic=options.synthetic_data,
+            train_diagnosis=p.diagnosis["train"],
+            eval_diagnosis=p.diagnosis["eval"],
         )
         for p in probes
     }

@@ -10,6 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from bnaudit.explain import ACTIVATION_KEY
 from bnaudit.results import Finding, LayerMetrics, Severity
 
 JUDGED = "yes"
@@ -159,19 +160,53 @@ def judge_layer(
             Severity.INFO,
             "no forward call reached this layer; only the static checks ran",
         )
-    for code, mode, ratio, err in (
-        ("recon-train", "train", m.recon_train_ratio, m.recon_train_max_err),
-        ("recon-eval", "eval", m.recon_eval_ratio, m.recon_eval_max_err),
+    variant = ""  # what a forward-overriding subclass adds after a correct normalisation
+    for code, mode, ratio, err, why in (
+        (
+            "recon-train",
+            "train",
+            m.recon_train_ratio,
+            m.recon_train_max_err,
+            _why(
+                m.recon_train_explanation,
+                m.recon_train_explanation_key,
+                m.recon_train_explanation_err,
+                m.recon_train_explanation_ratio,
+            ),
+        ),
+        (
+            "recon-eval",
+            "eval",
+            m.recon_eval_ratio,
+            m.recon_eval_max_err,
+            _why(
+                m.recon_eval_explanation,
+                m.recon_eval_explanation_key,
+                m.recon_eval_explanation_err,
+                m.recon_eval_explanation_ratio,
+            ),
+        ),
     ):
-        if m.calls and _over(ratio, t.max_error_ratio):
-            add(
-                code,
-                Severity.FAIL,
-                f"{mode}-mode output differs from the BN formula: max abs "
-                f"err {_fmt(err)}, {_fmt(ratio)}x the tolerance (limit {_fmt(t.max_error_ratio)}x)",
-                ratio,
-                t.max_error_ratio,
-            )
+        if not (m.calls and _over(ratio, t.max_error_ratio)):
+            continue
+        fits = why is not None and why[2] <= t.max_error_ratio
+        if fits and overrides_forward and why[3]:
+            variant = f"{why[0]} (err {_fmt(why[1])}); the normalisation itself is exact"
+            continue
+        if fits:
+            reason = f"; it matches {why[0]} (err {_fmt(why[1])}) instead"
+        elif why is not None:
+            reason = f"; no known mistake explains it (closest: {why[0]}, err {_fmt(why[1])})"
+        else:
+            reason = ""
+        add(
+            code,
+            Severity.FAIL,
+            f"{mode}-mode output differs from the BN formula: max abs err {_fmt(err)}, "
+            f"{_fmt(ratio)}x the tolerance (limit {_fmt(t.max_error_ratio)}x){reason}",
+            ratio,
+            t.max_error_ratio,
+        )
     if m.calls and m.track_running_stats:
         pair = (m.update_mean_ratio, m.update_var_ratio)
         worst = math.nan if any(map(math.isnan, pair)) else max(pair)  # max() may drop a NaN
@@ -195,8 +230,12 @@ def judge_layer(
             )
     if overrides_forward:
         mismatch = any(f.code in _FORMULA_CODES for f in out)
-        sev = Severity.WARN if mismatch else Severity.INFO
-        what = "and does not compute plain BN" if mismatch else "and still computes plain BN"
+        if mismatch:
+            sev, what = Severity.WARN, "and does not compute plain BN"
+        elif variant:
+            sev, what = Severity.INFO, f"and its output is {variant}"
+        else:
+            sev, what = Severity.INFO, "and still computes plain BN"
         add("nonstandard-forward", sev, f"{type_name} overrides forward {what}")
 
     # 2./3. stale statistics and the train/eval gap
@@ -287,6 +326,13 @@ def _judge_init(add, m: LayerMetrics, t: Thresholds) -> None:
             m.init_weight,
             t.max_init_weight,
         )
+
+
+def _why(label: str, key: str, err: float, ratio: float) -> tuple[str, float, float, bool] | None:
+    """(explanation, its max abs err, its err ratio, is an activation) or None."""
+    if not label:
+        return None
+    return label, err, ratio, key.startswith(ACTIVATION_KEY)
 
 
 def _over(value: float, limit: float) -> bool:

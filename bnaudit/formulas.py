@@ -36,13 +36,20 @@ def values_per_channel(x: Tensor) -> int:
 
 
 def channel_view(t: Tensor, ndim: int) -> Tensor:
-    """Shape a per-channel vector [C] to broadcast against an input of `ndim` dims."""
-    return t.reshape(1, -1, *([1] * (ndim - 2)))
+    """Shape per-channel [C] (or per-sample [B, C]) statistics to broadcast against an input."""
+    lead = (1,) if t.dim() == 1 else ()
+    return t.reshape(*lead, *t.shape, *([1] * (ndim - len(lead) - t.dim())))
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel batch mean and *biased* variance (divide by N), the pair train mode uses."""
     var, mean = torch.var_mean(x, dim=stat_dims(x), correction=0)
+    return mean, var
+
+
+def instance_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample, per-channel mean and biased variance ([B, C]), as InstanceNorm uses."""
+    var, mean = torch.var_mean(x, dim=tuple(range(2, x.dim())), correction=0)
     return mean, var
 
 
@@ -141,3 +148,32 @@ def amplification(weight: Tensor | None, running_var: Tensor, eps: float) -> Ten
     """|γ|/sqrt(σ²_r + ε): how much eval mode amplifies its input, per channel."""
     gain = torch.rsqrt(running_var.double().clamp_min(0) + eps)
     return gain if weight is None else weight.double().abs() * gain
+
+
+def mismatch(got: Tensor, want: Tensor) -> Tensor:
+    """|got − want|, 0 where both hold the same non-finite value (NaN/Inf passed through)."""
+    same = (got == want) | (got.isnan() & want.isnan())
+    return torch.where(same, torch.zeros_like(got), (got - want).abs())
+
+
+def elementwise_tolerance(
+    x: Tensor,
+    ref: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    dtype: torch.dtype,
+) -> Tensor:
+    """assert_close's atol + rtol·|ref|, plus rtol·|γ|/sqrt(σ² + ε)·(|x| + |μ|).
+
+    The second term is the rounding a layer makes when it subtracts μ in its own dtype: without
+    it, a healthy layer whose mean is large against its spread fails on cancellation alone.
+    """
+    rtol, atol = tolerance(dtype)
+    nd = x.dim()
+    scale = torch.rsqrt(var + eps)  # [C], or [B, C] for per-sample statistics
+    if weight is not None:
+        scale = scale * weight.abs()
+    spread = channel_view(scale, nd) * (x.abs() + channel_view(mean.abs(), nd))
+    return atol + rtol * (ref.abs() + spread)

@@ -3,23 +3,75 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.nn.parameter import UninitializedParameter
+
+from bnaudit.errors import ModelError
 
 # Every torch BN flavour (1d/2d/3d, Lazy*, SyncBatchNorm) subclasses _BatchNorm.
 BN_MODULE_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm,)
 
 # The forwards that compute plain BN; a subclass overriding forward may compute something else.
-_STANDARD_FORWARDS = frozenset({_BatchNorm.forward, nn.SyncBatchNorm.forward})
+_STANDARD_FORWARDS = frozenset(
+    {_BatchNorm.forward, nn.SyncBatchNorm.forward, _InstanceNorm.forward}
+)
+# FrozenBatchNorm (torchvision, detectron2) is a plain module: it is recognised by these buffers.
+_FROZEN_BUFFERS = frozenset({"running_mean", "running_var"})
 
 
-def find_bn_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
-    """(qualified name, module) of every BN layer, in registration order, each module once."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, BN_MODULE_TYPES)]
+class Kind(str, enum.Enum):
+    """How a layer normalises, which decides the formulas the audit checks it against."""
+
+    BATCH = "batch"  # _BatchNorm: batch statistics in train mode, running ones in eval
+    INSTANCE = "instance"  # InstanceNorm(track_running_stats=True): per-sample statistics
+    FROZEN = "frozen"  # FrozenBatchNorm-style: always the eval formula, never updated
+
+
+def layer_kind(module: nn.Module) -> Kind | None:
+    if isinstance(module, _BatchNorm):
+        return Kind.BATCH
+    if isinstance(module, _InstanceNorm):
+        return Kind.INSTANCE if module.track_running_stats else None
+    if isinstance(module, _NormBase):
+        return None
+    own = {name for name, _ in module.named_buffers(recurse=False)}
+    if own >= _FROZEN_BUFFERS and _vector_stats(module):
+        return Kind.FROZEN
+    return None
+
+
+def _vector_stats(module: nn.Module) -> bool:
+    """running_mean and running_var are 1-D of one size, as in a FrozenBatchNorm."""
+    mean, var = module.running_mean, module.running_var
+    return (
+        isinstance(mean, Tensor)
+        and isinstance(var, Tensor)
+        and mean.dim() == 1
+        and mean.shape == var.shape
+    )
+
+
+def find_bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of every BN-like layer, in registration order, each once.
+
+    A wrapper holding a BN module (a graph library's BatchNorm around nn.BatchNorm1d, say) is
+    not BN itself: only the inner module is found, so it is audited once.
+    """
+    found = [(name, m) for name, m in model.named_modules() if layer_kind(m) is not None]
+    for name, m in found:
+        if any(isinstance(p, UninitializedParameter) for p in m.parameters(recurse=False)):
+            raise ModelError(
+                f"layer {name} ({type(m).__name__}) is not materialised yet: load a state dict "
+                "or run one forward pass before auditing it"
+            )
+    return found
 
 
 @dataclass(frozen=True)
@@ -43,20 +95,25 @@ class LayerAttrs:
     num_batches_tracked: int | None
     dtype: torch.dtype
     overrides_forward: bool
+    kind: Kind = Kind.BATCH
 
     @classmethod
-    def of(cls, module: _BatchNorm) -> LayerAttrs:
+    def of(cls, module: nn.Module) -> LayerAttrs:
         def copy(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.detach().to(torch.float64, copy=True)
 
+        kind = layer_kind(module) or Kind.BATCH
         nbt = getattr(module, "num_batches_tracked", None)
         weight = getattr(module, "weight", None)
+        momentum = getattr(module, "momentum", None) if kind is not Kind.FROZEN else None
         return cls(
             type_name=type(module).__name__,
-            num_features=int(module.num_features),
-            eps=float(module.eps),
-            momentum=None if module.momentum is None else float(module.momentum),
-            affine=bool(module.affine),
+            num_features=int(
+                module.running_mean.numel() if kind is Kind.FROZEN else module.num_features
+            ),
+            eps=float(getattr(module, "eps", 1e-5)),
+            momentum=None if momentum is None else float(momentum),
+            affine=weight is not None,
             track_running_stats=module.running_mean is not None,
             weight=copy(weight),
             bias=copy(getattr(module, "bias", None)),
@@ -64,7 +121,9 @@ class LayerAttrs:
             running_var=copy(module.running_var),
             num_batches_tracked=None if nbt is None else int(nbt.item()),
             dtype=weight.dtype if weight is not None else _buffer_dtype(module),
-            overrides_forward=type(module).forward not in _STANDARD_FORWARDS,
+            overrides_forward=kind is not Kind.FROZEN
+            and type(module).forward not in _STANDARD_FORWARDS,
+            kind=kind,
         )
 
     @property
@@ -80,23 +139,23 @@ def _buffer_dtype(module: nn.Module) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def preserved(model: nn.Module, layers: list[tuple[str, _BatchNorm]]) -> Iterator[None]:
-    """Restore every module's mode and every BN layer's buffers and momentum on exit.
+def preserved(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> Iterator[None]:
+    """Restore every module's mode, every buffer and the BN layers' momentum on exit.
 
-    Buffers are copied back in place, so tensors the caller holds stay the ones in the model.
+    Every buffer, not only BN's: forwards update other state too (quantization observers,
+    EMA modules), and an auditor must leave all of it as it was. Buffers are copied back in
+    place, so tensors the caller holds stay the ones in the model.
     """
     modes = [(m, m.training) for m in model.modules()]
-    saved = [
-        (m, m.momentum, {k: b.detach().clone() for k, b in m.named_buffers(recurse=False)})
-        for _, m in layers
-    ]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    momenta = [(m, m.momentum) for _, m in layers if hasattr(m, "momentum")]
     try:
         yield
     finally:
         with torch.no_grad():
-            for m, momentum, buffers in saved:
-                m.momentum = momentum
-                for key, value in buffers.items():
-                    getattr(m, key).copy_(value)
+            for live, saved in buffers:
+                live.copy_(saved)
+        for m, momentum in momenta:
+            m.momentum = momentum
         for m, training in modes:
             m.training = training

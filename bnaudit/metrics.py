@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 
 from bnaudit import formulas as F
+from bnaudit.explain import Diagnosis, Explanation
 from bnaudit.findings import JUDGED, Thresholds
-from bnaudit.layers import LayerAttrs
+from bnaudit.layers import Kind, LayerAttrs
 from bnaudit.results import LayerMetrics
 from bnaudit.statistics import LayerStats, MaxTracker, RegimeStats
 
@@ -71,9 +72,11 @@ def drift(r: RegimeStats, a: LayerAttrs, t: Thresholds) -> Drift:
 
 
 def judged(r: RegimeStats, a: LayerAttrs, d: Drift, t: Thresholds, synthetic: bool) -> str:
-    """ "yes" when the stale comparison is meaningful, else why not (shown in the report)."""
+    """`JUDGED` when the stale comparison is meaningful, else why not (shown in the report)."""
     if not a.has_running_stats:
         return "n/a: no running stats"
+    if a.kind is Kind.FROZEN:
+        return "n/a: frozen statistics"
     if synthetic:
         return "no: synthetic data"
     if r.calls == 0:
@@ -94,9 +97,11 @@ def measure(
     s: LayerStats,
     t: Thresholds,
     *,
-    nonfinite_inputs: int,
-    nonfinite_outputs: int,
-    synthetic: bool,
+    nonfinite_inputs: int = 0,
+    nonfinite_outputs: int = 0,
+    synthetic: bool = False,
+    train_diagnosis: Diagnosis | None = None,
+    eval_diagnosis: Diagnosis | None = None,
 ) -> LayerMetrics:
     stale = drift(s.train, a, t)
     gap = drift(s.eval, a, t)
@@ -114,7 +119,10 @@ def measure(
         if s.train.biased_vars.mean is not None:
             ratio = a.running_var / s.train.biased_vars.mean
             observed = float(ratio.log().median().exp()) if bool((ratio > 0).all()) else NAN
+    train_why = _explanation(train_diagnosis)
+    eval_why = _explanation(eval_diagnosis)
     return LayerMetrics(
+        kind=a.kind.value,
         channels=a.num_features,
         eps=a.eps,
         momentum=a.momentum,
@@ -140,6 +148,14 @@ def measure(
         recon_train_ratio=_tracked(s.train.err_ratio),
         recon_eval_max_err=_tracked(s.eval.err_abs),
         recon_eval_ratio=_tracked(s.eval.err_ratio),
+        recon_train_explanation=train_why.label,
+        recon_train_explanation_key=train_why.key,
+        recon_train_explanation_err=train_why.max_err,
+        recon_train_explanation_ratio=train_why.ratio,
+        recon_eval_explanation=eval_why.label,
+        recon_eval_explanation_key=eval_why.key,
+        recon_eval_explanation_err=eval_why.max_err,
+        recon_eval_explanation_ratio=eval_why.ratio,
         update_mean_ratio=_tracked(s.update.mean_ratio),
         update_var_ratio=_tracked(s.update.var_ratio),
         update_count_errors=s.update.count_errors,
@@ -164,6 +180,11 @@ def measure(
         step_shift=_tracked(s.update.mean_step),
         step_log_var=_tracked(s.update.var_step),
     )
+
+
+def _explanation(d: Diagnosis | None) -> Explanation:
+    best = d.best() if d is not None else None
+    return best if best is not None else Explanation("", "", NAN, NAN)
 
 
 def _tracked(t: MaxTracker) -> float:

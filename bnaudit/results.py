@@ -54,6 +54,7 @@ class LayerMetrics:
     """Every number measured on one layer. NaN means not measured (see the report notes)."""
 
     # attributes
+    kind: str  # batch, instance or frozen (see bnaudit.layers.Kind)
     channels: int
     eps: float
     momentum: float | None
@@ -78,6 +79,15 @@ class LayerMetrics:
     recon_train_ratio: float  # worst |y − ref| / (atol + rtol·scale)
     recon_eval_max_err: float
     recon_eval_ratio: float
+    # the best explanation of a mismatch (bnaudit.explain), "" when the output matched
+    recon_train_explanation: str
+    recon_train_explanation_key: str
+    recon_train_explanation_err: float
+    recon_train_explanation_ratio: float
+    recon_eval_explanation: str
+    recon_eval_explanation_key: str
+    recon_eval_explanation_err: float
+    recon_eval_explanation_ratio: float
     update_mean_ratio: float
     update_var_ratio: float
     update_count_errors: int

@@ -82,13 +82,26 @@ class RegimeStats:
     min_n: int = 0  # fewest values per channel in one batch
     min_batch: int = 0  # smallest leading (batch) dim seen
 
-    def add_batch(self, n: int, batch: int, mean: Tensor, var_biased: Tensor) -> None:
+    def add_batch(
+        self,
+        n: int,
+        batch: int,
+        mean: Tensor,
+        var_biased: Tensor,
+        pooled: tuple[int, Tensor, Tensor] | None = None,
+    ) -> None:
+        """One batch: N values per channel, what the running stats estimate (mean, biased var).
+
+        `pooled` (count, mean, biased var) are the moments of every value of the batch when
+        they differ from `mean`/`var_biased` (per-sample statistics, as in InstanceNorm).
+        """
         mean, var_biased = mean.double(), var_biased.double()
         self.batch_means.add_value(mean)
         self.biased_vars.add_value(var_biased)
         if n > 1:
             self.batch_vars.add_value(var_biased * (n / (n - 1)))
-        self.population.add(n, mean, var_biased * n)
+        count, p_mean, p_var = pooled if pooled is not None else (n, mean, var_biased)
+        self.population.add(count, p_mean.double(), p_var.double() * count)
         self.calls += 1
         self.min_n = _min_seen(self.min_n, n)
         self.min_batch = _min_seen(self.min_batch, batch)
