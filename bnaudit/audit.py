@@ -122,12 +122,13 @@ class _Probe:
         a, m = self.attrs, self.module
         assert a.running_mean is not None and a.running_var is not None  # has_running_stats
         t_before = a.num_batches_tracked or 0
+        instance = a.kind is Kind.INSTANCE
         exp_mean, exp_var, exp_t = F.running_update(
-            a.running_mean, a.running_var, mean, var, n, a.momentum, t_before
+            a.running_mean, a.running_var, mean, var, n, a.momentum, t_before, instance=instance
         )
         got_mean, got_var = m.running_mean.double(), m.running_var.double()
         rtol, atol = F.tolerance(m.running_mean.dtype)
-        factor = F.update_factor(a.momentum, t_before)
+        factor = F.update_factor(a.momentum, t_before, instance=instance)
         # The batch moments are sums of |x|-sized terms: their rounding scales with E[x²].
         second = var + mean.square()
         tol_mean = atol + rtol * (exp_mean.abs() + factor * second.sqrt())
@@ -138,7 +139,7 @@ class _Probe:
         upd.mean_step.add((got_mean - a.running_mean).abs() / (a.running_var + a.eps).sqrt())
         upd.var_step.add(((got_var + a.eps) / (a.running_var + a.eps)).log().abs())
         nbt = getattr(m, "num_batches_tracked", None)
-        if nbt is not None and int(nbt.item()) != exp_t:
+        if a.num_batches_tracked is not None and nbt is not None and int(nbt.item()) != exp_t:
             upd.count_errors += 1
 
 

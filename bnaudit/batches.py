@@ -76,7 +76,7 @@ def load_batches(spec: str, batch_size: int) -> Iterable[Any]:
         except Exception as exc:
             raise DataError(f"--data {spec}: the function raised {describe(exc)}") from exc
         if isinstance(batches, Tensor):
-            return split(batches, batch_size)
+            return split(batches, batch_size, f"--data {spec}")
         if not isinstance(batches, Iterable):
             raise DataError(
                 f"--data {spec}: the function returned {type(batches).__name__}, not an "
@@ -94,7 +94,9 @@ def _load_file(path: Path, batch_size: int) -> list[Any]:
         if suffix == ".npy":
             import numpy as np
 
-            return split(torch.from_numpy(np.load(path, allow_pickle=False)), batch_size)
+            return split(
+                torch.from_numpy(np.load(path, allow_pickle=False)), batch_size, f"--data {path}"
+            )
         if suffix == ".npz":
             return _load_npz(path, batch_size)
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -115,14 +117,14 @@ def _load_npz(path: Path, batch_size: int) -> list[Tensor]:
         arrays = [torch.from_numpy(archive[k]) for k in sorted(archive.files, key=_natural)]
     if not arrays:
         raise DataError(f"--data {path}: the .npz holds no array")
-    return split(arrays[0], batch_size) if len(arrays) == 1 else arrays
+    return split(arrays[0], batch_size, f"--data {path}") if len(arrays) == 1 else arrays
 
 
 def _batches_from_object(obj: Any, path: Path, batch_size: int) -> list[Any]:
     if isinstance(obj, dict) and "batches" in obj:
         obj = obj["batches"]
     if isinstance(obj, Tensor):
-        return split(obj, batch_size)
+        return split(obj, batch_size, f"--data {path}")
     if isinstance(obj, (list, tuple)) and obj:
         return list(obj)
     raise DataError(
@@ -131,12 +133,15 @@ def _batches_from_object(obj: Any, path: Path, batch_size: int) -> list[Any]:
     )
 
 
-def split(t: Tensor, batch_size: int) -> list[Tensor]:
-    """Split along dim 0; a last batch of a single sample is dropped (BN cannot train on it)."""
+def split(t: Tensor, batch_size: int, source: str) -> list[Tensor]:
+    """Split along dim 0; a last batch of a single sample is dropped (BN cannot train on it).
+
+    `source` names where the tensor came from, for the error message.
+    """
     if t.dim() < 2 or t.shape[0] == 0:
         raise DataError(
-            f"sample data of shape {tuple(t.shape)} cannot be split into batches: expected "
-            "[samples, channels, ...]"
+            f"{source}: a tensor of shape {tuple(t.shape)} cannot be split into batches: "
+            "expected [samples, channels, ...]"
         )
     parts = list(torch.split(t, batch_size))
     if len(parts) > 1 and parts[-1].shape[0] == 1:

@@ -27,9 +27,7 @@ def report_paths(s: CheckSettings) -> dict[Format, Path]:
 
 def run_check(s: CheckSettings, log: Any = None) -> AuditReport:
     """Everything `bnaudit check` does before rendering; raises BnauditError subclasses."""
-    inputs = [s.checkpoint]
-    if s.data and Path(s.data).exists():
-        inputs.append(Path(s.data))
+    inputs = [s.checkpoint, *_input_files(s)]
     for path in report_paths(s).values():  # fail before the audit, not after it
         check_writable(path, inputs)
     device = _device(s.device)
@@ -47,6 +45,18 @@ def run_check(s: CheckSettings, log: Any = None) -> AuditReport:
         synthetic_data=synthetic,
     )
     return audit(model, batches, options=options, checkpoint=str(s.checkpoint), sha256=ckpt.sha256)
+
+
+def _input_files(s: CheckSettings) -> list[Path]:
+    """Files other than the checkpoint that a report must never overwrite."""
+    files = [s.config_file] if s.config_file else []
+    for spec in (s.data, s.model):
+        if spec is None:
+            continue
+        head = spec.rpartition(":")[0] if not Path(spec).exists() else spec
+        if head and Path(head).is_file():
+            files.append(Path(head))
+    return files
 
 
 def write_reports(report: AuditReport, s: CheckSettings) -> list[Path]:

@@ -119,7 +119,7 @@ def resolve(cli: dict[str, Any], config: Path | None, cwd: Path) -> CheckSetting
         threshold_obj = Thresholds().replace(**thresholds)
     except TypeError as exc:  # pragma: no cover - keys were checked above
         raise ConfigError(str(exc)) from exc
-    values["config_file"] = path if table else None
+    values["config_file"] = path
     return CheckSettings(thresholds=threshold_obj, **values)
 
 

@@ -163,9 +163,11 @@ def _fitted_eps(c: Case) -> float | None:
     dims = F.stat_dims(c.x)
     scale = (target * centred).sum(dims) / centred.square().sum(dims)
     var = c.var if c.var.dim() == 1 else c.var.mean(0)
-    eps = (1 / scale.square() - var).median()
-    value = float(eps)
-    if not math.isfinite(value) or value <= 0 or math.isclose(value, c.eps, rel_tol=1e-3):
+    value = float((1 / scale.square() - var).median())
+    if not math.isfinite(value):
+        return None
+    value = max(value, 0.0)  # a forgotten eps fits as a tiny negative one
+    if math.isclose(value, c.eps, rel_tol=1e-3):
         return None
     return value
 

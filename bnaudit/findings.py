@@ -207,7 +207,8 @@ def judge_layer(
             ratio,
             t.max_error_ratio,
         )
-    if m.calls and m.track_running_stats:
+    frozen = m.kind == "frozen"  # never updated, never normalised with batch statistics
+    if m.calls and m.track_running_stats and not frozen:
         pair = (m.update_mean_ratio, m.update_var_ratio)
         worst = math.nan if any(map(math.isnan, pair)) else max(pair)  # max() may drop a NaN
         if _over(worst, t.max_error_ratio):
@@ -272,7 +273,7 @@ def judge_layer(
 
     # 4. biased vs unbiased variance
     mismatch_scale = 1.0 - m.eval_scale
-    if m.calls and _over(mismatch_scale, t.var_bias_scale):
+    if m.calls and not frozen and _over(mismatch_scale, t.var_bias_scale):
         add(
             "var-bias",
             Severity.WARN,

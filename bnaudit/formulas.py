@@ -94,15 +94,17 @@ def bn_eval(
     return normalize(x, running_mean, running_var, weight, bias, eps)
 
 
-def update_factor(momentum: float | None, num_batches_tracked: int) -> float:
+def update_factor(
+    momentum: float | None, num_batches_tracked: int, *, instance: bool = False
+) -> float:
     """The weight of the new batch in one running-stat update.
 
     `num_batches_tracked` is the count *before* the update; momentum=None is a cumulative
     average whose factor is 1/T after incrementing T, so the first batch overwrites the initial
-    values completely.
+    values completely. InstanceNorm keeps no count: its momentum=None means no update at all.
     """
     if momentum is None:
-        return 1.0 / (num_batches_tracked + 1)
+        return 0.0 if instance else 1.0 / (num_batches_tracked + 1)
     return momentum
 
 
@@ -114,13 +116,19 @@ def running_update(
     n: int,
     momentum: float | None,
     num_batches_tracked: int,
+    *,
+    instance: bool = False,
 ) -> tuple[Tensor, Tensor, int]:
-    """One train-mode update: (1 − m)·old + m·batch, with the *unbiased* batch variance."""
-    m = update_factor(momentum, num_batches_tracked)
+    """One train-mode update: (1 − m)·old + m·batch, with the *unbiased* batch variance.
+
+    For InstanceNorm (`instance`), `batch_mean`/`batch_var_biased` are the per-sample statistics
+    averaged over the batch, N is the per-sample count, and the counter does not move.
+    """
+    m = update_factor(momentum, num_batches_tracked, instance=instance)
     unbiased = batch_var_biased * bessel(n)
     new_mean = (1 - m) * running_mean + m * batch_mean
     new_var = (1 - m) * running_var + m * unbiased
-    return new_mean, new_var, num_batches_tracked + 1
+    return new_mean, new_var, num_batches_tracked + (0 if instance else 1)
 
 
 def init_weight(momentum: float | None, num_batches_tracked: int) -> float:

@@ -103,7 +103,8 @@ class LayerAttrs:
             return None if t is None else t.detach().to(torch.float64, copy=True)
 
         kind = layer_kind(module) or Kind.BATCH
-        nbt = getattr(module, "num_batches_tracked", None)
+        # InstanceNorm has the buffer but never counts: its T says nothing.
+        nbt = None if kind is Kind.INSTANCE else getattr(module, "num_batches_tracked", None)
         weight = getattr(module, "weight", None)
         momentum = getattr(module, "momentum", None) if kind is not Kind.FROZEN else None
         return cls(

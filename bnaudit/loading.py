@@ -85,14 +85,16 @@ def _unwrap(obj: Any, path: Path, sha: str, trust: bool) -> Checkpoint:
     if isinstance(obj, nn.Module):
         return Checkpoint(path, sha, module=obj, source="pickled module")
     if isinstance(obj, dict):
-        if _is_state_dict(obj):
-            return Checkpoint(path, sha, state_dict=obj)
+        # The known keys first: a training checkpoint also holds tensors of its own at the top
+        # level (a `loss`, say), which must not make it look like a state dict.
         for key in STATE_DICT_KEYS:
             inner = obj.get(key)
             if isinstance(inner, nn.Module) and trust:
                 return Checkpoint(path, sha, module=inner, source=f"key {key!r}")
             if isinstance(inner, dict) and _is_state_dict(inner):
                 return Checkpoint(path, sha, state_dict=inner, source=f"key {key!r}")
+        if _is_state_dict(obj):
+            return Checkpoint(path, sha, state_dict=obj)
     keys = ", ".join(map(repr, list(obj)[:_SHOWN])) if isinstance(obj, dict) else ""
     raise CheckpointError(
         f"{path}: no state dict found: the file holds {type(obj).__name__}"

@@ -174,7 +174,11 @@ def measure(
         bessel_factor=bessel,
         var_ratio_observed=observed,
         eval_scale=1 / math.sqrt(bessel) if n > 1 else NAN,
-        init_weight=F.init_weight(a.momentum, nbt) if a.has_running_stats else NAN,
+        init_weight=(
+            F.init_weight(a.momentum, nbt)
+            if a.has_running_stats and a.num_batches_tracked is not None
+            else NAN
+        ),
         ema_window=F.ema_window(a.momentum, nbt),
         ema_jitter=jitter,
         step_shift=_tracked(s.update.mean_step),

@@ -11,8 +11,16 @@ from torch import Tensor, nn
 from bnaudit.demo import build_model as build_cnn  # the demo's small residual CNN
 from bnaudit.demo import calibrate, make_images
 
-__all__ = ["build_cnn", "build_mlp", "calibrate", "make_images", "mlp_data", "healthy_cnn",
-           "healthy_mlp", "TRAIN_BATCH"]
+__all__ = [
+    "TRAIN_BATCH",
+    "build_cnn",
+    "build_mlp",
+    "calibrate",
+    "healthy_cnn",
+    "healthy_mlp",
+    "make_images",
+    "mlp_data",
+]
 
 TRAIN_BATCH = 32  # the batch size the healthy models' running stats were accumulated at
 

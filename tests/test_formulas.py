@@ -8,13 +8,13 @@ agree to ~1e-12 and in float32 to the tolerances of `formulas.tolerance`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
@@ -95,6 +95,27 @@ def configs(draw: st.DrawFn) -> Config:
     )
 
 
+# Corners always run, whatever hypothesis draws: the cumulative average from a nonzero count in
+# float32, its first batch (which overwrites the initial values), a Keras-style momentum of 1,
+# and batch statistics in eval mode.
+CORNERS = (
+    Config("BatchNorm2d", 2, 3, (2, 2), True, True, None, 37, 1e-5, torch.float32, 1),
+    Config("BatchNorm1d[B,C]", 2, 4, (), False, True, None, 0, 1e-3, torch.float64, 2),
+    Config("BatchNorm3d", 3, 2, (2, 1, 3), True, True, 1.0, 5, 0.1, torch.float32, 3),
+    Config("BatchNorm1d[B,C,L]", 2, 2, (3,), True, False, 0.1, 0, 1e-5, torch.float64, 4),
+)
+
+
+def with_corners(*, track_only: bool = False) -> Callable[[Callable], Callable]:
+    def decorate(test: Callable) -> Callable:
+        for cfg in CORNERS:
+            if cfg.track or not track_only:
+                test = example(cfg=cfg)(test)
+        return test
+
+    return decorate
+
+
 def build(cfg: Config) -> tuple[nn.Module, Tensor]:
     """A BN module with random γ, β, running stats and T, and an input batch for it."""
     cls = KINDS[cfg.kind][0]
@@ -163,6 +184,7 @@ def assert_output_close(
 
 @SETTINGS
 @given(cfg=configs())
+@with_corners()
 def test_bn_train_matches_torch_train_mode(cfg: Config) -> None:
     bn, x = build(cfg)
     with torch.no_grad():
@@ -176,6 +198,7 @@ def test_bn_train_matches_torch_train_mode(cfg: Config) -> None:
 
 @SETTINGS
 @given(cfg=configs())
+@with_corners()
 def test_bn_eval_matches_torch_eval_mode(cfg: Config) -> None:
     bn, x = build(cfg)
     with torch.no_grad():
@@ -193,6 +216,7 @@ def test_bn_eval_matches_torch_eval_mode(cfg: Config) -> None:
 
 @SETTINGS
 @given(cfg=configs().filter(lambda c: c.track))
+@with_corners(track_only=True)
 def test_running_update_matches_one_torch_train_step(cfg: Config) -> None:
     bn, x = build(cfg)
     old_mean, old_var = as64(bn.running_mean).clone(), as64(bn.running_var).clone()
@@ -230,13 +254,14 @@ def test_update_factor_of_cumulative_average_matches_torch(start_count: int) -> 
 
 @SETTINGS
 @given(cfg=configs())
+@with_corners()
 def test_audit_of_a_healthy_single_bn_model_passes_the_formula_checks(cfg: Config) -> None:
     bn, x = build(cfg)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     batches = [x, *(x + torch.randn(x.shape, generator=gen).to(cfg.dtype) for _ in range(2))]
     model = nn.Sequential(bn)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    modes = [m.training for m in model.modules()]
+    modes = [module.training for module in model.modules()]
     report = bnaudit.audit(model, batches)
     m = report.layers[0].metrics
     assert m.calls == 3
@@ -254,7 +279,7 @@ def test_audit_of_a_healthy_single_bn_model_passes_the_formula_checks(cfg: Confi
     after = model.state_dict()
     for key, value in before.items():
         assert torch.equal(after[key], value), f"the audit changed {key}"
-    assert [m.training for m in model.modules()] == modes
+    assert [module.training for module in model.modules()] == modes
 
 
 def test_formulas_evaluated_in_float32_stay_float32() -> None:
@@ -454,6 +479,7 @@ def test_values_per_channel(shape: tuple[int, ...], n: int) -> None:
 
 @SETTINGS
 @given(cfg=configs().filter(lambda c: c.track))
+@with_corners(track_only=True)
 def test_values_per_channel_is_the_n_of_torch_bessel_correction(cfg: Config) -> None:
     """With momentum 1 the running var becomes the unbiased batch var: biased·N/(N − 1)."""
     bn, x = build(cfg)
