@@ -37,13 +37,21 @@ class AuditOptions:
     fail_on: FailOn = FailOn.FAIL
     max_batches: int | None = None
     synthetic_data: bool = False
+    layers: tuple[str, ...] | None = None  # audit only these (qualified names); None: all
 
 
 class _Probe:
-    """Forward hook of one BN layer; `regime` is switched by the engine between passes."""
+    """Forward hook of one BN layer; `regime` is switched by the engine between passes.
 
-    def __init__(self, name: str, module: nn.Module, clock: itertools.count) -> None:
+    A probe that does not `measure` only undoes the train-mode update: every BN layer must
+    start each batch from the checkpoint's statistics, audited or not.
+    """
+
+    def __init__(
+        self, name: str, module: nn.Module, clock: itertools.count, measure: bool = True
+    ) -> None:
         self.name = name
+        self.measure = measure
         self.clock = clock  # shared by all probes: orders layers by their first call
         self.first_call: int | None = None
         self.module = module
@@ -57,6 +65,16 @@ class _Probe:
         self.nonfinite_outputs = 0
 
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        try:
+            if self.measure:
+                self._measure(module, inputs, output)
+        finally:
+            if self.regime == "train":
+                with torch.no_grad():
+                    for key, value in self.saved.items():
+                        getattr(module, key).copy_(value)
+
+    def _measure(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if not inputs or not isinstance(inputs[0], Tensor) or not isinstance(output, Tensor):
             return
         x, y = inputs[0].detach(), output.detach()
@@ -110,12 +128,8 @@ class _Probe:
         self.nonfinite_inputs += bad_in
         if not bad_in:  # a NaN arriving from upstream is that layer's finding, not this one's
             self.nonfinite_outputs += int((~torch.isfinite(y)).sum())
-        if train:
-            if a.kind is not Kind.FROZEN and a.has_running_stats:
-                self._check_update(stat_mean, stat_var, n)
-            with torch.no_grad():  # every batch starts from the checkpoint's statistics
-                for key, value in self.saved.items():
-                    getattr(module, key).copy_(value)
+        if train and a.kind is not Kind.FROZEN and a.has_running_stats:
+            self._check_update(stat_mean, stat_var, n)
 
     def _check_update(self, mean: Tensor, var: Tensor, n: int) -> None:
         """Compare one running-stat update with (1 − m)·old + m·batch."""
@@ -184,7 +198,8 @@ def run_passes(
             "the model has no BatchNorm layer (no torch.nn.modules.batchnorm._BatchNorm)"
         )
     clock = itertools.count()
-    probes = [_Probe(name, m, clock) for name, m in layers]
+    wanted = options.layers
+    probes = [_Probe(name, m, clock, wanted is None or name in wanted) for name, m in layers]
     device, dtype = _model_device_dtype(model)
     count = 0
     with preserved(model, layers), torch.no_grad():
@@ -206,7 +221,7 @@ def run_passes(
         finally:
             for h in handles:
                 h.remove()
-    return probes, count
+    return [p for p in probes if p.measure], count
 
 
 def _forward(model: nn.Module, batch: Any, index: int, regime: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from bnaudit.audit import AuditOptions, audit
 from bnaudit.batches import load_batches, parse_shape, synthetic_batches
 from bnaudit.config import CheckSettings
 from bnaudit.errors import BnauditError, ModelError
-from bnaudit.loading import build_model, load_checkpoint, load_into
+from bnaudit.loading import Checkpoint, build_model, load_checkpoint, load_into
 from bnaudit.report import Format, check_writable, render, write_atomic
 from bnaudit.results import AuditReport
 
@@ -25,11 +26,18 @@ def report_paths(s: CheckSettings) -> dict[Format, Path]:
     return {fmt: p for fmt, p in paths.items() if p is not None}
 
 
-def run_check(s: CheckSettings, log: Any = None) -> AuditReport:
-    """Everything `bnaudit check` does before rendering; raises BnauditError subclasses."""
-    inputs = [s.checkpoint, *_input_files(s)]
-    for path in report_paths(s).values():  # fail before the audit, not after it
-        check_writable(path, inputs)
+@dataclass(frozen=True)
+class Prepared:
+    """What an audit runs on: the checkpoint, the model it was loaded into, the batches."""
+
+    checkpoint: Checkpoint
+    model: nn.Module
+    batches: Iterable[Any]
+    synthetic: bool
+
+
+def prepare(s: CheckSettings, log: Any = None) -> Prepared:
+    """Load the checkpoint into the model on its device and open the batches."""
     device = _device(s.device)
     torch.manual_seed(s.seed)
     ckpt = load_checkpoint(s.checkpoint, trust=s.trust)
@@ -37,14 +45,33 @@ def run_check(s: CheckSettings, log: Any = None) -> AuditReport:
     model.to(device)
     batches, synthetic = _batches(s)
     _log(log, f"auditing {s.checkpoint} ({ckpt.source}) on {device}")
-    options = AuditOptions(
+    return Prepared(ckpt, model, batches, synthetic)
+
+
+def audit_options(s: CheckSettings, p: Prepared, layers: tuple[str, ...] | None = None):
+    return AuditOptions(
         thresholds=s.thresholds,
         train_mode=s.train_mode.value,
         fail_on=s.fail_on,
         max_batches=s.batches,
-        synthetic_data=synthetic,
+        synthetic_data=p.synthetic,
+        layers=layers,
     )
-    return audit(model, batches, options=options, checkpoint=str(s.checkpoint), sha256=ckpt.sha256)
+
+
+def run_check(s: CheckSettings, log: Any = None) -> AuditReport:
+    """Everything `bnaudit check` does before rendering; raises BnauditError subclasses."""
+    inputs = [s.checkpoint, *_input_files(s)]
+    for path in report_paths(s).values():  # fail before the audit, not after it
+        check_writable(path, inputs)
+    p = prepare(s, log)
+    return audit(
+        p.model,
+        p.batches,
+        options=audit_options(s, p),
+        checkpoint=str(s.checkpoint),
+        sha256=p.checkpoint.sha256,
+    )
 
 
 def _input_files(s: CheckSettings) -> list[Path]:
@@ -67,7 +94,7 @@ def write_reports(report: AuditReport, s: CheckSettings) -> list[Path]:
     return written
 
 
-def _model(s: CheckSettings, ckpt) -> nn.Module:
+def _model(s: CheckSettings, ckpt: Checkpoint) -> nn.Module:
     if s.model is None:
         if ckpt.module is not None:
             return ckpt.module

@@ -158,6 +158,45 @@ def check(
     raise typer.Exit(code)
 
 
+@app.command()
+def show(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint (only read).", show_default=False),
+    layer: str = typer.Option(..., "--layer", "-l", help="Qualified name, e.g. layer1.0.bn1."),
+    model: str = typer.Option(None, "--model", "-m", help="Architecture, as for check."),
+    data: str = typer.Option(None, "--data", "-d", help="Sample batches: measure the errors."),
+    input_shape: str = typer.Option(None, help="Synthetic batches of this shape."),
+    batch_size: int = typer.Option(None, help="Split a data tensor into batches of this size."),
+    batches: int = typer.Option(None, help="Use at most this many batches."),
+    device: str = typer.Option(None, help="Device [default: cpu]."),
+    seed: int = typer.Option(None, help="Random seed [default: 0]."),
+    trust: bool = typer.Option(False, "--trust", help="Allow a pickled nn.Module (runs code)."),
+    config: Path = typer.Option(None, help="TOML file with a [tool.bnaudit] table."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Explain one layer: attributes, exact train/eval formulas, runnable code, errors."""
+    cli = dict(locals())
+    for key in ("config", "debug", "layer"):
+        cli.pop(key)
+    cli["trust"] = trust or None
+    raise typer.Exit(_guard(lambda: _show(cli, config, layer), debug))
+
+
+def _show(cli: dict[str, Any], config: Path | None, layer: str) -> int:
+    from bnaudit.audit import audit
+    from bnaudit.check import audit_options, prepare
+    from bnaudit.show import describe, find_layer, render_layer
+
+    settings = resolve(cli, config, Path.cwd())
+    p = prepare(settings, log=sys.stderr)
+    find_layer(p.model, layer)  # a wrong name fails before any forward pass
+    result = None
+    if settings.data or settings.input_shape:
+        report = audit(p.model, p.batches, options=audit_options(settings, p, layers=(layer,)))
+        result = report.layer(layer)
+    sys.stdout.write(render_layer(describe(p.model, layer, result)))
+    return EXIT_OK
+
+
 def _check(cli: dict[str, Any], config: Path | None) -> int:
     from bnaudit.check import run_check, write_reports
     from bnaudit.report import render

@@ -246,9 +246,9 @@ def judge_layer(
             Severity.FAIL,
             f"running stats do not describe the train-mode input: "
             f"{_pct(m.stale_fraction)} of channels beyond the limits and sample noise (limit "
-            f"{_pct(t.stale_fraction)}); worst channel {m.stale_channel}: mean shift "
-            f"{_fmt(m.stale_shift_max)} sd (limit {_fmt(t.stale_shift)}), ln var ratio "
-            f"{_fmt(m.stale_log_var_max)} (limit +/-{_fmt(t.stale_log_var)})",
+            f"{_pct(t.stale_fraction)}): mean shift up to {_fmt(m.stale_shift_max)} sd "
+            f"(limit {_fmt(t.stale_shift)}), ln var ratio up to {_fmt(m.stale_log_var_max)} "
+            f"(limit +/-{_fmt(t.stale_log_var)}); worst channel {m.stale_channel}",
             m.stale_fraction,
             t.stale_fraction,
         )

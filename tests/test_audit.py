@@ -373,3 +373,13 @@ def test_api_threshold_overrides(healthy_cnn: nn.Module) -> None:
 def test_no_batchnorm_is_nothing_to_audit() -> None:
     with pytest.raises(bnaudit.errors.NothingToAudit):
         audit(nn.Sequential(nn.Linear(3, 3)), [torch.randn(4, 3)])
+
+
+def test_auditing_one_layer_measures_it_as_the_full_audit_does(healthy_cnn: nn.Module) -> None:
+    # The other BN layers must still run in train mode and be restored batch by batch.
+    plant_stale(healthy_cnn)
+    batches = cnn_batches(16, count=4)
+    full = audit(healthy_cnn, batches).layer("layer2.bn1")
+    one = audit(healthy_cnn, batches, layers=("layer2.bn1",))
+    assert [r.name for r in one.layers] == ["layer2.bn1"]
+    assert one.layer("layer2.bn1").metrics == full.metrics
