@@ -88,6 +88,9 @@ def test_lazy_batchnorm_after_materialisation() -> None:
         audit(model, images())
     model(images()[0])  # materialises
     assert_healthy(audit(calibrated(model), images()))
+    model.norm2.reset_running_stats()
+    broken = audit(model, images())
+    assert codes_on(broken, "norm2") >= {"init-stats"} and worst(broken, "norm1") < Severity.WARN
 
 
 def test_instance_norm_with_running_stats() -> None:
@@ -184,6 +187,10 @@ def test_bn_inside_fused_conv_bn_modules(fused: str) -> None:
     assert_healthy(report)
     after = model.state_dict()  # observers and fake-quant state are restored too
     assert all(torch.equal(before[k], after[k]) for k in before)
+    inner = names[0]
+    model.get_submodule(inner).running_var[0] = float("inf")
+    broken = audit(model, images())
+    assert {f.layer for f in broken.findings if f.code == "nonfinite"} == {inner}
 
 
 def test_wrapped_bn_is_audited_once() -> None:
@@ -200,6 +207,10 @@ def test_wrapped_bn_is_audited_once() -> None:
     report = audit(model.eval(), list(torch.split(nets.mlp_data(32 * 4, seed=2), 32)))
     assert [r.name for r in report.layers] == ["1.module"]
     assert_healthy(report)
+    model[1].module.momentum = 0.99
+    assert "momentum-convention" in codes_on(
+        audit(model, [nets.mlp_data(32, seed=3)] * 2), "1.module"
+    )
 
 
 # --- subclasses that add work after the normalisation ----------------------------------------
