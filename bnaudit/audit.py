@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,9 @@ from bnaudit import formulas as F
 from bnaudit.batches import call_model, move_batch
 from bnaudit.errors import DataError, NothingToAudit, describe
 from bnaudit.explain import Case, Diagnosis
-from bnaudit.findings import Thresholds, is_stale, judge_layer
+from bnaudit.findings import Thresholds, is_stale, judge_layer, judge_model
+from bnaudit.fold import check_folds, find_pairs
+from bnaudit.impact import OutputImpact, compare_outputs, eval_regime_stats
 from bnaudit.layers import Kind, LayerAttrs, find_bn_layers, preserved
 from bnaudit.metrics import measure
 from bnaudit.results import AuditReport, FailOn, LayerResult
@@ -38,6 +40,24 @@ class AuditOptions:
     max_batches: int | None = None
     synthetic_data: bool = False
     layers: tuple[str, ...] | None = None  # audit only these (qualified names); None: all
+    impact: bool = True  # measure the output effect of recalibrated statistics (with data)
+    regime: str = "train"  # recalibrate from train-mode ("train") or eval-mode ("eval") inputs
+    attribution: bool = False  # also swap in one flagged layer's statistics at a time
+    attribution_max: int = 8  # at most this many layers (K passes each), the worst first
+    output_budget_mb: float = 64.0  # eval outputs kept for reuse; beyond, they are recomputed
+    fold: bool = True  # check conv/linear → BN folds (one extra eval pass on the first batch)
+
+
+@dataclass
+class Passes:
+    """What the audit's own forward passes left behind."""
+
+    probes: list[_Probe]
+    layers: dict[str, nn.Module]  # every BN-like layer, audited or not
+    count: int  # batches run
+    batches: Iterable[Any]  # to run again for the output impact (moved to the device)
+    outputs: list[Any] | None  # eval-mode outputs with the stored stats; None past the budget
+    first: Any = None  # the first batch, moved
 
 
 class _Probe:
@@ -188,9 +208,7 @@ def _set_train_mode(model: nn.Module, layers: list[tuple[str, nn.Module]], mode:
             m.training = True
 
 
-def run_passes(
-    model: nn.Module, batches: Iterable[Any], options: AuditOptions
-) -> tuple[list[_Probe], int]:
+def run_passes(model: nn.Module, batches: Iterable[Any], options: AuditOptions) -> Passes:
     """Run every batch once in eval and once in train mode with all probes attached."""
     layers = find_bn_layers(model)
     if not layers:
@@ -201,6 +219,12 @@ def run_passes(
     wanted = options.layers
     probes = [_Probe(name, m, clock, wanted is None or name in wanted) for name, m in layers]
     device, dtype = _model_device_dtype(model)
+    # A one-shot iterator is kept for the impact passes; anything else is iterated again.
+    keep = options.impact and isinstance(batches, Iterator)
+    kept: list[Any] = []
+    first = None
+    outputs: list[Any] | None = [] if options.impact else None
+    budget = options.output_budget_mb * 2**20
     count = 0
     with preserved(model, layers), torch.no_grad():
         handles = [m.register_forward_hook(p) for (_, m), p in zip(layers, probes, strict=True)]
@@ -209,6 +233,7 @@ def run_passes(
                 if options.max_batches is not None and count >= options.max_batches:
                     break
                 batch = move_batch(batch, device, dtype)
+                first = batch if count == 0 else first
                 for regime in ("eval", "train"):
                     for p in probes:
                         p.regime = regime
@@ -216,17 +241,56 @@ def run_passes(
                         model.eval()
                     else:
                         _set_train_mode(model, layers, options.train_mode)
-                    _forward(model, batch, count, regime)
+                    out = _forward(model, batch, count, regime)
+                    if regime == "eval" and outputs is not None:
+                        outputs.append(_detached(out))
+                        budget -= _nbytes(out)
+                        if budget < 0:  # too big to keep: the impact passes recompute them
+                            outputs = None
+                if keep:
+                    kept.append(batch)
                 count += 1
         finally:
             for h in handles:
                 h.remove()
-    return [p for p in probes if p.measure], count
+    again = kept if keep else _moved(batches, count, device, dtype)
+    return Passes([p for p in probes if p.measure], dict(layers), count, again, outputs, first)
 
 
-def _forward(model: nn.Module, batch: Any, index: int, regime: str) -> None:
+class _moved:
+    """Iterate `batches` again: the first `count`, each moved to the model's device and dtype."""
+
+    def __init__(self, batches: Iterable[Any], count: int, device, dtype) -> None:
+        self.batches, self.count, self.device, self.dtype = batches, count, device, dtype
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in itertools.islice(self.batches, self.count):
+            yield move_batch(batch, self.device, self.dtype)
+
+
+def _detached(out: Any) -> Any:
+    if isinstance(out, Tensor):
+        return out.detach()
+    if isinstance(out, (list, tuple)):
+        return type(out)(_detached(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _detached(v) for k, v in out.items()}
+    return out
+
+
+def _nbytes(out: Any) -> int:
+    if isinstance(out, Tensor):
+        return out.numel() * out.element_size()
+    if isinstance(out, (list, tuple)):
+        return sum(_nbytes(o) for o in out)
+    if isinstance(out, dict):
+        return sum(_nbytes(o) for o in out.values())
+    return 0
+
+
+def _forward(model: nn.Module, batch: Any, index: int, regime: str) -> Any:
     try:
-        call_model(model, batch)
+        return call_model(model, batch)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         hint = ""
         if "more than 1 value per channel" in str(exc):
@@ -266,7 +330,8 @@ def audit(
     """
     options = _with_overrides(options or AuditOptions(), overrides)
     t = options.thresholds
-    probes, count = run_passes(model, batches, options)
+    passes = run_passes(model, batches, options)
+    probes, count = passes.probes, passes.count
     metrics = {
         p.name: measure(
             p.attrs,
@@ -277,9 +342,33 @@ def audit(
             synthetic=options.synthetic_data,
             train_diagnosis=p.diagnosis["train"],
             eval_diagnosis=p.diagnosis["eval"],
+            regime=options.regime,
         )
         for p in probes
     }
+    notes: list[str] = []
+    if options.fold:
+        pairs = find_pairs(model)
+        if pairs.note:
+            notes.append(f"fold pairs by {pairs.method} ({pairs.note})")
+        with preserved(model, list(passes.layers.items())):
+            checks = check_folds(model, pairs, passes.first)
+        for name, c in checks.items():
+            if name in metrics:
+                metrics[name] = dataclasses.replace(
+                    metrics[name],
+                    fold_with=c.conv,
+                    fold_checked=c.checked,
+                    fold_max_err=c.max_err,
+                    fold_ratio=c.ratio,
+                    folded_weight_max=c.weight_max,
+                    fold_int8_levels=c.int8_levels,
+                )
+    impact = None
+    if options.impact and count and not options.synthetic_data:
+        impact = _impact(model, passes, metrics, options)
+        for name, change in impact.per_layer.items():
+            metrics[name] = dataclasses.replace(metrics[name], output_change_alone=change)
     # Layers in the order they run, for "a consequence of stale stats upstream".
     ran = sorted((p for p in probes if p.first_call is not None), key=lambda p: p.first_call)
     position = {p.name: i for i, p in enumerate(ran)}
@@ -302,13 +391,81 @@ def audit(
         layers=tuple(results),
         fail_on=options.fail_on,
         batches=count,
-        forward_passes=2 * count,
+        forward_passes=2 * count
+        + (impact.forward_passes if impact else 0)
+        + (1 if options.fold and passes.first is not None else 0),
         synthetic_data=options.synthetic_data,
-        notes=_notes(results, count),
+        notes=(*notes, *_notes(results, count)),
         checkpoint=checkpoint,
         sha256=sha256,
         thresholds=dataclasses.asdict(t),
+        impact=impact,
+        model_findings=judge_model(impact, t),
     )
+
+
+def recalibrated_stats(
+    passes: Passes, regime: str, model: nn.Module
+) -> tuple[dict[str, tuple[Tensor, Tensor]], int]:
+    """Precise statistics per recalibrable layer (see bnaudit.impact for the choice)."""
+    train = {
+        p.name: (
+            _like(p.stats.train.batch_means.mean, p.module.running_mean),
+            _like(p.stats.train.batch_vars.mean, p.module.running_var),
+        )
+        for p in passes.probes
+        if p.attrs.kind is not Kind.FROZEN
+        and p.attrs.has_running_stats
+        and p.stats.train.batch_means.mean is not None
+        and p.stats.train.batch_vars.mean is not None
+    }
+    if regime == "train":
+        return train, 0
+    start = {
+        n: (passes.layers[n].running_mean.clone(), passes.layers[n].running_var.clone())
+        for n in train
+    }
+    # Every level needs one pass; the +1 confirms nothing moves any more.
+    return eval_regime_stats(model, passes.batches, passes.layers, start, len(start) + 1)
+
+
+def _impact(model: nn.Module, passes: Passes, metrics: dict, options: AuditOptions) -> OutputImpact:
+    t = options.thresholds
+    layers = [(n, m) for n, m in passes.layers.items()]
+    with preserved(model, layers), torch.no_grad():
+        stats, level_passes = recalibrated_stats(passes, options.regime, model)
+        cost = level_passes * passes.count
+        diff, used = compare_outputs(model, passes.batches, passes.layers, stats, passes.outputs)
+        cost += used
+        per_layer: dict[str, float] = {}
+        if options.attribution:
+            flagged = sorted(
+                (n for n, m in metrics.items() if n in stats and _flagged(m, t)),
+                key=lambda n: -max(metrics[n].stale_fraction, metrics[n].gap_fraction),
+            )[: options.attribution_max]
+            for name in flagged:
+                alone, used = compare_outputs(
+                    model, passes.batches, passes.layers, {name: stats[name]}, passes.outputs
+                )
+                per_layer[name] = alone.rel_l2
+                cost += used
+    return OutputImpact(
+        regime=options.regime,
+        batches=passes.count,
+        forward_passes=cost,
+        rel_l2=diff.rel_l2,
+        max_abs=diff.max_abs,
+        top1_agreement=diff.top1,
+        per_layer=per_layer,
+    )
+
+
+def _flagged(m, t: Thresholds) -> bool:
+    return is_stale(m, t) or (m.gap_judged == "yes" and m.gap_fraction >= t.stale_fraction)
+
+
+def _like(t: Tensor, buffer: Tensor) -> Tensor:
+    return t.to(device=buffer.device, dtype=buffer.dtype)
 
 
 def _with_overrides(options: AuditOptions, overrides: dict[str, Any]) -> AuditOptions:

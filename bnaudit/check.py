@@ -56,6 +56,9 @@ def audit_options(s: CheckSettings, p: Prepared, layers: tuple[str, ...] | None 
         max_batches=s.batches,
         synthetic_data=p.synthetic,
         layers=layers,
+        impact=s.impact and layers is None,
+        regime=s.regime.value,
+        attribution=s.attribution,
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import typer
 
 from bnaudit import __version__
-from bnaudit.config import TrainMode, resolve
+from bnaudit.config import Regime, TrainMode, resolve
 from bnaudit.errors import BnauditError, NothingToAudit
 from bnaudit.report import Format
 from bnaudit.results import FailOn
@@ -31,6 +31,7 @@ app = typer.Typer(
 )
 
 _T = "Thresholds"
+_O = "Output impact"
 _R = "Reports"
 _I = "Inputs"
 
@@ -108,6 +109,29 @@ def check(
         None,
         rich_help_panel=_R,
         help="Exit 1 on findings of this severity or worse [default: fail].",
+    ),
+    impact: bool = typer.Option(
+        None,
+        "--impact/--no-impact",
+        rich_help_panel=_O,
+        help="Measure how recalibrated statistics change the eval output [default: on].",
+    ),
+    regime: Regime = typer.Option(
+        None,
+        rich_help_panel=_O,
+        help="Recalibrate from train-mode inputs, or eval-mode inputs layer after layer "
+        "[default: train].",
+    ),
+    attribution: bool = typer.Option(
+        None,
+        "--attribution/--no-attribution",
+        rich_help_panel=_O,
+        help="Also recalibrate each flagged layer alone (8 at most, a pass per batch each).",
+    ),
+    max_output_change: float = typer.Option(
+        None,
+        rich_help_panel=_T,
+        help="Fail when recalibration changes the output by more (relative L2) [default: off].",
     ),
     max_error_ratio: float = typer.Option(
         None, rich_help_panel=_T, help="Reconstruction error / tolerance [default: 1]."

@@ -32,6 +32,13 @@ class TrainMode(str, enum.Enum):
     ALL = "all"  # the whole model, as in training
 
 
+class Regime(str, enum.Enum):
+    """Which inputs recalibrated statistics describe (see bnaudit.impact)."""
+
+    TRAIN = "train"  # train-mode inputs: what a running average converges to
+    EVAL = "eval"  # eval-mode inputs, layer after layer: what the deployed model sees
+
+
 @dataclass(frozen=True)
 class CheckSettings:
     checkpoint: Path
@@ -49,6 +56,9 @@ class CheckSettings:
     csv: Path | None = None
     json: Path | None = None
     fail_on: FailOn = FailOn.FAIL
+    impact: bool = True
+    regime: Regime = Regime.TRAIN
+    attribution: bool = False
     thresholds: Thresholds = field(default_factory=Thresholds)
     config_file: Path | None = None
 
@@ -59,7 +69,13 @@ _CLI_ONLY = {"checkpoint", "trust", "config_file"}
 _PATHS = {"markdown", "csv", "json"}
 _THRESHOLDS = {f.name: f for f in dataclasses.fields(Thresholds)}
 _SETTINGS = {f.name for f in dataclasses.fields(CheckSettings)}
-_ENUMS: dict[str, type[enum.Enum]] = {"format": Format, "fail_on": FailOn, "train_mode": TrainMode}
+_ENUMS: dict[str, type[enum.Enum]] = {
+    "format": Format,
+    "fail_on": FailOn,
+    "train_mode": TrainMode,
+    "regime": Regime,
+}
+_BOOLS = {"impact", "attribution"}
 
 
 def find_pyproject(start: Path) -> Path | None:
@@ -137,6 +153,8 @@ def _from_file(key: str, raw: Any, raw_key: str, path: Path) -> Any:
     if key == "model" and isinstance(raw, str) and raw.rpartition(":")[0].endswith(".py"):
         return str(path.parent / raw)
     kind = {"batch_size": "int", "batches": "int", "seed": "int"}.get(key, "str")
+    if key in _BOOLS:
+        kind = "bool"
     return _coerce(raw, kind, raw_key, path)
 
 
@@ -146,6 +164,7 @@ def _coerce(raw: Any, kind: Any, raw_key: str, path: Path) -> Any:
         "int": isinstance(raw, int) and not isinstance(raw, bool),
         "float": isinstance(raw, (int, float)) and not isinstance(raw, bool),
         "str": isinstance(raw, str),
+        "bool": isinstance(raw, bool),
     }.get(str(kind), False)
     if not ok:
         raise ConfigError(f"{path}: {raw_key} = {raw!r}: expected {kind}")

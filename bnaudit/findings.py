@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass
 
 from bnaudit.explain import ACTIVATION_KEY
-from bnaudit.results import Finding, LayerMetrics, Severity
+from bnaudit.fold import FLOAT16_MAX, MIN_INT8_LEVELS
+from bnaudit.results import MODEL, Finding, LayerMetrics, Severity
 
 JUDGED = "yes"
 _FORMULA_CODES = frozenset({"recon-train", "recon-eval", "running-update"})
@@ -45,6 +46,12 @@ HINTS: dict[str, str] = {
     "track_running_stats=True and calibrate, unless this is intended",
     "nonstandard-forward": "the class overrides forward; the formula checks test what it computes",
     "not-reached": "the layer did not run on the sample batches: check the data reaches it",
+    "fold-mismatch": "the folded conv does not reproduce conv -> BN in eval mode: do not deploy "
+    "the folded model before finding out why (see the layer's recon-eval)",
+    "fold-risk": "fold in float32 and quantize per channel, or clamp/prune the channels with "
+    "huge gamma/sqrt(var + eps) before folding",
+    "output-change": "recalibrate the flagged layers (bnaudit recalibrate) and audit again; "
+    "--attribution shows which layers matter",
 }
 
 
@@ -62,6 +69,7 @@ class Thresholds:
     max_amplification: float = 1000.0  # |γ|/sqrt(σ²_r + ε)
     max_init_weight: float = 0.05  # (1 − m)^T still carried by the initial values
     keras_momentum: float = 0.5  # m at or above this is likely a Keras/TF value
+    max_output_change: float = math.inf  # rel L2 output change from recalibration (off)
 
     def replace(self, **changes: float) -> Thresholds:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -286,6 +294,38 @@ def judge_layer(
             t.var_bias_scale,
         )
 
+    # folding into the conv/linear before
+    if m.fold_with and m.fold_checked and _over(m.fold_ratio, t.max_error_ratio):
+        add(
+            "fold-mismatch",
+            Severity.FAIL,
+            f"folded into {m.fold_with}, the output differs from {m.fold_with} -> BN: max abs err "
+            f"{_fmt(m.fold_max_err)}, {_fmt(m.fold_ratio)}x the tolerance (limit "
+            f"{_fmt(t.max_error_ratio)}x)",
+            m.fold_ratio,
+            t.max_error_ratio,
+        )
+    if m.fold_with and m.folded_weight_max > FLOAT16_MAX:
+        add(
+            "fold-risk",
+            Severity.WARN,
+            f"folded into {m.fold_with}, max |weight| or |bias| is {_fmt(m.folded_weight_max)}: "
+            f"overflows float16 (max {FLOAT16_MAX:g}); fold scale up to "
+            f"{_fmt(m.max_amplification)}",
+            m.folded_weight_max,
+            FLOAT16_MAX,
+        )
+    elif m.fold_with and m.fold_int8_levels < MIN_INT8_LEVELS:
+        add(
+            "fold-risk",
+            Severity.WARN,
+            f"folded into {m.fold_with}, the median output channel keeps "
+            f"{_fmt(m.fold_int8_levels)} of 127 int8 per-tensor levels (limit "
+            f"{MIN_INT8_LEVELS:g}); fold scale up to {_fmt(m.max_amplification)}",
+            m.fold_int8_levels,
+            MIN_INT8_LEVELS,
+        )
+
     # 5. momentum
     if m.momentum is not None and m.momentum >= t.keras_momentum:
         add(
@@ -318,12 +358,20 @@ def _judge_init(add, m: LayerMetrics, t: Thresholds) -> None:
             f"(mean 0, var 1; num_batches_tracked = {m.num_batches_tracked}): never updated",
         )
     elif (m.num_batches_tracked or 0) >= 1 and _over(m.init_weight, t.max_init_weight):
+        # A few updates may also be a cumulative average over few batches (update_bn leaves
+        # T = batches): when the data confirms the stats, the residue is only a possibility.
+        verified = m.stale_judged == JUDGED and not is_stale(m, t)
         add(
             "momentum-warmup",
-            Severity.WARN,
-            f"after T = {m.num_batches_tracked} updates the "
-            f"initial values still weigh (1-m)^T = {_fmt(m.init_weight)} (limit "
-            f"{_fmt(t.max_init_weight)})",
+            Severity.INFO if verified else Severity.WARN,
+            f"after T = {m.num_batches_tracked} updates an EMA would still carry "
+            f"(1-m)^T = {_fmt(m.init_weight)} of the initial values (limit "
+            f"{_fmt(t.max_init_weight)})"
+            + (
+                "; the stats fit the data, so they were likely averaged otherwise"
+                if verified
+                else ""
+            ),
             m.init_weight,
             t.max_init_weight,
         )
@@ -343,3 +391,27 @@ def _over(value: float, limit: float) -> bool:
 
 def _pct(fraction: float) -> str:
     return f"{100 * fraction:.0f}%"
+
+
+def judge_model(impact, t: Thresholds) -> tuple[Finding, ...]:
+    """The output-impact gate: findings about the whole model."""
+    if impact is None or math.isinf(t.max_output_change):  # the gate is off by default
+        return ()
+    if not _over(impact.rel_l2, t.max_output_change):
+        return ()
+    top1 = (
+        "" if impact.top1_agreement is None else f", top-1 agreement {_pct(impact.top1_agreement)}"
+    )
+    return (
+        Finding(
+            MODEL,
+            "output-change",
+            Severity.FAIL,
+            f"recalibrating the running stats ({impact.regime} regime) changes the eval output "
+            f"by {_fmt(impact.rel_l2)} relative L2 (limit {_fmt(t.max_output_change)}), max abs "
+            f"{_fmt(impact.max_abs)}{top1}",
+            HINTS["output-change"],
+            impact.rel_l2,
+            t.max_output_change,
+        ),
+    )

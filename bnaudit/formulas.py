@@ -185,3 +185,27 @@ def elementwise_tolerance(
         scale = scale * weight.abs()
     spread = channel_view(scale, nd) * (x.abs() + channel_view(mean.abs(), nd))
     return atol + rtol * (ref.abs() + spread)
+
+
+def fold(
+    weight: Tensor,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    gamma: Tensor | None,
+    beta: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Fold eval-mode BN into the conv/linear before it (output channels on dim 0).
+
+    W' = W·γ/sqrt(σ²_r + ε) per output channel, b' = (b − μ_r)·γ/sqrt(σ²_r + ε) + β.
+    """
+    scale = torch.rsqrt(running_var + eps)
+    if gamma is not None:
+        scale = scale * gamma
+    w = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    b = (bias if bias is not None else torch.zeros_like(running_mean)) - running_mean
+    b = b * scale
+    if beta is not None:
+        b = b + beta
+    return w, b

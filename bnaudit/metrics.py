@@ -102,9 +102,17 @@ def measure(
     synthetic: bool = False,
     train_diagnosis: Diagnosis | None = None,
     eval_diagnosis: Diagnosis | None = None,
+    regime: str = "train",
 ) -> LayerMetrics:
-    stale = drift(s.train, a, t)
-    gap = drift(s.eval, a, t)
+    """All metrics of one layer.
+
+    `regime` says which inputs the running stats should describe: "train" (a running average
+    of train-mode batches, the default) or "eval" (a model recalibrated for deployment with
+    `--regime eval`): staleness is then judged on the eval-mode input, and there is no gap.
+    """
+    described = s.eval if regime == "eval" else s.train
+    stale = drift(described, a, t)
+    gap = drift(s.eval, a, t) if regime == "train" else Drift()
     n = s.train.min_n or s.eval.min_n
     bessel = F.bessel(n) if n else NAN
     nbt = a.num_batches_tracked or 0
@@ -165,12 +173,14 @@ def measure(
         stale_log_var_median=stale.log_var_median,
         stale_fraction=stale.fraction,
         stale_channel=stale.channel,
-        stale_judged=judged(s.train, a, stale, t, synthetic),
+        stale_judged=judged(described, a, stale, t, synthetic),
         gap_shift_max=gap.shift_max,
         gap_log_var_max=gap.log_var_max,
         gap_fraction=gap.fraction,
         gap_channel=gap.channel,
-        gap_judged=judged(s.eval, a, gap, t, synthetic),
+        gap_judged=judged(s.eval, a, gap, t, synthetic)
+        if regime == "train"
+        else "n/a: regime eval",
         bessel_factor=bessel,
         var_ratio_observed=observed,
         eval_scale=1 / math.sqrt(bessel) if n > 1 else NAN,

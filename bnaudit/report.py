@@ -15,7 +15,7 @@ from tabulate import tabulate
 
 from bnaudit import __version__
 from bnaudit.errors import ReportError
-from bnaudit.results import AuditReport, LayerResult, Severity, finite_or_none
+from bnaudit.results import AuditReport, Finding, LayerResult, Severity, finite_or_none
 
 
 class Format(str, enum.Enum):
@@ -87,9 +87,24 @@ def _summary_lines(report: AuditReport) -> list[str]:
     for r in worst:
         codes = ", ".join(dict.fromkeys(f.code for f in r.findings if f.severity == r.severity))
         lines.append(f"worst: {r.name} ({r.verdict}: {codes})")
+    lines += _impact_lines(report)
     if report.synthetic_data:
         lines.append("note: synthetic N(0,1) batches: data-dependent verdicts are not drawn")
     lines += [f"note: {n}" for n in report.notes]
+    return lines
+
+
+def _impact_lines(report: AuditReport) -> list[str]:
+    i = report.impact
+    if i is None:
+        return []
+    top1 = "" if i.top1_agreement is None else f", top-1 agreement {100 * i.top1_agreement:.1f}%"
+    lines = [
+        f"output impact of recalibrating ({i.regime} regime, {i.forward_passes} extra passes): "
+        f"rel L2 {_num(i.rel_l2)}, max abs {_num(i.max_abs)}{top1}"
+    ]
+    ranked = sorted(i.per_layer.items(), key=lambda kv: -kv[1])
+    lines += [f"  {name} alone: rel L2 {_num(change)}" for name, change in ranked]
     return lines
 
 
@@ -149,6 +164,8 @@ def report_dict(report: AuditReport) -> dict[str, Any]:
                 "forward_passes": report.forward_passes,
                 "synthetic_data": report.synthetic_data,
                 "notes": list(report.notes),
+                "impact": dataclasses.asdict(report.impact) if report.impact else None,
+                "findings": [_finding_dict(f) for f in report.model_findings],
             },
             "thresholds": report.thresholds,
             "layers": [
@@ -157,22 +174,23 @@ def report_dict(report: AuditReport) -> dict[str, Any]:
                     "type": r.type,
                     "verdict": r.verdict,
                     "metrics": dataclasses.asdict(r.metrics),
-                    "findings": [
-                        {
-                            "code": f.code,
-                            "severity": f.severity.label,
-                            "message": f.message,
-                            "hint": f.hint,
-                            "value": f.value,
-                            "threshold": f.threshold,
-                        }
-                        for f in r.findings
-                    ],
+                    "findings": [_finding_dict(f) for f in r.findings],
                 }
                 for r in report.layers
             ],
         }
     )
+
+
+def _finding_dict(f: Finding) -> dict[str, Any]:
+    return {
+        "code": f.code,
+        "severity": f.severity.label,
+        "message": f.message,
+        "hint": f.hint,
+        "value": f.value,
+        "threshold": f.threshold,
+    }
 
 
 def render_json(report: AuditReport) -> str:

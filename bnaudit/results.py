@@ -11,6 +11,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import pandas as pd
 
+    from bnaudit.impact import OutputImpact
+
+MODEL = "<model>"  # the layer name of findings about the whole model
+
 
 class Severity(enum.IntEnum):
     OK = 0
@@ -115,6 +119,15 @@ class LayerMetrics:
     ema_jitter: float  # expected EMA sd of the running mean, in σ_r units, median channel
     step_shift: float  # how far one more train step moves μ_r, in σ_r units, worst
     step_log_var: float  # |ln(σ²_r,new/σ²_r)| for one more train step, worst
+    # output impact (--attribution): rel L2 change of the output with only this layer recalibrated
+    output_change_alone: float = math.nan
+    # conv/linear → BN folding (bnaudit.fold)
+    fold_with: str = ""  # the conv or linear this BN folds into; "" when none
+    fold_checked: bool = False  # the fold was run on the first batch
+    fold_max_err: float = math.nan
+    fold_ratio: float = math.nan
+    folded_weight_max: float = math.nan  # max |W'| and |b'|
+    fold_int8_levels: float = math.nan  # median output channel, int8 per-tensor
 
 
 @dataclass(frozen=True)
@@ -146,10 +159,12 @@ class AuditReport:
     checkpoint: str | None = None
     sha256: str | None = None
     thresholds: dict[str, float] = field(default_factory=dict)
+    impact: OutputImpact | None = None
+    model_findings: tuple[Finding, ...] = ()  # about the whole model (layer MODEL)
 
     @property
     def findings(self) -> list[Finding]:
-        return [f for layer in self.layers for f in layer.findings]
+        return [*self.model_findings, *(f for layer in self.layers for f in layer.findings)]
 
     @property
     def passed(self) -> bool:

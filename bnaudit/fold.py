@@ -1,0 +1,182 @@
+"""Conv/linear → BN folding: finding the pairs, checking the fold, judging its numeric risk.
+
+Deployment tools fold every eval-mode BN into the conv or linear before it. The fold is checked
+on the layer's real inputs (the first sample batch): the folded conv's output against conv → BN
+in eval mode, in the model's own dtype. Its risk is judged from the folded weights:
+- float16: any |W'| or |b'| above 65504 overflows;
+- int8 per-tensor: a tensor shares one scale, max|W'|/127, so an output channel whose largest
+  weight is a small fraction of the tensor's keeps few quantization levels. Levels of a
+  channel = 127·max|W'_c| / max|W'|; the fold is at risk when the median channel keeps fewer
+  than `MIN_INT8_LEVELS` (it then has less than 3 bits of its own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as tf
+from torch import Tensor, nn
+
+from bnaudit import formulas as F
+from bnaudit.batches import call_model
+from bnaudit.layers import Kind, LayerAttrs
+
+FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+FLOAT16_MAX = 65504.0
+MIN_INT8_LEVELS = 8.0
+
+
+@dataclass(frozen=True)
+class Pair:
+    conv: str
+    bn: str
+
+
+@dataclass(frozen=True)
+class Pairs:
+    pairs: tuple[Pair, ...]
+    method: str  # "torch.fx" or "module order"
+    note: str = ""  # why tracing failed, when it did
+
+
+@dataclass(frozen=True)
+class FoldCheck:
+    conv: str
+    checked: bool = False  # run on the first batch (False: no batch, or the pair did not run)
+    max_err: float = math.nan  # folded against unfolded, on the first batch
+    ratio: float = math.nan  # worst err / tolerance
+    weight_max: float = math.nan  # max |W'| and |b'|
+    int8_levels: float = math.nan  # median channel's int8 per-tensor levels
+
+
+def find_pairs(model: nn.Module) -> Pairs:
+    """Conv/linear → BN pairs: from the traced graph, else from module order (said so)."""
+    modules = dict(model.named_modules())
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as exc:  # tracing fails on data-dependent control flow, among others
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return Pairs(_by_order(modules), "module order", f"torch.fx tracing failed: {first}")
+    found = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not _foldable_bn(modules.get(str(node.target))):
+            continue
+        src = node.args[0] if node.args else None
+        if (
+            isinstance(src, torch.fx.Node)
+            and src.op == "call_module"
+            and isinstance(modules.get(str(src.target)), FOLDABLE)
+            and len(src.users) == 1  # the conv's output feeds nothing else
+            and _fits(modules[str(src.target)], modules[str(node.target)])
+        ):
+            found.append(Pair(str(src.target), str(node.target)))
+    return Pairs(tuple(found), "torch.fx")
+
+
+def _by_order(modules: dict[str, nn.Module]) -> tuple[Pair, ...]:
+    leaves = [(n, m) for n, m in modules.items() if n and not list(m.children())]
+    return tuple(
+        Pair(a, b)
+        for (a, conv), (b, bn) in itertools.pairwise(leaves)
+        if isinstance(conv, FOLDABLE) and _foldable_bn(bn) and _fits(conv, bn)
+    )
+
+
+def _foldable_bn(m: nn.Module | None) -> bool:
+    """Plain BN with running stats. A subclass that overrides forward does more than BN (an
+    activation, say): folding only its normalisation is not a fold of the layer."""
+    if m is None or getattr(m, "running_mean", None) is None:
+        return False
+    a = LayerAttrs.of(m)
+    return a.kind in (Kind.BATCH, Kind.FROZEN) and not a.overrides_forward
+
+
+def _fits(conv: nn.Module, bn: nn.Module) -> bool:
+    out = conv.out_features if isinstance(conv, nn.Linear) else conv.out_channels
+    return out == bn.running_mean.numel() and getattr(conv, "groups", 1) >= 1
+
+
+def folded(conv: nn.Module, a: LayerAttrs) -> tuple[Tensor, Tensor]:
+    """W', b' in the conv's dtype, computed in float64."""
+    assert a.running_mean is not None and a.running_var is not None
+    bias = conv.bias.double() if conv.bias is not None else None
+    w, b = F.fold(
+        conv.weight.double(), bias, a.running_mean, a.running_var, a.weight, a.bias, a.eps
+    )
+    return w.to(conv.weight.dtype), b.to(conv.weight.dtype)
+
+
+def _apply(conv: nn.Module, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    if isinstance(conv, nn.Linear):
+        return tf.linear(x, w, b)
+    return conv._conv_forward(x, w, b)
+
+
+def risk(conv: nn.Module, a: LayerAttrs) -> tuple[float, float]:
+    """(max |W'| and |b'|, int8 per-tensor levels of the median output channel)."""
+    w, b = folded(conv, a)
+    w, b = w.double(), b.double()
+    per_channel = w.abs().reshape(w.shape[0], -1).amax(1)
+    top = float(per_channel.max())
+    levels = float((127 * per_channel / top).median()) if top > 0 else math.nan
+    return max(top, float(b.abs().max())), levels
+
+
+@contextlib.contextmanager
+def _capturing(model: nn.Module, pairs: Pairs, sink: dict[str, Any]) -> Iterator[None]:
+    """Record each paired conv's input and the paired BN's eval output on one forward."""
+    modules = dict(model.named_modules())
+    handles = []
+    for p in pairs.pairs:
+        handles.append(
+            modules[p.conv].register_forward_pre_hook(
+                lambda m, inp, key=p.conv: sink.setdefault(("in", key), inp[0].detach())
+            )
+        )
+        handles.append(
+            modules[p.bn].register_forward_hook(
+                lambda m, inp, out, key=p.bn: sink.setdefault(("out", key), out.detach())
+            )
+        )
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def check_folds(model: nn.Module, pairs: Pairs, batch: Any | None) -> dict[str, FoldCheck]:
+    """Per BN layer: the fold's error on `batch` (eval mode) and its numeric risk."""
+    modules = dict(model.named_modules())
+    seen: dict[Any, Tensor] = {}
+    if batch is not None and pairs.pairs:
+        model.eval()
+        with torch.no_grad(), _capturing(model, pairs, seen):
+            call_model(model, batch)
+    out = {}
+    for p in pairs.pairs:
+        conv, a = modules[p.conv], LayerAttrs.of(modules[p.bn])
+        weight_max, levels = risk(conv, a)
+        max_err = ratio = math.nan
+        x, ref = seen.get(("in", p.conv)), seen.get(("out", p.bn))
+        checked = x is not None and ref is not None
+        if checked:
+            w, b = folded(conv, a)
+            with torch.no_grad():
+                got = _apply(conv, x, w, b)
+                # Each output sums products in the model's dtype: its rounding scales with
+                # the same sum of |x|·|W'|, hence that term in the tolerance.
+                spread = _apply(conv, x.abs(), w.abs(), b.abs())
+            rtol, atol = F.tolerance(ref.dtype)
+            err = F.mismatch(got.double(), ref.double())
+            tol = atol + rtol * (ref.double().abs() + spread.double())
+            max_err = float(err.max())
+            ratio = float(torch.where(err == 0, err, err / tol).max())
+        out[p.bn] = FoldCheck(p.conv, checked, max_err, ratio, weight_max, levels)
+    return out

@@ -1,0 +1,193 @@
+"""Precise-BN statistics, and how much they change the model's output.
+
+Precise statistics come from the audit's own train-mode pass, at no extra forward pass: per
+layer, the mean over batches of the batch means and of the unbiased batch variances. That is
+what a running average converges to on this data (what `stale-stats` compares against, and what
+fvcore's and AIMET's precise BN compute), so a recalibrated checkpoint looks exactly like one
+whose EMA settled on these batches. The true population variance would add the between-batch
+variance of the means (pycls after its PR #93); it describes a batch size of "all the data",
+which no train-mode forward ever normalised with.
+
+`--regime eval` instead recalibrates from each layer's *eval-mode* input with the layers before
+it already recalibrated: pass p fixes every layer p BN levels deep, so it takes (BN depth + 1)
+passes over the batches, stopping as soon as no statistic changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bnaudit import formulas as F
+from bnaudit.batches import call_model
+from bnaudit.statistics import Moments
+
+Stats = dict[str, tuple[Tensor, Tensor]]  # layer name → (running_mean, running_var)
+
+
+@dataclass(frozen=True)
+class OutputImpact:
+    """Eval-mode output with the stored statistics against the recalibrated ones."""
+
+    regime: str  # "train" or "eval": how the statistics were recalibrated
+    batches: int
+    forward_passes: int  # what this measurement cost on top of the audit's own passes
+    rel_l2: float  # ||y_recalibrated − y_stored|| / ||y_stored||
+    max_abs: float
+    top1_agreement: float | None  # for [B, K] class scores
+    per_layer: dict[str, float] = field(default_factory=dict)  # rel L2, one layer swapped
+
+
+@dataclass
+class OutputDiff:
+    """Streaming comparison of two models' outputs, batch by batch."""
+
+    sq_diff: float = 0.0
+    sq_ref: float = 0.0
+    max_abs: float = 0.0
+    agree: int = 0
+    rows: int = 0
+    classes: bool = True  # every output was one [B, K] tensor
+
+    def add(self, ref: Any, new: Any) -> None:
+        a, b = _floats(ref), _floats(new)
+        self.classes &= len(a) == 1 and a[0].dim() == 2
+        for x, y in zip(a, b, strict=True):
+            x, y = x.double(), y.double()
+            self.sq_diff += float((y - x).square().sum())
+            self.sq_ref += float(x.square().sum())
+            self.max_abs = max(self.max_abs, float((y - x).abs().max()) if x.numel() else 0.0)
+        if self.classes:
+            self.agree += int((a[0].argmax(1) == b[0].argmax(1)).sum())
+            self.rows += a[0].shape[0]
+
+    @property
+    def rel_l2(self) -> float:
+        if self.sq_ref == 0:
+            return 0.0 if self.sq_diff == 0 else math.inf
+        return math.sqrt(self.sq_diff / self.sq_ref)
+
+    @property
+    def top1(self) -> float | None:
+        return self.agree / self.rows if self.classes and self.rows else None
+
+
+def _floats(out: Any) -> list[Tensor]:
+    """The floating tensors of a model output (a tensor, or nested tuples/lists/dicts)."""
+    if isinstance(out, Tensor):
+        return [out.detach()] if out.is_floating_point() else []
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _floats(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _floats(o)]
+    return []
+
+
+@contextlib.contextmanager
+def statistics(layers: dict[str, nn.Module], stats: Stats) -> Iterator[None]:
+    """Run with these running statistics in place of the stored ones, restored on exit."""
+    saved = {n: (layers[n].running_mean.clone(), layers[n].running_var.clone()) for n in stats}
+    try:
+        with torch.no_grad():
+            for name, (mean, var) in stats.items():
+                layers[name].running_mean.copy_(mean)
+                layers[name].running_var.copy_(var)
+        yield
+    finally:
+        with torch.no_grad():
+            for name, (mean, var) in saved.items():
+                layers[name].running_mean.copy_(mean)
+                layers[name].running_var.copy_(var)
+
+
+def compare_outputs(
+    model: nn.Module,
+    batches: Iterable[Any],
+    layers: dict[str, nn.Module],
+    stats: Stats,
+    stored: list[Any] | None,
+) -> tuple[OutputDiff, int]:
+    """Eval outputs with `stats` swapped in against the stored-stat ones; (diff, passes)."""
+    diff, passes = OutputDiff(), 0
+    model.eval()
+    for i, batch in enumerate(batches):
+        if stored is not None and i < len(stored):
+            ref = stored[i]
+        else:
+            ref = call_model(model, batch)
+            passes += 1
+        with statistics(layers, stats):
+            new = call_model(model, batch)
+        passes += 1
+        diff.add(ref, new)
+    return diff, passes
+
+
+def eval_regime_stats(
+    model: nn.Module,
+    batches: Iterable[Any],
+    layers: dict[str, nn.Module],
+    start: Stats,
+    max_passes: int,
+) -> tuple[Stats, int]:
+    """Recalibrate from eval-mode inputs, level by level, until nothing changes.
+
+    Returns the statistics and the number of passes over the batches it took.
+    """
+    current = dict(start)
+    for done in range(1, max_passes + 1):
+        moments = {name: (Moments(), Moments()) for name in current}
+
+        handles = [
+            layers[n].register_forward_pre_hook(_input_moments(*moments[n])) for n in current
+        ]
+        try:
+            with statistics(layers, current):
+                model.eval()
+                for batch in batches:
+                    call_model(model, batch)
+        finally:
+            for h in handles:
+                h.remove()
+        new = {
+            name: (
+                _like(m.mean, layers[name].running_mean),
+                _like(v.mean, layers[name].running_var),
+            )
+            for name, (m, v) in moments.items()
+            if m.mean is not None and v.mean is not None
+        }
+        # Settled layers recompute the same values (up to reduction order on a GPU).
+        changed = any(
+            not (_close(new[n][0], current[n][0]) and _close(new[n][1], current[n][1])) for n in new
+        )
+        current.update(new)
+        if not changed:
+            return current, done
+    return current, max_passes
+
+
+def _like(t: Tensor, buffer: Tensor) -> Tensor:
+    return t.to(device=buffer.device, dtype=buffer.dtype)
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    return bool(torch.allclose(a.double(), b.double(), rtol=1e-6, atol=0.0))
+
+
+def _input_moments(means: Moments, variances: Moments):
+    """A pre-hook adding a layer's batch mean and unbiased batch variance of its input."""
+
+    def record(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        x = inputs[0].detach().double()
+        mean, var = F.batch_stats(x)
+        means.add_value(mean)
+        variances.add_value(var * F.bessel(F.values_per_channel(x)))
+
+    return record
