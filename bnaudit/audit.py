@@ -220,7 +220,7 @@ def run_passes(model: nn.Module, batches: Iterable[Any], options: AuditOptions) 
     probes = [_Probe(name, m, clock, wanted is None or name in wanted) for name, m in layers]
     device, dtype = _model_device_dtype(model)
     # A one-shot iterator is kept for the impact passes; anything else is iterated again.
-    keep = options.impact and isinstance(batches, Iterator)
+    keep = (options.impact or options.regime == "eval") and isinstance(batches, Iterator)
     kept: list[Any] = []
     first = None
     outputs: list[Any] | None = [] if options.impact else None

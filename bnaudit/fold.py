@@ -105,9 +105,9 @@ def _fits(conv: nn.Module, bn: nn.Module) -> bool:
 def folded(conv: nn.Module, a: LayerAttrs) -> tuple[Tensor, Tensor]:
     """W', b' in the conv's dtype, computed in float64."""
     assert a.running_mean is not None and a.running_var is not None
-    bias = conv.bias.double() if conv.bias is not None else None
+    bias = conv.bias.detach().double() if conv.bias is not None else None
     w, b = F.fold(
-        conv.weight.double(), bias, a.running_mean, a.running_var, a.weight, a.bias, a.eps
+        conv.weight.detach().double(), bias, a.running_mean, a.running_var, a.weight, a.bias, a.eps
     )
     return w.to(conv.weight.dtype), b.to(conv.weight.dtype)
 

@@ -29,3 +29,9 @@ def healthy_cnn(_healthy_cnn: nn.Module) -> nn.Module:
 @pytest.fixture
 def healthy_mlp(_healthy_mlp: nn.Module) -> nn.Module:
     return copy.deepcopy(_healthy_mlp)
+
+
+@pytest.fixture
+def healthy_cnn_pristine(_healthy_cnn: nn.Module) -> nn.Module:
+    """A second fresh copy, for tests that plant a defect in `healthy_cnn`."""
+    return copy.deepcopy(_healthy_cnn)
