@@ -35,6 +35,7 @@ class TrainMode(str, enum.Enum):
 @dataclass(frozen=True)
 class CheckSettings:
     checkpoint: Path
+    key: str | None = None  # which state dict in a checkpoint dict
     model: str | None = None
     data: str | None = None
     input_shape: str | None = None

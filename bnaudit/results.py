@@ -56,11 +56,12 @@ class LayerMetrics:
     # attributes
     channels: int
     eps: float
-    momentum: float | None
+    momentum: float | None  # None: cumulative average; NaN: unknown (a bare state dict)
     affine: bool
     track_running_stats: bool
     num_batches_tracked: int | None
     dtype: str
+    buffer_dtype: str  # of the running stats, "" without them
     # static checks
     nonfinite_values: int
     negative_var_channels: int
