@@ -351,8 +351,12 @@ def audit(
         pairs = find_pairs(model)
         if pairs.note:
             notes.append(f"fold pairs by {pairs.method} ({pairs.note})")
-        with preserved(model, list(passes.layers.items())):
-            checks = check_folds(model, pairs, passes.first)
+        try:
+            with preserved(model, list(passes.layers.items())):
+                checks = check_folds(model, pairs, passes.first)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            notes.append(f"fold check not run: the forward failed ({describe(exc)})")
+            checks = {}
         for name, c in checks.items():
             if name in metrics:
                 metrics[name] = dataclasses.replace(
@@ -366,9 +370,13 @@ def audit(
                 )
     impact = None
     if options.impact and count and not options.synthetic_data:
-        impact = _impact(model, passes, metrics, options)
-        for name, change in impact.per_layer.items():
-            metrics[name] = dataclasses.replace(metrics[name], output_change_alone=change)
+        try:
+            impact = _impact(model, passes, metrics, options)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            # e.g. quantization observers fed the stored non-finite statistics
+            notes.append(f"output impact not measured: the forward failed ({describe(exc)})")
+    for name, change in impact.per_layer.items() if impact else ():
+        metrics[name] = dataclasses.replace(metrics[name], output_change_alone=change)
     # Layers in the order they run, for "a consequence of stale stats upstream".
     ran = sorted((p for p in probes if p.first_call is not None), key=lambda p: p.first_call)
     position = {p.name: i for i, p in enumerate(ran)}

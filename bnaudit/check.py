@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +14,11 @@ from torch import nn
 from bnaudit.audit import AuditOptions, audit
 from bnaudit.batches import load_batches, parse_shape, synthetic_batches
 from bnaudit.config import CheckSettings
-from bnaudit.errors import BnauditError, ModelError
+from bnaudit.errors import BnauditError
 from bnaudit.loading import Checkpoint, build_model, load_checkpoint, load_into
 from bnaudit.report import Format, check_writable, render, write_atomic
 from bnaudit.results import AuditReport
+from bnaudit.static import audit_state_dict
 
 SYNTHETIC_BATCHES = 4  # synthetic batches when --batches is not given
 
@@ -36,15 +38,22 @@ class Prepared:
     synthetic: bool
 
 
-def prepare(s: CheckSettings, log: Any = None) -> Prepared:
-    """Load the checkpoint into the model on its device and open the batches."""
+def prepare(s: CheckSettings, log: Any = None) -> Prepared | AuditReport:
+    """Load the checkpoint into the model on its device and open the batches.
+
+    Without a model (a bare state dict and no --model), the static audit is all there is to
+    do: its report comes back instead.
+    """
     device = _device(s.device)
     torch.manual_seed(s.seed)
-    ckpt = load_checkpoint(s.checkpoint, trust=s.trust)
+    ckpt = load_checkpoint(s.checkpoint, trust=s.trust, key=s.key)
+    if s.model is None and ckpt.module is None:
+        return _static(s, ckpt, log)
     model = _model(s, ckpt)
     model.to(device)
     batches, synthetic = _batches(s)
-    _log(log, f"auditing {s.checkpoint} ({ckpt.source}) on {device}")
+    what = f"pickled module, {ckpt.source}" if ckpt.module is not None else ckpt.source
+    _log(log, f"auditing {s.checkpoint} ({what}) on {device}")
     return Prepared(ckpt, model, batches, synthetic)
 
 
@@ -68,13 +77,16 @@ def run_check(s: CheckSettings, log: Any = None) -> AuditReport:
     for path in report_paths(s).values():  # fail before the audit, not after it
         check_writable(path, inputs)
     p = prepare(s, log)
-    return audit(
+    if isinstance(p, AuditReport):
+        return p
+    report = audit(
         p.model,
         p.batches,
         options=audit_options(s, p),
         checkpoint=str(s.checkpoint),
         sha256=p.checkpoint.sha256,
     )
+    return dataclasses.replace(report, notes=(*p.checkpoint.notes, *report.notes))
 
 
 def _input_files(s: CheckSettings) -> list[Path]:
@@ -89,6 +101,33 @@ def _input_files(s: CheckSettings) -> list[Path]:
     return files
 
 
+def _static(s: CheckSettings, ckpt: Checkpoint, log: Any) -> AuditReport:
+    """No model: judge the state dict itself; batches have nothing to run through."""
+    if s.data or s.input_shape:
+        what = "--data" if s.data else "--input-shape"
+        why = (
+            "its compiled layers cannot be hooked"
+            if ckpt.kind.is_code
+            else "a state dict holds no architecture to run them through"
+        )
+        raise BnauditError(
+            f"{s.checkpoint}: {what} needs --model: {why}. Pass --model path/to/file.py:factory "
+            f"for the full audit, or drop {what} for the static audit"
+        )
+    assert ckpt.state_dict is not None  # a checkpoint holds a module or a state dict
+    _log(log, f"auditing {s.checkpoint} ({ckpt.source}) statically: no --model")
+    return audit_state_dict(
+        ckpt.state_dict,
+        thresholds=s.thresholds,
+        fail_on=s.fail_on,
+        known=ckpt.known,
+        before_read=ckpt.verify,
+        checkpoint=str(s.checkpoint),
+        sha256=ckpt.sha256,
+        notes=ckpt.notes,
+    )
+
+
 def write_reports(report: AuditReport, s: CheckSettings) -> list[Path]:
     written = []
     for fmt, path in report_paths(s).items():
@@ -99,14 +138,11 @@ def write_reports(report: AuditReport, s: CheckSettings) -> list[Path]:
 
 def _model(s: CheckSettings, ckpt: Checkpoint) -> nn.Module:
     if s.model is None:
-        if ckpt.module is not None:
-            return ckpt.module
-        raise ModelError(
-            f"{s.checkpoint}: holds a state dict, so the architecture is needed: pass --model "
-            "path/to/file.py:factory or package.module:factory"
-        )
+        assert ckpt.module is not None  # run_check audits a bare state dict statically
+        return ckpt.module
     model = build_model(s.model)
     if ckpt.state_dict is not None:
+        ckpt.verify(ckpt.state_dict)  # load_state_dict reads every tensor
         load_into(model, ckpt.state_dict, s.checkpoint)
     elif ckpt.module is not None:
         load_into(model, ckpt.module.state_dict(), s.checkpoint)

@@ -56,6 +56,15 @@ def check(
     checkpoint: Path = typer.Argument(
         ..., help="Checkpoint to audit (only read, never changed).", show_default=False
     ),
+    key: str = typer.Option(
+        None,
+        "--key",
+        "-k",
+        rich_help_panel=_I,
+        help="Which state dict of a checkpoint dict to audit, e.g. state_dict_ema (nested: "
+        "ema.module; in a flat state dict: a key prefix) [default: the first of state_dict, "
+        "model_state_dict, model, module, net, network, then the EMA keys].",
+    ),
     model: str = typer.Option(
         None,
         "--model",
@@ -95,7 +104,8 @@ def check(
         False,
         "--trust",
         rich_help_panel=_I,
-        help="Allow a pickled nn.Module: this RUNS CODE from the file.",
+        help="Allow pickled objects (a whole nn.Module), TorchScript and torch.export files: "
+        "this RUNS CODE from the file.",
     ),
     fmt: Format = typer.Option(
         None, "--format", "-f", rich_help_panel=_R, help="What goes to stdout [default: table]."
@@ -207,11 +217,13 @@ def show(
 
 def _show(cli: dict[str, Any], config: Path | None, layer: str) -> int:
     from bnaudit.audit import audit
-    from bnaudit.check import audit_options, prepare
+    from bnaudit.check import Prepared, audit_options, prepare
     from bnaudit.show import describe, find_layer, render_layer
 
     settings = resolve(cli, config, Path.cwd())
     p = prepare(settings, log=sys.stderr)
+    if not isinstance(p, Prepared):
+        raise BnauditError(f"{settings.checkpoint}: show needs the architecture: pass --model")
     find_layer(p.model, layer)  # a wrong name fails before any forward pass
     result = None
     if settings.data or settings.input_shape:

@@ -42,6 +42,7 @@ class Regime(str, enum.Enum):
 @dataclass(frozen=True)
 class CheckSettings:
     checkpoint: Path
+    key: str | None = None  # which state dict in a checkpoint dict
     model: str | None = None
     data: str | None = None
     input_shape: str | None = None

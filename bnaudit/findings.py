@@ -52,6 +52,15 @@ HINTS: dict[str, str] = {
     "huge gamma/sqrt(var + eps) before folding",
     "output-change": "recalibrate the flagged layers (bnaudit recalibrate) and audit again; "
     "--attribution shows which layers matter",
+    "half-buffers": "keep BatchNorm buffers in float32 (torch.autocast does, model.half() does "
+    "not): convert the BN layers with .float() and recalibrate",
+    "no-counter": "nothing to do for a FrozenBatchNorm; a BatchNorm loads it as T = 0, which "
+    "restarts a cumulative average (momentum=None): recalibrate before training on",
+}
+# Half-precision buffer dtypes → (relative rounding step 2^-mantissa bits, what else goes wrong).
+_HALF = {
+    "float16": (2.0**-11, "; values above 65504 overflow to inf"),
+    "bfloat16": (2.0**-8, ""),
 }
 
 
@@ -152,6 +161,20 @@ def judge_layer(
             f"{_fmt(m.max_amplification)} > {_fmt(t.max_amplification)}",
             m.max_amplification,
             t.max_amplification,
+        )
+    if m.buffer_dtype in _HALF:
+        add(
+            "half-buffers",
+            Severity.WARN,
+            f"running stats stored in {m.buffer_dtype}: relative precision "
+            f"{_HALF[m.buffer_dtype][0]:.1g}, so an update m*(batch - running) smaller than that "
+            f"is rounded away and the statistics stall{_HALF[m.buffer_dtype][1]}",
+        )
+    if m.track_running_stats and m.num_batches_tracked is None and m.kind != "instance":
+        add(
+            "no-counter",
+            Severity.INFO,
+            "no num_batches_tracked: a FrozenBatchNorm-style layer, or saved by torch < 0.4.1",
         )
     if not m.track_running_stats:
         add(
@@ -357,7 +380,11 @@ def _judge_init(add, m: LayerMetrics, t: Thresholds) -> None:
             "running stats are exactly the initial values "
             f"(mean 0, var 1; num_batches_tracked = {m.num_batches_tracked}): never updated",
         )
-    elif (m.num_batches_tracked or 0) >= 1 and _over(m.init_weight, t.max_init_weight):
+    elif (
+        (m.num_batches_tracked or 0) >= 1
+        and _momentum_known(m)  # NaN init_weight from an unknown momentum is not a finding
+        and _over(m.init_weight, t.max_init_weight)
+    ):
         # A few updates may also be a cumulative average over few batches (update_bn leaves
         # T = batches): when the data confirms the stats, the residue is only a possibility.
         verified = m.stale_judged == JUDGED and not is_stale(m, t)
@@ -382,6 +409,10 @@ def _why(label: str, key: str, err: float, ratio: float) -> tuple[str, float, fl
     if not label:
         return None
     return label, err, ratio, key.startswith(ACTIVATION_KEY)
+
+
+def _momentum_known(m: LayerMetrics) -> bool:
+    return m.momentum is None or not math.isnan(m.momentum)
 
 
 def _over(value: float, limit: float) -> bool:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +23,22 @@ BN_MODULE_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm,)
 _STANDARD_FORWARDS = frozenset(
     {_BatchNorm.forward, nn.SyncBatchNorm.forward, _InstanceNorm.forward}
 )
+# A state dict stores neither eps nor momentum. eps is assumed to be torch's default (the static
+# audit says so); momentum is unknown, NaN, because None already means "cumulative average".
+DEFAULT_EPS = 1e-5
+UNKNOWN_MOMENTUM = math.nan
+
 # FrozenBatchNorm (torchvision, detectron2) is a plain module: it is recognised by these buffers.
 _FROZEN_BUFFERS = frozenset({"running_mean", "running_var"})
+
+
+@dataclass(frozen=True)
+class KnownAttrs:
+    """What a compiled archive (TorchScript, torch.export) still tells about a BN layer."""
+
+    type_name: str
+    eps: float = DEFAULT_EPS
+    momentum: float | None = UNKNOWN_MOMENTUM
 
 
 class Kind(str, enum.Enum):
@@ -94,14 +109,12 @@ class LayerAttrs:
     running_var: Tensor | None
     num_batches_tracked: int | None
     dtype: torch.dtype
+    buffer_dtype: torch.dtype | None  # of running_mean: half precision here loses the EMA
     overrides_forward: bool
     kind: Kind = Kind.BATCH
 
     @classmethod
     def of(cls, module: nn.Module) -> LayerAttrs:
-        def copy(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.detach().to(torch.float64, copy=True)
-
         kind = layer_kind(module) or Kind.BATCH
         # InstanceNorm has the buffer but never counts: its T says nothing.
         nbt = None if kind is Kind.INSTANCE else getattr(module, "num_batches_tracked", None)
@@ -116,20 +129,62 @@ class LayerAttrs:
             momentum=None if momentum is None else float(momentum),
             affine=weight is not None,
             track_running_stats=module.running_mean is not None,
-            weight=copy(weight),
-            bias=copy(getattr(module, "bias", None)),
-            running_mean=copy(module.running_mean),
-            running_var=copy(module.running_var),
+            weight=_float64(weight),
+            bias=_float64(getattr(module, "bias", None)),
+            running_mean=_float64(module.running_mean),
+            running_var=_float64(module.running_var),
             num_batches_tracked=None if nbt is None else int(nbt.item()),
             dtype=weight.dtype if weight is not None else _buffer_dtype(module),
+            buffer_dtype=None if module.running_mean is None else module.running_mean.dtype,
             overrides_forward=kind is not Kind.FROZEN
             and type(module).forward not in _STANDARD_FORWARDS,
             kind=kind,
         )
 
+    @classmethod
+    def from_state(
+        cls, tensors: Mapping[str, Tensor], *, known: KnownAttrs | None = None
+    ) -> LayerAttrs:
+        """A layer's attributes from its state-dict tensors (attribute name → tensor).
+
+        Needs `running_mean` and `running_var`; `weight`, `bias` and `num_batches_tracked` may
+        be missing (affine=False, FrozenBatchNorm). eps and momentum come from `known`, else
+        they are DEFAULT_EPS (assumed) and UNKNOWN_MOMENTUM.
+        """
+        frozen = "num_batches_tracked" not in tensors
+        known = known or KnownAttrs("FrozenBatchNorm-style" if frozen else "BatchNorm")
+        mean, var = tensors["running_mean"], tensors["running_var"]
+        weight = tensors.get("weight")
+        nbt = tensors.get("num_batches_tracked")
+        return cls(
+            type_name=known.type_name,
+            num_features=mean.numel(),
+            eps=known.eps,
+            momentum=known.momentum,
+            affine=weight is not None,
+            track_running_stats=True,
+            weight=_float64(weight),
+            bias=_float64(tensors.get("bias")),
+            running_mean=_float64(mean),
+            running_var=_float64(var),
+            num_batches_tracked=None if nbt is None else int(nbt.reshape(-1)[0]),
+            dtype=weight.dtype if weight is not None else mean.dtype,
+            buffer_dtype=mean.dtype,
+            overrides_forward=False,
+            kind=Kind.FROZEN if frozen else Kind.BATCH,
+        )
+
     @property
     def has_running_stats(self) -> bool:
         return self.running_mean is not None and self.running_var is not None
+
+    @property
+    def momentum_known(self) -> bool:
+        return self.momentum is None or not math.isnan(self.momentum)
+
+
+def _float64(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().to(torch.float64, copy=True)
 
 
 def _buffer_dtype(module: nn.Module) -> torch.dtype:

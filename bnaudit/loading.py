@@ -1,16 +1,21 @@
 """Reading checkpoints safely, building the user's model, and loading one into the other.
 
-A checkpoint is untrusted input: it is always read with `torch.load(weights_only=True)`, which
-refuses pickled code. A whole pickled `nn.Module` needs `trust=True` (the file's code runs), and
-there is never a silent fallback from one to the other.
+A checkpoint is untrusted input. Its format is told from its bytes (`bnaudit.formats`); pickles
+are read with `torch.load(weights_only=True)`, which refuses pickled code. Only `trust=True`
+unpickles more (a whole `nn.Module`, or any object the weights-only loader refuses) and loads
+TorchScript and torch.export programs, which are code; even then the weights-only load is tried
+first, so a file that needs no trust runs nothing. Zip archives are memory-mapped, and the CRC of
+every archive record is checked before bnaudit reads it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import pickle
+import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from bnaudit.errors import BnauditError, CheckpointError, ModelError, describe
+from bnaudit.formats import Kind, ZipArchive, detect, safetensors_header
+from bnaudit.layers import KnownAttrs
+from bnaudit.pickles import SAFE_GLOBALS, pickle_protocol, unsafe_globals
+from bnaudit.selection import Selection, select, shorten, wrapper_prefix
 from bnaudit.specs import import_object
 
-# Where training scripts put the state dict inside a checkpoint dict, in the order tried.
-STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
-# Wrapper prefixes: DDP's `module.`, Lightning's `model.`.
-WRAPPER_PREFIXES = ("module.", "model.")
 _SHOWN = 8  # keys listed in an error message before "and N more"
 
 
@@ -31,9 +36,30 @@ _SHOWN = 8  # keys listed in an error message before "and N more"
 class Checkpoint:
     path: Path
     sha256: str
+    kind: Kind = Kind.TORCH_ZIP
     state_dict: dict[str, Tensor] | None = None
     module: nn.Module | None = None  # a whole pickled module, loaded with trust=True
     source: str = "top level"  # where the state dict was found
+    notes: tuple[str, ...] = ()  # how it was read, for the report
+    known: Mapping[str, KnownAttrs] = field(default_factory=dict)  # BN prefix → eps, momentum
+    archive: ZipArchive | None = None
+    records: Mapping[str, str] | None = None  # state-dict key → zip record, for CRC checks
+
+    def verify(self, keys: Iterable[str]) -> None:
+        """Check the CRC of the archive records behind these state-dict entries, before use.
+
+        A no-op where the format has no checksums (legacy, safetensors) or every record was
+        already checked (trusted and compiled loads).
+        """
+        if self.archive is None or self.records is None:
+            return
+        labels: dict[str, list[str]] = {}
+        for key in keys:
+            if key in self.records:
+                labels.setdefault(self.records[key], []).append(key)
+        self.archive.verify(
+            sorted(labels, key=_natural), {r: shorten(ks) for r, ks in labels.items()}
+        )
 
 
 def sha256_file(path: Path) -> str:
@@ -44,71 +70,240 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_checkpoint(path: Path, *, trust: bool = False) -> Checkpoint:
-    """Read a checkpoint on the CPU; only tensors and plain containers unless `trust`."""
+def load_checkpoint(path: Path, *, trust: bool = False, key: str | None = None) -> Checkpoint:
+    """Read a checkpoint on the CPU, whatever device it was saved from.
+
+    Args:
+        path: the file; its format is detected from its bytes, never from its name.
+        trust: allow what runs code from the file (pickled objects, TorchScript, torch.export).
+        key: which state dict to take from a checkpoint dict (`state_dict_ema`, nested with
+            dots: `ema.module`), or a key prefix within a flat state dict; None: the first of
+            STATE_DICT_KEYS, then EMA_KEYS.
+    """
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if not path.is_file():
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: the file is empty; was the save interrupted?")
-    sha = sha256_file(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust)
+        kind, archive = detect(path)
+        if kind.is_code and not trust:
+            raise CheckpointError(
+                f"{path}: refused to load: it is {kind.value}, which is compiled code: loading "
+                "it runs that code. Rerun with --trust if you trust its source, or save a state "
+                "dict instead (torch.save(model.state_dict(), path))"
+            )
+        sha = sha256_file(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read it ({describe(exc)})") from exc
+    if kind is Kind.SAFETENSORS:
+        return _from_safetensors(path, sha, key)
+    if kind.is_code:
+        from bnaudit.programs import load_program  # torch.jit / torch.export only when asked
+
+        assert archive is not None  # both are zip archives
+        program = load_program(path, kind, archive)
+        sel = select(program.state_dict, key, path, trust=True)
+        return Checkpoint(
+            path,
+            sha,
+            kind,
+            state_dict=sel.apply(program.state_dict),
+            source=sel.source,
+            notes=(*program.notes, *_source_notes(kind, sel)),
+            known={
+                k[len(sel.prefix) :]: v
+                for k, v in program.known.items()
+                if k.startswith(sel.prefix)
+            },
+        )
+    return _from_pickle(path, sha, kind, archive, trust, key)
+
+
+def _from_pickle(
+    path: Path, sha: str, kind: Kind, archive: ZipArchive | None, trust: bool, key: str | None
+) -> Checkpoint:
+    if archive is not None:  # data.pkl is checked before a byte of it is unpickled
+        archive.verify(archive.metadata_records)
+    notes: list[str] = []
+    trusted = False
+    try:
+        obj = _torch_load(path, kind, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if trust:
-            raise CheckpointError(f"{path}: cannot unpickle it ({describe(exc)})") from exc
-        raise CheckpointError(_refusal(path)) from exc
+        data_pkl = None if archive is None else archive.full("data.pkl")
+        unsafe = unsafe_globals(path, data_pkl)
+        if unsafe is None:
+            raise CheckpointError(_damaged(path, kind, exc)) from exc
+        if not trust:
+            protocol = pickle_protocol(path, data_pkl)
+            raise CheckpointError(_refusal(path, unsafe, exc, protocol)) from exc
+        if archive is not None:  # the file's own code will walk all of it
+            archive.verify(archive.data_records)
+        try:
+            obj = _torch_load(path, kind, weights_only=False)
+        except Exception as exc2:
+            raise CheckpointError(
+                f"{path}: cannot load it even with --trust ({describe(exc2)})"
+            ) from exc2
+        trusted = True
+        notes.append(
+            "loaded with --trust: the file's pickle ran as Python code"
+            + (f" (it imports {shorten(unsafe)})" if unsafe else "")
+        )
     except Exception as exc:
-        raise CheckpointError(
-            f"{path}: not a readable torch.save file ({describe(exc)}); is it truncated or in "
-            "another format?"
-        ) from exc
-    return _unwrap(obj, path, sha, trust)
+        raise CheckpointError(_damaged(path, kind, exc)) from exc
+    sel = select(obj, key, path, trust=trust)
+    value = sel.apply(obj)
+    notes += _source_notes(kind, sel)
+    if isinstance(value, nn.Module):
+        return Checkpoint(
+            path, sha, kind, module=value, source=sel.source, notes=tuple(notes), archive=archive
+        )
+    records = None
+    if archive is not None and not trusted:
+        records = _record_map(path, kind, archive, sel)
+        if records is None:  # no map: check every tensor record instead of only those read
+            archive.verify(archive.data_records)
+    return Checkpoint(
+        path,
+        sha,
+        kind,
+        state_dict=value,
+        source=sel.source,
+        notes=tuple(notes),
+        archive=archive,
+        records=records,
+    )
 
 
-def _refusal(path: Path) -> str:
+def _torch_load(path: Path, kind: Kind, *, weights_only: bool, meta: bool = False) -> Any:
+    # mmap: a tensor's bytes are read only when it is used, so a multi-gigabyte checkpoint costs
+    # what its BN layers cost. The legacy format cannot be mapped. torch's warnings (pickle
+    # protocol, storage deprecations) are dropped: bnaudit's own message says what went wrong,
+    # and a warning must not turn into a failure under `python -W error`.
+    with torch.serialization.safe_globals(list(SAFE_GLOBALS)), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(
+            path,
+            map_location="meta" if meta else "cpu",
+            weights_only=weights_only,
+            mmap=kind is Kind.TORCH_ZIP,
+        )
+
+
+def _record_map(
+    path: Path, kind: Kind, archive: ZipArchive, sel: Selection
+) -> dict[str, str] | None:
+    """State-dict key → the zip record holding its storage, or None when it cannot be told.
+
+    A second, data-free load onto the meta device reads only data.pkl and records where each
+    storage sits in the file (`_checkpoint_offset`); the zip's local headers name the record
+    at that offset. Used to check the CRC of exactly the records a check reads.
+    """
     try:
-        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        meta = sel.apply(_torch_load(path, kind, weights_only=True, meta=True))
+        assert isinstance(meta, dict)
+        offsets = archive.data_offsets()
     except Exception:
-        found = []
-    what = f" it would import {', '.join(found[:_SHOWN])}" if found else ""
-    more = f" and {len(found) - _SHOWN} more" if len(found) > _SHOWN else ""
+        return None
+    out = {}
+    for key, t in meta.items():
+        if not isinstance(t, Tensor):
+            continue
+        record = offsets.get(getattr(t.untyped_storage(), "_checkpoint_offset", None))
+        if record is None:
+            return None
+        out[key] = record
+    return out
+
+
+def _refusal(path: Path, found: list[str], exc: BaseException, protocol: int) -> str:
+    if not found and protocol >= 4:
+        return (
+            f"{path}: written with pickle protocol {protocol}, which torch's weights-only loader "
+            "cannot read (it reads protocol 2, torch.save's default); save it again without "
+            "pickle_protocol, or rerun with --trust if you trust its source: that runs code "
+            "from the file"
+        )
+    if not found:
+        return (
+            f"{path}: torch's weights-only loader cannot read it ({_torch_cause(exc)}); rerun "
+            "with --trust only if you trust its source: that runs code from the file"
+        )
     return (
-        f"{path}: refused to load: the file holds pickled Python objects, not only tensors;"
-        f"{what}{more}. Loading it runs code from the file. Save a state dict instead "
-        "(torch.save(model.state_dict(), path)), or rerun with --trust if you trust its source"
+        f"{path}: refused to load: the file holds pickled Python objects, not only tensors; it "
+        f"would import {shorten(found)}. Loading it runs code from the file. Save a state dict "
+        "instead (torch.save(model.state_dict(), path)), or rerun with --trust if you trust its "
+        "source"
     )
 
 
-def _unwrap(obj: Any, path: Path, sha: str, trust: bool) -> Checkpoint:
-    if isinstance(obj, nn.Module):
-        return Checkpoint(path, sha, module=obj, source="pickled module")
-    if isinstance(obj, dict):
-        # The known keys first: a training checkpoint also holds tensors of its own at the top
-        # level (a `loss`, say), which must not make it look like a state dict.
-        for key in STATE_DICT_KEYS:
-            inner = obj.get(key)
-            if isinstance(inner, nn.Module) and trust:
-                return Checkpoint(path, sha, module=inner, source=f"key {key!r}")
-            if isinstance(inner, dict) and _is_state_dict(inner):
-                return Checkpoint(path, sha, state_dict=inner, source=f"key {key!r}")
-        if _is_state_dict(obj):
-            return Checkpoint(path, sha, state_dict=obj)
-    keys = ", ".join(map(repr, list(obj)[:_SHOWN])) if isinstance(obj, dict) else ""
-    raise CheckpointError(
-        f"{path}: no state dict found: the file holds {type(obj).__name__}"
-        + (f" with keys {keys}" if keys else "")
-        + f"; expected a state dict, or a dict holding one under {', '.join(STATE_DICT_KEYS)}"
+def _damaged(path: Path, kind: Kind, exc: BaseException) -> str:
+    why = (
+        "the legacy format has no checksums, so it is probably truncated or damaged"
+        if kind is Kind.TORCH_LEGACY
+        else "it is damaged or was written by something other than torch.save"
+    )
+    cause = _torch_cause(exc)
+    return f"{path}: {kind.value} that torch cannot read ({cause}); {why}: copy it again"
+
+
+def _torch_cause(exc: BaseException) -> str:
+    """torch's real reason, not the weights-only boilerplate wrapped around it."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        cause = text.split(marker, 1)[1].strip().splitlines()[0]
+    else:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        cause = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return cause if len(cause) <= 160 else cause[:157] + "..."
+
+
+def _from_safetensors(path: Path, sha: str, key: str | None) -> Checkpoint:
+    from safetensors import safe_open
+
+    header = safetensors_header(path)
+    try:
+        # get_tensor maps the file: a tensor's bytes are read only when it is used.
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            state = {k: f.get_tensor(k) for k in sorted(header, key=_natural)}
+    except Exception as exc:
+        raise CheckpointError(f"{path}: the safetensors reader failed ({describe(exc)})") from exc
+    if not state:
+        raise CheckpointError(f"{path}: the safetensors file holds no tensor")
+    sel = select(state, key, path, trust=False)
+    return Checkpoint(
+        path,
+        sha,
+        Kind.SAFETENSORS,
+        state_dict=sel.apply(state),
+        source=sel.source,
+        notes=_source_notes(Kind.SAFETENSORS, sel),
     )
 
 
-def _is_state_dict(d: dict) -> bool:
-    return (
-        bool(d)
-        and all(isinstance(k, str) for k in d)
-        and any(isinstance(v, Tensor) for v in d.values())
-    )
+def _source_notes(kind: Kind, sel: Selection) -> tuple[str, ...]:
+    notes = [f"checkpoint: {kind.value}; state dict from the {sel.source}"]
+    if sel.others:
+        alt = ", ".join(f"--key {k}" for k in sel.others)
+        notes.append(f"the checkpoint holds other state dicts too; audit them with {alt}")
+    if kind is Kind.TORCH_ZIP:
+        notes.append("integrity: CRC-32 checked for data.pkl and every tensor record read")
+    elif kind is Kind.TORCH_LEGACY:
+        notes.append("integrity: the legacy format has no checksums; corruption may go unseen")
+    elif kind is Kind.SAFETENSORS:
+        notes.append("integrity: header and offsets checked; safetensors has no checksums")
+    return tuple(notes)
+
+
+def _natural(text: str) -> list[Any]:
+    """Sort key that puts layer2 before layer10."""
+    import re
+
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text)]
+
+
+# --- the model ----------------------------------------------------------------------------
 
 
 def build_model(spec: str) -> nn.Module:
@@ -133,7 +328,9 @@ def build_model(spec: str) -> nn.Module:
 def load_into(model: nn.Module, state_dict: dict[str, Tensor], path: Path) -> None:
     """Load strictly, after stripping wrapper prefixes when that is what makes the keys match."""
     expected = set(model.state_dict())
-    candidates = [_strip(state_dict, p) for p in ("", *WRAPPER_PREFIXES, "module.model.")]
+    full = wrapper_prefix(state_dict)
+    prefixes = [full[:i] for i in range(len(full) + 1) if i == 0 or full[i - 1] == "."]
+    candidates = [_strip(state_dict, p) for p in prefixes]
     best = min(candidates, key=lambda sd: len(_mismatch(expected, set(sd))))
     missing = sorted(k for k in expected - set(best) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(best) - expected)
@@ -168,8 +365,6 @@ def _mismatch(expected: set[str], got: set[str]) -> set[str]:
 def _strip(state_dict: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     if not prefix:
         return state_dict
-    if not all(k.startswith(prefix) for k in state_dict):
-        return {}
     out: dict[str, Tensor] = OrderedDict((k[len(prefix) :], v) for k, v in state_dict.items())
     meta = getattr(state_dict, "_metadata", None)
     if meta is not None:  # version info: old BN checkpoints load num_batches_tracked from it

@@ -138,6 +138,7 @@ def measure(
         track_running_stats=a.has_running_stats,
         num_batches_tracked=a.num_batches_tracked,
         dtype=str(a.dtype).removeprefix("torch."),
+        buffer_dtype="" if a.buffer_dtype is None else str(a.buffer_dtype).removeprefix("torch."),
         nonfinite_values=_count_nonfinite(a),
         negative_var_channels=_count(a.running_var, lambda v: v < 0),
         zero_var_channels=_count(a.running_var, lambda v: v == 0),
@@ -184,12 +185,13 @@ def measure(
         bessel_factor=bessel,
         var_ratio_observed=observed,
         eval_scale=1 / math.sqrt(bessel) if n > 1 else NAN,
+        # An unknown momentum (a bare state dict) leaves the momentum figures unmeasured.
         init_weight=(
             F.init_weight(a.momentum, nbt)
-            if a.has_running_stats and a.num_batches_tracked is not None
+            if a.has_running_stats and a.num_batches_tracked is not None and a.momentum_known
             else NAN
         ),
-        ema_window=F.ema_window(a.momentum, nbt),
+        ema_window=F.ema_window(a.momentum, nbt) if a.momentum_known else NAN,
         ema_jitter=jitter,
         step_shift=_tracked(s.update.mean_step),
         step_log_var=_tracked(s.update.var_step),

@@ -61,11 +61,12 @@ class LayerMetrics:
     kind: str  # batch, instance or frozen (see bnaudit.layers.Kind)
     channels: int
     eps: float
-    momentum: float | None
+    momentum: float | None  # None: cumulative average; NaN: unknown (a bare state dict)
     affine: bool
     track_running_stats: bool
     num_batches_tracked: int | None
     dtype: str
+    buffer_dtype: str  # of the running stats, "" without them
     # static checks
     nonfinite_values: int
     negative_var_channels: int

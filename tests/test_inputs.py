@@ -402,7 +402,8 @@ def test_data_formats(
     result, doc = audit_json(healthy_ckpt, "--model", MLP_SPEC, "--data", path, *extra)
     assert result.exit_code == 0, result.stderr
     assert doc["summary"]["batches"] == batches
-    assert doc["summary"]["forward_passes"] == 2 * batches
+    # audit: eval + train per batch; output impact: one more; fold check: the first batch
+    assert doc["summary"]["forward_passes"] == 3 * batches + 1
     for layer in doc["layers"]:
         assert layer["metrics"]["calls"] == batches
         assert layer["metrics"]["batch_size"] == smallest
@@ -511,7 +512,7 @@ def test_single_sample_batches_exit_2_with_a_hint(
         ("missing", "no such file"),
         ("directory", "directory"),
         ("empty", "empty"),
-        ("text-renamed-pt", "not a readable torch.save file"),
+        ("text-renamed-pt", "a text file, not a checkpoint"),
         ("tensor-not-state-dict", "no state dict found"),
     ],
 )

@@ -1,0 +1,108 @@
+"""What a pickle would import, found without running it; what the weights-only loader allows.
+
+Used to tell the user what trusting a file would mean (the globals it imports) before anything
+from it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickletools
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+# Inert classes the weights-only loader may build: timm and torchvision's training scripts save
+# their argparse arguments next to the weights. A Namespace is an attribute bag; building one
+# runs no code from the file.
+SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+
+
+def scan_globals(stream: IO[bytes], pickles: int = 1) -> list[str]:
+    """Every `module.name` the next `pickles` pickles in `stream` would import, once each.
+
+    Disassembly only (pickletools), so it runs nothing. Raises ValueError on a truncated or
+    garbled pickle.
+    """
+    return list(dict.fromkeys(iter_globals(stream, pickles)))
+
+
+def iter_globals(stream: IO[bytes], pickles: int = 1) -> Iterator[str]:
+    """The imports of the next `pickles` pickles, as met: GLOBAL, and protocol-4 STACK_GLOBAL
+    (whose two strings may come from the memo)."""
+    for _ in range(pickles):
+        strings: list[str] = []
+        memo: dict[int, Any] = {}
+        last: Any = None
+        for op, arg, _pos in pickletools.genops(stream):
+            name = op.name
+            if name in ("GLOBAL", "INST"):
+                yield str(arg).replace(" ", ".")
+            elif name == "STACK_GLOBAL" and len(strings) >= 2:
+                yield f"{strings[-2]}.{strings[-1]}"
+            if isinstance(arg, str) and ("UNICODE" in name or "STRING" in name):
+                last = arg
+                strings.append(arg)
+            elif name in ("FRAME", "PROTO"):
+                pass  # framing, not a value: the string before it may still be memoised
+            elif name == "MEMOIZE":
+                memo[len(memo)] = last
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[int(arg)] = last
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                last = memo.get(int(arg))
+                if isinstance(last, str):
+                    strings.append(last)
+            else:
+                last = None
+            if name == "STOP":
+                break
+
+
+def unsafe_globals(path: Path, data_pkl: str | None) -> list[str] | None:
+    """What a torch.save file's pickle would import beyond what the weights-only loader allows.
+
+    `data_pkl`: the zip record of the pickle, None for a legacy file. None when unreadable.
+    """
+    try:
+        if data_pkl is not None:
+            with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+                return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        pass  # protocol-4 pickles defeat torch's scanner; ours below reads every protocol
+    try:
+        if data_pkl is not None:
+            with zipfile.ZipFile(path) as zf, zf.open(data_pkl) as f:
+                found = scan_globals(f)
+        else:  # legacy: magic number, protocol, system info, then the object
+            with path.open("rb") as f:
+                found = scan_globals(f, pickles=4)
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile):
+        return None
+    return [g for g in found if g not in allowed_globals()]
+
+
+def allowed_globals() -> set[str]:
+    allowed = {f"{c.__module__}.{c.__qualname__}" for c in SAFE_GLOBALS}
+    try:  # private in torch; without it every global is listed, which is still true
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        allowed |= set(_get_allowed_globals())
+    except ImportError:
+        pass
+    return allowed
+
+
+def pickle_protocol(path: Path, data_pkl: str | None) -> int:
+    """The pickle protocol of data.pkl (of the legacy file's first pickle): its second byte."""
+    try:
+        if data_pkl is None:
+            with path.open("rb") as f:
+                return f.read(2)[1]
+        with zipfile.ZipFile(path) as zf, zf.open(data_pkl) as f:
+            return f.read(2)[1]
+    except (OSError, IndexError, zipfile.BadZipFile):
+        return 0

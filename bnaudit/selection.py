@@ -1,0 +1,149 @@
+"""Which state dict of a checkpoint to audit: the default search, `--key`, wrapper prefixes.
+
+Training checkpoints nest the weights (`state_dict`, `model`, Lightning's `state_dict` with
+`model.` keys, timm's `state_dict` next to `state_dict_ema`); bare state dicts carry wrapper
+prefixes (DDP, torch.compile). The choice is explicit and reported, never a guess left unsaid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from bnaudit.errors import CheckpointError
+
+# Where training scripts put the weights in a checkpoint dict, in the order tried; nested dicts
+# are searched the same way (at most three levels). EMA weights are the default only when there
+# are no others: `--key` picks them.
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
+EMA_KEYS = ("state_dict_ema", "model_ema", "ema", "ema_state_dict")
+_DEPTH = 3
+# Wrapper prefixes: DDP's `module.`, Lightning's `model.`, torch.compile's `_orig_mod.`.
+WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+_SHOWN = 8  # keys listed in an error message before "and N more"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Where the audited state dict sits in the loaded object: dict keys, then a key prefix."""
+
+    path: tuple[str, ...] = ()
+    prefix: str = ""
+    others: tuple[str, ...] = ()  # other top-level keys that hold state dicts
+
+    def apply(self, obj: Any) -> Any:
+        for part in self.path:
+            obj = obj[part]
+        if self.prefix:
+            return {k[len(self.prefix) :]: v for k, v in obj.items() if k.startswith(self.prefix)}
+        return obj
+
+    @property
+    def source(self) -> str:
+        where = "key " + " → ".join(map(repr, self.path)) if self.path else "top level"
+        return where + (f", keys under {self.prefix!r}" if self.prefix else "")
+
+
+def select(obj: Any, key: str | None, path: Path, *, trust: bool) -> Selection:
+    """Where the state dict (or, with `trust`, the module) to audit is in `obj`.
+
+    `key`: a dict key, nested with dots, or a key prefix inside a flat state dict; None: the
+    first of STATE_DICT_KEYS, then EMA_KEYS, searched through nested dicts.
+    """
+    if isinstance(obj, nn.Module) and key is None:
+        return Selection()
+    if key is not None:
+        return _select_key(obj, key, path, trust)
+    found = _find(obj, 0, trust)
+    if found is None:
+        raise CheckpointError(_no_state_dict(obj, path))
+    others = ()
+    if found and isinstance(obj, dict):
+        others = tuple(
+            k for k, v in obj.items() if k != found[0] and _find(v, 1, trust) is not None
+        )
+    return Selection(found, others=others)
+
+
+def _find(obj: Any, depth: int, trust: bool) -> tuple[str, ...] | None:
+    if is_state_dict(obj) or (trust and isinstance(obj, nn.Module)):
+        return ()
+    if not isinstance(obj, dict) or depth >= _DEPTH:
+        return None
+    for k in (*STATE_DICT_KEYS, *EMA_KEYS):
+        if k in obj:
+            sub = _find(obj[k], depth + 1, trust)
+            if sub is not None:
+                return (k, *sub)
+    return None
+
+
+def _select_key(obj: Any, key: str, path: Path, trust: bool) -> Selection:
+    parts = [key] if isinstance(obj, dict) and key in obj else key.split(".")
+    cur = obj
+    for i, part in enumerate(parts):
+        if is_state_dict(cur):  # the rest is a key prefix inside a flat state dict
+            prefix = ".".join(parts[i:]) + "."
+            if any(k.startswith(prefix) for k in cur):
+                return Selection(tuple(parts[:i]), prefix)
+            raise CheckpointError(
+                f"{path}: --key {key}: no key starts with {prefix!r} in the state dict at "
+                f"{Selection(tuple(parts[:i])).source}; its keys start with "
+                f"{shorten(sorted({k.split('.')[0] for k in cur}))}"
+            )
+        if not isinstance(cur, dict) or part not in cur:
+            held = shorten([str(k) for k in cur]) if isinstance(cur, dict) else type(cur).__name__
+            raise CheckpointError(
+                f"{path}: --key {key}: there is no {part!r} here; the checkpoint holds {held}"
+            )
+        cur = cur[part]
+    if is_state_dict(cur) or (trust and isinstance(cur, nn.Module)):
+        return Selection(tuple(parts))
+    raise CheckpointError(
+        f"{path}: --key {key} holds a {type(cur).__name__}, not a state dict"
+        + (f" (keys {shorten([str(k) for k in cur])})" if isinstance(cur, dict) else "")
+    )
+
+
+def is_state_dict(d: Any) -> bool:
+    """A non-empty str → Tensor dict (`*_extra_state` entries may hold anything)."""
+    return (
+        isinstance(d, dict)
+        and bool(d)
+        and all(
+            isinstance(k, str) and (isinstance(v, Tensor) or k.endswith("_extra_state"))
+            for k, v in d.items()
+        )
+        and any(isinstance(v, Tensor) for v in d.values())
+    )
+
+
+def _no_state_dict(obj: Any, path: Path) -> str:
+    keys = f" with keys {shorten([repr(k) for k in obj])}" if isinstance(obj, dict) else ""
+    wanted = ", ".join((*STATE_DICT_KEYS, *EMA_KEYS))
+    return (
+        f"{path}: no state dict found: the file holds a {type(obj).__name__}{keys}; expected a "
+        f"state dict, or a dict holding one under {wanted}; name another with --key"
+    )
+
+
+def wrapper_prefix(keys: Iterable[str]) -> str:
+    """The wrapper prefixes every key shares (`module.`, `model.module.`, ...), peeled in turn."""
+    keys = list(keys)
+    prefix = ""
+    while keys:
+        shared = next((w for w in WRAPPER_PREFIXES if all(k.startswith(w) for k in keys)), None)
+        if shared is None:
+            break
+        prefix += shared
+        keys = [k[len(shared) :] for k in keys]
+    return prefix
+
+
+def shorten(items: list[str]) -> str:
+    more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+    return ", ".join(items[:_SHOWN]) + more
