@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,9 +189,15 @@ def _set_train_mode(model: nn.Module, layers: list[tuple[str, nn.Module]], mode:
 
 
 def run_passes(
-    model: nn.Module, batches: Iterable[Any], options: AuditOptions
+    model: nn.Module,
+    batches: Iterable[Any],
+    options: AuditOptions,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[list[_Probe], int]:
-    """Run every batch once in eval and once in train mode with all probes attached."""
+    """Run every batch once in eval and once in train mode with all probes attached.
+
+    `progress`, when given, is called with the number of batches done after each batch.
+    """
     layers = find_bn_layers(model)
     if not layers:
         raise NothingToAudit(
@@ -218,6 +224,8 @@ def run_passes(
                         _set_train_mode(model, layers, options.train_mode)
                     _forward(model, batch, count, regime)
                 count += 1
+                if progress is not None:
+                    progress(count)
         finally:
             for h in handles:
                 h.remove()
@@ -253,6 +261,7 @@ def audit(
     options: AuditOptions | None = None,
     checkpoint: str | None = None,
     sha256: str | None = None,
+    progress: Callable[[int], None] | None = None,
     **overrides: Any,
 ) -> AuditReport:
     """Audit every BN layer of `model` on `batches`; the model is left exactly as it was.
@@ -263,10 +272,11 @@ def audit(
             passed as model(**batch)); consumed once.
         options: how to run and judge; keyword overrides take `AuditOptions` fields
             (train_mode, fail_on, max_batches, synthetic_data) or `Thresholds` fields.
+        progress: called with the number of batches done after each batch.
     """
     options = _with_overrides(options or AuditOptions(), overrides)
     t = options.thresholds
-    probes, count = run_passes(model, batches, options)
+    probes, count = run_passes(model, batches, options, progress)
     metrics = {
         p.name: measure(
             p.attrs,

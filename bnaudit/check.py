@@ -1,8 +1,13 @@
-"""`bnaudit check` as a library call: load, audit, write the reports."""
+"""`bnaudit check` as a library call: load, audit, judge the gate, write the reports.
+
+The gate judges the audit in two steps: ignore entries of the configuration first (those
+findings are accepted for good, with their reason), then the baseline (findings accepted as
+they were measured when it was written).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,9 +16,13 @@ import torch
 from torch import nn
 
 from bnaudit.audit import AuditOptions, audit
+from bnaudit.baseline import Baseline, apply_baseline, from_report, read_baseline, render_baseline
 from bnaudit.batches import load_batches, parse_shape, synthetic_batches
 from bnaudit.config import CheckSettings
-from bnaudit.errors import BnauditError, ModelError
+from bnaudit.errors import BnauditError, ModelError, ReportError
+from bnaudit.html import render_html
+from bnaudit.ignores import apply_ignores
+from bnaudit.junit import render_junit
 from bnaudit.loading import Checkpoint, build_model, load_checkpoint, load_into
 from bnaudit.report import Format, check_writable, render, write_atomic
 from bnaudit.results import AuditReport
@@ -21,9 +30,37 @@ from bnaudit.results import AuditReport
 SYNTHETIC_BATCHES = 4  # synthetic batches when --batches is not given
 
 
-def report_paths(s: CheckSettings) -> dict[Format, Path]:
-    paths = {Format.MARKDOWN: s.markdown, Format.CSV: s.csv, Format.JSON: s.json}
-    return {fmt: p for fmt, p in paths.items() if p is not None}
+Renderer = Callable[[AuditReport], str]
+
+
+def report_files(s: CheckSettings) -> list[tuple[str, Path, Renderer]]:
+    """Every report file the settings ask for: (option, path, renderer)."""
+    files: list[tuple[str, Path | None, Renderer]] = [
+        ("--markdown", s.markdown, lambda r: render(r, Format.MARKDOWN)),
+        ("--csv", s.csv, lambda r: render(r, Format.CSV)),
+        ("--json", s.json, lambda r: render(r, Format.JSON)),
+        ("--html", s.html, render_html),
+        ("--junit", s.junit, render_junit),
+    ]
+    return [(option, path, renderer) for option, path, renderer in files if path is not None]
+
+
+def check_outputs(s: CheckSettings) -> None:
+    """Refuse, before the audit, an output over an input, in a missing folder, or given twice."""
+    inputs = [s.checkpoint, *_input_files(s)]
+    outputs = [(option, path) for option, path, _ in report_files(s)]
+    for _, path in outputs:
+        check_writable(path, [*inputs, *([s.baseline] if s.baseline else [])])
+    if s.write_baseline:
+        # Writing the baseline over the one read is how it is updated: allowed.
+        check_writable(s.write_baseline, inputs)
+        outputs.append(("--write-baseline", s.write_baseline))
+    seen: dict[Path, str] = {}
+    for option, path in outputs:
+        key = path.resolve()
+        if key in seen:
+            raise ReportError(f"{path}: given to both {seen[key]} and {option}; use two files")
+        seen[key] = option
 
 
 @dataclass(frozen=True)
@@ -59,19 +96,62 @@ def audit_options(s: CheckSettings, p: Prepared, layers: tuple[str, ...] | None 
     )
 
 
-def run_check(s: CheckSettings, log: Any = None) -> AuditReport:
-    """Everything `bnaudit check` does before rendering; raises BnauditError subclasses."""
-    inputs = [s.checkpoint, *_input_files(s)]
-    for path in report_paths(s).values():  # fail before the audit, not after it
-        check_writable(path, inputs)
+def run_check(
+    s: CheckSettings,
+    log: Any = None,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> AuditReport:
+    """Everything `bnaudit check` does before rendering; raises BnauditError subclasses.
+
+    The report comes back judged: ignores applied, then the baseline (written first when
+    `write_baseline` is set, so that the run is judged against what it wrote). `progress`, when
+    given, is called after each batch with the batches done and the total (None if unknown).
+    """
+    check_outputs(s)  # fail before the audit, not after it
+    # A broken baseline fails before the audit too.
+    baseline = read_baseline(s.baseline) if s.baseline and not s.write_baseline else None
     p = prepare(s, log)
-    return audit(
+    report = audit(
         p.model,
         p.batches,
         options=audit_options(s, p),
         checkpoint=str(s.checkpoint),
         sha256=p.checkpoint.sha256,
+        progress=_per_batch(progress, _batch_count(p.batches, s.batches)),
     )
+    return judge(report, s, baseline)
+
+
+def judge(report: AuditReport, s: CheckSettings, baseline: Baseline | None = None) -> AuditReport:
+    """Apply the ignores, then the baseline; writes the baseline when asked to."""
+    report = apply_ignores(report, s.ignore)
+    if s.write_baseline:
+        written = from_report(report)
+        write_atomic(s.write_baseline, render_baseline(written))
+        path, baseline, is_new = s.write_baseline, written, True
+    elif baseline is not None and s.baseline is not None:
+        path, is_new = s.baseline, False
+    else:
+        return report
+    return apply_baseline(
+        report, baseline, path=str(path), margin=s.baseline_margin, written=is_new
+    )
+
+
+def _per_batch(
+    progress: Callable[[int, int | None], None] | None, total: int | None
+) -> Callable[[int], None] | None:
+    if progress is None:
+        return None
+    return lambda done: progress(done, total)
+
+
+def _batch_count(batches: Iterable[Any], cap: int | None) -> int | None:
+    try:
+        n = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return cap
+    return n if cap is None else min(n, cap)
 
 
 def _input_files(s: CheckSettings) -> list[Path]:
@@ -88,8 +168,8 @@ def _input_files(s: CheckSettings) -> list[Path]:
 
 def write_reports(report: AuditReport, s: CheckSettings) -> list[Path]:
     written = []
-    for fmt, path in report_paths(s).items():
-        write_atomic(path, render(report, fmt))
+    for _, path, renderer in report_files(s):
+        write_atomic(path, renderer(report))
         written.append(path)
     return written
 
