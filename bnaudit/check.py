@@ -123,12 +123,11 @@ def run_check(
 
 
 def judge(report: AuditReport, s: CheckSettings, baseline: Baseline | None = None) -> AuditReport:
-    """Apply the ignores, then the baseline; writes the baseline when asked to."""
+    """Apply the ignores, then the baseline: the one read, or with `write_baseline` the one
+    this run records (`write_reports` writes it)."""
     report = apply_ignores(report, s.ignore)
     if s.write_baseline:
-        written = from_report(report)
-        write_atomic(s.write_baseline, render_baseline(written))
-        path, baseline, is_new = s.write_baseline, written, True
+        path, baseline, is_new = s.write_baseline, from_report(report), True
     elif baseline is not None and s.baseline is not None:
         path, is_new = s.baseline, False
     else:
@@ -167,10 +166,14 @@ def _input_files(s: CheckSettings) -> list[Path]:
 
 
 def write_reports(report: AuditReport, s: CheckSettings) -> list[Path]:
+    """Write every report file, and the baseline when `write_baseline` is set."""
     written = []
     for _, path, renderer in report_files(s):
         write_atomic(path, renderer(report))
         written.append(path)
+    if s.write_baseline:
+        write_atomic(s.write_baseline, render_baseline(from_report(report)))
+        written.append(s.write_baseline)
     return written
 
 

@@ -212,12 +212,13 @@ def _config(**params: Any) -> None:
 
 # `bnaudit config` takes exactly the options of `bnaudit check` (so that it can show what a
 # command line changes), with the checkpoint optional: its signature is `check`'s, not a copy.
-_config.__signature__ = inspect.signature(check, eval_str=True).replace(  # type: ignore[attr-defined]
+_check_signature = inspect.signature(check, eval_str=True)
+_config.__signature__ = _check_signature.replace(  # type: ignore[attr-defined]
     parameters=[
         p.replace(default=typer.Argument(None, help="Checkpoint (optional).", show_default=False))
         if p.name == "checkpoint"
         else p
-        for p in inspect.signature(check, eval_str=True).parameters.values()
+        for p in _check_signature.parameters.values()
     ]
 )
 app.command("config")(_config)

@@ -288,6 +288,14 @@ def test_two_outputs_on_one_path_are_refused(repo: Path) -> None:
     assert "--html and --junit" in result.stderr
 
 
+def test_baseline_is_never_written_over_an_input(repo: Path) -> None:
+    before = (repo / "model.pt").read_bytes()
+    result = invoke("check", "model.pt", "--write-baseline", "model.pt")
+    assert result.exit_code == 2
+    assert "refusing to write a report over an input file" in result.stderr
+    assert (repo / "model.pt").read_bytes() == before
+
+
 def test_baseline_can_be_rewritten_in_place(repo: Path) -> None:
     invoke("check", "model.pt", "--batch-size", "16", "--write-baseline", "base.json")
     again = invoke(
