@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,8 +208,16 @@ def _set_train_mode(model: nn.Module, layers: list[tuple[str, nn.Module]], mode:
             m.training = True
 
 
-def run_passes(model: nn.Module, batches: Iterable[Any], options: AuditOptions) -> Passes:
-    """Run every batch once in eval and once in train mode with all probes attached."""
+def run_passes(
+    model: nn.Module,
+    batches: Iterable[Any],
+    options: AuditOptions,
+    progress: Callable[[int], None] | None = None,
+) -> Passes:
+    """Run every batch once in eval and once in train mode with all probes attached.
+
+    `progress`, when given, is called with the number of batches done after each batch.
+    """
     layers = find_bn_layers(model)
     if not layers:
         raise NothingToAudit(
@@ -250,6 +258,8 @@ def run_passes(model: nn.Module, batches: Iterable[Any], options: AuditOptions) 
                 if keep:
                     kept.append(batch)
                 count += 1
+                if progress is not None:
+                    progress(count)
         finally:
             for h in handles:
                 h.remove()
@@ -317,6 +327,7 @@ def audit(
     options: AuditOptions | None = None,
     checkpoint: str | None = None,
     sha256: str | None = None,
+    progress: Callable[[int], None] | None = None,
     **overrides: Any,
 ) -> AuditReport:
     """Audit every BN layer of `model` on `batches`; the model is left exactly as it was.
@@ -327,10 +338,11 @@ def audit(
             passed as model(**batch)); consumed once.
         options: how to run and judge; keyword overrides take `AuditOptions` fields
             (train_mode, fail_on, max_batches, synthetic_data) or `Thresholds` fields.
+        progress: called with the number of batches done after each batch.
     """
     options = _with_overrides(options or AuditOptions(), overrides)
     t = options.thresholds
-    passes = run_passes(model, batches, options)
+    passes = run_passes(model, batches, options, progress)
     probes, count = passes.probes, passes.count
     metrics = {
         p.name: measure(

@@ -1,9 +1,15 @@
-"""`bnaudit check` as a library call: load, audit, write the reports."""
+"""`bnaudit check` as a library call: load, audit, judge the gate, write the reports.
+
+The gate judges the audit in two steps: ignore entries of the configuration first (those
+findings are accepted for good, with their reason), then the baseline (findings accepted as
+they were measured when it was written).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+import itertools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,20 +18,57 @@ import torch
 from torch import nn
 
 from bnaudit.audit import AuditOptions, audit
-from bnaudit.batches import load_batches, parse_shape, synthetic_batches
+from bnaudit.baseline import Baseline, apply_baseline, from_report, read_baseline, render_baseline
+from bnaudit.batches import call_model, load_batches, move_batch, parse_shape, synthetic_batches
 from bnaudit.config import CheckSettings
-from bnaudit.errors import BnauditError
+from bnaudit.errors import BnauditError, ReportError
+from bnaudit.fold import Pairs, find_pairs, fold_model
+from bnaudit.html import render_html
+from bnaudit.ignores import apply_ignores
+from bnaudit.impact import OutputDiff
+from bnaudit.junit import render_junit
+from bnaudit.layers import find_bn_layers, preserved
 from bnaudit.loading import Checkpoint, build_model, load_checkpoint, load_into
+from bnaudit.recalibrate import Recalibration, recalibrate
 from bnaudit.report import Format, check_writable, render, write_atomic
 from bnaudit.results import AuditReport
+from bnaudit.saving import atomic, check_output, write_recalibrated
 from bnaudit.static import audit_state_dict
 
 SYNTHETIC_BATCHES = 4  # synthetic batches when --batches is not given
 
 
-def report_paths(s: CheckSettings) -> dict[Format, Path]:
-    paths = {Format.MARKDOWN: s.markdown, Format.CSV: s.csv, Format.JSON: s.json}
-    return {fmt: p for fmt, p in paths.items() if p is not None}
+Renderer = Callable[[AuditReport], str]
+
+
+def report_files(s: CheckSettings) -> list[tuple[str, Path, Renderer]]:
+    """Every report file the settings ask for: (option, path, renderer)."""
+    files: list[tuple[str, Path | None, Renderer]] = [
+        ("--markdown", s.markdown, lambda r: render(r, Format.MARKDOWN)),
+        ("--csv", s.csv, lambda r: render(r, Format.CSV)),
+        ("--json", s.json, lambda r: render(r, Format.JSON)),
+        ("--html", s.html, render_html),
+        ("--junit", s.junit, render_junit),
+    ]
+    return [(option, path, renderer) for option, path, renderer in files if path is not None]
+
+
+def check_outputs(s: CheckSettings) -> None:
+    """Refuse, before the audit, an output over an input, in a missing folder, or given twice."""
+    inputs = [s.checkpoint, *_input_files(s)]
+    outputs = [(option, path) for option, path, _ in report_files(s)]
+    for _, path in outputs:
+        check_writable(path, [*inputs, *([s.baseline] if s.baseline else [])])
+    if s.write_baseline:
+        # Writing the baseline over the one read is how it is updated: allowed.
+        check_writable(s.write_baseline, inputs)
+        outputs.append(("--write-baseline", s.write_baseline))
+    seen: dict[Path, str] = {}
+    for option, path in outputs:
+        key = path.resolve()
+        if key in seen:
+            raise ReportError(f"{path}: given to both {seen[key]} and {option}; use two files")
+        seen[key] = option
 
 
 @dataclass(frozen=True)
@@ -71,22 +114,64 @@ def audit_options(s: CheckSettings, p: Prepared, layers: tuple[str, ...] | None 
     )
 
 
-def run_check(s: CheckSettings, log: Any = None) -> AuditReport:
-    """Everything `bnaudit check` does before rendering; raises BnauditError subclasses."""
-    inputs = [s.checkpoint, *_input_files(s)]
-    for path in report_paths(s).values():  # fail before the audit, not after it
-        check_writable(path, inputs)
+def run_check(
+    s: CheckSettings,
+    log: Any = None,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> AuditReport:
+    """Everything `bnaudit check` does before rendering; raises BnauditError subclasses.
+
+    The report comes back judged: ignores applied, then the baseline (written first when
+    `write_baseline` is set, so that the run is judged against what it wrote). `progress`, when
+    given, is called after each batch with the batches done and the total (None if unknown).
+    """
+    check_outputs(s)  # fail before the audit, not after it
+    # A broken baseline fails before the audit too.
+    baseline = read_baseline(s.baseline) if s.baseline and not s.write_baseline else None
     p = prepare(s, log)
-    if isinstance(p, AuditReport):
-        return p
+    if isinstance(p, AuditReport):  # no model: the static audit
+        return judge(p, s, baseline)
     report = audit(
         p.model,
         p.batches,
         options=audit_options(s, p),
         checkpoint=str(s.checkpoint),
         sha256=p.checkpoint.sha256,
+        progress=_per_batch(progress, _batch_count(p.batches, s.batches)),
     )
-    return dataclasses.replace(report, notes=(*p.checkpoint.notes, *report.notes))
+    report = dataclasses.replace(report, notes=(*p.checkpoint.notes, *report.notes))
+    return judge(report, s, baseline)
+
+
+def judge(report: AuditReport, s: CheckSettings, baseline: Baseline | None = None) -> AuditReport:
+    """Apply the ignores, then the baseline: the one read, or with `write_baseline` the one
+    this run records (`write_reports` writes it)."""
+    report = apply_ignores(report, s.ignore)
+    if s.write_baseline:
+        path, baseline, is_new = s.write_baseline, from_report(report), True
+    elif baseline is not None and s.baseline is not None:
+        path, is_new = s.baseline, False
+    else:
+        return report
+    return apply_baseline(
+        report, baseline, path=str(path), margin=s.baseline_margin, written=is_new
+    )
+
+
+def _per_batch(
+    progress: Callable[[int, int | None], None] | None, total: int | None
+) -> Callable[[int], None] | None:
+    if progress is None:
+        return None
+    return lambda done: progress(done, total)
+
+
+def _batch_count(batches: Iterable[Any], cap: int | None) -> int | None:
+    try:
+        n = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return cap
+    return n if cap is None else min(n, cap)
 
 
 def _input_files(s: CheckSettings) -> list[Path]:
@@ -99,6 +184,18 @@ def _input_files(s: CheckSettings) -> list[Path]:
         if head and Path(head).is_file():
             files.append(Path(head))
     return files
+
+
+def write_reports(report: AuditReport, s: CheckSettings) -> list[Path]:
+    """Write every report file, and the baseline when `write_baseline` is set."""
+    written = []
+    for _, path, renderer in report_files(s):
+        write_atomic(path, renderer(report))
+        written.append(path)
+    if s.write_baseline:
+        write_atomic(s.write_baseline, render_baseline(from_report(report)))
+        written.append(s.write_baseline)
+    return written
 
 
 def _static(s: CheckSettings, ckpt: Checkpoint, log: Any) -> AuditReport:
@@ -126,14 +223,6 @@ def _static(s: CheckSettings, ckpt: Checkpoint, log: Any) -> AuditReport:
         sha256=ckpt.sha256,
         notes=ckpt.notes,
     )
-
-
-def write_reports(report: AuditReport, s: CheckSettings) -> list[Path]:
-    written = []
-    for fmt, path in report_paths(s).items():
-        write_atomic(path, render(report, fmt))
-        written.append(path)
-    return written
 
 
 def _model(s: CheckSettings, ckpt: Checkpoint) -> nn.Module:
@@ -173,3 +262,94 @@ def _device(spec: str) -> torch.device:
 def _log(log: Any, text: str) -> None:
     if log is not None:
         print(f"bnaudit: {text}", file=log)
+
+
+@dataclass(frozen=True)
+class Recalibrated:
+    before: AuditReport
+    after: AuditReport
+    recalibration: Recalibration
+    output: Path
+
+
+def run_recalibrate(
+    s: CheckSettings, output: Path, *, force: bool, layers: tuple[str, ...], log: Any = None
+) -> Recalibrated:
+    """Audit, recalibrate on the sample batches, write the new checkpoint, audit it again."""
+    check_output(s.checkpoint, output, force=force)
+    if not s.data:
+        raise BnauditError("recalibrate needs sample batches from the data: pass --data")
+    p = prepare(s, log)
+    if isinstance(p, AuditReport):
+        raise BnauditError(f"{s.checkpoint}: recalibrating needs the architecture: pass --model")
+    batches = list(itertools.islice(p.batches, s.batches))  # used three times
+    options = audit_options(s, p)
+    before = audit(
+        p.model, batches, options=options, checkpoint=str(s.checkpoint), sha256=p.checkpoint.sha256
+    )
+    r = recalibrate(
+        p.model, batches, regime=s.regime.value, layers=layers, train_mode=s.train_mode.value
+    )
+    write_recalibrated(s.checkpoint, output, r, key=s.key)
+    _log(log, f"wrote {output} ({len(r.stats)} layers recalibrated on {r.batches} batches)")
+    again = dataclasses.replace(s, checkpoint=output)
+    q = prepare(again, None)
+    assert isinstance(q, Prepared)  # the same architecture as the input
+    after = audit(
+        q.model, batches, options=options, checkpoint=str(output), sha256=q.checkpoint.sha256
+    )
+    return Recalibrated(before, judge(after, again), r, output)
+
+
+# A folded model in float32 reproduces the original within float32 rounding of the sums.
+FOLD_MAX_REL_L2 = 1e-5
+
+
+@dataclass(frozen=True)
+class Folded:
+    pairs: Pairs
+    rel_l2: float  # folded against the original, eval mode, on the sample batches
+    max_abs: float
+    output: Path
+
+
+def run_fold(s: CheckSettings, output: Path, *, force: bool, log: Any = None) -> Folded:
+    """Fold every conv/linear → BN pair, check the folded model's output, then write it."""
+    check_output(s.checkpoint, output, force=force)
+    p = prepare(s, log)
+    if isinstance(p, AuditReport):
+        raise BnauditError(f"{s.checkpoint}: folding needs the architecture: pass --model")
+    if not (s.data or s.input_shape):
+        raise BnauditError("fold checks the folded model on batches: pass --data or --input-shape")
+    pairs = find_pairs(p.model)
+    if not pairs.pairs:
+        raise BnauditError(f"{s.checkpoint}: no conv/linear -> BatchNorm pair to fold")
+    folded_model = fold_model(p.model, pairs)
+    diff = OutputDiff()
+    with preserved(p.model, find_bn_layers(p.model)), torch.no_grad():
+        p.model.eval()
+        for batch in itertools.islice(p.batches, s.batches):
+            batch = move_batch(batch, *_device_dtype(p.model))
+            diff.add(call_model(p.model, batch), call_model(folded_model, batch))
+    if not diff.rel_l2 <= FOLD_MAX_REL_L2:  # written so that NaN fails too
+        raise BnauditError(
+            f"{s.checkpoint}: the folded model's output differs from the original by "
+            f"{diff.rel_l2:.3g} relative L2 (limit {FOLD_MAX_REL_L2:g}); nothing was written"
+        )
+    note = {
+        "pairs": [[q.conv, q.bn] for q in pairs.pairs],
+        "found_by": pairs.method + (f" ({pairs.note})" if pairs.note else ""),
+        "source": str(s.checkpoint),
+        "source_sha256": p.checkpoint.sha256,
+        "check_rel_l2": diff.rel_l2,
+        "note": "each conv/linear carries its BN (eval formula); the BN modules are "
+        "nn.Identity in the folded model, so load this state dict into a model built that way",
+    }
+    state = {"state_dict": folded_model.state_dict(), "bnaudit_fold": note}
+    atomic(output, lambda tmp: torch.save(state, tmp))
+    return Folded(pairs, diff.rel_l2, diff.max_abs, output)
+
+
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    t = next(model.parameters())
+    return t.device, t.dtype

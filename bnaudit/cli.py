@@ -1,11 +1,13 @@
 """The `bnaudit` command: parses options, calls the library, maps errors to exit codes.
 
-Exit codes: 0 passed, 1 a finding at or above --fail-on, 2 usage/input/internal error,
-3 nothing to audit. An unhandled exception never exits 1.
+Exit codes: 0 passed, 1 a finding at or above --fail-on that is neither ignored nor baselined,
+2 usage/input/internal error, 3 nothing to audit. An unhandled exception never exits 1.
 """
 
 from __future__ import annotations
 
+import inspect
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -15,6 +17,7 @@ from typing import Any
 import typer
 
 from bnaudit import __version__
+from bnaudit.annotations import GitHub
 from bnaudit.config import Regime, TrainMode, resolve
 from bnaudit.errors import BnauditError, NothingToAudit
 from bnaudit.report import Format
@@ -34,6 +37,7 @@ _T = "Thresholds"
 _O = "Output impact"
 _R = "Reports"
 _I = "Inputs"
+_G = "Gate"
 
 
 def _version(value: bool) -> None:
@@ -115,9 +119,20 @@ def check(
         None, rich_help_panel=_R, help="Write a CSV report (a row per layer)."
     ),
     json_path: Path = typer.Option(None, "--json", rich_help_panel=_R, help="Write a JSON report."),
-    fail_on: FailOn = typer.Option(
+    html: Path = typer.Option(
         None,
         rich_help_panel=_R,
+        help="Write a self-contained HTML report (charts, sortable table).",
+    ),
+    junit: Path = typer.Option(
+        None, rich_help_panel=_R, help="Write JUnit XML: a test case per layer."
+    ),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", rich_help_panel=_R, help="Print only the summary line."
+    ),
+    fail_on: FailOn = typer.Option(
+        None,
+        rich_help_panel=_G,
         help="Exit 1 on findings of this severity or worse [default: fail].",
     ),
     impact: bool = typer.Option(
@@ -142,6 +157,31 @@ def check(
         None,
         rich_help_panel=_T,
         help="Fail when recalibration changes the output by more (relative L2) [default: off].",
+    ),
+    baseline: Path = typer.Option(
+        None,
+        rich_help_panel=_G,
+        help="Fail only on findings that are new or worse than in this baseline file.",
+    ),
+    write_baseline: Path = typer.Option(
+        None,
+        rich_help_panel=_G,
+        help="Record the current findings in this baseline file (and pass on them).",
+    ),
+    baseline_margin: float = typer.Option(
+        None,
+        rich_help_panel=_G,
+        help="A baselined finding is worse when its value grows by more than this fraction "
+        "[default: 0.1].",
+    ),
+    github: GitHub = typer.Option(
+        None,
+        rich_help_panel=_G,
+        help="GitHub Actions annotations and step summary [default: auto, on when "
+        "GITHUB_ACTIONS=true].",
+    ),
+    max_annotations: int = typer.Option(
+        None, rich_help_panel=_G, help="At most this many annotations [default: 10]."
     ),
     max_error_ratio: float = typer.Option(
         None, rich_help_panel=_T, help="Reconstruction error / tolerance [default: 1]."
@@ -182,14 +222,52 @@ def check(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Audit every BatchNorm layer: reconstruction, stale stats, variance bias, momentum."""
-    cli = dict(locals())
-    for key in ("config", "debug"):
-        cli.pop(key)
+    cli = _cli_settings(locals())
+    code = _guard(lambda: _check(cli, config, quiet), debug)
+    raise typer.Exit(code)
+
+
+def _cli_settings(params: dict[str, Any]) -> dict[str, Any]:
+    """`check`'s parameters as settings keys (None: not given on the command line)."""
+    cli = dict(params)
+    for key in ("config", "debug", "quiet"):
+        cli.pop(key, None)
     cli["format"] = cli.pop("fmt")
     cli["json"] = cli.pop("json_path")
-    cli["trust"] = trust or None
-    code = _guard(lambda: _check(cli, config), debug)
-    raise typer.Exit(code)
+    cli["trust"] = cli["trust"] or None
+    return cli
+
+
+def _config(**params: Any) -> None:
+    """Print the effective settings of `check` and where each came from."""
+    cli = _cli_settings(params)
+    raise typer.Exit(_guard(lambda: _show_config(cli, params["config"]), params["debug"]))
+
+
+# `bnaudit config` takes exactly the options of `bnaudit check` (so that it can show what a
+# command line changes), with the checkpoint optional: its signature is `check`'s, not a copy.
+_check_signature = inspect.signature(check, eval_str=True)
+_config.__signature__ = _check_signature.replace(  # type: ignore[attr-defined]
+    parameters=[
+        p.replace(default=typer.Argument(None, help="Checkpoint (optional).", show_default=False))
+        if p.name == "checkpoint"
+        else p
+        for p in _check_signature.parameters.values()
+    ]
+)
+app.command("config")(_config)
+
+
+def _show_config(cli: dict[str, Any], config: Path | None) -> int:
+    from bnaudit.config import render_settings, resolve_with_sources
+
+    given = cli["checkpoint"] is not None
+    if not given:  # the settings need one; it is shown as not set
+        cli = {**cli, "checkpoint": Path("-")}
+    settings, sources = resolve_with_sources(cli, config, Path.cwd())
+    unset = frozenset() if given else frozenset({"checkpoint"})
+    sys.stdout.write(render_settings(settings, sources, unset=unset))
+    return EXIT_OK
 
 
 @app.command()
@@ -215,6 +293,99 @@ def show(
     raise typer.Exit(_guard(lambda: _show(cli, config, layer), debug))
 
 
+@app.command()
+def recalibrate(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint (only read).", show_default=False),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the new checkpoint."),
+    model: str = typer.Option(None, "--model", "-m", help="Architecture, as for check."),
+    data: str = typer.Option(None, "--data", "-d", help="Sample batches to recalibrate on."),
+    regime: Regime = typer.Option(
+        None, help="Statistics of train-mode inputs, or of eval-mode inputs [default: train]."
+    ),
+    layers: list[str] = typer.Option(
+        None, "--layers", help="Only layers matching this glob (repeatable) [default: all]."
+    ),
+    batch_size: int = typer.Option(None, help="Split a data tensor into batches of this size."),
+    batches: int = typer.Option(None, help="Use at most this many batches."),
+    key: str = typer.Option(None, help="Which state dict of the checkpoint, as for check."),
+    device: str = typer.Option(None, help="Device [default: cpu]."),
+    seed: int = typer.Option(None, help="Random seed [default: 0]."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    config: Path = typer.Option(None, help="TOML file with a [tool.bnaudit] table."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Write a copy of the checkpoint with precise BN statistics, then audit it."""
+    cli = {
+        "checkpoint": checkpoint,
+        "model": model,
+        "data": data,
+        "regime": regime,
+        "batch_size": batch_size,
+        "batches": batches,
+        "key": key,
+        "device": device,
+        "seed": seed,
+    }
+
+    def run() -> int:
+        from bnaudit.check import run_recalibrate
+        from bnaudit.report import render_changes
+
+        settings = resolve(cli, config, Path.cwd())
+        done = run_recalibrate(
+            settings, output, force=force, layers=tuple(layers or ()), log=sys.stderr
+        )
+        names = list(done.recalibration.stats)
+        sys.stdout.write(render_changes(done.before, done.after, names))
+        return EXIT_OK if done.after.passed else EXIT_FINDINGS
+
+    raise typer.Exit(_guard(run, debug))
+
+
+@app.command()
+def fold(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint (only read).", show_default=False),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the folded model."),
+    model: str = typer.Option(None, "--model", "-m", help="Architecture, as for check."),
+    data: str = typer.Option(None, "--data", "-d", help="Batches to check the folded model on."),
+    input_shape: str = typer.Option(None, help="Synthetic batches of this shape instead."),
+    batch_size: int = typer.Option(None, help="Split a data tensor into batches of this size."),
+    batches: int = typer.Option(None, help="Use at most this many batches."),
+    key: str = typer.Option(None, help="Which state dict of the checkpoint, as for check."),
+    device: str = typer.Option(None, help="Device [default: cpu]."),
+    seed: int = typer.Option(None, help="Random seed [default: 0]."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    config: Path = typer.Option(None, help="TOML file with a [tool.bnaudit] table."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Fold every conv/linear -> BN pair; check the folded output before writing it."""
+    cli = {
+        "checkpoint": checkpoint,
+        "model": model,
+        "data": data,
+        "input_shape": input_shape,
+        "batch_size": batch_size,
+        "batches": batches,
+        "key": key,
+        "device": device,
+        "seed": seed,
+    }
+
+    def run() -> int:
+        from bnaudit.check import run_fold
+
+        done = run_fold(resolve(cli, config, Path.cwd()), output, force=force, log=sys.stderr)
+        for pair in done.pairs.pairs:
+            sys.stdout.write(f"folded {pair.bn} into {pair.conv}\n")
+        sys.stdout.write(
+            f"{len(done.pairs.pairs)} pairs (found by {done.pairs.method}); folded output vs "
+            f"original: rel L2 {done.rel_l2:.3g}, max abs {done.max_abs:.3g}; wrote {output}\n"
+        )
+        return EXIT_OK
+
+    raise typer.Exit(_guard(run, debug))
+
+
 def _show(cli: dict[str, Any], config: Path | None, layer: str) -> int:
     from bnaudit.audit import audit
     from bnaudit.check import Prepared, audit_options, prepare
@@ -233,18 +404,37 @@ def _show(cli: dict[str, Any], config: Path | None, layer: str) -> int:
     return EXIT_OK
 
 
-def _check(cli: dict[str, Any], config: Path | None) -> int:
+def _check(cli: dict[str, Any], config: Path | None, quiet: bool) -> int:
+    from bnaudit import annotations
     from bnaudit.check import run_check, write_reports
-    from bnaudit.report import render
+    from bnaudit.report import render, summary_line
+    from bnaudit.terminal import Progress, color_enabled, is_terminal
 
     settings = resolve(cli, config, Path.cwd())
+    bar = Progress(sys.stderr) if not quiet and is_terminal(sys.stderr) else None
     try:
-        report = run_check(settings, log=sys.stderr)
+        report = run_check(settings, log=None if quiet else sys.stderr, progress=bar)
     except NothingToAudit as exc:
         typer.echo(f"bnaudit: nothing to audit: {exc}", err=True)
         return EXIT_NOTHING
+    finally:
+        if bar is not None:
+            bar.close()
     write_reports(report, settings)
-    sys.stdout.write(render(report, settings.format))
+    color = color_enabled(sys.stdout, os.environ)
+    text = (
+        summary_line(report, color) + "\n"
+        if quiet
+        else render(report, settings.format, color=color)
+    )
+    if settings.github.enabled(os.environ):
+        text = annotations.for_github(
+            text, report, limit=settings.max_annotations, environ=os.environ
+        )
+        summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if summary and not annotations.append_step_summary(report, Path(summary)):
+            typer.echo(f"bnaudit: {summary}: the step summary is full; not appended", err=True)
+    sys.stdout.write(text)
     return EXIT_OK if report.passed else EXIT_FINDINGS
 
 
@@ -255,18 +445,29 @@ def _guard(action: Callable[[], int], debug: bool) -> int:
     except BnauditError as exc:
         if debug:
             traceback.print_exc()
-        typer.echo(f"bnaudit: error: {exc}", err=True)
+        _error(f"bnaudit: error: {exc}")
     except KeyboardInterrupt:
-        typer.echo("bnaudit: interrupted", err=True)
+        _error("bnaudit: interrupted")
     except Exception as exc:
         if debug:
             traceback.print_exc()
-        typer.echo(
+        _error(
             f"bnaudit: internal error: {type(exc).__name__}: {exc}; rerun with --debug "
-            "for the traceback",
-            err=True,
+            "for the traceback"
         )
     return EXIT_ERROR
+
+
+def _error(message: str) -> None:
+    """An error on stderr; under GitHub Actions also an annotation, and guarded: messages may
+    quote names from the checkpoint."""
+    if os.environ.get("GITHUB_ACTIONS") != "true":
+        typer.echo(message, err=True)
+        return
+    from bnaudit import annotations
+
+    guarded = annotations.guard(message, annotations.new_token())
+    sys.stderr.write(guarded + annotations.command("error", message, title="bnaudit") + "\n")
 
 
 def _torch_too_old() -> str | None:

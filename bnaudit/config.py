@@ -2,20 +2,25 @@
 
 The table is read from `--config PATH` or from the first pyproject.toml found from the working
 directory upward. Unknown keys are an error that names the key: a typo must not silently
-disable a check. Relative paths in the file are relative to the file's folder.
+disable a check. Relative paths in the file are relative to the file's folder. Every resolved
+value remembers where it came from, which `bnaudit config` prints.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bnaudit.annotations import DEFAULT_MAX_ANNOTATIONS, GitHub
+from bnaudit.baseline import DEFAULT_MARGIN
 from bnaudit.errors import ConfigError
 from bnaudit.findings import Thresholds
+from bnaudit.ignores import Ignore, parse_ignores
 from bnaudit.report import Format
 from bnaudit.results import FailOn
 
@@ -56,18 +61,31 @@ class CheckSettings:
     markdown: Path | None = None
     csv: Path | None = None
     json: Path | None = None
+    html: Path | None = None
+    junit: Path | None = None
     fail_on: FailOn = FailOn.FAIL
     impact: bool = True
     regime: Regime = Regime.TRAIN
     attribution: bool = False
     thresholds: Thresholds = field(default_factory=Thresholds)
+    ignore: tuple[Ignore, ...] = ()
+    baseline: Path | None = None
+    write_baseline: Path | None = None
+    baseline_margin: float = DEFAULT_MARGIN
+    github: GitHub = GitHub.AUTO
+    max_annotations: int = DEFAULT_MAX_ANNOTATIONS
     config_file: Path | None = None
 
 
+# Where a resolved value came from, besides the path of the config file.
+DEFAULT = "default"
+COMMAND_LINE = "command line"
+
 # Keys the command line may take but a config file may not: trusting a file runs its code, and
-# that decision belongs to the person running the command, not to a file in the repository.
-_CLI_ONLY = {"checkpoint", "trust", "config_file"}
-_PATHS = {"markdown", "csv", "json"}
+# that decision belongs to the person running the command, not to a file in the repository;
+# writing the baseline on every run would accept every new finding.
+CLI_ONLY = frozenset({"checkpoint", "trust", "write_baseline", "config_file"})
+_PATHS = {"markdown", "csv", "json", "html", "junit", "baseline"}
 _THRESHOLDS = {f.name: f for f in dataclasses.fields(Thresholds)}
 _SETTINGS = {f.name for f in dataclasses.fields(CheckSettings)}
 _ENUMS: dict[str, type[enum.Enum]] = {
@@ -75,8 +93,17 @@ _ENUMS: dict[str, type[enum.Enum]] = {
     "fail_on": FailOn,
     "train_mode": TrainMode,
     "regime": Regime,
+    "github": GitHub,
 }
-_BOOLS = {"impact", "attribution"}
+_KINDS = {
+    "batch_size": "int",
+    "batches": "int",
+    "seed": "int",
+    "max_annotations": "int",
+    "baseline_margin": "float",
+    "impact": "bool",
+    "attribution": "bool",
+}
 
 
 def find_pyproject(start: Path) -> Path | None:
@@ -110,21 +137,31 @@ def read_table(path: Path, *, required: bool) -> dict[str, Any]:
 
 def resolve(cli: dict[str, Any], config: Path | None, cwd: Path) -> CheckSettings:
     """Merge defaults, the config file and the command line (which wins)."""
+    return resolve_with_sources(cli, config, cwd)[0]
+
+
+def resolve_with_sources(
+    cli: dict[str, Any], config: Path | None, cwd: Path
+) -> tuple[CheckSettings, dict[str, str]]:
+    """The settings, and for every key (settings and thresholds) where its value came from:
+    `DEFAULT`, the config file's path, or `COMMAND_LINE`."""
     path = config if config is not None else find_pyproject(cwd)
     table = read_table(path, required=config is not None) if path is not None else {}
     values: dict[str, Any] = {}
     thresholds: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for raw_key, raw in table.items():
         key = raw_key.replace("-", "_")
         if key in _THRESHOLDS:
             thresholds[key] = _coerce(raw, _THRESHOLDS[key].type, raw_key, path)
-        elif key in _SETTINGS and key not in _CLI_ONLY and key != "thresholds":
+        elif key in _SETTINGS and key not in CLI_ONLY and key != "thresholds":
             values[key] = _from_file(key, raw, raw_key, path)
         else:
             raise ConfigError(
                 f"{path}: unknown key {raw_key!r} in [tool.bnaudit]; see `bnaudit check --help` "
                 "for the option names"
             )
+        sources[key] = str(path)
     for key, value in cli.items():
         if value is None:
             continue
@@ -132,12 +169,31 @@ def resolve(cli: dict[str, Any], config: Path | None, cwd: Path) -> CheckSetting
             thresholds[key] = value
         else:
             values[key] = value
+        sources[key] = COMMAND_LINE
     try:
         threshold_obj = Thresholds().replace(**thresholds)
     except TypeError as exc:  # pragma: no cover - keys were checked above
         raise ConfigError(str(exc)) from exc
     values["config_file"] = path
-    return CheckSettings(thresholds=threshold_obj, **values)
+    settings = CheckSettings(thresholds=threshold_obj, **values)
+    _validate(settings, sources)
+    every = [k for k in _SETTINGS if k not in ("thresholds", "config_file")] + list(_THRESHOLDS)
+    return settings, {k: sources.get(k, DEFAULT) for k in every}
+
+
+def _validate(s: CheckSettings, sources: dict[str, str]) -> None:
+    def where(key: str) -> str:
+        return sources.get(key, DEFAULT)
+
+    if not (s.baseline_margin >= 0 and s.baseline_margin != float("inf")):
+        raise ConfigError(
+            f"baseline-margin = {s.baseline_margin} ({where('baseline_margin')}): expected a "
+            "fraction >= 0, e.g. 0.1 for 10 %"
+        )
+    if s.max_annotations < 0:
+        raise ConfigError(
+            f"max-annotations = {s.max_annotations} ({where('max_annotations')}): expected >= 0"
+        )
 
 
 def _from_file(key: str, raw: Any, raw_key: str, path: Path) -> Any:
@@ -149,14 +205,13 @@ def _from_file(key: str, raw: Any, raw_key: str, path: Path) -> Any:
             raise ConfigError(f"{path}: {raw_key} = {raw!r}: choose one of {choices}") from None
     if key in _PATHS:
         return path.parent / _coerce(raw, "str", raw_key, path)
+    if key == "ignore":
+        return parse_ignores(raw, str(path))
     if key == "data" and isinstance(raw, str) and (path.parent / raw).exists():
         return str(path.parent / raw)
     if key == "model" and isinstance(raw, str) and raw.rpartition(":")[0].endswith(".py"):
         return str(path.parent / raw)
-    kind = {"batch_size": "int", "batches": "int", "seed": "int"}.get(key, "str")
-    if key in _BOOLS:
-        kind = "bool"
-    return _coerce(raw, kind, raw_key, path)
+    return _coerce(raw, _KINDS.get(key, "str"), raw_key, path)
 
 
 def _coerce(raw: Any, kind: Any, raw_key: str, path: Path) -> Any:
@@ -170,3 +225,59 @@ def _coerce(raw: Any, kind: Any, raw_key: str, path: Path) -> Any:
     if not ok:
         raise ConfigError(f"{path}: {raw_key} = {raw!r}: expected {kind}")
     return float(raw) if kind == "float" else raw
+
+
+def render_settings(
+    settings: CheckSettings, sources: dict[str, str], *, unset: frozenset[str] = frozenset()
+) -> str:
+    """The effective settings as a [tool.bnaudit] table, each with where it came from.
+
+    Keys in `unset` are shown as not set whatever their value.
+    """
+    file = settings.config_file
+    lines = [
+        "# effective bnaudit settings: defaults < "
+        + (f"{file}" if file else "no config file")
+        + " < command line",
+        "[tool.bnaudit]",
+    ]
+    flat: dict[str, Any] = {
+        f.name: getattr(settings, f.name)
+        for f in dataclasses.fields(settings)
+        if f.name not in ("thresholds", "config_file", "ignore")
+    }
+    flat.update(dataclasses.asdict(settings.thresholds))
+    rows = []
+    for key, value in flat.items():
+        origin = sources.get(key, DEFAULT)
+        if key in unset:
+            value, origin = None, "not given"
+        if key in CLI_ONLY:
+            origin += ", command line only"
+        name = key.replace("_", "-")
+        text = f"# {name} is not set" if value is None else f"{name} = {_toml(value)}"
+        rows.append((text, origin))
+    width = max(len(text) for text, _ in rows)
+    lines += [f"{text:<{width}}  # {origin}" for text, origin in rows]
+    if settings.ignore:
+        lines.append(f"ignore = [  # {sources.get('ignore', DEFAULT)}")
+        for entry in settings.ignore:
+            fields = ", ".join(
+                f"{k} = {_toml(getattr(entry, k))}" for k in ("layer", "code", "reason")
+            )
+            lines.append(f"  {{{fields}}},")
+        lines.append("]")
+    else:
+        lines.append(f"ignore = []  # {sources.get('ignore', DEFAULT)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, (int, float)):
+        return repr(value)
+    # A JSON string is a valid TOML basic string (both escape quotes, backslashes, controls).
+    return json.dumps(str(value), ensure_ascii=False)

@@ -27,6 +27,10 @@ class ConfigError(BnauditError):
     """The [tool.bnaudit] configuration is invalid."""
 
 
+class BaselineError(BnauditError):
+    """A baseline file cannot be read, or is not a bnaudit baseline."""
+
+
 class NothingToAudit(BnauditError):
     """The model has no BatchNorm layer (exit 3)."""
 

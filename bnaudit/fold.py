@@ -13,6 +13,7 @@ in eval mode, in the model's own dtype. Its risk is judged from the folded weigh
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import math
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from bnaudit import formulas as F
 from bnaudit.batches import call_model
-from bnaudit.layers import Kind, LayerAttrs
+from bnaudit.layers import Kind, LayerAttrs, layer_kind
 
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 FLOAT16_MAX = 65504.0
@@ -59,7 +60,7 @@ def find_pairs(model: nn.Module) -> Pairs:
     """Conv/linear → BN pairs: from the traced graph, else from module order (said so)."""
     modules = dict(model.named_modules())
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = _Tracer().trace(model)
     except Exception as exc:  # tracing fails on data-dependent control flow, among others
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return Pairs(_by_order(modules), "module order", f"torch.fx tracing failed: {first}")
@@ -77,6 +78,14 @@ def find_pairs(model: nn.Module) -> Pairs:
         ):
             found.append(Pair(str(src.target), str(node.target)))
     return Pairs(tuple(found), "torch.fx")
+
+
+class _Tracer(torch.fx.Tracer):
+    """Keeps every BN-like module a leaf: FrozenBatchNorm and BN subclasses live outside
+    torch.nn, and tracing into them would hide them from the graph."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return layer_kind(m) is not None or super().is_leaf_module(m, qualname)
 
 
 def _by_order(modules: dict[str, nn.Module]) -> tuple[Pair, ...]:
@@ -180,3 +189,20 @@ def check_folds(model: nn.Module, pairs: Pairs, batch: Any | None) -> dict[str, 
             ratio = float(torch.where(err == 0, err, err / tol).max())
         out[p.bn] = FoldCheck(p.conv, checked, max_err, ratio, weight_max, levels)
     return out
+
+
+def fold_model(model: nn.Module, pairs: Pairs) -> nn.Module:
+    """A folded copy: each paired conv/linear carries its BN, the BN becomes nn.Identity."""
+    folded_model = copy.deepcopy(model).eval()
+    modules = dict(folded_model.named_modules())
+    for p in pairs.pairs:
+        conv = modules[p.conv]
+        w, b = folded(conv, LayerAttrs.of(modules[p.bn]))
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if conv.bias is None:
+                conv.bias = nn.Parameter(b)
+            else:
+                conv.bias.copy_(b)
+        folded_model.set_submodule(p.bn, nn.Identity())
+    return folded_model

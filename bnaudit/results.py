@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import pandas as pd
 
+    from bnaudit.baseline import BaselineCheck
     from bnaudit.impact import OutputImpact
 
 MODEL = "<model>"  # the layer name of findings about the whole model
@@ -40,9 +41,27 @@ class FailOn(str, enum.Enum):
         return severity >= (Severity.WARN if self is FailOn.WARN else Severity.FAIL)
 
 
+class Status(str, enum.Enum):
+    """Whether a finding counts for the gate, and why (see bnaudit.ignores, bnaudit.baseline)."""
+
+    OPEN = "open"  # counts: no baseline judged it
+    NEW = "new"  # counts: not in the baseline
+    WORSE = "worse"  # counts: in the baseline, but worse beyond the margin
+    BASELINED = "baselined"  # does not count: in the baseline and not worse
+    IGNORED = "ignored"  # does not count: an ignore entry of the configuration matches it
+
+    @property
+    def waived(self) -> bool:
+        return self in (Status.BASELINED, Status.IGNORED)
+
+
 @dataclass(frozen=True)
 class Finding:
-    """One problem on one layer: a stable code, the numbers behind it and how to fix it."""
+    """One problem on one layer: a stable code, the numbers behind it and how to fix it.
+
+    A waived finding (ignored or baselined) is still reported, with `status_reason` saying why,
+    but it does not count for the layer's verdict nor for the gate.
+    """
 
     layer: str
     code: str
@@ -51,6 +70,13 @@ class Finding:
     hint: str = ""
     value: float | None = None
     threshold: float | None = None
+    status: Status = Status.OPEN
+    status_reason: str = ""  # the ignore reason, or the baseline comparison
+
+    @property
+    def counts(self) -> bool:
+        """Whether the finding counts for the verdicts and the gate."""
+        return not self.status.waived
 
 
 @dataclass(frozen=True)
@@ -140,16 +166,25 @@ class LayerResult:
 
     @property
     def severity(self) -> Severity:
-        return max((f.severity for f in self.findings), default=Severity.OK)
+        """The worst severity among the findings that count (waived ones do not)."""
+        return max((f.severity for f in self.findings if f.counts), default=Severity.OK)
 
     @property
     def verdict(self) -> str:
         return self.severity.label
 
+    @property
+    def waived(self) -> tuple[Finding, ...]:
+        return tuple(f for f in self.findings if not f.counts)
+
 
 @dataclass(frozen=True)
 class AuditReport:
-    """The whole audit. `bool(report)` is `report.passed`."""
+    """The whole audit. `bool(report)` is `report.passed`.
+
+    `findings` lists every finding, waived ones included; `passed` and the layer verdicts only
+    consider the findings that count (`Finding.counts`).
+    """
 
     layers: tuple[LayerResult, ...]
     fail_on: FailOn = FailOn.FAIL
@@ -162,14 +197,20 @@ class AuditReport:
     thresholds: dict[str, float] = field(default_factory=dict)
     impact: OutputImpact | None = None
     model_findings: tuple[Finding, ...] = ()  # about the whole model (layer MODEL)
+    baseline: BaselineCheck | None = None  # set when a baseline judged the findings
 
     @property
     def findings(self) -> list[Finding]:
         return [*self.model_findings, *(f for layer in self.layers for f in layer.findings)]
 
     @property
+    def failing(self) -> list[Finding]:
+        """The findings that make the gate fail: they count and are at or above `fail_on`."""
+        return [f for f in self.findings if f.counts and self.fail_on.fails(f.severity)]
+
+    @property
     def passed(self) -> bool:
-        return not any(self.fail_on.fails(f.severity) for f in self.findings)
+        return not self.failing
 
     def __bool__(self) -> bool:
         return self.passed
@@ -185,6 +226,13 @@ class AuditReport:
             out[layer.verdict] += 1
         return out
 
+    def status_counts(self) -> dict[str, int]:
+        """Findings by status, every status present (zero counts included)."""
+        out = {s.value: 0 for s in Status}
+        for f in self.findings:
+            out[f.status.value] += 1
+        return out
+
     def layer(self, name: str) -> LayerResult:
         for result in self.layers:
             if result.name == name:
@@ -198,7 +246,8 @@ class AuditReport:
         rows = []
         for r in self.layers:
             row = {"layer": r.name, "type": r.type, "verdict": r.verdict}
-            row["codes"] = " ".join(sorted({f.code for f in r.findings}))
+            row["codes"] = " ".join(sorted({f.code for f in r.findings if f.counts}))
+            row["waived"] = " ".join(sorted({f.code for f in r.waived}))
             row.update(dataclasses.asdict(r.metrics))
             rows.append(row)
         return pd.DataFrame(rows)

@@ -1,0 +1,192 @@
+"""The HTML report: its structure in plain tests, its rendering in a real headless Chromium.
+
+The browser test skips only when no Chromium is installed (`apt-get install chromium`, or point
+BNAUDIT_BROWSER at a binary); it needs no network and no display.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+
+import bnaudit
+from bnaudit.html import render_html
+from bnaudit.ignores import Ignore, apply_ignores
+from bnaudit.results import AuditReport
+from tests import nets
+from tests.reports import EVIL, hostile_report, single_thread
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+WINDOW = (1280, 1400)
+
+
+class Page(HTMLParser):
+    """Every start tag with its attributes, in document order, and the text of the page."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str]]] = []
+        self.text: list[str] = []
+        self.feed(text)
+        self.close()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, {k: v or "" for k, v in attrs}))
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.handle_starttag(tag, attrs)
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+    def find(self, tag: str, **attrs: str) -> list[dict[str, str]]:
+        return [
+            a for t, a in self.tags if t == tag and all(a.get(k) == v for k, v in attrs.items())
+        ]
+
+    @property
+    def ids(self) -> set[str]:
+        return {a["id"] for _, a in self.tags if "id" in a}
+
+
+@pytest.fixture(scope="module")
+def stale_report() -> AuditReport:
+    """A real audit: the MLP with BN "1" stale, small batches (var-bias warns), one ignore."""
+    with single_thread():
+        model = nets.healthy_mlp()
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            model[0].weight.mul_((1.5 + 1.5 * torch.rand(32, generator=gen))[:, None])
+        batches = torch.split(nets.mlp_data(4 * 16, seed=5), 16)
+        report = bnaudit.audit(model, batches, checkpoint="stale.pt")
+    return apply_ignores(report, [Ignore("10", "var-bias", "head layer, small N by design")])
+
+
+@pytest.fixture(scope="module")
+def page(stale_report: AuditReport) -> Page:
+    return Page(render_html(stale_report))
+
+
+def test_is_self_contained(page: Page) -> None:
+    assert not page.find("link") and not page.find("img") and not page.find("iframe")
+    scripts = page.find("script")
+    assert len(scripts) == 1 and "src" not in scripts[0]
+    for _, attrs in page.tags:
+        for key in ("src", "href", "action", "data"):
+            assert not attrs.get(key, "#").strip() or attrs.get(key, "#").startswith("#"), attrs
+    csp = page.find("meta", **{"http-equiv": "Content-Security-Policy"})
+    assert csp and csp[0]["content"].startswith("default-src 'none';")
+
+
+def test_summary_table_and_findings_are_linked(stale_report: AuditReport, page: Page) -> None:
+    assert page.find("span", id="verdict")[0]["class"] == "badge fail"
+    rows = [a for t, a in page.tags if t == "tr" and a.get("id", "").startswith("layer-")]
+    assert [r["id"] for r in rows] == [f"layer-{i}" for i in range(len(stale_report.layers))]
+    assert rows[0]["class"] == "fail"  # BN "1" is the stale one
+    links = {a["href"] for a in page.find("a") if a.get("href", "").startswith("#findings-")}
+    with_findings = {f"#findings-{i}" for i, r in enumerate(stale_report.layers) if r.findings}
+    assert links == with_findings and len(with_findings) == 4
+    assert {h.lstrip("#") for h in links} <= page.ids  # every link has its target
+    text = " ".join(page.text)
+    assert "stale-stats" in text
+    assert "[ignored: head layer, small N by design]" in text
+    assert "accepted findings" in text
+
+
+def test_table_is_sortable_on_every_column(page: Page) -> None:
+    heads = page.find("th")
+    assert [h["data-key"] for h in heads][:5] == ["layer", "type", "channels", "n", "verdict"]
+    assert all(h["aria-sort"] == "none" and h["data-type"] in {"number", "text"} for h in heads)
+    assert len(page.find("button", type="button")) == len(heads)
+
+
+def test_charts_draw_values_and_limits(stale_report: AuditReport, page: Page) -> None:
+    svgs = page.find("svg")
+    assert len(svgs) == 3
+    limits = page.find("line", **{"class": "limit"})
+    assert len(limits) == 1 + 1 + 2  # error ratio; shift; variance ratio below and above
+    bars = [a for t, a in page.tags if t == "rect" and a["class"].startswith("bar")]
+    assert len(bars) == 3 * len(stale_report.layers)  # every value was measured
+    over = [a for a in bars if a["class"] == "bar over"]
+    assert len(over) >= 1  # the stale layer's shift is beyond 0.3 sd
+    width = {float(svg["viewbox"].split()[2]) for svg in svgs}.pop()
+    labels = page.find("text", **{"class": "limit-label"})
+    assert len(labels) == len(limits)
+    assert all(0 < float(label["x"]) < width for label in labels)  # inside the picture
+    chart_links = {a["href"] for a in page.find("a") if a.get("href", "").startswith("#layer-")}
+    assert {h.lstrip("#") for h in chart_links} <= page.ids
+    assert len(chart_links) == len(stale_report.layers)
+
+
+def test_hostile_names_stay_text() -> None:
+    text = render_html(hostile_report())
+    page = Page(text)
+    assert len(page.find("script")) == 1  # the layer name's <script> is text, not an element
+    assert not page.find("a", href="http://x")
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert EVIL.replace("\x1b", "") not in text  # never unescaped
+    assert all(not i.startswith("evil") for i in page.ids)  # ids come from indices
+    assert render_html(hostile_report()) == text  # deterministic: no timestamps
+
+
+# --------------------------------------------------------------------------------------------
+# A real browser
+
+
+def browser() -> str | None:
+    wanted = os.environ.get("BNAUDIT_BROWSER")
+    if wanted:
+        return wanted
+    return next((found for name in BROWSERS if (found := shutil.which(name))), None)
+
+
+def run_browser(exe: str, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+    ]  # fmt: skip
+    return subprocess.run(
+        [exe, *flags, *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+def test_report_renders_in_headless_chromium(stale_report: AuditReport, tmp_path: Path) -> None:
+    exe = browser()
+    if exe is None:
+        pytest.skip("no Chromium installed (apt-get install chromium, or set BNAUDIT_BROWSER)")
+    report = tmp_path / "report.html"
+    report.write_text(render_html(stale_report), encoding="utf-8")
+    url = report.as_uri()
+
+    # The script ran (it marks the page) and sorting works: #sort=shift orders the rows by
+    # ascending stale mean shift, so the stale layer (first in the report) comes last.
+    dom = run_browser(exe, tmp_path / "profile", "--dump-dom", url + "#sort=shift")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    page = Page(dom.stdout)
+    assert page.find("html")[0].get("data-ready") == "1", "the inline script did not run"
+    assert page.find("th", **{"data-key": "shift"})[0]["aria-sort"] == "ascending"
+    rows = [a["id"] for t, a in page.tags if t == "tr" and a.get("id", "").startswith("layer-")]
+    assert rows[-1] == "layer-0"  # the stale layer has the largest shift
+    assert sorted(rows) == [f"layer-{i}" for i in range(len(stale_report.layers))]
+
+    shot = tmp_path / "report.png"
+    result = run_browser(exe, tmp_path / "profile", f"--screenshot={shot}", url)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert png_size(shot) == WINDOW
+    assert shot.stat().st_size > 20_000  # a blank page compresses to a few kB
