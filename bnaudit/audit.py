@@ -23,7 +23,7 @@ from bnaudit.errors import DataError, NothingToAudit, describe
 from bnaudit.explain import Case, Diagnosis
 from bnaudit.findings import Thresholds, is_stale, judge_layer, judge_model
 from bnaudit.fold import check_folds, find_pairs
-from bnaudit.impact import OutputImpact, compare_outputs, eval_regime_stats
+from bnaudit.impact import OutputImpact, compare_outputs, eval_regime_stats, like_buffer
 from bnaudit.layers import Kind, LayerAttrs, find_bn_layers, preserved
 from bnaudit.metrics import measure
 from bnaudit.results import AuditReport, FailOn, LayerResult
@@ -430,8 +430,8 @@ def recalibrated_stats(
     """Precise statistics per recalibrable layer (see bnaudit.impact for the choice)."""
     train = {
         p.name: (
-            _like(p.stats.train.batch_means.mean, p.module.running_mean),
-            _like(p.stats.train.batch_vars.mean, p.module.running_var),
+            like_buffer(p.stats.train.batch_means.mean, p.module.running_mean),
+            like_buffer(p.stats.train.batch_vars.mean, p.module.running_var),
         )
         for p in passes.probes
         if p.attrs.kind is not Kind.FROZEN
@@ -482,10 +482,6 @@ def _impact(model: nn.Module, passes: Passes, metrics: dict, options: AuditOptio
 
 def _flagged(m, t: Thresholds) -> bool:
     return is_stale(m, t) or (m.gap_judged == "yes" and m.gap_fraction >= t.stale_fraction)
-
-
-def _like(t: Tensor, buffer: Tensor) -> Tensor:
-    return t.to(device=buffer.device, dtype=buffer.dtype)
 
 
 def _with_overrides(options: AuditOptions, overrides: dict[str, Any]) -> AuditOptions:

@@ -157,8 +157,8 @@ def eval_regime_stats(
                 h.remove()
         new = {
             name: (
-                _like(m.mean, layers[name].running_mean),
-                _like(v.mean, layers[name].running_var),
+                like_buffer(m.mean, layers[name].running_mean),
+                like_buffer(v.mean, layers[name].running_var),
             )
             for name, (m, v) in moments.items()
             if m.mean is not None and v.mean is not None
@@ -173,7 +173,8 @@ def eval_regime_stats(
     return current, max_passes
 
 
-def _like(t: Tensor, buffer: Tensor) -> Tensor:
+def like_buffer(t: Tensor, buffer: Tensor) -> Tensor:
+    """`t` on the device and in the dtype of the running-stat buffer it will replace."""
     return t.to(device=buffer.device, dtype=buffer.dtype)
 
 
