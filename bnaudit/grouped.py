@@ -140,7 +140,9 @@ class _Group:
             for start, size in zip(itertools.accumulate(sizes, initial=0), sizes, strict=False)
         ]
 
-        def per_channel(value: Callable[[LayerAttrs], Tensor | float | None], fill: float):
+        def per_channel(
+            value: Callable[[LayerAttrs], Tensor | float | None], fill: float
+        ) -> Tensor:
             parts = []
             for a in attrs:
                 v = value(a)
