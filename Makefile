@@ -18,8 +18,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check bnaudit tests
-	$(BIN)/ruff format --check bnaudit tests
+	$(BIN)/ruff check bnaudit tests benchmarks
+	$(BIN)/ruff format --check bnaudit tests benchmarks
+
+# Measures the audit against the forward passes it needs (time, memory, growth) and writes
+# benchmarks/RESULTS.md; a few minutes on 2 CPU cores. Not a test: it asserts nothing.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py
 
 # The demo plants one stale layer, so `bnaudit check` exits 1 (findings) by design; any other
 # exit code is a real failure.

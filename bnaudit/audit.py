@@ -1,15 +1,20 @@
 """The audit engine: one eval-mode and one train-mode pass per batch, hooks on every BN layer.
 
 Each hook reconstructs the layer's output by hand from the attributes, checks the running-stat
-update, reduces the layer's input to per-channel accumulators and drops every tensor. The model's
-modes, buffers and momentum are put back in `finally`; the train-mode update is undone in the
-hook itself, so every batch is compared against the checkpoint's statistics.
+update, reduces the layer's input to per-channel accumulators and drops every tensor; small
+activations of standard BN layers are measured the same way right after the forward pass, side
+by side (`bnaudit.grouped`). The measurement streams float64 blocks (`formulas.batch_moments`,
+`formulas.reconstruction_error`); only non-finite values or a mismatch take the general path on
+float64 copies. The model's modes, buffers and momentum are put back in `finally`; the
+train-mode update is undone in the hook itself, so every batch is compared against the
+checkpoint's statistics.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +28,7 @@ from bnaudit.errors import DataError, NothingToAudit, describe
 from bnaudit.explain import Case, Diagnosis
 from bnaudit.findings import Thresholds, is_stale, judge_layer, judge_model
 from bnaudit.fold import check_folds, find_pairs
+from bnaudit.grouped import Deferred, Update
 from bnaudit.impact import OutputImpact, compare_outputs, eval_regime_stats, like_buffer
 from bnaudit.layers import Kind, LayerAttrs, find_bn_layers, preserved
 from bnaudit.metrics import measure
@@ -64,18 +70,25 @@ class _Probe:
     """Forward hook of one BN layer; `regime` is switched by the engine between passes.
 
     A probe that does not `measure` only undoes the train-mode update: every BN layer must
-    start each batch from the checkpoint's statistics, audited or not.
+    start each batch from the checkpoint's statistics, audited or not. A probe with a `group`
+    hands small activations of a standard BN layer to it, to be measured with the other small
+    layers after the forward pass (`bnaudit.grouped`).
     """
 
     def __init__(
-        self, name: str, module: nn.Module, clock: itertools.count, measure: bool = True
+        self,
+        name: str,
+        module: nn.Module,
+        clock: itertools.count,
+        measure: bool = True,
+        group: Deferred | None = None,
     ) -> None:
         self.name = name
         self.measure = measure
         self.clock = clock  # shared by all probes: orders layers by their first call
         self.first_call: int | None = None
         self.module = module
-        self.attrs = LayerAttrs.of(module)
+        self.attrs = a = LayerAttrs.of(module)
         # Exact copies (original dtype) to undo each train-mode update.
         self.saved = {k: b.detach().clone() for k, b in module.named_buffers(recurse=False)}
         self.stats = LayerStats()
@@ -83,6 +96,11 @@ class _Probe:
         self.regime = "eval"
         self.nonfinite_inputs = 0
         self.nonfinite_outputs = 0
+        self.checks_update = a.kind is not Kind.FROZEN and a.has_running_stats
+        # Standard BN layers (their forward is torch's) whose finite outputs match the formula
+        # on every healthy model: the ones worth measuring in groups.
+        standard = a.kind is not Kind.INSTANCE and not a.overrides_forward
+        self.group = group if standard else None
 
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         try:
@@ -102,7 +120,87 @@ class _Probe:
             return
         if self.first_call is None:
             self.first_call = next(self.clock)
-        a, train = self.attrs, self.regime == "train"
+        train = self.regime == "train"
+        later = (
+            self.group is not None and x.shape[1] == self.attrs.num_features and self.group.takes(x)
+        )
+        update = self._updated(copy=later) if train and self.checks_update else None
+        if later:
+            assert self.group is not None
+            # Copies: the forward goes on and may change these tensors in place (a ReLU).
+            self.group.add(self, train, x.clone(), y.clone(), update)
+        else:
+            self.measure_batch(x, y, train, update)
+
+    def _updated(self, copy: bool) -> Update:
+        """The running stats (and T) this train-mode call left, before they are put back."""
+        m = self.module
+        mean, var = m.running_mean, m.running_var
+        if copy:
+            mean, var = mean.clone(), var.clone()
+        nbt = getattr(m, "num_batches_tracked", None)
+        return mean, var, None if nbt is None else int(nbt)
+
+    def measure_batch(self, x: Tensor, y: Tensor, train: bool, update: Update | None) -> None:
+        """Measure one call: input `x`, output `y`, and the running stats it left (train)."""
+        if not self._measure_finite(x, y, train, update):
+            self._measure_general(x, y, train, update)
+
+    def _measure_finite(self, x: Tensor, y: Tensor, train: bool, update: Update | None) -> bool:
+        """The common case, without a float64 copy of the activations; False: not applicable.
+
+        Applies to batch and frozen BN when the input, the statistics and the errors are all
+        finite, which is decided on the reductions it computes anyway (NaN and Inf survive a
+        sum; a float64 sum of finite values of a float32 or narrower input cannot overflow).
+        It then records exactly what `_measure_general` would; otherwise the caller goes there,
+        and nothing has been recorded.
+        """
+        a = self.attrs
+        if a.kind is Kind.INSTANCE or not x.is_floating_point() or x.numel() == 0:
+            return False
+        mean, var = F.batch_moments(x)
+        uses_batch = a.kind is not Kind.FROZEN and (train or not a.has_running_stats)
+        ref_mean, ref_var = (mean, var) if uses_batch else (a.running_mean, a.running_var)
+        assert ref_mean is not None and ref_var is not None  # has_running_stats, or batch
+        err, ratio = F.reconstruction_error(
+            x, y, ref_mean, ref_var, a.weight, a.bias, a.eps, y.dtype
+        )
+        # One synchronisation: is everything finite, and does every value match the formula?
+        probe, worst = torch.stack((mean.sum() + var.sum() + err.sum(), ratio.amax())).tolist()
+        if not math.isfinite(probe):
+            return False
+        regime = self.stats.train if train else self.stats.eval
+        regime.err_abs.add(err)
+        regime.err_ratio.add(ratio)
+        n = F.values_per_channel(x)
+        if not worst <= 1:  # this batch misses the formula: why?
+            self.diagnosis[self.regime].add(
+                Case(
+                    x.double(),
+                    y.double(),
+                    ref_mean,
+                    ref_var,
+                    mean,
+                    var,
+                    a.running_mean,
+                    a.running_var,
+                    a.weight,
+                    a.bias,
+                    a.eps,
+                    n,
+                    uses_batch,
+                    y.dtype,
+                )
+            )
+        regime.add_batch(n, x.shape[0], mean, var)
+        # Finite inputs and outputs: nothing to add to the non-finite counts.
+        if update is not None:
+            self.check_update(mean, var, n, update)
+        return True
+
+    def _measure_general(self, x: Tensor, y: Tensor, train: bool, update: Update | None) -> None:
+        """Every layer kind, NaN and Inf included, on float64 copies of the activations."""
+        a = self.attrs
         x64, y64 = x.double(), y.double()
         batch_mean, batch_var = F.batch_stats(x64)
         # `stat_*` is what the running stats estimate; `ref_*` what this output normalised with.
@@ -148,33 +246,34 @@ class _Probe:
         self.nonfinite_inputs += bad_in
         if not bad_in:  # a NaN arriving from upstream is that layer's finding, not this one's
             self.nonfinite_outputs += int((~torch.isfinite(y)).sum())
-        if train and a.kind is not Kind.FROZEN and a.has_running_stats:
-            self._check_update(stat_mean, stat_var, n)
+        if update is not None:
+            self.check_update(stat_mean, stat_var, n, update)
 
-    def _check_update(self, mean: Tensor, var: Tensor, n: int) -> None:
-        """Compare one running-stat update with (1 − m)·old + m·batch."""
-        a, m = self.attrs, self.module
-        assert a.running_mean is not None and a.running_var is not None  # has_running_stats
+    def check_update(self, mean: Tensor, var: Tensor, n: int, update: Update) -> None:
+        """Compare one running-stat update with (1 − m)·old + m·batch, and T with T + 1."""
+        a = self.attrs
+        assert a.running_mean is not None and a.running_var is not None  # checks_update
         t_before = a.num_batches_tracked or 0
         instance = a.kind is Kind.INSTANCE
-        exp_mean, exp_var, exp_t = F.running_update(
-            a.running_mean, a.running_var, mean, var, n, a.momentum, t_before, instance=instance
-        )
-        got_mean, got_var = m.running_mean.double(), m.running_var.double()
-        rtol, atol = F.tolerance(m.running_mean.dtype)
         factor = F.update_factor(a.momentum, t_before, instance=instance)
-        # The batch moments are sums of |x|-sized terms: their rounding scales with E[x²].
-        second = var + mean.square()
-        tol_mean = atol + rtol * (exp_mean.abs() + factor * second.sqrt())
-        tol_var = atol + rtol * (exp_var.abs() + factor * F.bessel(n) * second)
-        upd = self.stats.update
-        upd.mean_ratio.add(F.mismatch(got_mean, exp_mean) / tol_mean)
-        upd.var_ratio.add(F.mismatch(got_var, exp_var) / tol_var)
-        upd.mean_step.add((got_mean - a.running_mean).abs() / (a.running_var + a.eps).sqrt())
-        upd.var_step.add(((got_var + a.eps) / (a.running_var + a.eps)).log().abs())
-        nbt = getattr(m, "num_batches_tracked", None)
-        if a.num_batches_tracked is not None and nbt is not None and int(nbt.item()) != exp_t:
-            upd.count_errors += 1
+        got_mean, got_var, got_t = update
+        self.stats.update.add(
+            *F.update_residuals(
+                a.running_mean,
+                a.running_var,
+                mean,
+                var,
+                n,
+                factor,
+                got_mean.double(),
+                got_var.double(),
+                a.eps,
+                got_mean.dtype,
+            )
+        )
+        expected_t = t_before + (0 if instance else 1)
+        if a.num_batches_tracked is not None and got_t is not None and got_t != expected_t:
+            self.stats.update.count_errors += 1
 
 
 def _record_error(
@@ -225,7 +324,10 @@ def run_passes(
         )
     clock = itertools.count()
     wanted = options.layers
-    probes = [_Probe(name, m, clock, wanted is None or name in wanted) for name, m in layers]
+    deferred = Deferred()
+    probes = [
+        _Probe(name, m, clock, wanted is None or name in wanted, deferred) for name, m in layers
+    ]
     device, dtype = _model_device_dtype(model)
     # A one-shot iterator is kept for the impact passes; anything else is iterated again.
     keep = (options.impact or options.regime == "eval") and isinstance(batches, Iterator)
@@ -250,6 +352,7 @@ def run_passes(
                     else:
                         _set_train_mode(model, layers, options.train_mode)
                     out = _forward(model, batch, count, regime)
+                    deferred.flush()
                     if regime == "eval" and outputs is not None:
                         outputs.append(_detached(out))
                         budget -= _nbytes(out)
@@ -260,6 +363,7 @@ def run_passes(
                 count += 1
                 if progress is not None:
                     progress(count)
+            deferred.finish()
         finally:
             for h in handles:
                 h.remove()

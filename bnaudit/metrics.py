@@ -48,7 +48,7 @@ def drift(r: RegimeStats, a: LayerAttrs, t: Thresholds) -> Drift:
     shift = diff / run_var.sqrt()
     var = r.batch_vars.mean
     log_var = ((var + a.eps) / run_var).log()
-    finite = bool(torch.isfinite(shift).all() and torch.isfinite(log_var).all())
+    finite = _all_finite(shift, log_var)
     fraction = NAN
     v_mean, v_var = r.batch_means.variance(), r.batch_vars.variance()
     if finite and v_mean is not None and v_var is not None:
@@ -217,8 +217,17 @@ def _count(t: Tensor | None, predicate) -> int:
 
 
 def _count_nonfinite(a: LayerAttrs) -> int:
-    tensors = (a.weight, a.bias, a.running_mean, a.running_var)
-    return sum(int((~torch.isfinite(t)).sum()) for t in tensors if t is not None)
+    tensors = [t for t in (a.weight, a.bias, a.running_mean, a.running_var) if t is not None]
+    if _all_finite(*tensors):
+        return 0
+    return sum(int((~torch.isfinite(t)).sum()) for t in tensors)
+
+
+def _all_finite(*tensors: Tensor) -> bool:
+    """No NaN or Inf anywhere. A sum is finite exactly then, unless it overflows: only then is
+    each value checked (isfinite costs several operations, a sum one)."""
+    total = float(torch.stack([t.sum() for t in tensors]).sum()) if tensors else 0.0
+    return math.isfinite(total) or all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _initial(a: LayerAttrs) -> bool:

@@ -42,6 +42,12 @@ class Moments:
         if other.mean is not None and other.m2 is not None:
             self.add(other.count, other.mean, other.m2)
 
+    def channels(self, index: slice) -> Moments:
+        """The accumulator of a range of channels (views, not copies)."""
+        if self.mean is None or self.m2 is None:
+            return Moments()
+        return Moments(self.count, self.mean[index], self.m2[index])
+
     def variance(self, correction: int = 1) -> Tensor | None:
         """Per-channel variance; None while fewer than `correction` + 1 values were seen."""
         if self.m2 is None or self.count <= correction:
@@ -66,6 +72,9 @@ class MaxTracker:
     def merge(self, other: MaxTracker) -> None:
         if other.value is not None:
             self.add(other.value)
+
+    def channels(self, index: slice) -> MaxTracker:
+        return MaxTracker(None if self.value is None else self.value[index])
 
 
 @dataclass
@@ -107,13 +116,28 @@ class RegimeStats:
         self.min_batch = _min_seen(self.min_batch, batch)
 
     def merge(self, other: RegimeStats) -> None:
-        for name in ("batch_means", "batch_vars", "biased_vars", "population"):
+        for name in _MOMENT_FIELDS:
             getattr(self, name).merge(getattr(other, name))
         self.err_abs.merge(other.err_abs)
         self.err_ratio.merge(other.err_ratio)
         self.calls += other.calls
         self.min_n = _min_seen(self.min_n, other.min_n)
         self.min_batch = _min_seen(self.min_batch, other.min_batch)
+
+    def channels(self, index: slice) -> RegimeStats:
+        """What a range of the channels saw (several layers can be accumulated side by side)."""
+        moments = {name: getattr(self, name).channels(index) for name in _MOMENT_FIELDS}
+        return RegimeStats(
+            **moments,
+            err_abs=self.err_abs.channels(index),
+            err_ratio=self.err_ratio.channels(index),
+            calls=self.calls,
+            min_n=self.min_n,
+            min_batch=self.min_batch,
+        )
+
+
+_MOMENT_FIELDS = ("batch_means", "batch_vars", "biased_vars", "population")
 
 
 def _min_seen(a: int, b: int) -> int:
@@ -131,10 +155,27 @@ class UpdateStats:
     var_step: MaxTracker = field(default_factory=MaxTracker)  # |ln(σ²_r,new / σ²_r)|
     count_errors: int = 0  # steps where num_batches_tracked did not become T + 1
 
+    def add(
+        self, mean_ratio: Tensor, var_ratio: Tensor, mean_step: Tensor, var_step: Tensor
+    ) -> None:
+        """One train step's residuals (`formulas.update_residuals`)."""
+        self.mean_ratio.add(mean_ratio)
+        self.var_ratio.add(var_ratio)
+        self.mean_step.add(mean_step)
+        self.var_step.add(var_step)
+
     def merge(self, other: UpdateStats) -> None:
-        for name in ("mean_ratio", "var_ratio", "mean_step", "var_step"):
+        for name in _TRACKER_FIELDS:
             getattr(self, name).merge(getattr(other, name))
         self.count_errors += other.count_errors
+
+    def channels(self, index: slice) -> UpdateStats:
+        """A range of the channels; `count_errors` is per layer and stays behind."""
+        trackers = {name: getattr(self, name).channels(index) for name in _TRACKER_FIELDS}
+        return UpdateStats(**trackers)
+
+
+_TRACKER_FIELDS = ("mean_ratio", "var_ratio", "mean_step", "var_step")
 
 
 @dataclass
@@ -149,3 +190,8 @@ class LayerStats:
         self.train.merge(other.train)
         self.eval.merge(other.eval)
         self.update.merge(other.update)
+
+    def channels(self, index: slice) -> LayerStats:
+        return LayerStats(
+            self.train.channels(index), self.eval.channels(index), self.update.channels(index)
+        )

@@ -1,0 +1,178 @@
+"""The benchmark's models, defined here with random initialisation (no torchvision, no download).
+
+Each factory takes no argument, so it also serves as a `bnaudit check --model` spec, e.g.
+`benchmarks/models.py:resnet50_like`. Shapes follow the originals; what the benchmark measures is
+the audit's cost relative to the forward passes, which depends on the layer mix, not on the
+weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+class Bottleneck(nn.Module):
+    """ResNet-50's block: 1×1 reduce, 3×3, 1×1 expand (×4), each followed by BN."""
+
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        cout = 4 * width
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        return torch.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class ResNet50Like(nn.Module):
+    """ResNet-50's layout: stem, [3, 4, 6, 3] bottlenecks, 53 BatchNorm2d."""
+
+    def __init__(self, classes: int = 1000) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.MaxPool2d(3, 2, 1),
+        )
+        blocks: list[nn.Module] = []
+        cin = 64
+        for stage, count in enumerate((3, 4, 6, 3)):
+            width = 64 * 2**stage
+            for i in range(count):
+                blocks.append(Bottleneck(cin, width, 2 if i == 0 and stage > 0 else 1))
+                cin = 4 * width
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
+    return [
+        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1×1 expand, 3×3 depthwise, 1×1 linear projection, each with BN."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [*conv_bn(cin, hidden, 1), nn.ReLU6()]
+        layers += [*conv_bn(hidden, hidden, 3, stride, groups=hidden), nn.ReLU6()]
+        layers += conv_bn(hidden, cout, 1)
+        self.body = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x) if self.residual else self.body(x)
+
+
+class MobileNetV2Like(nn.Module):
+    """MobileNetV2's layout (width 1.0): 17 inverted residuals, 52 BatchNorm2d."""
+
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1))
+    SETTINGS += ((6, 160, 3, 2), (6, 320, 1, 1))  # (expansion, channels, repeats, stride)
+
+    def __init__(self, classes: int = 1000) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [*conv_bn(3, 32, 3, 2), nn.ReLU6()]
+        cin = 32
+        for expand, cout, repeats, stride in self.SETTINGS:
+            for i in range(repeats):
+                layers.append(InvertedResidual(cin, cout, stride if i == 0 else 1, expand))
+                cin = cout
+        layers += [*conv_bn(cin, 1280, 1), nn.ReLU6()]
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(1280, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+class DeepMLP(nn.Sequential):
+    """`depth` blocks of Linear → BatchNorm1d → ReLU on small tensors: per-layer overhead."""
+
+    def __init__(self, depth: int = 400, width: int = 64, d_in: int = 64) -> None:
+        layers: list[nn.Module] = []
+        d = d_in
+        for _ in range(depth):
+            layers += [nn.Linear(d, width), nn.BatchNorm1d(width), nn.ReLU()]
+            d = width
+        super().__init__(*layers, nn.Linear(d, 10))
+
+
+class CNN3d(nn.Sequential):
+    """A small video/volume CNN: Conv3d → BatchNorm3d → ReLU, 6 BatchNorm3d."""
+
+    def __init__(self, classes: int = 10) -> None:
+        widths = (3, 16, 32, 32, 64, 64, 64)
+        layers: list[nn.Module] = []
+        for i, (cin, cout) in enumerate(itertools.pairwise(widths)):
+            stride = 2 if i in (1, 3) else 1
+            layers += [nn.Conv3d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm3d(cout)]
+            layers.append(nn.ReLU())
+        super().__init__(*layers, nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(64, classes))
+
+
+def resnet50_like() -> nn.Module:
+    return ResNet50Like()
+
+
+def mobilenetv2_like() -> nn.Module:
+    return MobileNetV2Like()
+
+
+def mlp400() -> nn.Module:
+    return DeepMLP(400)
+
+
+def cnn3d() -> nn.Module:
+    return CNN3d()
+
+
+def bn_layers(model: nn.Module) -> list[_BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
+
+
+def calibrate(model: nn.Module, batches: Iterable[Tensor]) -> nn.Module:
+    """Give the BN layers real running statistics (a cumulative average over `batches`).
+
+    Random-init running stats (0 and 1) would make deep eval-mode activations explode or
+    vanish; after this the audit sees a model in the state a trained checkpoint is in.
+    """
+    layers = bn_layers(model)
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for m, momentum in zip(layers, momenta, strict=True):
+        m.momentum = momentum
+    return model.eval()

@@ -1,0 +1,72 @@
+"""The benchmark's building blocks (benchmarks/): the models are what RESULTS.md says they are,
+and the measuring helpers do what they claim. The benchmark itself is run by `make bench`."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("_bnaudit_bench", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def count(model: nn.Module, cls: type[nn.Module]) -> int:
+    return sum(type(m) is cls for m in model.modules())
+
+
+def test_models_have_the_layers_the_report_names(bench) -> None:
+    models = bench.models
+    resnet, mobilenet = models.resnet50_like(), models.mobilenetv2_like()
+    assert count(resnet, nn.BatchNorm2d) == 53
+    assert count(mobilenet, nn.BatchNorm2d) == 52
+    depthwise = [m for m in mobilenet.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert len(depthwise) == 17 and all(m.groups == m.in_channels for m in depthwise)
+    assert count(models.mlp400(), nn.BatchNorm1d) == 400
+    assert count(models.cnn3d(), nn.BatchNorm3d) == 6
+    with torch.no_grad():
+        assert models.cnn3d().eval()(torch.randn(2, 3, 4, 16, 16)).shape == (2, 10)
+
+
+def test_calibrate_gives_running_stats_and_keeps_momentum(bench) -> None:
+    model = bench.build("DeepMLP", (8, 64), depth=3)
+    bn = bench.models.bn_layers(model)
+    assert all(m.momentum == 0.1 and int(m.num_batches_tracked) == 2 for m in bn)
+    assert not any(bool((m.running_var == 1).all()) for m in bn)
+    assert not model.training
+
+
+def test_linear_fit(bench) -> None:
+    fit = bench.linear_fit([1.0, 2.0, 4.0, 8.0], [3.0, 5.0, 9.0, 17.0])
+    assert fit["slope"] == pytest.approx(2.0) and fit["intercept"] == pytest.approx(1.0)
+    assert fit["r2"] == pytest.approx(1.0) and fit["max_dev"] == pytest.approx(0.0, abs=1e-12)
+    bent = bench.linear_fit([1.0, 2.0, 4.0, 8.0], [1.0, 4.0, 16.0, 64.0])
+    assert bent["r2"] < 0.99 and bent["max_dev"] > 0.1
+
+
+def test_interleaved_alternates_and_resets_after_the_plain_run(bench) -> None:
+    calls: list[str] = []
+    runs = [lambda: calls.append("plain"), lambda: calls.append("audit")]
+    times = bench.interleaved(runs, 3, reset=lambda: calls.append("reset"))
+    assert [len(t) for t in times] == [3, 3]
+    warm_up = ["plain", "reset", "audit"]
+    forward, backward = ["plain", "reset", "audit"], ["audit", "plain", "reset"]
+    assert calls == warm_up + forward + backward + forward
+
+
+def test_peak_rss_is_this_process(bench) -> None:
+    assert 10 * 1024 < bench.peak_rss_kib() < 64 * 1024 * 1024
