@@ -12,6 +12,7 @@ checkpoint's statistics.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -27,7 +28,7 @@ from bnaudit.batches import call_model, move_batch
 from bnaudit.errors import DataError, NothingToAudit, describe
 from bnaudit.explain import Case, Diagnosis
 from bnaudit.findings import Thresholds, is_stale, judge_layer, judge_model
-from bnaudit.fold import check_folds, find_pairs
+from bnaudit.fold import FoldWatch, find_pairs
 from bnaudit.grouped import Deferred, Update
 from bnaudit.impact import OutputImpact, compare_outputs, eval_regime_stats, like_buffer
 from bnaudit.layers import Kind, LayerAttrs, find_bn_layers, preserved
@@ -51,7 +52,7 @@ class AuditOptions:
     attribution: bool = False  # also swap in one flagged layer's statistics at a time
     attribution_max: int = 8  # at most this many layers (K passes each), the worst first
     output_budget_mb: float = 64.0  # eval outputs kept for reuse; beyond, they are recomputed
-    fold: bool = True  # check conv/linear → BN folds (one extra eval pass on the first batch)
+    fold: bool = True  # check conv/linear → BN folds (on the first eval pass's first samples)
 
 
 @dataclass
@@ -63,7 +64,6 @@ class Passes:
     count: int  # batches run
     batches: Iterable[Any]  # to run again for the output impact (moved to the device)
     outputs: list[Any] | None  # eval-mode outputs with the stored stats; None past the budget
-    first: Any = None  # the first batch, moved
 
 
 class _Probe:
@@ -312,10 +312,12 @@ def run_passes(
     batches: Iterable[Any],
     options: AuditOptions,
     progress: Callable[[int], None] | None = None,
+    folds: FoldWatch | None = None,
 ) -> Passes:
     """Run every batch once in eval and once in train mode with all probes attached.
 
-    `progress`, when given, is called with the number of batches done after each batch.
+    `progress`, when given, is called with the number of batches done after each batch;
+    `folds` watches the first eval-mode pass.
     """
     layers = find_bn_layers(model)
     if not layers:
@@ -332,7 +334,6 @@ def run_passes(
     # A one-shot iterator is kept for the impact passes; anything else is iterated again.
     keep = (options.impact or options.regime == "eval") and isinstance(batches, Iterator)
     kept: list[Any] = []
-    first = None
     outputs: list[Any] | None = [] if options.impact else None
     budget = options.output_budget_mb * 2**20
     count = 0
@@ -343,7 +344,6 @@ def run_passes(
                 if options.max_batches is not None and count >= options.max_batches:
                     break
                 batch = move_batch(batch, device, dtype)
-                first = batch if count == 0 else first
                 for regime in ("eval", "train"):
                     for p in probes:
                         p.regime = regime
@@ -351,7 +351,9 @@ def run_passes(
                         model.eval()
                     else:
                         _set_train_mode(model, layers, options.train_mode)
-                    out = _forward(model, batch, count, regime)
+                    watch = folds is not None and count == 0 and regime == "eval"
+                    with folds.watching() if watch else contextlib.nullcontext():  # type: ignore[union-attr]
+                        out = _forward(model, batch, count, regime)
                     deferred.flush()
                     if regime == "eval" and outputs is not None:
                         outputs.append(_detached(out))
@@ -368,7 +370,7 @@ def run_passes(
             for h in handles:
                 h.remove()
     again = kept if keep else _moved(batches, count, device, dtype)
-    return Passes([p for p in probes if p.measure], dict(layers), count, again, outputs, first)
+    return Passes([p for p in probes if p.measure], dict(layers), count, again, outputs)
 
 
 class _moved:
@@ -446,7 +448,15 @@ def audit(
     """
     options = _with_overrides(options or AuditOptions(), overrides)
     t = options.thresholds
-    passes = run_passes(model, batches, options, progress)
+    notes: list[str] = []
+    folds = None
+    if options.fold:
+        find_bn_layers(model)  # refuses an unmaterialised model before tracing touches it
+        pairs = find_pairs(model)
+        if pairs.note:
+            notes.append(f"fold pairs by {pairs.method} ({pairs.note})")
+        folds = FoldWatch(model, pairs)
+    passes = run_passes(model, batches, options, progress, folds)
     probes, count = passes.probes, passes.count
     metrics = {
         p.name: measure(
@@ -462,18 +472,9 @@ def audit(
         )
         for p in probes
     }
-    notes: list[str] = []
-    if options.fold:
-        pairs = find_pairs(model)
-        if pairs.note:
-            notes.append(f"fold pairs by {pairs.method} ({pairs.note})")
-        try:
-            with preserved(model, list(passes.layers.items())):
-                checks = check_folds(model, pairs, passes.first)
-        except (RuntimeError, ValueError, TypeError) as exc:
-            notes.append(f"fold check not run: the forward failed ({describe(exc)})")
-            checks = {}
-        for name, c in checks.items():
+    if folds is not None:
+        notes.extend(f"fold check of {bn} not run: {why}" for bn, why in folds.failed.items())
+        for name, c in folds.results().items():
             if name in metrics:
                 metrics[name] = dataclasses.replace(
                     metrics[name],
@@ -515,9 +516,7 @@ def audit(
         layers=tuple(results),
         fail_on=options.fail_on,
         batches=count,
-        forward_passes=2 * count
-        + (impact.forward_passes if impact else 0)
-        + (1 if options.fold and passes.first is not None else 0),
+        forward_passes=2 * count + (impact.forward_passes if impact else 0),
         synthetic_data=options.synthetic_data,
         notes=(*notes, *_notes(results, count)),
         checkpoint=checkpoint,

@@ -1,8 +1,9 @@
 """Conv/linear → BN folding: finding the pairs, checking the fold, judging its numeric risk.
 
 Deployment tools fold every eval-mode BN into the conv or linear before it. The fold is checked
-on the layer's real inputs (the first sample batch): the folded conv's output against conv → BN
-in eval mode, in the model's own dtype. Its risk is judged from the folded weights:
+on the layer's real inputs (the first samples of the audit's own first eval-mode pass): the
+folded conv's output against conv → BN in eval mode, in the model's own dtype. Its risk is
+judged from the folded weights:
 - float16: any |W'| or |b'| above 65504 overflows;
 - int8 per-tensor: a tensor shares one scale, max|W'|/127, so an output channel whose largest
   weight is a small fraction of the tensor's keeps few quantization levels. Levels of a
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 import math
 from collections.abc import Iterator
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 
 from bnaudit import formulas as F
 from bnaudit.batches import call_model
+from bnaudit.errors import describe
 from bnaudit.layers import Kind, LayerAttrs, layer_kind
 
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -137,58 +140,88 @@ def risk(conv: nn.Module, a: LayerAttrs) -> tuple[float, float]:
     return max(top, float(b.abs().max())), levels
 
 
-@contextlib.contextmanager
-def _capturing(model: nn.Module, pairs: Pairs, sink: dict[str, Any]) -> Iterator[None]:
-    """Record each paired conv's input and the paired BN's eval output on one forward."""
-    modules = dict(model.named_modules())
-    handles = []
-    for p in pairs.pairs:
-        handles.append(
-            modules[p.conv].register_forward_pre_hook(
-                lambda m, inp, key=p.conv: sink.setdefault(("in", key), inp[0].detach())
-            )
-        )
-        handles.append(
-            modules[p.bn].register_forward_hook(
-                lambda m, inp, out, key=p.bn: sink.setdefault(("out", key), out.detach())
-            )
-        )
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+# Eval-mode BN and conv act on each sample alone, so a fold that holds on a few samples holds on
+# all of them; checking two keeps the extra conv work a small fraction of one pass.
+FOLD_SAMPLES = 2
+
+
+class FoldWatch:
+    """Checks every pair's fold during one eval-mode forward that runs anyway (the audit's first).
+
+    The paired conv's input (its first `FOLD_SAMPLES` samples) is kept until the BN's output
+    arrives, compared with the folded conv's output, and dropped: at most one pair's slice is
+    held at a time, whatever the model's depth.
+    """
+
+    def __init__(self, model: nn.Module, pairs: Pairs) -> None:
+        self.modules = dict(model.named_modules())
+        self.pairs = pairs
+        self.inputs: dict[str, Tensor] = {}
+        self.errors: dict[str, tuple[float, float]] = {}  # bn: (max_err, ratio)
+        self.failed: dict[str, str] = {}  # bn: why the folded conv could not run
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        handles = []
+        for p in self.pairs.pairs:
+            conv, bn = self.modules[p.conv], self.modules[p.bn]
+            handles.append(conv.register_forward_pre_hook(functools.partial(self._keep, p)))
+            handles.append(bn.register_forward_hook(functools.partial(self._compare, p)))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            self.inputs.clear()
+
+    def _keep(self, p: Pair, conv: nn.Module, inputs: tuple[Any, ...]) -> None:
+        if p.bn not in self.errors and inputs and isinstance(inputs[0], Tensor):
+            self.inputs[p.conv] = inputs[0].detach()[:FOLD_SAMPLES].clone()
+
+    def _compare(self, p: Pair, bn: nn.Module, inputs: tuple[Any, ...], out: Any) -> None:
+        x = self.inputs.pop(p.conv, None)
+        if x is None or bn.training or p.bn in self.errors or not isinstance(out, Tensor):
+            return
+        conv = self.modules[p.conv]
+        ref = out.detach()[:FOLD_SAMPLES]
+        w, b = folded(conv, LayerAttrs.of(bn))
+        try:
+            with torch.no_grad():
+                got = _apply(conv, x, w, b)
+                # Each output sums products in the model's dtype: its rounding scales with the
+                # same sum of |x|·|W'|, hence that term in the tolerance.
+                spread = _apply(conv, x.abs(), w.abs(), b.abs())
+        except (RuntimeError, ValueError, TypeError) as exc:  # a conv subclass, say
+            self.failed[p.bn] = describe(exc)
+            return
+        if got.shape != ref.shape:
+            self.failed[p.bn] = f"the folded output is {tuple(got.shape)}, BN's {tuple(ref.shape)}"
+            return
+        rtol, atol = F.tolerance(ref.dtype)
+        err = F.mismatch(got.double(), ref.double())
+        tol = atol + rtol * (ref.double().abs() + spread.double())
+        ratio = torch.where(err == 0, err, err / tol)
+        self.errors[p.bn] = (float(err.max()), float(ratio.max()))
+
+    def results(self) -> dict[str, FoldCheck]:
+        """Per BN layer: the fold's error (when its pair ran) and its numeric risk."""
+        out = {}
+        for p in self.pairs.pairs:
+            weight_max, levels = risk(self.modules[p.conv], LayerAttrs.of(self.modules[p.bn]))
+            max_err, ratio = self.errors.get(p.bn, (math.nan, math.nan))
+            checked = p.bn in self.errors
+            out[p.bn] = FoldCheck(p.conv, checked, max_err, ratio, weight_max, levels)
+        return out
 
 
 def check_folds(model: nn.Module, pairs: Pairs, batch: Any | None) -> dict[str, FoldCheck]:
-    """Per BN layer: the fold's error on `batch` (eval mode) and its numeric risk."""
-    modules = dict(model.named_modules())
-    seen: dict[Any, Tensor] = {}
+    """Per BN layer: the fold's error on `batch` (one eval-mode forward) and its numeric risk."""
+    watch = FoldWatch(model, pairs)
     if batch is not None and pairs.pairs:
         model.eval()
-        with torch.no_grad(), _capturing(model, pairs, seen):
+        with torch.no_grad(), watch.watching():
             call_model(model, batch)
-    out = {}
-    for p in pairs.pairs:
-        conv, a = modules[p.conv], LayerAttrs.of(modules[p.bn])
-        weight_max, levels = risk(conv, a)
-        max_err = ratio = math.nan
-        x, ref = seen.get(("in", p.conv)), seen.get(("out", p.bn))
-        checked = x is not None and ref is not None
-        if checked:
-            w, b = folded(conv, a)
-            with torch.no_grad():
-                got = _apply(conv, x, w, b)
-                # Each output sums products in the model's dtype: its rounding scales with
-                # the same sum of |x|·|W'|, hence that term in the tolerance.
-                spread = _apply(conv, x.abs(), w.abs(), b.abs())
-            rtol, atol = F.tolerance(ref.dtype)
-            err = F.mismatch(got.double(), ref.double())
-            tol = atol + rtol * (ref.double().abs() + spread.double())
-            max_err = float(err.max())
-            ratio = float(torch.where(err == 0, err, err / tol).max())
-        out[p.bn] = FoldCheck(p.conv, checked, max_err, ratio, weight_max, levels)
-    return out
+    return watch.results()
 
 
 def fold_model(model: nn.Module, pairs: Pairs) -> nn.Module:

