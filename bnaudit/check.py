@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnaudit.audit import AuditOptions, audit
 from bnaudit.baseline import Baseline, apply_baseline, from_report, read_baseline, render_baseline
 from bnaudit.batches import call_model, load_batches, move_batch, parse_shape, synthetic_batches
 from bnaudit.config import CheckSettings
+from bnaudit.engine import AuditOptions, audit
 from bnaudit.errors import BnauditError, ReportError
 from bnaudit.fold import Pairs, find_pairs, fold_model
 from bnaudit.html import render_html
@@ -219,6 +219,7 @@ def _static(s: CheckSettings, ckpt: Checkpoint, log: Any) -> AuditReport:
         fail_on=s.fail_on,
         known=ckpt.known,
         before_read=ckpt.verify,
+        after_read=ckpt.release_pages,
         checkpoint=str(s.checkpoint),
         sha256=ckpt.sha256,
         notes=ckpt.notes,

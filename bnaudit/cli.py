@@ -6,6 +6,7 @@ Exit codes: 0 passed, 1 a finding at or above --fail-on that is neither ignored 
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import os
 import sys
@@ -16,7 +17,7 @@ from typing import Any
 
 import typer
 
-from bnaudit import __version__
+from bnaudit import __version__, digest
 from bnaudit.annotations import GitHub
 from bnaudit.config import Regime, TrainMode, resolve
 from bnaudit.errors import BnauditError, NothingToAudit
@@ -387,8 +388,8 @@ def fold(
 
 
 def _show(cli: dict[str, Any], config: Path | None, layer: str) -> int:
-    from bnaudit.audit import audit
     from bnaudit.check import Prepared, audit_options, prepare
+    from bnaudit.engine import audit
     from bnaudit.show import describe, find_layer, render_layer
 
     settings = resolve(cli, config, Path.cwd())
@@ -405,6 +406,8 @@ def _show(cli: dict[str, Any], config: Path | None, layer: str) -> int:
 
 
 def _check(cli: dict[str, Any], config: Path | None, quiet: bool) -> int:
+    if isinstance(cli.get("checkpoint"), Path):
+        digest.prefetch(cli["checkpoint"])  # hashes while torch imports
     from bnaudit import annotations
     from bnaudit.check import run_check, write_reports
     from bnaudit.report import render, summary_line
@@ -471,16 +474,22 @@ def _error(message: str) -> None:
 
 
 def _torch_too_old() -> str | None:
-    import torch
+    """From the installed metadata: importing torch here would delay every command by its import
+    time, which `check` overlaps with hashing the checkpoint."""
+    try:
+        installed = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:  # a source build without metadata
+        import torch
 
-    parts = torch.__version__.split("+")[0].split(".")
+        installed = torch.__version__
+    parts = installed.split("+")[0].split(".")
     try:
         version = (int(parts[0]), int(parts[1]))
     except (ValueError, IndexError):
         return None
     if version < MIN_TORCH:
         return (
-            f"torch {torch.__version__} is too old: torch < 2.10 has known weights_only "
+            f"torch {installed} is too old: torch < 2.10 has known weights_only "
             "bypasses (CVE-2025-32434, CVE-2026-24747) that let a checkpoint run code; "
             "upgrade torch"
         )

@@ -17,6 +17,7 @@ import torch.nn.functional as tf
 from torch import Tensor
 
 from bnaudit import formulas as F
+from bnaudit.findings import ACTIVATION_KEY
 from bnaudit.statistics import MaxTracker
 
 # Activations a BN subclass may apply after normalising (timm's BatchNormAct2d, say).
@@ -33,7 +34,6 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
 }
-ACTIVATION_KEY = "act:"
 
 
 @dataclass(frozen=True)

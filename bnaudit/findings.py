@@ -10,9 +10,12 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from bnaudit.explain import ACTIVATION_KEY
-from bnaudit.fold import FLOAT16_MAX, MIN_INT8_LEVELS
 from bnaudit.results import MODEL, Finding, LayerMetrics, Severity
+
+# Shared with fold.py and explain.py; kept here so that judging needs no torch.
+FLOAT16_MAX = 65504.0
+MIN_INT8_LEVELS = 8.0  # int8 levels a folded channel keeps, below which the fold is at risk
+ACTIVATION_KEY = "act:"  # diagnosis keys of BN-with-activation layers
 
 JUDGED = "yes"
 _FORMULA_CODES = frozenset({"recon-train", "recon-eval", "running-update"})

@@ -8,7 +8,7 @@ judged from the folded weights:
 - int8 per-tensor: a tensor shares one scale, max|W'|/127, so an output channel whose largest
   weight is a small fraction of the tensor's keeps few quantization levels. Levels of a
   channel = 127·max|W'_c| / max|W'|; the fold is at risk when the median channel keeps fewer
-  than `MIN_INT8_LEVELS` (it then has less than 3 bits of its own).
+  than `findings.MIN_INT8_LEVELS` (it then has less than 3 bits of its own).
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ from bnaudit.errors import describe
 from bnaudit.layers import Kind, LayerAttrs, layer_kind
 
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-FLOAT16_MAX = 65504.0
-MIN_INT8_LEVELS = 8.0
 
 
 @dataclass(frozen=True)

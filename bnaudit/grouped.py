@@ -26,7 +26,7 @@ from bnaudit.layers import Kind, LayerAttrs
 from bnaudit.statistics import LayerStats
 
 if TYPE_CHECKING:
-    from bnaudit.audit import _Probe
+    from bnaudit.engine import _Probe
 
 # Activations of at most this many values are measured in groups; above it the arithmetic
 # dominates and a layer is measured in its own hook.

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bnaudit.audit import AuditOptions, recalibrated_stats, run_passes
+from bnaudit.engine import AuditOptions, recalibrated_stats, run_passes
 from bnaudit.errors import BnauditError
 
 

@@ -94,6 +94,7 @@ def audit_state_dict(
     fail_on: FailOn = FailOn.FAIL,
     known: Mapping[str, KnownAttrs] | None = None,
     before_read: Callable[[Iterable[str]], None] | None = None,
+    after_read: Callable[[], None] | None = None,
     checkpoint: str | None = None,
     sha256: str | None = None,
     notes: tuple[str, ...] = (),
@@ -105,6 +106,8 @@ def audit_state_dict(
             otherwise eps is assumed to be 1e-5 and momentum is unknown.
         before_read: called with the keys about to be read, before any of their data is
             (the checkpoint's CRC check).
+        after_read: called after each layer's tensors are copied out (to unmap what reading a
+            memory-mapped checkpoint mapped in).
         notes: prepended to the report's notes (how the checkpoint was read).
     """
     t = thresholds or Thresholds()
@@ -129,6 +132,8 @@ def audit_state_dict(
             {attr: state_dict[k] for attr, k in g.keys.items()},  # type: ignore[misc]
             known=known.get(g.prefix),
         )
+        if after_read is not None:
+            after_read()
         m = measure(a, LayerStats(), t, nonfinite_inputs=0, nonfinite_outputs=0, synthetic=False)
         m = dataclasses.replace(m, stale_judged=NOT_JUDGED, gap_judged=NOT_JUDGED)
         name = f"{g.prefix}."[len(strip) :].removesuffix(".")

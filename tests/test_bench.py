@@ -70,3 +70,16 @@ def test_interleaved_alternates_and_resets_after_the_plain_run(bench) -> None:
 
 def test_peak_rss_is_this_process(bench) -> None:
     assert 10 * 1024 < bench.peak_rss_kib() < 64 * 1024 * 1024
+
+
+def test_plain_side_runs_the_passes_the_audit_reports(bench) -> None:
+    model = bench.build("DeepMLP", (8, 64), depth=2)
+    batches = list(bench.batches_of((8, 64), 3, seed=2))
+    calls = [0]
+    handle = model.register_forward_pre_hook(lambda m, i: calls.__setitem__(0, calls[0] + 1))
+    try:
+        bench.plain_passes(model, batches)
+    finally:
+        handle.remove()
+    report = bench.run_audit(model, batches)  # raises unless it ran needed_passes(3)
+    assert calls[0] == report.forward_passes == bench.needed_passes(3)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import importlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,15 +22,13 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import bnaudit
+from bnaudit import engine, grouped
 from bnaudit import formulas as F
-from bnaudit import grouped
 from bnaudit.results import AuditReport
 from bnaudit.statistics import LayerStats
 from tests import nets
 from tests.test_variants import FrozenBatchNorm2d
 
-# The module, not the `bnaudit.audit` function the package exports under that name.
-engine = importlib.import_module("bnaudit.audit")
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, database=None)
 U64 = 2.0**-53  # float64 unit roundoff
 
