@@ -174,23 +174,8 @@ class _Probe:
         regime.err_ratio.add(ratio)
         n = F.values_per_channel(x)
         if not worst <= 1:  # this batch misses the formula: why?
-            self.diagnosis[self.regime].add(
-                Case(
-                    x.double(),
-                    y.double(),
-                    ref_mean,
-                    ref_var,
-                    mean,
-                    var,
-                    a.running_mean,
-                    a.running_var,
-                    a.weight,
-                    a.bias,
-                    a.eps,
-                    n,
-                    uses_batch,
-                    y.dtype,
-                )
+            self._diagnose(
+                x.double(), y.double(), ref_mean, ref_var, mean, var, n, uses_batch, y.dtype
             )
         regime.add_batch(n, x.shape[0], mean, var)
         # Finite inputs and outputs: nothing to add to the non-finite counts.
@@ -217,23 +202,8 @@ class _Probe:
         regime = self.stats.train if train else self.stats.eval
         ratio = _record_error(regime, x64, y64, ref_mean, ref_var, a, y.dtype)
         if not bool((ratio <= 1).all()):  # this batch misses the formula (or is NaN): why?
-            self.diagnosis[self.regime].add(
-                Case(
-                    x64,
-                    y64,
-                    ref_mean,
-                    ref_var,
-                    batch_mean,
-                    batch_var,
-                    a.running_mean,
-                    a.running_var,
-                    a.weight,
-                    a.bias,
-                    a.eps,
-                    n,
-                    uses_batch,
-                    y.dtype,
-                )
+            self._diagnose(
+                x64, y64, ref_mean, ref_var, batch_mean, batch_var, n, uses_batch, y.dtype
             )
         regime.add_batch(
             n,
@@ -248,6 +218,26 @@ class _Probe:
             self.nonfinite_outputs += int((~torch.isfinite(y)).sum())
         if update is not None:
             self.check_update(stat_mean, stat_var, n, update)
+
+    def _diagnose(
+        self,
+        x64: Tensor,
+        y64: Tensor,
+        ref_mean: Tensor,
+        ref_var: Tensor,
+        batch_mean: Tensor,
+        batch_var: Tensor,
+        n: int,
+        uses_batch: bool,
+        dtype: torch.dtype,
+    ) -> None:
+        """Record why this call missed the formula (the usual mistakes, tried in turn)."""
+        a = self.attrs
+        case = Case(
+            x64, y64, ref_mean, ref_var, batch_mean, batch_var, a.running_mean, a.running_var,
+            a.weight, a.bias, a.eps, n, uses_batch, dtype,
+        )  # fmt: skip
+        self.diagnosis[self.regime].add(case)
 
     def check_update(self, mean: Tensor, var: Tensor, n: int, update: Update) -> None:
         """Compare one running-stat update with (1 − m)·old + m·batch, and T with T + 1."""
