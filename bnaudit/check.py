@@ -18,7 +18,15 @@ import torch
 from torch import nn
 
 from bnaudit.baseline import Baseline, apply_baseline, from_report, read_baseline, render_baseline
-from bnaudit.batches import call_model, load_batches, move_batch, parse_shape, synthetic_batches
+from bnaudit.batches import (
+    call_model,
+    load_batches,
+    move_batch,
+    parse_input,
+    parse_shape,
+    synthetic_batches,
+    to_call,
+)
 from bnaudit.config import CheckSettings
 from bnaudit.engine import AuditOptions, audit
 from bnaudit.errors import BnauditError, ReportError
@@ -33,6 +41,7 @@ from bnaudit.recalibrate import Recalibration, recalibrate
 from bnaudit.report import Format, check_writable, render, write_atomic
 from bnaudit.results import AuditReport
 from bnaudit.saving import atomic, check_output, write_recalibrated
+from bnaudit.specs import import_object
 from bnaudit.static import audit_state_dict
 
 SYNTHETIC_BATCHES = 4  # synthetic batches when --batches is not given
@@ -111,7 +120,19 @@ def audit_options(s: CheckSettings, p: Prepared, layers: tuple[str, ...] | None 
         impact=s.impact and layers is None,
         regime=s.regime.value,
         attribution=s.attribution,
+        input=parse_input(s.input),
+        metric=_metric(s.metric),
+        metric_name=s.metric or "",
     )
+
+
+def _metric(spec: str | None) -> Callable[..., float] | None:
+    if spec is None:
+        return None
+    fn = import_object(spec, what="--metric")
+    if not callable(fn):
+        raise BnauditError(f"--metric {spec}: {type(fn).__name__} is not callable")
+    return fn
 
 
 def run_check(
@@ -177,7 +198,7 @@ def _batch_count(batches: Iterable[Any], cap: int | None) -> int | None:
 def _input_files(s: CheckSettings) -> list[Path]:
     """Files other than the checkpoint that a report must never overwrite."""
     files = [s.config_file] if s.config_file else []
-    for spec in (s.data, s.model):
+    for spec in (s.data, s.model, s.metric):
         if spec is None:
             continue
         head = spec.rpartition(":")[0] if not Path(spec).exists() else spec
@@ -276,7 +297,10 @@ class Recalibrated:
 def run_recalibrate(
     s: CheckSettings, output: Path, *, force: bool, layers: tuple[str, ...], log: Any = None
 ) -> Recalibrated:
-    """Audit, recalibrate on the sample batches, write the new checkpoint, audit it again."""
+    """Audit, recalibrate on the sample batches, write the new checkpoint, audit it again.
+
+    With labelled batches, a recalibration that lowers the task metric beyond noise
+    (cross-fitted, see bnaudit.evidence) is refused unless `force`."""
     check_output(s.checkpoint, output, force=force)
     if not s.data:
         raise BnauditError("recalibrate needs sample batches from the data: pass --data")
@@ -288,8 +312,21 @@ def run_recalibrate(
     before = audit(
         p.model, batches, options=options, checkpoint=str(s.checkpoint), sha256=p.checkpoint.sha256
     )
+    evidence = before.impact.evidence if before.impact else None
+    if evidence is not None and evidence.worse and not force:
+        raise BnauditError(
+            f"{s.checkpoint}: not written: recalibrating to these batches lowers "
+            f"{evidence.describe()}. The stored statistics serve the task better than ones fitted "
+            "to these batches, which may not be the training distribution; recalibrate on "
+            "data drawn like the training data, or pass --force to write anyway"
+        )
     r = recalibrate(
-        p.model, batches, regime=s.regime.value, layers=layers, train_mode=s.train_mode.value
+        p.model,
+        batches,
+        regime=s.regime.value,
+        layers=layers,
+        train_mode=s.train_mode.value,
+        choice=parse_input(s.input),
     )
     write_recalibrated(s.checkpoint, output, r, key=s.key)
     _log(log, f"wrote {output} ({len(r.stats)} layers recalibrated on {r.batches} batches)")
@@ -329,8 +366,9 @@ def run_fold(s: CheckSettings, output: Path, *, force: bool, log: Any = None) ->
     diff = OutputDiff()
     with preserved(p.model, find_bn_layers(p.model)), torch.no_grad():
         p.model.eval()
-        for batch in itertools.islice(p.batches, s.batches):
-            batch = move_batch(batch, *_device_dtype(p.model))
+        choice = parse_input(s.input)
+        for raw in itertools.islice(p.batches, s.batches):
+            batch = to_call(p.model, move_batch(raw, *_device_dtype(p.model)), choice)
             diff.add(call_model(p.model, batch), call_model(folded_model, batch))
     if not diff.rel_l2 <= FOLD_MAX_REL_L2:  # written so that NaN fails too
         raise BnauditError(

@@ -83,7 +83,23 @@ def check(
         "--data",
         "-d",
         rich_help_panel=_I,
-        help="Sample batches: .pt/.pth, .npy, .npz, or module:function.",
+        help="Sample batches: .pt/.pth, .npy, .npz, or path/to/file.py:function / "
+        "module:function returning batches (a DataLoader, say).",
+    ),
+    input: str = typer.Option(
+        None,
+        "--input",
+        rich_help_panel=_I,
+        help="Which part of a batch is the model's input: an element index (0 for "
+        "(images, labels)) or a dict key [default: model(*batch) when the forward requires "
+        "every element, else batch[0]; dict batches: model(**batch)].",
+    ),
+    metric: str = typer.Option(
+        None,
+        "--metric",
+        rich_help_panel=_O,
+        help="Task metric for labelled batches: file.py:fn or module:fn, fn(outputs, labels) -> "
+        "float, higher is better [default: top-1 accuracy for [B, K] outputs].",
     ),
     input_shape: str = typer.Option(
         None,
@@ -277,6 +293,9 @@ def show(
     layer: str = typer.Option(..., "--layer", "-l", help="Qualified name, e.g. layer1.0.bn1."),
     model: str = typer.Option(None, "--model", "-m", help="Architecture, as for check."),
     data: str = typer.Option(None, "--data", "-d", help="Sample batches: measure the errors."),
+    input: str = typer.Option(
+        None, "--input", help="Input element or key of a batch, as for check."
+    ),
     input_shape: str = typer.Option(None, help="Synthetic batches of this shape."),
     batch_size: int = typer.Option(None, help="Split a data tensor into batches of this size."),
     batches: int = typer.Option(None, help="Use at most this many batches."),
@@ -300,6 +319,12 @@ def recalibrate(
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the new checkpoint."),
     model: str = typer.Option(None, "--model", "-m", help="Architecture, as for check."),
     data: str = typer.Option(None, "--data", "-d", help="Sample batches to recalibrate on."),
+    input: str = typer.Option(
+        None, "--input", help="Input element or key of a batch, as for check."
+    ),
+    metric: str = typer.Option(
+        None, "--metric", help="Task metric for labelled batches, as for check [default: top-1]."
+    ),
     regime: Regime = typer.Option(
         None, help="Statistics of train-mode inputs, or of eval-mode inputs [default: train]."
     ),
@@ -311,7 +336,12 @@ def recalibrate(
     key: str = typer.Option(None, help="Which state dict of the checkpoint, as for check."),
     device: str = typer.Option(None, help="Device [default: cpu]."),
     seed: int = typer.Option(None, help="Random seed [default: 0]."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Replace an existing output file, and write even when the labelled batches show "
+        "that recalibration lowers the task metric.",
+    ),
     config: Path = typer.Option(None, help="TOML file with a [tool.bnaudit] table."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -320,6 +350,8 @@ def recalibrate(
         "checkpoint": checkpoint,
         "model": model,
         "data": data,
+        "input": input,
+        "metric": metric,
         "regime": regime,
         "batch_size": batch_size,
         "batches": batches,
@@ -338,6 +370,9 @@ def recalibrate(
         )
         names = list(done.recalibration.stats)
         sys.stdout.write(render_changes(done.before, done.after, names))
+        evidence = done.before.impact.evidence if done.before.impact else None
+        if evidence is not None:
+            sys.stdout.write(f"before writing: {evidence.describe()}\n")
         return EXIT_OK if done.after.passed else EXIT_FINDINGS
 
     raise typer.Exit(_guard(run, debug))
@@ -349,6 +384,9 @@ def fold(
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the folded model."),
     model: str = typer.Option(None, "--model", "-m", help="Architecture, as for check."),
     data: str = typer.Option(None, "--data", "-d", help="Batches to check the folded model on."),
+    input: str = typer.Option(
+        None, "--input", help="Input element or key of a batch, as for check."
+    ),
     input_shape: str = typer.Option(None, help="Synthetic batches of this shape instead."),
     batch_size: int = typer.Option(None, help="Split a data tensor into batches of this size."),
     batches: int = typer.Option(None, help="Use at most this many batches."),
@@ -364,6 +402,7 @@ def fold(
         "checkpoint": checkpoint,
         "model": model,
         "data": data,
+        "input": input,
         "input_shape": input_shape,
         "batch_size": batch_size,
         "batches": batches,

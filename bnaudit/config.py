@@ -50,6 +50,8 @@ class CheckSettings:
     key: str | None = None  # which state dict in a checkpoint dict
     model: str | None = None
     data: str | None = None
+    input: str | None = None  # which element or key of a batch is the model's input
+    metric: str | None = None  # module:fn(outputs, labels) -> float, for labelled batches
     input_shape: str | None = None
     batch_size: int = 32
     batches: int | None = None
@@ -209,8 +211,12 @@ def _from_file(key: str, raw: Any, raw_key: str, path: Path) -> Any:
         return parse_ignores(raw, str(path))
     if key == "data" and isinstance(raw, str) and (path.parent / raw).exists():
         return str(path.parent / raw)
-    if key == "model" and isinstance(raw, str) and raw.rpartition(":")[0].endswith(".py"):
-        return str(path.parent / raw)
+    if key in ("model", "metric", "data") and isinstance(raw, str):
+        head, sep, name = raw.rpartition(":")
+        if sep and head.endswith(".py"):
+            return f"{path.parent / head}:{name}"
+    if key == "input" and isinstance(raw, int) and not isinstance(raw, bool):
+        return str(raw)
     return _coerce(raw, _KINDS.get(key, "str"), raw_key, path)
 
 

@@ -24,8 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from bnaudit import formulas as F
-from bnaudit.batches import call_model, move_batch
+from bnaudit.batches import Call, InputChoice, call_model, move_batch, to_call
+from bnaudit.containers import map_tensors, tensors
 from bnaudit.errors import DataError, NothingToAudit, describe
+from bnaudit.evidence import TOP1, Evidence, Metric, applies, top1
+from bnaudit.evidence import measure as measure_evidence
 from bnaudit.explain import Case, Diagnosis
 from bnaudit.findings import Thresholds, is_stale, judge_layer, judge_model
 from bnaudit.fold import FoldWatch, find_pairs
@@ -53,6 +56,11 @@ class AuditOptions:
     attribution_max: int = 8  # at most this many layers (K passes each), the worst first
     output_budget_mb: float = 64.0  # eval outputs kept for reuse; beyond, they are recomputed
     fold: bool = True  # check conv/linear → BN folds (on the first eval pass's first samples)
+    input: InputChoice = None  # which element or key of a batch is the input (batches.to_call)
+    # The task metric, fn(outputs, labels) -> float (higher is better), for batches with labels;
+    # None: top-1 accuracy where the outputs are [B, K] class scores.
+    metric: Metric | None = None
+    metric_name: str = ""
 
 
 @dataclass
@@ -64,6 +72,7 @@ class Passes:
     count: int  # batches run
     batches: Iterable[Any]  # to run again for the output impact (moved to the device)
     outputs: list[Any] | None  # eval-mode outputs with the stored stats; None past the budget
+    feed: str = ""  # how the batches feed the model, when they hold more than the input
 
 
 class _Probe:
@@ -321,8 +330,10 @@ def run_passes(
         _Probe(name, m, clock, wanted is None or name in wanted, deferred) for name, m in layers
     ]
     device, dtype = _model_device_dtype(model)
-    # A one-shot iterator is kept for the impact passes; anything else is iterated again.
-    keep = (options.impact or options.regime == "eval") and isinstance(batches, Iterator)
+    # Batches that may not come back in the same order (a one-shot iterator, a shuffling
+    # DataLoader) are kept for the impact passes, which pair each batch with its eval output.
+    keep = (options.impact or options.regime == "eval") and not _replayable(batches)
+    feed = ""
     kept: list[Any] = []
     outputs: list[Any] | None = [] if options.impact else None
     budget = options.output_budget_mb * 2**20
@@ -333,7 +344,8 @@ def run_passes(
             for batch in batches:
                 if options.max_batches is not None and count >= options.max_batches:
                     break
-                batch = move_batch(batch, device, dtype)
+                batch = _as_call(model, move_batch(batch, device, dtype), options.input)
+                feed = feed or batch.how
                 for regime in ("eval", "train"):
                     for p in probes:
                         p.regime = regime
@@ -359,39 +371,44 @@ def run_passes(
         finally:
             for h in handles:
                 h.remove()
-    again = kept if keep else _moved(batches, count, device, dtype)
-    return Passes([p for p in probes if p.measure], dict(layers), count, again, outputs)
+    again = kept if keep else _Moved(model, batches, count, options.input)
+    probed = [p for p in probes if p.measure]
+    return Passes(probed, dict(layers), count, again, outputs, feed)
 
 
-class _moved:
+def _as_call(model: nn.Module, batch: Any, choice: InputChoice) -> Call:
+    return batch if isinstance(batch, Call) else to_call(model, batch, choice)
+
+
+def _replayable(batches: Iterable[Any]) -> bool:
+    """Whether iterating `batches` again gives the same batches in the same order."""
+    if isinstance(batches, (list, tuple)):
+        return True
+    from torch.utils.data import DataLoader, SequentialSampler
+
+    return isinstance(batches, DataLoader) and isinstance(batches.sampler, SequentialSampler)
+
+
+class _Moved:
     """Iterate `batches` again: the first `count`, each moved to the model's device and dtype."""
 
-    def __init__(self, batches: Iterable[Any], count: int, device, dtype) -> None:
-        self.batches, self.count, self.device, self.dtype = batches, count, device, dtype
+    def __init__(
+        self, model: nn.Module, batches: Iterable[Any], count: int, choice: InputChoice
+    ) -> None:
+        self.model, self.batches, self.count, self.choice = model, batches, count, choice
+        self.device, self.dtype = _model_device_dtype(model)
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Call]:
         for batch in itertools.islice(self.batches, self.count):
-            yield move_batch(batch, self.device, self.dtype)
+            yield _as_call(self.model, move_batch(batch, self.device, self.dtype), self.choice)
 
 
 def _detached(out: Any) -> Any:
-    if isinstance(out, Tensor):
-        return out.detach()
-    if isinstance(out, (list, tuple)):
-        return type(out)(_detached(o) for o in out)
-    if isinstance(out, dict):
-        return {k: _detached(v) for k, v in out.items()}
-    return out
+    return map_tensors(Tensor.detach, out)
 
 
 def _nbytes(out: Any) -> int:
-    if isinstance(out, Tensor):
-        return out.numel() * out.element_size()
-    if isinstance(out, (list, tuple)):
-        return sum(_nbytes(o) for o in out)
-    if isinstance(out, dict):
-        return sum(_nbytes(o) for o in out.values())
-    return 0
+    return sum(t.numel() * t.element_size() for t in tensors(out))
 
 
 def _forward(model: nn.Module, batch: Any, index: int, regime: str) -> Any:
@@ -430,8 +447,9 @@ def audit(
 
     Args:
         model: any nn.Module with BatchNorm layers, on the device the batches should run on.
-        batches: an iterable of batches (a Tensor, a tuple passed as model(*batch), a dict
-            passed as model(**batch)); consumed once.
+        batches: an iterable of batches: tensors, tuples/lists/NamedTuples, dicts, fed to the
+            model as `bnaudit.batches.to_call` says (`input` chooses the element or key);
+            labels beside the input make the task metric evidence (`bnaudit.evidence`).
         options: how to run and judge; keyword overrides take `AuditOptions` fields
             (train_mode, fail_on, max_batches, synthetic_data) or `Thresholds` fields.
         progress: called with the number of batches done after each batch.
@@ -448,6 +466,8 @@ def audit(
         folds = FoldWatch(model, pairs)
     passes = run_passes(model, batches, options, progress, folds)
     probes, count = passes.probes, passes.count
+    if passes.feed:
+        notes.append(f"batches feed the model as {passes.feed} (--input to choose)")
     metrics = {
         p.name: measure(
             p.attrs,
@@ -478,7 +498,7 @@ def audit(
     impact = None
     if options.impact and count and not options.synthetic_data:
         try:
-            impact = _impact(model, passes, metrics, options)
+            impact = _impact(model, passes, metrics, options, notes)
         except (RuntimeError, ValueError, TypeError) as exc:
             # e.g. quantization observers fed the stored non-finite statistics
             notes.append(f"output impact not measured: the forward failed ({describe(exc)})")
@@ -542,7 +562,11 @@ def recalibrated_stats(
     return eval_regime_stats(model, passes.batches, passes.layers, start, len(start) + 1)
 
 
-def _impact(model: nn.Module, passes: Passes, metrics: dict, options: AuditOptions) -> OutputImpact:
+def _impact(
+    model: nn.Module, passes: Passes, metrics: dict, options: AuditOptions, notes: list[str]
+) -> OutputImpact:
+    """The output change from recalibrated statistics, and with labels the task metric's;
+    what it cannot measure, and what the metric says, goes to `notes`."""
     t = options.thresholds
     layers = [(n, m) for n, m in passes.layers.items()]
     with preserved(model, layers), torch.no_grad():
@@ -562,6 +586,8 @@ def _impact(model: nn.Module, passes: Passes, metrics: dict, options: AuditOptio
                 )
                 per_layer[name] = alone.rel_l2
                 cost += used
+        evidence = _evidence(model, passes, list(stats), options, notes)
+        cost += evidence.forward_passes if evidence else 0
     return OutputImpact(
         regime=options.regime,
         batches=passes.count,
@@ -570,7 +596,59 @@ def _impact(model: nn.Module, passes: Passes, metrics: dict, options: AuditOptio
         max_abs=diff.max_abs,
         top1_agreement=diff.top1,
         per_layer=per_layer,
+        evidence=evidence,
     )
+
+
+def _evidence(
+    model: nn.Module, passes: Passes, names: list[str], options: AuditOptions, notes: list[str]
+) -> Evidence | None:
+    """The task metric with stored and cross-fitted recalibrated statistics, when the batches
+    carry labels; None (with a note saying why, where it would be expected) otherwise."""
+    calls = list(passes.batches)
+    labelled = bool(calls) and all(c.labels is not None for c in calls)
+    if not labelled:
+        if options.metric is not None:
+            notes.append(
+                "--metric not measured: the batches carry no labels (an integer tensor with one "
+                "class per sample beside the input, or a 'label'/'target' key)"
+            )
+        return None
+    metric, name = options.metric, options.metric_name or "metric"
+    if metric is None:
+        first = passes.outputs[0] if passes.outputs else call_model(model.eval(), calls[0])
+        if not applies(first, calls[0].labels):
+            notes.append(
+                "labels found, but the output is not [B, K] class scores for them: pass "
+                "--metric module:fn(outputs, labels) -> float to measure the task metric"
+            )
+            return None
+        metric, name = top1, TOP1
+    if len(calls) < 2:
+        notes.append(f"{name} not compared: cross-fitting needs at least 2 batches")
+        return None
+    evidence = measure_evidence(
+        model,
+        calls,
+        passes.layers,
+        names,
+        passes.outputs,
+        regime=options.regime,
+        metric=metric,
+        metric_name=name,
+    )
+    if evidence.worse:
+        notes.append(
+            f"recalibrating to these batches lowers {name} beyond noise ({evidence.describe()}): "
+            "stale verdicts are relative to these batches, which may not be the training "
+            "distribution; do not recalibrate to them (bnaudit recalibrate refuses without "
+            "--force)"
+        )
+    elif evidence.better:
+        notes.append(f"recalibrating raises {name} beyond noise ({evidence.describe()})")
+    else:
+        notes.append(f"recalibrating does not change {name} beyond noise ({evidence.describe()})")
+    return evidence
 
 
 def _flagged(m, t: Thresholds) -> bool:

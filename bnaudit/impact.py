@@ -17,16 +17,21 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from bnaudit import formulas as F
 from bnaudit.batches import call_model
+from bnaudit.containers import tensors
+from bnaudit.layers import Kind, layer_kind, preserved
 from bnaudit.statistics import Moments
+
+if TYPE_CHECKING:
+    from bnaudit.evidence import Evidence
 
 Stats = dict[str, tuple[Tensor, Tensor]]  # layer name → (running_mean, running_var)
 
@@ -42,6 +47,7 @@ class OutputImpact:
     max_abs: float
     top1_agreement: float | None  # for [B, K] class scores
     per_layer: dict[str, float] = field(default_factory=dict)  # rel L2, one layer swapped
+    evidence: Evidence | None = None  # the task metric, with labels (bnaudit.evidence)
 
 
 @dataclass
@@ -79,14 +85,8 @@ class OutputDiff:
 
 
 def _floats(out: Any) -> list[Tensor]:
-    """The floating tensors of a model output (a tensor, or nested tuples/lists/dicts)."""
-    if isinstance(out, Tensor):
-        return [out.detach()] if out.is_floating_point() else []
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _floats(o)]
-    if isinstance(out, dict):
-        return [t for o in out.values() for t in _floats(o)]
-    return []
+    """The floating tensors of a model output (a tensor, or nested containers)."""
+    return [t.detach() for t in tensors(out) if t.is_floating_point()]
 
 
 @contextlib.contextmanager
@@ -145,7 +145,8 @@ def eval_regime_stats(
         moments = {name: (Moments(), Moments()) for name in current}
 
         handles = [
-            layers[n].register_forward_pre_hook(_input_moments(*moments[n])) for n in current
+            layers[n].register_forward_pre_hook(_input_moments(layers[n], *moments[n]))
+            for n in current
         ]
         try:
             with statistics(layers, current):
@@ -182,13 +183,63 @@ def _close(a: Tensor, b: Tensor) -> bool:
     return bool(torch.allclose(a.double(), b.double(), rtol=1e-6, atol=0.0))
 
 
-def _input_moments(means: Moments, variances: Moments):
-    """A pre-hook adding a layer's batch mean and unbiased batch variance of its input."""
+def precise_stats(
+    model: nn.Module,
+    calls: Sequence[Any],
+    layers: dict[str, nn.Module],
+    names: Sequence[str],
+    regime: str,
+) -> tuple[Stats, int]:
+    """Precise statistics of `names` on these batches, and the passes it took: train regime,
+    one train-mode pass (only the BN layers in train mode, statistics only); eval regime, the
+    level-by-level eval passes of `impact.eval_regime_stats`. The model is left as it was."""
+    bn = list(layers.items())
+    if regime == "eval":
+        # Level by level from the stored statistics: pass p settles the layers p BN deep,
+        # whatever they started from.
+        start = {n: (layers[n].running_mean.clone(), layers[n].running_var.clone()) for n in names}
+        with preserved(model, bn), torch.no_grad():
+            stats, levels = eval_regime_stats(model, calls, layers, start, len(start) + 1)
+        return stats, levels * len(calls)
+    moments = {n: (Moments(), Moments()) for n in names}
+    with preserved(model, bn), torch.no_grad():
+        model.eval()
+        for _, m in bn:
+            m.training = True  # as the audit's train-mode pass: dropout and friends stay off
+        handles = [
+            layers[n].register_forward_pre_hook(_input_moments(layers[n], *moments[n]))
+            for n in names
+        ]
+        try:
+            for c in calls:
+                call_model(model, c)
+        finally:
+            for h in handles:
+                h.remove()
+    stats = {
+        n: (like_buffer(m.mean, layers[n].running_mean), like_buffer(v.mean, layers[n].running_var))
+        for n, (m, v) in moments.items()
+        if m.mean is not None and v.mean is not None
+    }
+    return stats, len(calls)
 
-    def record(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+
+def _input_moments(module: nn.Module, means: Moments, variances: Moments):
+    """A pre-hook adding what the layer's running statistics estimate from one input: the
+    batch mean and unbiased variance (per-sample ones, averaged, for InstanceNorm)."""
+    instance = layer_kind(module) is Kind.INSTANCE
+
+    def record(_: nn.Module, inputs: tuple[Any, ...]) -> None:
         x = inputs[0].detach().double()
-        mean, var = F.batch_stats(x)
+        if instance:
+            mean, var = F.instance_stats(x)
+            n = x[0, 0].numel()
+            mean, var = mean.mean(0), var.mean(0)
+        else:
+            mean, var = F.batch_stats(x)
+            n = F.values_per_channel(x)
         means.add_value(mean)
-        variances.add_value(var * F.bessel(F.values_per_channel(x)))
+        if n > 1:
+            variances.add_value(var * F.bessel(n))
 
     return record

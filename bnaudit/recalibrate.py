@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bnaudit.batches import InputChoice
 from bnaudit.engine import AuditOptions, recalibrated_stats, run_passes
 from bnaudit.errors import BnauditError
 
@@ -35,6 +36,7 @@ def recalibrate(
     layers: tuple[str, ...] = (),
     max_batches: int | None = None,
     train_mode: str = "bn",
+    choice: InputChoice = None,
 ) -> Recalibration:
     """Precise statistics for every BN layer (or those matching the `layers` globs).
 
@@ -42,7 +44,12 @@ def recalibrate(
     torch.optim.swa_utils.update_bn, which is the same kind of average.
     """
     options = AuditOptions(
-        impact=False, fold=False, regime=regime, max_batches=max_batches, train_mode=train_mode
+        impact=False,
+        fold=False,
+        regime=regime,
+        max_batches=max_batches,
+        train_mode=train_mode,
+        input=choice,
     )
     passes = run_passes(model, batches, options)
     if passes.count == 0:

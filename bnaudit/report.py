@@ -157,6 +157,8 @@ def _impact_lines(report: AuditReport) -> list[str]:
     ]
     ranked = sorted(i.per_layer.items(), key=lambda kv: -kv[1])
     lines += [f"  {name} alone: rel L2 {_num(change)}" for name, change in ranked]
+    if i.evidence is not None:
+        lines.append(f"  {i.evidence.describe()}")
     return lines
 
 

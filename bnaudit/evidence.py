@@ -1,0 +1,170 @@
+"""Evidence for a recalibration: the task metric with stored against recalibrated statistics.
+
+Stale statistics are stale relative to the audit batches; whether recalibrating to them helps
+the task is a separate question that labels answer. The comparison is cross-fitted: the batches
+are split in two halves (even and odd positions), statistics recalibrated on one half score the
+other, and the reverse, so no batch is scored with statistics that saw it. A recalibration that
+only looks good because it fitted the batches it is scored on is not reported as a gain.
+
+The metric is computed per batch: top-1 accuracy for `[B, K]` class scores and integer labels,
+or a user function `fn(outputs, labels) -> float` (higher is better). The difference is a
+sample-size-weighted mean of per-batch paired differences; its standard error is that of the
+weighted mean over batches (batches are the independent units: a batch's samples share its
+statistics in train mode).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from bnaudit.batches import Call, call_model
+from bnaudit.containers import tensors
+from bnaudit.impact import precise_stats, statistics
+
+Metric = Callable[[Any, Tensor], float]
+TOP1 = "top-1 accuracy"
+# Two-sided 95 %: a difference is "beyond noise" when its interval excludes zero.
+Z_95 = 1.96
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """The metric with the stored statistics and with cross-fitted recalibrated ones."""
+
+    metric: str  # TOP1, or the --metric spec
+    regime: str  # how the statistics were recalibrated (train or eval)
+    batches: int
+    samples: int
+    stored: float
+    recalibrated: float
+    difference: float  # recalibrated − stored
+    stderr: float  # of the difference
+    forward_passes: int
+
+    @property
+    def worse(self) -> bool:
+        """Recalibration lowers the metric beyond noise (written so that NaN counts as worse)."""
+        return not self.difference + Z_95 * self.stderr >= 0
+
+    @property
+    def better(self) -> bool:
+        return self.difference - Z_95 * self.stderr > 0
+
+    def describe(self) -> str:
+        pct = self.metric == TOP1
+        unit, scale = (" pp", 100.0) if pct else ("", 1.0)
+
+        def fmt(v: float) -> str:
+            return f"{100 * v:.1f}%" if pct else f"{v:.4g}"
+
+        return (
+            f"{self.metric} on {self.samples} labelled samples: stored stats {fmt(self.stored)}, "
+            f"recalibrated (cross-fitted, {self.regime} regime) {fmt(self.recalibrated)}, "
+            f"difference {scale * self.difference:+.3g} ± {scale * Z_95 * self.stderr:.2g}{unit} "
+            "(95 %)"
+        )
+
+
+def top1(outputs: Any, labels: Tensor) -> float:
+    """Top-1 accuracy of one batch; NaN when the output is not one [B, K] score tensor."""
+    scores = _scores(outputs, labels)
+    if scores is None:
+        return math.nan
+    return float((scores.argmax(1) == labels.to(scores.device)).double().mean())
+
+
+def applies(outputs: Any, labels: Tensor | None) -> bool:
+    """Whether top-1 accuracy can be measured on this output: [B, K] class scores (`_scores`)
+    and integer labels of length B with values in [0, K)."""
+    if labels is None:
+        return False
+    scores = _scores(outputs, labels)
+    if scores is None or not labels.numel():
+        return False
+    return bool(labels.min() >= 0 and labels.max() < scores.shape[1])
+
+
+def _scores(outputs: Any, labels: Tensor) -> Tensor | None:
+    """The class scores of an output: its one floating tensor, or its `logits` field or key
+    (torchvision's GoogLeNet/Inception outputs, Hugging Face-style ones)."""
+    if isinstance(outputs, dict):
+        logits = outputs.get("logits")
+    else:
+        logits = getattr(outputs, "logits", None)
+    floats = [t for t in tensors(outputs) if t.is_floating_point()]
+    scores = logits if isinstance(logits, Tensor) else floats[0] if len(floats) == 1 else None
+    if scores is None or scores.dim() != 2 or scores.shape[0] != labels.shape[0]:
+        return None
+    return scores
+
+
+def measure(
+    model: nn.Module,
+    calls: Sequence[Call],
+    layers: dict[str, nn.Module],
+    names: Sequence[str],
+    stored_outputs: list[Any] | None,
+    *,
+    regime: str,
+    metric: Metric,
+    metric_name: str,
+) -> Evidence:
+    """Score every batch with the stored statistics and with statistics recalibrated on the
+    other half of the batches; `names` are the layers to recalibrate."""
+    passes = 0
+    stored: list[float] = []
+    model.eval()
+    for i, c in enumerate(calls):
+        if stored_outputs is not None and i < len(stored_outputs):
+            out = stored_outputs[i]
+        else:
+            out = call_model(model, c)
+            passes += 1
+        stored.append(metric(out, c.labels))
+    recal: list[float] = [math.nan] * len(calls)
+    halves = [list(range(0, len(calls), 2)), list(range(1, len(calls), 2))]
+    for fit, score in (halves, halves[::-1]):
+        stats, used = precise_stats(model, [calls[i] for i in fit], layers, names, regime)
+        passes += used
+        with statistics(layers, stats):
+            model.eval()
+            for i in score:
+                recal[i] = metric(call_model(model, calls[i]), calls[i].labels)
+                passes += 1
+    weights = [float(_rows(c)) for c in calls]
+    diff, se = _paired(recal, stored, weights)
+    total = sum(weights)
+    return Evidence(
+        metric=metric_name,
+        regime=regime,
+        batches=len(calls),
+        samples=int(total),
+        stored=sum(w * s for w, s in zip(weights, stored, strict=True)) / total,
+        recalibrated=sum(w * r for w, r in zip(weights, recal, strict=True)) / total,
+        difference=diff,
+        stderr=se,
+        forward_passes=passes,
+    )
+
+
+def _rows(c: Call) -> int:
+    x = c.labels if c.labels is not None else next(iter(tensors((c.args, c.kwargs))), None)
+    return int(x.shape[0]) if isinstance(x, Tensor) and x.dim() else 1
+
+
+def _paired(a: list[float], b: list[float], w: list[float]) -> tuple[float, float]:
+    """Weighted mean of a − b over batches and its standard error (NaN with < 2 batches)."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    total = sum(w)
+    mean = sum(wi * di for wi, di in zip(w, d, strict=True)) / total
+    k = len(d)
+    if k < 2:
+        return mean, math.nan
+    # Cluster (batch) standard error of a ratio estimator, with the k/(k−1) small-sample factor.
+    s = sum((wi * (di - mean)) ** 2 for wi, di in zip(w, d, strict=True))
+    return mean, math.sqrt(s * k / (k - 1)) / total
