@@ -30,7 +30,7 @@ from bnaudit.errors import DataError, NothingToAudit, describe
 from bnaudit.evidence import TOP1, Evidence, Metric, applies, top1
 from bnaudit.evidence import measure as measure_evidence
 from bnaudit.explain import Case, Diagnosis
-from bnaudit.findings import Thresholds, is_stale, judge_layer, judge_model
+from bnaudit.findings import Thresholds, is_stale, judge_layer, judge_model, weigh_evidence
 from bnaudit.fold import FoldWatch, find_pairs
 from bnaudit.grouped import Deferred, Update
 from bnaudit.impact import OutputImpact, compare_outputs, eval_regime_stats, like_buffer
@@ -521,6 +521,7 @@ def audit(
             batches=count,
             upstream_stale=upstream,
         )
+        findings = weigh_evidence(findings, impact.evidence if impact else None)
         results.append(LayerResult(p.name, p.attrs.type_name, metrics[p.name], findings))
     return AuditReport(
         layers=tuple(results),
