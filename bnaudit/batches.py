@@ -24,6 +24,7 @@ TORCH_SUFFIXES = (".pt", ".pth")
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 
 InputChoice = int | str | None  # --input: an element index, a key, or None (the convention)
+SPREAD = "*"  # --input '*': every element (or key) is an argument of the forward
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ def to_call(model: nn.Module, batch: Any, choice: InputChoice = None) -> Call:
     the input, as torch.optim.swa_utils.update_bn and fvcore's precise BN take it, and the
     others may be labels. A dict is passed as model(**batch) when the forward takes its keys,
     otherwise its label keys (`LABEL_KEYS`) are set aside. `choice` (--input) names the input
-    element or key explicitly.
+    element or key explicitly, or `SPREAD` passes every element.
     """
     if choice is not None:
         return _chosen(batch, choice)
@@ -74,6 +75,12 @@ def to_call(model: nn.Module, batch: Any, choice: InputChoice = None) -> Call:
 
 
 def _chosen(batch: Any, choice: InputChoice) -> Call:
+    if choice == SPREAD:
+        if isinstance(batch, (tuple, list)):
+            return Call(tuple(batch), {}, None, "model(*batch) (--input '*')")
+        if isinstance(batch, dict):
+            return Call((), dict(batch), None, "model(**batch) (--input '*')")
+        return Call((batch,), {})
     if isinstance(choice, int):
         if not isinstance(batch, (tuple, list)):
             raise DataError(

@@ -140,6 +140,8 @@ def test_input_choice_index_key_and_errors() -> None:
     assert swapped.args[0] is x and swapped.labels is y
     keyed = to_call(model, {"pixels": x, "target": y}, "pixels")
     assert keyed.args[0] is x and keyed.labels is y
+    spread = to_call(model, (x, y), "*")
+    assert spread.args == (x, y) and spread.labels is None
     with pytest.raises(DataError, match="no such key"):
         to_call(model, {"pixels": x}, "image")
     with pytest.raises(DataError, match="2 elements"):
