@@ -91,8 +91,8 @@ def check(
         "--input",
         rich_help_panel=_I,
         help="Which part of a batch is the model's input: an element index (0 for "
-        "(images, labels)) or a dict key [default: model(*batch) when the forward requires "
-        "every element, else batch[0]; dict batches: model(**batch)].",
+        "(images, labels)), a dict key, or '*' for every element [default: model(*batch) "
+        "when the forward requires every element, else batch[0]; dicts: model(**batch)].",
     ),
     metric: str = typer.Option(
         None,
