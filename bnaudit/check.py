@@ -88,6 +88,7 @@ class Prepared:
     model: nn.Module
     batches: Iterable[Any]
     synthetic: bool
+    notes: tuple[str, ...] = ()  # what loading into the model stripped or converted
 
 
 def prepare(s: CheckSettings, log: Any = None) -> Prepared | AuditReport:
@@ -101,12 +102,12 @@ def prepare(s: CheckSettings, log: Any = None) -> Prepared | AuditReport:
     ckpt = load_checkpoint(s.checkpoint, trust=s.trust, key=s.key)
     if s.model is None and ckpt.module is None:
         return _static(s, ckpt, log)
-    model = _model(s, ckpt)
+    model, notes = _model(s, ckpt)
     model.to(device)
     batches, synthetic = _batches(s)
     what = f"pickled module, {ckpt.source}" if ckpt.module is not None else ckpt.source
     _log(log, f"auditing {s.checkpoint} ({what}) on {device}")
-    return Prepared(ckpt, model, batches, synthetic)
+    return Prepared(ckpt, model, batches, synthetic, notes)
 
 
 def audit_options(s: CheckSettings, p: Prepared, layers: tuple[str, ...] | None = None):
@@ -160,7 +161,7 @@ def run_check(
         sha256=p.checkpoint.sha256,
         progress=_per_batch(progress, _batch_count(p.batches, s.batches)),
     )
-    report = dataclasses.replace(report, notes=(*p.checkpoint.notes, *report.notes))
+    report = dataclasses.replace(report, notes=(*p.checkpoint.notes, *p.notes, *report.notes))
     return judge(report, s, baseline)
 
 
@@ -247,17 +248,19 @@ def _static(s: CheckSettings, ckpt: Checkpoint, log: Any) -> AuditReport:
     )
 
 
-def _model(s: CheckSettings, ckpt: Checkpoint) -> nn.Module:
+def _model(s: CheckSettings, ckpt: Checkpoint) -> tuple[nn.Module, tuple[str, ...]]:
+    """The model to audit, and the notes on loading the checkpoint into it."""
     if s.model is None:
         assert ckpt.module is not None  # run_check audits a bare state dict statically
-        return ckpt.module
+        return ckpt.module, ()
     model = build_model(s.model)
+    notes: tuple[str, ...] = ()
     if ckpt.state_dict is not None:
         ckpt.verify(ckpt.state_dict)  # load_state_dict reads every tensor
-        load_into(model, ckpt.state_dict, s.checkpoint)
+        notes = load_into(model, ckpt.state_dict, s.checkpoint)
     elif ckpt.module is not None:
-        load_into(model, ckpt.module.state_dict(), s.checkpoint)
-    return model
+        notes = load_into(model, ckpt.module.state_dict(), s.checkpoint)
+    return model, notes
 
 
 def _batches(s: CheckSettings) -> tuple[Iterable[Any], bool]:

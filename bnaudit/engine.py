@@ -34,7 +34,14 @@ from bnaudit.findings import Thresholds, is_stale, judge_layer, judge_model, wei
 from bnaudit.fold import FoldWatch, find_pairs
 from bnaudit.grouped import Deferred, Update
 from bnaudit.impact import OutputImpact, compare_outputs, eval_regime_stats, like_buffer
-from bnaudit.layers import Kind, LayerAttrs, find_bn_layers, preserved
+from bnaudit.layers import (
+    Kind,
+    LayerAttrs,
+    counter_notes,
+    find_bn_layers,
+    preserved,
+    read_counter,
+)
 from bnaudit.metrics import measure
 from bnaudit.results import AuditReport, FailOn, LayerResult
 from bnaudit.statistics import LayerStats, RegimeStats
@@ -147,8 +154,8 @@ class _Probe:
         mean, var = m.running_mean, m.running_var
         if copy:
             mean, var = mean.clone(), var.clone()
-        nbt = getattr(m, "num_batches_tracked", None)
-        return mean, var, None if nbt is None else int(nbt)
+        # A float counter (a module converted with .type()) may hold NaN: no count to compare.
+        return mean, var, read_counter(getattr(m, "num_batches_tracked", None))[0]
 
     def measure_batch(self, x: Tensor, y: Tensor, train: bool, update: Update | None) -> None:
         """Measure one call: input `x`, output `y`, and the running stats it left (train)."""
@@ -468,6 +475,11 @@ def audit(
     probes, count = passes.probes, passes.count
     if passes.feed:
         notes.append(f"batches feed the model as {passes.feed} (--input to choose)")
+    notes += counter_notes(
+        {p.name: p.attrs.counter_dtype for p in probes},
+        "; the model holds it so (Module.type() converts every tensor, the counter included), "
+        "read as the count it holds",
+    )
     metrics = {
         p.name: measure(
             p.attrs,

@@ -59,6 +59,13 @@ HINTS: dict[str, str] = {
     "not): convert the BN layers with .float() and recalibrate",
     "no-counter": "nothing to do for a FrozenBatchNorm; a BatchNorm loads it as T = 0, which "
     "restarts a cumulative average (momentum=None): recalibrate before training on",
+    "bad-counter": "the counter was corrupted or written by hand; load_state_dict truncates it "
+    "into the model's int64 buffer (NaN becomes garbage), which breaks momentum=None averaging: "
+    "recalibrate (update_bn and bnaudit recalibrate set it to the batches averaged)",
+    "not-audited": "a BatchNorm layer has 1-D floating running_mean and running_var of one length, "
+    "and weight and bias of that length: find what rewrote these tensors (load_state_dict refuses "
+    "them too); if the module is not BatchNorm, accept the finding with an ignore entry and a "
+    "reason",
 }
 # Half-precision buffer dtypes → (relative rounding step 2^-mantissa bits, what else goes wrong).
 _HALF = {
@@ -173,7 +180,13 @@ def judge_layer(
             f"{_HALF[m.buffer_dtype][0]:.1g}, so an update m*(batch - running) smaller than that "
             f"is rounded away and the statistics stall{_HALF[m.buffer_dtype][1]}",
         )
-    if m.track_running_stats and m.num_batches_tracked is None and m.kind != "instance":
+    if m.counter_problem:
+        add(
+            "bad-counter",
+            Severity.WARN,
+            f"num_batches_tracked is not a count of batches: {m.counter_problem}",
+        )
+    elif m.track_running_stats and m.num_batches_tracked is None and m.kind != "instance":
         add(
             "no-counter",
             Severity.INFO,
@@ -364,6 +377,18 @@ def judge_layer(
             t.keras_momentum,
         )
     return tuple(sorted(out, key=lambda f: -f.severity))
+
+
+def not_audited(name: str, why: str) -> Finding:
+    """A key group with running stats that cannot be audited as BatchNorm: a finding, not a
+    silent skip, since a layer left out is a layer the gate cannot vouch for."""
+    return Finding(
+        name,
+        "not-audited",
+        Severity.FAIL,
+        f"running stats, but not BatchNorm-shaped ({why}): the layer was not audited",
+        HINTS["not-audited"],
+    )
 
 
 def _judge_init(add, m: LayerMetrics, t: Thresholds) -> None:

@@ -15,6 +15,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.parameter import UninitializedParameter
 
 from bnaudit.errors import ModelError
+from bnaudit.selection import shorten
 
 # Every torch BN flavour (1d/2d/3d, Lazy*, SyncBatchNorm) subclasses _BatchNorm.
 BN_MODULE_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm,)
@@ -112,12 +113,15 @@ class LayerAttrs:
     buffer_dtype: torch.dtype | None  # of running_mean: half precision here loses the EMA
     overrides_forward: bool
     kind: Kind = Kind.BATCH
+    counter_dtype: torch.dtype | None = None  # of num_batches_tracked, None without one
+    counter_problem: str = ""  # why the stored counter is not a count (then T is None)
 
     @classmethod
     def of(cls, module: nn.Module) -> LayerAttrs:
         kind = layer_kind(module) or Kind.BATCH
         # InstanceNorm has the buffer but never counts: its T says nothing.
         nbt = None if kind is Kind.INSTANCE else getattr(module, "num_batches_tracked", None)
+        count, problem = read_counter(nbt)
         weight = getattr(module, "weight", None)
         momentum = getattr(module, "momentum", None) if kind is not Kind.FROZEN else None
         return cls(
@@ -133,12 +137,14 @@ class LayerAttrs:
             bias=_float64(getattr(module, "bias", None)),
             running_mean=_float64(module.running_mean),
             running_var=_float64(module.running_var),
-            num_batches_tracked=None if nbt is None else int(nbt.item()),
+            num_batches_tracked=count,
             dtype=weight.dtype if weight is not None else _buffer_dtype(module),
             buffer_dtype=None if module.running_mean is None else module.running_mean.dtype,
             overrides_forward=kind is not Kind.FROZEN
             and type(module).forward not in _STANDARD_FORWARDS,
             kind=kind,
+            counter_dtype=None if nbt is None else nbt.dtype,
+            counter_problem=problem,
         )
 
     @classmethod
@@ -156,6 +162,7 @@ class LayerAttrs:
         mean, var = tensors["running_mean"], tensors["running_var"]
         weight = tensors.get("weight")
         nbt = tensors.get("num_batches_tracked")
+        count, problem = read_counter(nbt)
         return cls(
             type_name=known.type_name,
             num_features=mean.numel(),
@@ -167,11 +174,13 @@ class LayerAttrs:
             bias=_float64(tensors.get("bias")),
             running_mean=_float64(mean),
             running_var=_float64(var),
-            num_batches_tracked=None if nbt is None else int(nbt.reshape(-1)[0]),
+            num_batches_tracked=count,
             dtype=weight.dtype if weight is not None else mean.dtype,
             buffer_dtype=mean.dtype,
             overrides_forward=False,
             kind=Kind.FROZEN if frozen else Kind.BATCH,
+            counter_dtype=None if nbt is None else nbt.dtype,
+            counter_problem=problem,
         )
 
     @property
@@ -181,6 +190,44 @@ class LayerAttrs:
     @property
     def momentum_known(self) -> bool:
         return self.momentum is None or not math.isnan(self.momentum)
+
+
+def read_counter(t: Tensor | None) -> tuple[int | None, str]:
+    """num_batches_tracked as a count, or (None, why it is not one).
+
+    Any real dtype is a count when it holds one whole non-negative number: `Module.type()`
+    converts every tensor, the counter included (`.float()` leaves it alone), and
+    load_state_dict copies a float counter into an int64 one without a word.
+    """
+    if t is None:
+        return None, ""
+    if t.numel() != 1:
+        return None, f"shape {tuple(t.shape)} ({t.dtype}), not one number"
+    if t.dtype == torch.bool or t.is_complex():
+        return None, f"dtype {t.dtype}, not a number of batches"
+    value = t.detach().reshape(()).item()
+    shown = f"{value:g} ({t.dtype})" if isinstance(value, float) else f"{value} ({t.dtype})"
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, shown
+    if value < 0:
+        return None, f"{shown}, negative"
+    if value != int(value):
+        return None, f"{shown}, not a whole number"
+    return int(value), ""
+
+
+def counter_notes(dtypes: Mapping[str, torch.dtype | None], then: str) -> list[str]:
+    """One note per num_batches_tracked dtype other than torch's int64, naming the layers
+    (layer name → the counter's dtype, None without one); `then` ends each note."""
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for name, dtype in dtypes.items():
+        if dtype is not None and dtype != torch.int64:
+            by_dtype.setdefault(dtype, []).append(name)
+    return [
+        f"num_batches_tracked stored as {str(dtype).removeprefix('torch.')} in {len(names)} "
+        f"layer{'s' if len(names) > 1 else ''}: {shorten(names)}{then}"
+        for dtype, names in by_dtype.items()
+    ]
 
 
 def _float64(t: Tensor | None) -> Tensor | None:

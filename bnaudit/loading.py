@@ -26,9 +26,9 @@ from torch import Tensor, nn
 from bnaudit.digest import sha256_file
 from bnaudit.errors import BnauditError, CheckpointError, ModelError, describe
 from bnaudit.formats import Kind, ZipArchive, detect, safetensors_header
-from bnaudit.layers import KnownAttrs
+from bnaudit.layers import KnownAttrs, counter_notes, read_counter
 from bnaudit.pickles import SAFE_GLOBALS, pickle_protocol, unsafe_globals
-from bnaudit.selection import Selection, select, shorten, wrapper_prefix
+from bnaudit.selection import Selection, select, shorten, unwrap
 from bnaudit.specs import import_object
 
 _SHOWN = 8  # keys listed in an error message before "and N more"
@@ -354,13 +354,22 @@ def build_model(spec: str) -> nn.Module:
     return model
 
 
-def load_into(model: nn.Module, state_dict: dict[str, Tensor], path: Path) -> None:
-    """Load strictly, after stripping wrapper prefixes when that is what makes the keys match."""
+def load_into(model: nn.Module, state_dict: dict[str, Tensor], path: Path) -> tuple[str, ...]:
+    """Load strictly, after stripping wrapper prefixes when that is what makes the keys match.
+
+    Returns the report's notes on what loading took away or changed: the wrappers stripped
+    (an AveragedModel's `n_averaged` set aside), counters of another dtype converted.
+    """
     expected = set(model.state_dict())
-    full = wrapper_prefix(state_dict)
-    prefixes = [full[:i] for i in range(len(full) + 1) if i == 0 or full[i - 1] == "."]
-    candidates = [_strip(state_dict, p) for p in prefixes]
-    best = min(candidates, key=lambda sd: len(_mismatch(expected, set(sd))))
+    full = unwrap(state_dict)
+    # Every outer part of the full prefix, the empty one first: a model that is itself a
+    # wrapper (an AveragedModel built by --model) takes the keys as they are.
+    wrappings = [full.outer(full.prefix[:i]) for i in _dot_ends(full.prefix)]
+    candidates = [_strip(state_dict, w.prefix) for w in wrappings]
+    best_at = min(
+        range(len(candidates)), key=lambda i: len(_mismatch(expected, set(candidates[i])))
+    )
+    best, wrapping = candidates[best_at], wrappings[best_at]
     missing = sorted(k for k in expected - set(best) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(best) - expected)
     own = model.state_dict()
@@ -381,10 +390,16 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], path: Path) -> No
             + "; ".join(problems)
             + ". Check that --model builds the architecture this checkpoint was saved from"
         )
+    notes = [*wrapping.notes(state_dict), *_counter_notes(best, own)]
     try:
         model.load_state_dict(best, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: load_state_dict failed: {describe(exc)}") from exc
+    return tuple(notes)
+
+
+def _dot_ends(prefix: str) -> list[int]:
+    return [i for i in range(len(prefix) + 1) if i == 0 or prefix[i - 1] == "."]
 
 
 def _mismatch(expected: set[str], got: set[str]) -> set[str]:
@@ -392,15 +407,42 @@ def _mismatch(expected: set[str], got: set[str]) -> set[str]:
 
 
 def _strip(state_dict: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries under `prefix`, without it: a wrapper's own keys (n_averaged) stay out."""
     if not prefix:
         return state_dict
-    out: dict[str, Tensor] = OrderedDict((k[len(prefix) :], v) for k, v in state_dict.items())
+    out: dict[str, Tensor] = OrderedDict(
+        (k[len(prefix) :], v) for k, v in state_dict.items() if k.startswith(prefix)
+    )
     meta = getattr(state_dict, "_metadata", None)
     if meta is not None:  # version info: old BN checkpoints load num_batches_tracked from it
         out._metadata = OrderedDict(  # type: ignore[attr-defined]
             (k[len(prefix) :] if k.startswith(prefix) else k, v) for k, v in meta.items()
         )
     return out
+
+
+def _counter_notes(state_dict: dict[str, Tensor], own: dict[str, Tensor]) -> list[str]:
+    """What load_state_dict does to counters of another dtype than the model's: converts them,
+    silently truncating one that is no count (2.5 loads as 2, NaN as garbage)."""
+    counters = {
+        k.removesuffix("num_batches_tracked").removesuffix("."): (v, own[k])
+        for k, v in state_dict.items()
+        if k.rpartition(".")[2] == "num_batches_tracked" and k in own and v.dtype != own[k].dtype
+    }
+    notes = []
+    for target in dict.fromkeys(o.dtype for _, o in counters.values()):
+        notes += counter_notes(
+            {n: v.dtype for n, (v, o) in counters.items() if o.dtype == target},
+            f"; load_state_dict converted it to the model's {str(target).removeprefix('torch.')}",
+        )
+    bad = {n: read_counter(v)[1] for n, (v, _) in counters.items()}
+    listed = [f"{n or '(top level)'} ({why})" for n, why in bad.items() if why]
+    if listed:
+        notes.append(
+            "num_batches_tracked is no count in the checkpoint, and load_state_dict converted "
+            f"it as it could (2.5 becomes 2, NaN garbage): {shorten(listed)}"
+        )
+    return notes
 
 
 def _listing(label: str, items: list[str]) -> str:

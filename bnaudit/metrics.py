@@ -195,6 +195,7 @@ def measure(
         ema_jitter=jitter,
         step_shift=_tracked(s.update.mean_step),
         step_log_var=_tracked(s.update.var_step),
+        counter_problem=a.counter_problem,
     )
 
 

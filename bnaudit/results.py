@@ -155,6 +155,25 @@ class LayerMetrics:
     fold_ratio: float = math.nan
     folded_weight_max: float = math.nan  # max |W'| and |b'|
     fold_int8_levels: float = math.nan  # median output channel, int8 per-tensor
+    # why num_batches_tracked is not a count (then num_batches_tracked is None); "" when it is
+    counter_problem: str = ""
+
+    @classmethod
+    def unmeasured(cls, why: str, **known: object) -> LayerMetrics:
+        """Metrics of a layer that could not be audited (`why`): nothing measured but `known`.
+
+        Numbers are NaN (not measured), counts 0, texts empty; momentum is unknown (NaN, as
+        None would mean a cumulative average) and no channel is the worst.
+        """
+        blank = {"float": math.nan, "int": 0, "str": "", "bool": False}
+        values: dict[str, object] = {
+            f.name: blank.get(str(f.type))
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING
+        }
+        values |= {"momentum": math.nan, "stale_channel": -1, "gap_channel": -1}
+        values |= {"stale_judged": f"no: {why}", "gap_judged": f"no: {why}"}
+        return cls(**(values | known))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,13 @@
 
 Training checkpoints nest the weights (`state_dict`, `model`, Lightning's `state_dict` with
 `model.` keys, timm's `state_dict` next to `state_dict_ema`); bare state dicts carry wrapper
-prefixes (DDP, torch.compile). The choice is explicit and reported, never a guess left unsaid.
+prefixes (DDP, torch.compile) and wrappers' own keys (AveragedModel's `n_averaged`). The
+choice is explicit and reported, never a guess left unsaid.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,18 @@ from bnaudit.errors import CheckpointError
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
 EMA_KEYS = ("state_dict_ema", "model_ema", "ema", "ema_state_dict")
 _DEPTH = 3
-# Wrapper prefixes: DDP's `module.`, Lightning's `model.`, torch.compile's `_orig_mod.`.
-WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+# Wrapper prefixes, and what puts each in front of the model's own keys. DDP and DataParallel
+# hold the model as `module`; so do timm's ModelEmaV2/V3 (`self.module = deepcopy(model)`, no
+# state of their own), which the keys cannot tell apart from DDP.
+WRAPPERS = {
+    "module.": "DDP/DataParallel or timm ModelEmaV2/V3",
+    "model.": "Lightning module",
+    "_orig_mod.": "torch.compile",
+}
+# torch.optim.swa_utils.AveragedModel: the model as `module` and a buffer counting the models
+# averaged. Its BN statistics are not those of the averaged weights: why update_bn exists.
+AVERAGED_MODEL = "torch.optim.swa_utils.AveragedModel"
+N_AVERAGED = "n_averaged"
 _SHOWN = 8  # keys listed in an error message before "and N more"
 
 
@@ -131,17 +142,68 @@ def _no_state_dict(obj: Any, path: Path) -> str:
     )
 
 
-def wrapper_prefix(keys: Iterable[str]) -> str:
-    """The wrapper prefixes every key shares (`module.`, `model.module.`, ...), peeled in turn."""
+@dataclass(frozen=True)
+class Wrapping:
+    """The wrappers around the model in a state dict's keys, outermost first."""
+
+    prefix: str = ""  # in front of every key of the model's own
+    wrappers: tuple[str, ...] = ()  # what put each part of the prefix there
+    set_aside: tuple[str, ...] = ()  # the wrappers' own keys (AveragedModel's n_averaged)
+
+    def outer(self, prefix: str) -> Wrapping:
+        """The outer wrappers alone, those whose prefixes make up `prefix` (a start of
+        `self.prefix` ending in a dot): what stripping only `prefix` takes away."""
+        return Wrapping(
+            prefix,
+            self.wrappers[: prefix.count(".")],
+            tuple(k for k in self.set_aside if not k.startswith(prefix)),
+        )
+
+    def notes(self, state_dict: Mapping[str, Any]) -> list[str]:
+        """The report's notes: the prefix left out of the layer names and who put it there, and
+        each AveragedModel's n_averaged, read from `state_dict` (verify those keys first)."""
+        notes = []
+        if self.prefix:
+            parts = [p + "." for p in self.prefix.removesuffix(".").split(".")]
+            what = "; ".join(f"{p}: {w}" for p, w in zip(parts, self.wrappers, strict=True))
+            notes.append(f"wrapper prefix {self.prefix!r} left out of the layer names ({what})")
+        for key in self.set_aside:
+            notes.append(
+                f"{AVERAGED_MODEL} checkpoint ({N_AVERAGED} = {_number(state_dict[key])}): SWA "
+                "averages the weights, not the BN statistics, which stay those of the model "
+                "copied (or their average, with use_buffers=True); unless update_bn ran after "
+                "the last update_parameters, run torch.optim.swa_utils.update_bn or bnaudit "
+                "recalibrate"
+            )
+        return notes
+
+
+def unwrap(keys: Iterable[str]) -> Wrapping:
+    """The wrappers every key shares (`module.`, `model.module.`, AveragedModel, ...), peeled in
+    turn from the outside in. Only a prefix that every key has is a wrapper's."""
     keys = list(keys)
-    prefix = ""
+    prefix, wrappers, aside = "", [], []
     while keys:
-        shared = next((w for w in WRAPPER_PREFIXES if all(k.startswith(w) for k in keys)), None)
-        if shared is None:
-            break
+        rest = [k for k in keys if k != N_AVERAGED]
+        if len(rest) == len(keys) - 1 and rest and all(k.startswith("module.") for k in rest):
+            aside.append(prefix + N_AVERAGED)
+            shared, what, keys = "module.", AVERAGED_MODEL, rest
+        else:
+            shared = next((w for w in WRAPPERS if all(k.startswith(w) for k in keys)), None)
+            if shared is None:
+                break
+            what = WRAPPERS[shared]
         prefix += shared
+        wrappers.append(what)
         keys = [k[len(shared) :] for k in keys]
-    return prefix
+    return Wrapping(prefix, tuple(wrappers), tuple(aside))
+
+
+def _number(t: Tensor) -> str:
+    if t.numel() != 1:
+        return f"a tensor of shape {tuple(t.shape)}"
+    value = t.reshape(()).item()
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def shorten(items: list[str]) -> str:

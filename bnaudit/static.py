@@ -16,16 +16,25 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from bnaudit.errors import NothingToAudit
-from bnaudit.findings import Thresholds, judge_layer
-from bnaudit.layers import DEFAULT_EPS, KnownAttrs, LayerAttrs
+from bnaudit.findings import Thresholds, judge_layer, not_audited
+from bnaudit.layers import DEFAULT_EPS, Kind, KnownAttrs, LayerAttrs, counter_notes
 from bnaudit.metrics import measure
-from bnaudit.results import AuditReport, FailOn, LayerResult
-from bnaudit.selection import wrapper_prefix
+from bnaudit.results import AuditReport, FailOn, LayerMetrics, LayerResult
+from bnaudit.selection import unwrap
 from bnaudit.statistics import LayerStats
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 # Which finding codes a static audit can raise, and what the others need.
-STATIC_CODES = ("nonfinite", "bad-var", "tiny-var", "init-stats", "no-counter", "half-buffers")
+STATIC_CODES = (
+    "nonfinite",
+    "bad-var",
+    "tiny-var",
+    "init-stats",
+    "no-counter",
+    "bad-counter",
+    "half-buffers",
+    "not-audited",
+)
 MOMENTUM_CODES = ("momentum-warmup", "momentum-convention")  # need the layer's momentum
 MODULE_CODES = ("no-running-stats",)  # such a layer has no running stats to be found by
 DATA_CODES = (
@@ -39,7 +48,6 @@ DATA_CODES = (
     "not-reached",
 )
 NOT_JUDGED = "no: static audit"
-_SHOWN = 5
 
 
 @dataclass(frozen=True)
@@ -48,43 +56,42 @@ class BnGroup:
 
     prefix: str
     keys: Mapping[str, str]
+    problem: str = ""  # why it cannot be audited as BatchNorm; "" when it can
 
 
-def find_bn_groups(state_dict: Mapping[str, object]) -> tuple[list[BnGroup], list[str]]:
-    """BN key groups in key order, and the groups skipped (with why) for not being BN-shaped.
+def find_bn_groups(state_dict: Mapping[str, object]) -> list[BnGroup]:
+    """Key groups with running stats, in key order; `problem` names what is not BN-shaped.
 
-    Reads shapes and dtypes only, never tensor data.
+    Both running stats, or one next to a counter, make a group: a BN layer, if perhaps a broken
+    one. Reads shapes and dtypes only, never tensor data.
     """
     by_prefix: dict[str, dict[str, str]] = {}
     for key, value in state_dict.items():
         prefix, _, attr = key.rpartition(".")
         if attr in BN_KEYS and isinstance(value, Tensor):
             by_prefix.setdefault(prefix, {})[attr] = key
-    groups, skipped = [], []
+    groups = []
     for prefix, keys in by_prefix.items():
-        if "running_mean" not in keys or "running_var" not in keys:
-            continue
-        problem = _shape_problem({a: state_dict[k] for a, k in keys.items()})  # type: ignore[misc]
-        if problem:
-            skipped.append(f"{prefix or '(top level)'} ({problem})")
-        else:
-            groups.append(BnGroup(prefix, keys))
-    return groups, skipped
+        stats = {"running_mean", "running_var"} & keys.keys()
+        if len(stats) == 2 or (stats and "num_batches_tracked" in keys):
+            tensors = {a: state_dict[k] for a, k in keys.items()}
+            groups.append(BnGroup(prefix, keys, _shape_problem(tensors)))  # type: ignore[arg-type]
+    return groups
 
 
 def _shape_problem(t: Mapping[str, Tensor]) -> str:
+    for attr in ("running_mean", "running_var"):
+        if attr not in t:
+            return f"no {attr}"
     mean, var = t["running_mean"], t["running_var"]
     if not (mean.is_floating_point() and var.is_floating_point()):
-        return f"running stats of dtype {mean.dtype}"
+        return f"running stats of dtype {mean.dtype}, {var.dtype}"
     if mean.dim() != 1 or mean.shape != var.shape or mean.numel() == 0:
         return f"running_mean {tuple(mean.shape)}, running_var {tuple(var.shape)}"
     for attr in ("weight", "bias"):
         if attr in t and t[attr].shape != mean.shape:
             return f"{attr} {tuple(t[attr].shape)} vs running_mean {tuple(mean.shape)}"
-    nbt = t.get("num_batches_tracked")
-    if nbt is not None and (nbt.numel() != 1 or nbt.is_floating_point()):
-        return f"num_batches_tracked {tuple(nbt.shape)} {nbt.dtype}"
-    return ""
+    return ""  # a counter that is no count is a finding on an audited layer (bad-counter)
 
 
 def audit_state_dict(
@@ -101,6 +108,9 @@ def audit_state_dict(
 ) -> AuditReport:
     """Audit every BN layer of a state dict without a model; the same report as `audit`.
 
+    A key group with running stats that is not BN-shaped is a layer with a `not-audited`
+    finding; only a state dict without any running stats has nothing to audit.
+
     Args:
         known: eps/momentum/class per BN key prefix where a compiled archive records them;
             otherwise eps is assumed to be 1e-5 and momentum is unknown.
@@ -112,22 +122,27 @@ def audit_state_dict(
     """
     t = thresholds or Thresholds()
     known = known or {}
-    groups, skipped = find_bn_groups(state_dict)
+    groups = find_bn_groups(state_dict)
     if not groups:
         raise NothingToAudit(
             (f"{checkpoint}: " if checkpoint else "")
             + "no BatchNorm layer in the state dict: no key group <prefix>.running_mean + "
-            "<prefix>.running_var"
-            + (f" of BN shape (skipped: {_names(skipped)})" if skipped else "")
-            + "; BN layers with track_running_stats=False have no such keys: pass --model to "
-            "audit them"
+            "<prefix>.running_var; BN layers with track_running_stats=False have no such keys: "
+            "pass --model to audit them"
         )
+    wrapping = unwrap(state_dict)
     if before_read is not None:
-        before_read([k for g in groups for k in g.keys.values()])
-    strip = wrapper_prefix(state_dict)
+        read = [k for g in groups if not g.problem for k in g.keys.values()]
+        before_read([*read, *wrapping.set_aside])  # n_averaged goes into a note
     results = []
-    attrs = []
+    attrs = {}
     for g in groups:
+        name = f"{g.prefix}."[len(wrapping.prefix) :].removesuffix(".")
+        if g.problem:
+            type_name = known[g.prefix].type_name if g.prefix in known else "unknown"
+            m = LayerMetrics.unmeasured("not audited", kind=Kind.BATCH.value, channels=0)
+            results.append(LayerResult(name, type_name, m, (not_audited(name, g.problem),)))
+            continue
         a = LayerAttrs.from_state(
             {attr: state_dict[k] for attr, k in g.keys.items()},  # type: ignore[misc]
             known=known.get(g.prefix),
@@ -136,57 +151,53 @@ def audit_state_dict(
             after_read()
         m = measure(a, LayerStats(), t, nonfinite_inputs=0, nonfinite_outputs=0, synthetic=False)
         m = dataclasses.replace(m, stale_judged=NOT_JUDGED, gap_judged=NOT_JUDGED)
-        name = f"{g.prefix}."[len(strip) :].removesuffix(".")
         findings = judge_layer(
             name, m, t, type_name=a.type_name, overrides_forward=False, batches=0
         )
         results.append(LayerResult(name, a.type_name, m, findings))
-        attrs.append(a)
+        attrs[name] = a
+    assumed = sum(g.prefix not in known for g in groups if not g.problem)
+    static = _static_notes(attrs, len(groups), assumed)
     return AuditReport(
         layers=tuple(results),
         fail_on=fail_on,
-        notes=(*notes, *_static_notes(groups, attrs, known, skipped, strip)),
+        notes=(*notes, *static, *wrapping.notes(state_dict)),
         checkpoint=checkpoint,
         sha256=sha256,
         thresholds=dataclasses.asdict(t),
     )
 
 
-def _static_notes(
-    groups: list[BnGroup],
-    attrs: list[LayerAttrs],
-    known: Mapping[str, KnownAttrs],
-    skipped: list[str],
-    strip: str,
-) -> list[str]:
-    momentum_known = sum(a.momentum_known for a in attrs)
+def _static_notes(attrs: Mapping[str, LayerAttrs], groups: int, assumed: int) -> list[str]:
+    """`attrs`: the audited layers by name, of `groups` found; `assumed`: how many of them have
+    an assumed eps (no archive told it)."""
+    momentum_known = sum(a.momentum_known for a in attrs.values())
     ran = STATIC_CODES + (MOMENTUM_CODES if momentum_known else ())
     need_model = MODULE_CODES + (() if momentum_known else MOMENTUM_CODES)
     notes = [
-        f"static audit: no --model, so the BatchNorm layers ({len(groups)}) were found from "
+        f"static audit: no --model, so the BatchNorm layers ({groups}) were found from "
         "their state-dict keys and judged without a forward pass",
         f"checks run: {', '.join(ran)}",
         f"not run, they need --model: {', '.join(need_model)}",
         f"not run, they need --model and --data or --input-shape: {', '.join(DATA_CODES)}",
     ]
-    assumed = sum(g.prefix not in known for g in groups)
+    if groups > len(attrs):
+        notes.append(
+            f"{groups - len(attrs)} of {groups} key groups with running stats are not "
+            "BatchNorm-shaped and were not audited (not-audited findings)"
+        )
     if assumed:
         notes.append(
             f"eps is not stored in a state dict: assumed {DEFAULT_EPS:g} (torch's default) for "
-            f"{assumed} of {len(groups)} layers; tiny-var depends on it"
+            f"{assumed} of {len(attrs)} layers; tiny-var depends on it"
         )
     if momentum_known < len(attrs):
         notes.append(
             f"momentum is not stored in a state dict: unknown for {len(attrs) - momentum_known} "
             f"of {len(attrs)} layers, so {' and '.join(MOMENTUM_CODES)} were not judged there"
         )
-    if strip:
-        notes.append(f"wrapper prefix {strip!r} left out of the layer names")
-    if skipped:
-        notes.append(f"key groups with running stats but not BatchNorm-shaped: {_names(skipped)}")
+    notes += counter_notes(
+        {n: a.counter_dtype for n, a in attrs.items()},
+        "; audited as the count it holds (load_state_dict converts it to the model's int64)",
+    )
     return notes
-
-
-def _names(items: list[str]) -> str:
-    more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
-    return ", ".join(items[:_SHOWN]) + more

@@ -12,6 +12,7 @@ import argparse
 import builtins
 import hashlib
 import json
+import math
 import os
 import pathlib
 import pickle
@@ -33,6 +34,7 @@ from bnaudit.loading import load_checkpoint
 runner = CliRunner()
 
 MODEL_PY = """\
+import torch
 from torch import nn
 
 
@@ -40,6 +42,10 @@ def build():
     return nn.Sequential(
         nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)
     )
+
+
+def build_float():
+    return build().type(torch.FloatTensor)  # every tensor float32, num_batches_tracked too
 """
 BN_LAYERS = ["1", "4"]  # the BN layers of MODEL_PY's model
 
@@ -593,6 +599,51 @@ def test_state_dict_that_does_not_fit_the_model(
             "4.running_mean: checkpoint (5,) vs model (4,)",
         ],
     )
+
+
+def _float_counters(state: dict, value: float | None = None) -> dict:
+    return {
+        k: (v.float() if value is None else torch.tensor(value))
+        if k.endswith("num_batches_tracked")
+        else v
+        for k, v in state.items()
+    }
+
+
+def test_float_counters_load_into_the_model(tmp_path: Path, state: dict, model_spec: str) -> None:
+    """load_state_dict copies a float32 counter into the model's int64 one: the report says so."""
+    ckpt = tmp_path / "model.pt"
+    torch.save(_float_counters(state), ckpt)
+    result = check(ckpt, "--model", model_spec, "--input-shape", "8x3x8x8", "-f", "json")
+    assert result.exit_code == 0, result.output
+    doc = report_json(result)
+    assert [r["name"] for r in doc["layers"]] == BN_LAYERS
+    assert all(r["metrics"]["num_batches_tracked"] == 20 for r in doc["layers"])
+    assert not any(f["code"] == "bad-counter" for r in doc["layers"] for f in r["findings"])
+    notes = doc["summary"]["notes"]
+    assert any(
+        "num_batches_tracked stored as float32 in 2 layers: 1, 4; load_state_dict converted it "
+        "to the model's int64" in n
+        for n in notes
+    ), notes
+
+
+def test_a_float_model_with_a_nan_counter_is_audited(
+    tmp_path: Path, state: dict, model_spec: str
+) -> None:
+    """A model built with .type(torch.FloatTensor) keeps a float counter, NaN included."""
+    ckpt = tmp_path / "model.pt"
+    torch.save(_float_counters(state, math.nan), ckpt)
+    spec = model_spec.replace(":build", ":build_float")
+    result = check(ckpt, "--model", spec, "--input-shape", "8x3x8x8", "-f", "json")
+    assert result.exit_code == 0, result.output  # bad-counter warns; train steps ran
+    doc = report_json(result)
+    for layer in doc["layers"]:
+        bad = [f for f in layer["findings"] if f["code"] == "bad-counter"]
+        assert len(bad) == 1 and "nan (torch.float32)" in bad[0]["message"], layer["findings"]
+        assert layer["metrics"]["num_batches_tracked"] is None
+    notes = doc["summary"]["notes"]
+    assert any("stored as float32 in 2 layers" in n and "Module.type()" in n for n in notes)
 
 
 def test_data_without_a_model(tmp_path: Path, state: dict) -> None:

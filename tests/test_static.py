@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -159,16 +160,116 @@ def test_frozen_batchnorm_style_groups() -> None:
     assert all(r.metrics.num_batches_tracked is None for r in report.layers)
 
 
-def test_only_bn_tensors_are_read_and_odd_groups_are_skipped(mlp: nn.Module) -> None:
+def test_only_bn_tensors_are_read_and_odd_groups_are_findings(mlp: nn.Module) -> None:
     sd = dict(mlp.state_dict())
     sd["stats.running_mean"] = torch.zeros(3, 3)  # running stats, but not BN-shaped
     sd["stats.running_var"] = torch.ones(3, 3)
     read: list[str] = []
     report = audit_state_dict(sd, before_read=read.extend)
-    assert [r.name for r in report.layers] == BN
+    assert [r.name for r in report.layers] == [*BN, "stats"]
     bn_keys = {k for k in sd if k.rpartition(".")[0] in BN}
-    assert set(read) == bn_keys
-    assert any("stats (running_mean (3, 3)" in n for n in report.notes)
+    assert set(read) == bn_keys  # the odd group's shapes tell it apart, not its data
+    assert codes(report) == {"stats": {"not-audited"}}
+    assert "running_mean (3, 3), running_var (3, 3)" in report.layer("stats").findings[0].message
+
+
+def _float_counters(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(dtype) if k.endswith("num_batches_tracked") else v for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.int32])
+def test_a_counter_of_any_real_dtype_is_a_count(mlp: nn.Module, dtype: torch.dtype) -> None:
+    report = audit_state_dict(_float_counters(mlp.state_dict(), dtype))
+    assert [r.name for r in report.layers] == BN
+    assert report.findings == [] and report.passed
+    assert all(r.metrics.num_batches_tracked == 40 for r in report.layers)
+    name = str(dtype).removeprefix("torch.")
+    assert any(
+        n.startswith(f"num_batches_tracked stored as {name} in 6 layers: 1, 4, 7, 10, 13, 16")
+        for n in report.notes
+    ), report.notes
+
+
+def test_type_float_tensor_checkpoint_exits_0(tmp_path: Path, mlp: nn.Module) -> None:
+    """`.type(torch.FloatTensor)` converts every tensor, the counter included."""
+    ckpt = tmp_path / "mlp.pt"
+    torch.save(mlp.type(torch.FloatTensor).state_dict(), ckpt)
+    assert mlp.get_submodule("1").num_batches_tracked.dtype == torch.float32
+    result = CliRunner().invoke(app, ["check", str(ckpt), "-f", "json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [r["name"] for r in doc["layers"]] == BN
+    assert any("stored as float32 in 6 layers" in n for n in doc["summary"]["notes"])
+
+
+@pytest.mark.parametrize(
+    ("counter", "says"),
+    [
+        (torch.tensor(math.nan), "nan (torch.float32)"),
+        (torch.tensor(math.inf, dtype=torch.float16), "inf (torch.float16)"),
+        (torch.tensor(-3.0), "-3 (torch.float32), negative"),
+        (torch.tensor(-1), "-1 (torch.int64), negative"),
+        (torch.tensor([2.5]), "2.5 (torch.float32), not a whole number"),
+        (torch.tensor([4, 4]), "shape (2,) (torch.int64), not one number"),
+        (torch.tensor(True), "dtype torch.bool"),
+    ],
+)
+def test_a_counter_that_is_no_count_is_a_finding(
+    mlp: nn.Module, counter: torch.Tensor, says: str
+) -> None:
+    sd = dict(mlp.state_dict())
+    sd["7.num_batches_tracked"] = counter
+    report = audit_state_dict(sd)
+    assert [r.name for r in report.layers] == BN
+    assert codes(report) == {"7": {"bad-counter"}}  # and no no-counter: it has one
+    finding = report.layer("7").findings[0]
+    assert finding.severity.label == "warn" and says in finding.message, finding.message
+    assert report.layer("7").metrics.num_batches_tracked is None
+    assert report.passed  # warn: the counter does not enter the output
+
+
+@pytest.mark.parametrize(
+    ("plant", "says"),
+    [
+        (lambda sd: sd.update({"7.running_var": sd["7.running_var"][:20]}), "running_var (20,)"),
+        (lambda sd: sd.update({"7.running_mean": torch.zeros(4, 8)}), "running_mean (4, 8)"),
+        (lambda sd: sd.update({"7.weight": sd["7.weight"][:5]}), "weight (5,) vs running_mean"),
+        (lambda sd: sd.update({"7.running_mean": torch.zeros(32, dtype=torch.int64)}), "int64"),
+        (lambda sd: sd.pop("7.running_var"), "no running_var"),
+    ],
+)
+def test_a_malformed_bn_group_is_a_finding_on_that_layer(
+    tmp_path: Path, mlp: nn.Module, plant: Any, says: str
+) -> None:
+    sd = dict(mlp.state_dict())
+    plant(sd)
+    ckpt = tmp_path / "mlp.pt"
+    torch.save(sd, ckpt)
+    result = CliRunner().invoke(app, ["check", str(ckpt), "-f", "json"])
+    assert result.exit_code == 1, result.output
+    doc = json.loads(result.stdout)
+    assert [r["name"] for r in doc["layers"]] == BN  # in key order, the broken one in place
+    found = {r["name"]: [f for f in r["findings"]] for r in doc["layers"] if r["findings"]}
+    assert list(found) == ["7"] and [f["code"] for f in found["7"]] == ["not-audited"]
+    assert found["7"][0]["severity"] == "fail" and says in found["7"][0]["message"]
+    assert found["7"][0]["hint"]
+    assert any("1 of 6 key groups" in n for n in doc["summary"]["notes"])
+
+
+def test_only_malformed_groups_exit_1_not_3(tmp_path: Path) -> None:
+    """Running stats that are not BN-shaped are something to audit: not 'nothing to audit'."""
+    ckpt = tmp_path / "odd.pt"
+    torch.save(
+        {
+            "norm.running_mean": torch.zeros(3, 8),
+            "norm.running_var": torch.ones(3, 8),
+            "norm.num_batches_tracked": torch.tensor(5),
+        },
+        ckpt,
+    )
+    result = CliRunner().invoke(app, ["check", str(ckpt)])
+    assert result.exit_code == 1, result.output
+    assert "not-audited" in result.stdout
 
 
 def test_every_report_format_renders_a_static_report(mlp: nn.Module) -> None:
