@@ -27,7 +27,7 @@ from bnaudit import formulas as F
 from bnaudit.batches import call_model, move_batch
 from bnaudit.errors import DataError, NothingToAudit, describe
 from bnaudit.explain import Case, Diagnosis
-from bnaudit.findings import Thresholds, is_stale, judge_layer, judge_model
+from bnaudit.findings import Thresholds, has_gap, is_stale, judge_layer, judge_model
 from bnaudit.fold import FoldWatch, find_pairs
 from bnaudit.grouped import Deferred, Update
 from bnaudit.impact import OutputImpact, compare_outputs, eval_regime_stats, like_buffer
@@ -64,6 +64,7 @@ class Passes:
     count: int  # batches run
     batches: Iterable[Any]  # to run again for the output impact (moved to the device)
     outputs: list[Any] | None  # eval-mode outputs with the stored stats; None past the budget
+    order: tuple[str, ...] = ()  # every BN layer that ran, audited or not, in the order it ran
 
 
 class _Probe:
@@ -104,6 +105,8 @@ class _Probe:
 
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         try:
+            if self.first_call is None:
+                self.first_call = next(self.clock)
             if self.measure:
                 self._measure(module, inputs, output)
         finally:
@@ -118,8 +121,6 @@ class _Probe:
         x, y = inputs[0].detach(), output.detach()
         if x.dim() < 2 or y.shape != x.shape:
             return
-        if self.first_call is None:
-            self.first_call = next(self.clock)
         train = self.regime == "train"
         later = (
             self.group is not None and x.shape[1] == self.attrs.num_features and self.group.takes(x)
@@ -360,7 +361,9 @@ def run_passes(
             for h in handles:
                 h.remove()
     again = kept if keep else _moved(batches, count, device, dtype)
-    return Passes([p for p in probes if p.measure], dict(layers), count, again, outputs)
+    ran = sorted((p for p in probes if p.first_call is not None), key=lambda p: p.first_call or 0)
+    order = tuple(p.name for p in ran)
+    return Passes([p for p in probes if p.measure], dict(layers), count, again, outputs, order)
 
 
 class _moved:
@@ -485,9 +488,15 @@ def audit(
     for name, change in impact.per_layer.items() if impact else ():
         metrics[name] = dataclasses.replace(metrics[name], output_change_alone=change)
     # Layers in the order they run, for "a consequence of stale stats upstream".
-    ran = sorted((p for p in probes if p.first_call is not None), key=lambda p: p.first_call)
-    position = {p.name: i for i, p in enumerate(ran)}
-    stale = [p.name for p in ran if is_stale(metrics[p.name], t)]
+    position = {name: i for i, name in enumerate(passes.order)}
+    stale = [n for n in passes.order if n in metrics and is_stale(metrics[n], t)]
+    first = _first_stale(passes.order, set(stale))
+    if first:
+        notes.append(
+            f"the first BN layer(s) to run already disagree with the data ({', '.join(first)}): "
+            "the audit data may not be the training distribution (preprocessing, "
+            "normalisation, domain); recalibrating to it changes the model"
+        )
     results = []
     for p in probes:
         here = position.get(p.name)
@@ -500,6 +509,7 @@ def audit(
             overrides_forward=p.attrs.overrides_forward,
             batches=count,
             upstream_stale=upstream,
+            runs_first=p.name in first,
         )
         results.append(LayerResult(p.name, p.attrs.type_name, metrics[p.name], findings))
     return AuditReport(
@@ -574,7 +584,16 @@ def _impact(model: nn.Module, passes: Passes, metrics: dict, options: AuditOptio
 
 
 def _flagged(m, t: Thresholds) -> bool:
-    return is_stale(m, t) or (m.gap_judged == "yes" and m.gap_fraction >= t.stale_fraction)
+    return is_stale(m, t) or has_gap(m, t)
+
+
+def _first_stale(order: tuple[str, ...], stale: set[str]) -> tuple[str, ...]:
+    """The stale layers that run before any layer that is not stale (or not audited).
+
+    Only the input and the weights before it reach the first BN layer to run, in either mode:
+    when it already disagrees with the data, the data may be what differs from training.
+    """
+    return tuple(itertools.takewhile(lambda name: name in stale, order))
 
 
 def _with_overrides(options: AuditOptions, overrides: dict[str, Any]) -> AuditOptions:
