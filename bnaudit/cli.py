@@ -213,7 +213,14 @@ def check(
         None, rich_help_panel=_T, help="Sds of sample noise + EMA jitter [default: 4]."
     ),
     stale_fraction: float = typer.Option(
-        None, rich_help_panel=_T, help="Fraction of channels for a layer verdict [default: 0.1]."
+        None,
+        rich_help_panel=_T,
+        help="Fraction of channels (and at least 2) for a layer verdict [default: 0.1].",
+    ),
+    stale_alpha: float = typer.Option(
+        None,
+        rich_help_panel=_T,
+        help="And a count of off channels noise alone reaches less often [default: 0.001].",
     ),
     min_batch: int = typer.Option(
         None, rich_help_panel=_T, help="Smallest batch for a stale verdict [default: 3]."

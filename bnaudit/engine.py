@@ -30,7 +30,14 @@ from bnaudit.errors import DataError, NothingToAudit, describe
 from bnaudit.evidence import TOP1, Evidence, Metric, applies, top1
 from bnaudit.evidence import measure as measure_evidence
 from bnaudit.explain import Case, Diagnosis
-from bnaudit.findings import Thresholds, is_stale, judge_layer, judge_model, weigh_evidence
+from bnaudit.findings import (
+    Thresholds,
+    has_gap,
+    is_stale,
+    judge_layer,
+    judge_model,
+    weigh_evidence,
+)
 from bnaudit.fold import FoldWatch, find_pairs
 from bnaudit.grouped import Deferred, Update
 from bnaudit.impact import OutputImpact, compare_outputs, eval_regime_stats, like_buffer
@@ -80,6 +87,7 @@ class Passes:
     batches: Iterable[Any]  # to run again for the output impact (moved to the device)
     outputs: list[Any] | None  # eval-mode outputs with the stored stats; None past the budget
     feed: str = ""  # how the batches feed the model, when they hold more than the input
+    order: tuple[str, ...] = ()  # every BN layer that ran, audited or not, in the order it ran
 
 
 class _Probe:
@@ -120,6 +128,8 @@ class _Probe:
 
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         try:
+            if self.first_call is None:
+                self.first_call = next(self.clock)
             if self.measure:
                 self._measure(module, inputs, output)
         finally:
@@ -134,8 +144,6 @@ class _Probe:
         x, y = inputs[0].detach(), output.detach()
         if x.dim() < 2 or y.shape != x.shape:
             return
-        if self.first_call is None:
-            self.first_call = next(self.clock)
         train = self.regime == "train"
         later = (
             self.group is not None and x.shape[1] == self.attrs.num_features and self.group.takes(x)
@@ -379,8 +387,10 @@ def run_passes(
             for h in handles:
                 h.remove()
     again = kept if keep else _Moved(model, batches, count, options.input)
+    ran = sorted((p for p in probes if p.first_call is not None), key=lambda p: p.first_call or 0)
+    order = tuple(p.name for p in ran)
     probed = [p for p in probes if p.measure]
-    return Passes(probed, dict(layers), count, again, outputs, feed)
+    return Passes(probed, dict(layers), count, again, outputs, feed, order)
 
 
 def _as_call(model: nn.Module, batch: Any, choice: InputChoice) -> Call:
@@ -517,9 +527,15 @@ def audit(
     for name, change in impact.per_layer.items() if impact else ():
         metrics[name] = dataclasses.replace(metrics[name], output_change_alone=change)
     # Layers in the order they run, for "a consequence of stale stats upstream".
-    ran = sorted((p for p in probes if p.first_call is not None), key=lambda p: p.first_call)
-    position = {p.name: i for i, p in enumerate(ran)}
-    stale = [p.name for p in ran if is_stale(metrics[p.name], t)]
+    position = {name: i for i, name in enumerate(passes.order)}
+    stale = [n for n in passes.order if n in metrics and is_stale(metrics[n], t)]
+    first = _first_stale(passes.order, set(stale))
+    if first:
+        notes.append(
+            f"the first BN layer(s) to run already disagree with the data ({', '.join(first)}): "
+            "the audit data may not be the training distribution (preprocessing, "
+            "normalisation, domain); recalibrating to it changes the model"
+        )
     results = []
     for p in probes:
         here = position.get(p.name)
@@ -532,6 +548,7 @@ def audit(
             overrides_forward=p.attrs.overrides_forward,
             batches=count,
             upstream_stale=upstream,
+            runs_first=p.name in first,
         )
         findings = weigh_evidence(findings, impact.evidence if impact else None)
         results.append(LayerResult(p.name, p.attrs.type_name, metrics[p.name], findings))
@@ -665,7 +682,16 @@ def _evidence(
 
 
 def _flagged(m, t: Thresholds) -> bool:
-    return is_stale(m, t) or (m.gap_judged == "yes" and m.gap_fraction >= t.stale_fraction)
+    return is_stale(m, t) or has_gap(m, t)
+
+
+def _first_stale(order: tuple[str, ...], stale: set[str]) -> tuple[str, ...]:
+    """The stale layers that run before any layer that is not stale (or not audited).
+
+    Only the input and the weights before it reach the first BN layer to run, in either mode:
+    when it already disagrees with the data, the data may be what differs from training.
+    """
+    return tuple(itertools.takewhile(lambda name: name in stale, order))
 
 
 def _with_overrides(options: AuditOptions, overrides: dict[str, Any]) -> AuditOptions:

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from bnaudit.results import MODEL, Finding, LayerMetrics, Severity
+from bnaudit.significance import CountRule
 
 # Shared with fold.py and explain.py; kept here so that judging needs no torch.
 FLOAT16_MAX = 65504.0
@@ -20,39 +21,45 @@ ACTIVATION_KEY = "act:"  # diagnosis keys of BN-with-activation layers
 JUDGED = "yes"
 _FORMULA_CODES = frozenset({"recon-train", "recon-eval", "running-update"})
 
-# Stable codes and how to fix each; every code is documented in the README.
+# Stable codes, in the README's order.
+CODES: tuple[str, ...] = (
+    "recon-train",
+    "recon-eval",
+    "running-update",
+    "stale-stats",
+    "train-eval-gap",
+    "init-stats",
+    "nonfinite",
+    "bad-var",
+    "tiny-var",
+    "var-bias",
+    "momentum-warmup",
+    "momentum-convention",
+    "no-running-stats",
+    "nonstandard-forward",
+    "not-reached",
+    "fold-mismatch",
+    "fold-risk",
+    "output-change",
+    "half-buffers",
+    "no-counter",
+)
+
+# How to fix a finding. A code whose messages all call for the same fix has one hint here; a code
+# whose messages describe different situations has one hint per situation (SITUATION_HINTS), so
+# that a fix never contradicts the message it follows. `{layer}` and `{upstream}` are filled in.
 HINTS: dict[str, str] = {
-    "recon-train": "the train-mode output is not BN with batch statistics: look for a patched or "
-    "overridden forward",
-    "recon-eval": "the eval-mode output is not BN with the stored running statistics: look for a "
-    "patched or overridden forward",
-    "running-update": "a train step does not update the running stats as (1-m)*old + m*batch "
-    "(unbiased variance): look for custom momentum or update code",
-    "stale-stats": "recalibrate on representative data, e.g. torch.optim.swa_utils.update_bn"
-    "(loader, model), then save the checkpoint again",
-    "train-eval-gap": "stats fit train mode but not what the deployed (eval) model sees; "
-    "recalibrate in eval mode layer by layer, or normalise over larger batches",
-    "init-stats": "the layer never ran in train mode on data: calibrate it (update_bn) before "
-    "saving",
-    "nonfinite": "restore an earlier checkpoint or recalibrate; look for overflow in training",
-    "bad-var": "a running variance is never negative after a real update: the buffer was "
-    "corrupted or written by hand; recalibrate",
     "tiny-var": "near-zero running variance with large gamma amplifies noise and can overflow "
     "float16: check for dead channels, raise eps, or prune the channel",
     "var-bias": "expected with this few values per channel; validate in eval mode, or use larger "
     "batches or GroupNorm for this layer",
-    "momentum-warmup": "the running stats still carry their initial 0/1 values: calibrate with "
-    "more batches",
     "momentum-convention": "PyTorch momentum is the weight of the new batch (Keras 0.99 = PyTorch "
     "0.01): set momentum = 1 - keras_momentum and recalibrate",
     "no-running-stats": "eval output depends on the batch and fails on a single sample: set "
     "track_running_stats=True and calibrate, unless this is intended",
-    "nonstandard-forward": "the class overrides forward; the formula checks test what it computes",
     "not-reached": "the layer did not run on the sample batches: check the data reaches it",
     "fold-mismatch": "the folded conv does not reproduce conv -> BN in eval mode: do not deploy "
     "the folded model before finding out why (see the layer's recon-eval)",
-    "fold-risk": "fold in float32 and quantize per channel, or clamp/prune the channels with "
-    "huge gamma/sqrt(var + eps) before folding",
     "output-change": "recalibrate the flagged layers (bnaudit recalibrate) and audit again; "
     "--attribution shows which layers matter",
     "half-buffers": "keep BatchNorm buffers in float32 (torch.autocast does, model.half() does "
@@ -67,6 +74,123 @@ HINTS: dict[str, str] = {
     "them too); if the module is not BatchNorm, accept the finding with an ignore entry and a "
     "reason",
 }
+_PRUNE = "or clamp/prune the channels with huge gamma/sqrt(var + eps) before folding"
+# A reconstruction mismatch that one known mistake explains (bnaudit.explain keys): its fix.
+_EXPLAINED = {
+    "eps-outside": "eps is added to the standard deviation, not to the variance: normalise by "
+    "sqrt(var + eps) in the layer's forward (or in the code that patches it)",
+    "eps": "the forward uses another eps than the layer's eps attribute: make the two agree, or "
+    "folding and export compute something else than the model",
+    "no-affine": "gamma and beta are not applied: the forward drops the affine step although the "
+    "layer has weight and bias; apply them, or build the layer with affine=False",
+    "per-sample": "the statistics are per sample (an instance norm), not over the batch: the "
+    "layer's forward is not BatchNorm's; check its class and any code patching it",
+    "batch-dim-only": "the statistics are over the batch dim only, not over the spatial dims "
+    "too: the forward reduces over the wrong dims",
+    "channels-last": "the statistics are over the last dim: the input reaches the layer "
+    "channels-last (NHWC); permute it to NCHW before this layer",
+    "half-rounding": "the output is BN computed in half precision: look for autocast or a "
+    "float16/bfloat16 cast in or around this layer; keep BatchNorm in float32",
+    "activation": "the output is BN followed by an activation, yet the class does not override "
+    "forward: a patched forward or a forward hook applies it; audit the plain layer",
+    "explained": "the message names what the layer computes instead: fix that in its forward, or "
+    "in the code that patches it",
+    "unexplained": "none of the known mistakes explains it: compare the layer's forward with the "
+    "formula `bnaudit show CHECKPOINT --layer {layer}` prints, and look for a patched forward",
+}
+SITUATION_HINTS: dict[str, dict[str, str]] = {
+    "recon-train": {
+        "undiagnosed": "the train-mode output is not BN with batch statistics: look for a "
+        "patched or overridden forward",
+        "unbiased": "the forward normalises with the unbiased batch variance (divide by N-1); "
+        "train mode uses the biased one (divide by N): use var(unbiased=False) or F.batch_norm",
+        "running-in-train": "train mode normalises with the running stats: the forward takes the "
+        "eval path while training (e.g. F.batch_norm with training=False); use batch statistics",
+        **_EXPLAINED,
+    },
+    "recon-eval": {
+        "undiagnosed": "the eval-mode output is not BN with the stored running statistics: look "
+        "for a patched or overridden forward",
+        "batch-in-eval": "eval mode normalises with batch statistics: the forward ignores the "
+        "running stats (e.g. F.batch_norm with training=True); use them in eval mode",
+        **_EXPLAINED,
+    },
+    "running-update": {
+        "stats": "a train step does not update the running stats as (1-m)*old + m*batch "
+        "(unbiased variance): look for custom momentum or update code",
+        "counter": "num_batches_tracked does not grow by exactly 1 per train-mode forward: look "
+        "for custom update code; with momentum=None the average's weights depend on it",
+    },
+    "stale-stats": {
+        "stale": "the running stats are stale relative to these batches: if these are the data "
+        "the model serves, recalibrate on them, e.g. torch.optim.swa_utils.update_bn(loader, "
+        "model), then save the checkpoint again",
+        "first": "this is among the first BN layers to run and it already disagrees with these "
+        "batches: first check they are preprocessed as in training (normalisation, resizing, "
+        "channel order, domain); only if they are, recalibrate relative to them "
+        "(torch.optim.swa_utils.update_bn(loader, model)) and save the checkpoint again",
+    },
+    "train-eval-gap": {
+        "gap": "stats fit train mode but not what the deployed (eval) model sees; recalibrate "
+        "in eval mode layer by layer, or normalise over larger batches",
+        "downstream": "recalibrate {upstream} first, then audit again",
+    },
+    "init-stats": {
+        "never-updated": "the layer never ran in train mode on data: calibrate it "
+        "(torch.optim.swa_utils.update_bn) before saving",
+        "reset": "the stats were reset or overwritten after training while the counter was "
+        "kept (a re-created layer, a partial state-dict load): recalibrate before saving",
+        "frozen": "a frozen layer holding the initial values: the checkpoint's statistics were "
+        "not loaded into it (check the state-dict keys), or its source was never calibrated",
+        "no-count": "the stats themselves may be fine; a cumulative average (momentum=None) "
+        "restarts at T = 0 and the next train batch overwrites them: set num_batches_tracked "
+        "or recalibrate before training on",
+    },
+    "nonfinite": {
+        "values": "restore an earlier checkpoint or recalibrate; look for overflow in training",
+        "outputs": "weights and stats are finite, yet the layer turns finite inputs into NaN/Inf: "
+        "see its other findings (running_var <= 0, huge gamma/sqrt(var + eps)) and look for "
+        "float16 overflow",
+    },
+    "bad-var": {
+        "negative": "a running variance is never negative after a real update: the buffer was "
+        "corrupted or written by hand; recalibrate",
+        "zero": "an exactly zero running variance comes from a channel whose input was constant "
+        "in training (dead or pruned) or from a buffer written by hand: prune the channel, or "
+        "recalibrate",
+    },
+    "momentum-warmup": {
+        "unverified": "if the stats are this EMA, the initial 0/1 values still weigh in them: "
+        "calibrate with more batches; a cumulative average over T batches (update_bn) carries "
+        "none: an audit with data tells which",
+        "stale": "the stats do not fit the data and still carry their initial 0/1 values: "
+        "calibrate with more batches",
+        "verified": "nothing to fix: the stats fit the data, as a cumulative average over T "
+        "batches (update_bn) leaves them; training on starts its EMA from them",
+    },
+    "nonstandard-forward": {
+        "mismatch": "the override does not compute BN: its recon/running-update findings say "
+        "what it does instead; fix the forward, or accept it with an ignore entry",
+        "variant": "nothing to fix if intended: the normalisation is exact and the formula "
+        "checks allowed for what the override adds",
+        "plain": "nothing to fix: the override computes plain BN on these batches, and the "
+        "formula checks test what it computes",
+        "unchecked": "the layer did not run on the sample batches, so what the override "
+        "computes is unchecked: feed data that reaches it",
+    },
+    "fold-risk": {
+        "float16": "keep the folded model in float32 (or bfloat16), " + _PRUNE,
+        "int8": "quantize the folded weights per channel, not per tensor, " + _PRUNE,
+    },
+}
+
+
+def hint(code: str, situation: str = "", **fields: str) -> str:
+    """The fix for `code` in `situation` ("": a code with one hint), its fields filled in."""
+    text = SITUATION_HINTS[code][situation] if situation else HINTS[code]
+    return text.format(**fields) if fields else text
+
+
 # Half-precision buffer dtypes → (relative rounding step 2^-mantissa bits, what else goes wrong).
 _HALF = {
     "float16": (2.0**-11, "; values above 65504 overflow to inf"),
@@ -82,7 +206,8 @@ class Thresholds:
     stale_shift: float = 0.3  # |μ − μ_r| / sqrt(σ²_r + ε)
     stale_log_var: float = 0.4  # |ln((σ² + ε)/(σ²_r + ε))|: variance off by 1.49× or more
     stale_z: float = 4.0  # and beyond this many sds of sample noise plus EMA jitter
-    stale_fraction: float = 0.1  # of the channels, for a layer verdict
+    stale_fraction: float = 0.1  # of the channels (and at least 2), for a layer verdict
+    stale_alpha: float = 1e-3  # and a count of off channels noise alone reaches less often
     min_batch: int = 3  # smaller audit batches make the stale comparison unreliable
     var_bias_scale: float = 0.02  # eval/train output scale 1 − sqrt((N−1)/N) above this warns
     max_amplification: float = 1000.0  # |γ|/sqrt(σ²_r + ε)
@@ -105,8 +230,25 @@ def _fmt(v: float | None) -> str:
     return f"{v:.3g}"
 
 
+def count_rule(t: Thresholds) -> CountRule:
+    return CountRule(t.stale_fraction, t.stale_alpha)
+
+
+def off_channels(fraction: float, channels: int) -> int:
+    """How many channels a fraction of `channels` is (0 when unmeasured)."""
+    return round(fraction * channels) if math.isfinite(fraction) else 0
+
+
 def is_stale(m: LayerMetrics, t: Thresholds) -> bool:
-    return m.stale_judged == JUDGED and m.stale_fraction >= t.stale_fraction
+    """Enough channels off, beyond what noise from these batches explains."""
+    off = off_channels(m.stale_fraction, m.channels)
+    return m.stale_judged == JUDGED and count_rule(t).holds(off, m.channels, m.stale_p)
+
+
+def has_gap(m: LayerMetrics, t: Thresholds) -> bool:
+    """The same rule for the eval-mode input."""
+    off = off_channels(m.gap_fraction, m.channels)
+    return m.gap_judged == JUDGED and count_rule(t).holds(off, m.channels, m.gap_p)
 
 
 def judge_layer(
@@ -118,16 +260,26 @@ def judge_layer(
     overrides_forward: bool,
     batches: int,
     upstream_stale: tuple[str, ...] = (),
+    runs_first: bool = False,
 ) -> tuple[Finding, ...]:
     """All findings for one layer, most severe first.
 
     `batches` is how many batches were run (0: static checks only); `upstream_stale` names the
-    stale layers that ran before this one, whose eval-mode effect reaches it.
+    stale layers that ran before this one, whose eval-mode effect reaches it; `runs_first`: no
+    BN layer that fits the data runs before this one (only stale ones, or none).
     """
     out: list[Finding] = []
 
-    def add(code: str, sev: Severity, msg: str, value=None, threshold=None, hint=None) -> None:
-        out.append(Finding(name, code, sev, msg, hint or HINTS[code], value, threshold))
+    def add(
+        code: str,
+        sev: Severity,
+        msg: str,
+        value=None,
+        threshold=None,
+        situation: str = "",
+        **fields: str,
+    ) -> None:
+        out.append(Finding(name, code, sev, msg, hint(code, situation, **fields), value, threshold))
 
     # 6. static checks
     if m.nonfinite_values:
@@ -137,6 +289,7 @@ def judge_layer(
             f"{m.nonfinite_values} NaN/Inf value(s) in weight, bias or running stats",
             m.nonfinite_values,
             0,
+            "values",
         )
     if m.nonfinite_outputs and not m.nonfinite_values:
         add(
@@ -145,6 +298,7 @@ def judge_layer(
             f"{m.nonfinite_outputs} non-finite output value(s) on the sample batches",
             m.nonfinite_outputs,
             0,
+            "outputs",
         )
     if m.negative_var_channels:
         add(
@@ -153,6 +307,7 @@ def judge_layer(
             f"running_var < 0 in {m.negative_var_channels} channel(s)",
             m.negative_var_channels,
             0,
+            "negative",
         )
     if m.zero_var_channels:
         add(
@@ -162,6 +317,7 @@ def judge_layer(
             "channel(s): eval mode divides by sqrt(eps) there",
             m.zero_var_channels,
             0,
+            "zero",
         )
     if math.isfinite(m.max_amplification) and m.max_amplification > t.max_amplification:
         add(
@@ -237,15 +393,17 @@ def judge_layer(
         if not (m.calls and _over(ratio, t.max_error_ratio)):
             continue
         fits = why is not None and why[2] <= t.max_error_ratio
-        if fits and overrides_forward and why[3]:
+        if fits and overrides_forward and why[3].startswith(ACTIVATION_KEY):
             variant = f"{why[0]} (err {_fmt(why[1])}); the normalisation itself is exact"
             continue
         if fits:
             reason = f"; it matches {why[0]} (err {_fmt(why[1])}) instead"
+            situation = _explained(code, why[3])
         elif why is not None:
             reason = f"; no known mistake explains it (closest: {why[0]}, err {_fmt(why[1])})"
+            situation = "unexplained"
         else:
-            reason = ""
+            reason, situation = "", "undiagnosed"
         add(
             code,
             Severity.FAIL,
@@ -253,6 +411,8 @@ def judge_layer(
             f"{_fmt(ratio)}x the tolerance (limit {_fmt(t.max_error_ratio)}x){reason}",
             ratio,
             t.max_error_ratio,
+            situation,
+            layer=name,
         )
     frozen = m.kind == "frozen"  # never updated, never normalised with batch statistics
     if m.calls and m.track_running_stats and not frozen:
@@ -267,6 +427,7 @@ def judge_layer(
                 f"{_fmt(m.update_var_ratio)}x (var) the tolerance",
                 worst,
                 t.max_error_ratio,
+                "stats",
             )
         if m.update_count_errors:
             add(
@@ -275,35 +436,48 @@ def judge_layer(
                 f"num_batches_tracked did not grow by 1 in {m.update_count_errors} train step(s)",
                 m.update_count_errors,
                 0,
+                "counter",
             )
     if overrides_forward:
         mismatch = any(f.code in _FORMULA_CODES for f in out)
         if mismatch:
-            sev, what = Severity.WARN, "and does not compute plain BN"
+            sev, what, situation = Severity.WARN, "and does not compute plain BN", "mismatch"
         elif variant:
-            sev, what = Severity.INFO, f"and its output is {variant}"
+            sev, what, situation = Severity.INFO, f"and its output is {variant}", "variant"
+        elif not m.calls:  # nothing ran: there is no output to speak of
+            sev, what, situation = Severity.INFO, "(not run, so not checked)", "unchecked"
         else:
-            sev, what = Severity.INFO, "and still computes plain BN"
-        add("nonstandard-forward", sev, f"{type_name} overrides forward {what}")
+            sev, what, situation = Severity.INFO, "and still computes plain BN", "plain"
+        add(
+            "nonstandard-forward",
+            sev,
+            f"{type_name} overrides forward {what}",
+            None,
+            None,
+            situation,
+        )
 
     # 2./3. stale statistics and the train/eval gap
     if is_stale(m, t):
         add(
             "stale-stats",
             Severity.FAIL,
-            f"running stats do not describe the train-mode input: "
-            f"{_pct(m.stale_fraction)} of channels beyond the limits and sample noise (limit "
-            f"{_pct(t.stale_fraction)}): mean shift up to {_fmt(m.stale_shift_max)} sd "
-            f"(limit {_fmt(t.stale_shift)}), ln var ratio up to {_fmt(m.stale_log_var_max)} "
-            f"(limit +/-{_fmt(t.stale_log_var)}); worst channel {m.stale_channel}",
+            "running stats do not describe the train-mode input, relative to these batches: "
+            f"{_count(m.stale_fraction, m.channels, m.stale_p, t)}: mean shift up to "
+            f"{_fmt(m.stale_shift_max)} sd (limit {_fmt(t.stale_shift)}), ln var ratio up to "
+            f"{_fmt(m.stale_log_var_max)} (limit +/-{_fmt(t.stale_log_var)}); worst channel "
+            f"{m.stale_channel}"
+            + ("; no BN layer that fits these batches runs before it" if runs_first else ""),
             m.stale_fraction,
             t.stale_fraction,
+            "first" if runs_first else "stale",
         )
-    elif m.gap_judged == JUDGED and m.gap_fraction >= t.stale_fraction:
+    elif has_gap(m, t):
         msg = (
-            f"eval-mode input drifts from the running stats in {_pct(m.gap_fraction)} of "
-            f"channels (limit {_pct(t.stale_fraction)}): mean shift {_fmt(m.gap_shift_max)} "
-            f"sd, ln var ratio {_fmt(m.gap_log_var_max)}; the stats fit train mode"
+            "eval-mode input drifts from the running stats: "
+            f"{_count(m.gap_fraction, m.channels, m.gap_p, t)}: mean shift "
+            f"{_fmt(m.gap_shift_max)} sd, ln var ratio {_fmt(m.gap_log_var_max)}; the stats "
+            "fit train mode"
         )
         if upstream_stale:
             add(
@@ -313,10 +487,11 @@ def judge_layer(
                 f"earlier in the forward pass ({', '.join(upstream_stale)})",
                 m.gap_fraction,
                 t.stale_fraction,
-                hint=f"recalibrate {', '.join(upstream_stale)} first, then audit again",
+                "downstream",
+                upstream=", ".join(upstream_stale),
             )
         else:
-            add("train-eval-gap", Severity.WARN, msg, m.gap_fraction, t.stale_fraction)
+            add("train-eval-gap", Severity.WARN, msg, m.gap_fraction, t.stale_fraction, "gap")
 
     # 4. biased vs unbiased variance
     mismatch_scale = 1.0 - m.eval_scale
@@ -353,6 +528,7 @@ def judge_layer(
             f"{_fmt(m.max_amplification)}",
             m.folded_weight_max,
             FLOAT16_MAX,
+            "float16",
         )
     elif m.fold_with and m.fold_int8_levels < MIN_INT8_LEVELS:
         add(
@@ -363,6 +539,7 @@ def judge_layer(
             f"{MIN_INT8_LEVELS:g}); fold scale up to {_fmt(m.max_amplification)}",
             m.fold_int8_levels,
             MIN_INT8_LEVELS,
+            "int8",
         )
 
     # 5. momentum
@@ -400,6 +577,24 @@ def _judge_init(add, m: LayerMetrics, t: Thresholds) -> None:
             Severity.INFO,
             "num_batches_tracked = 0 but the running stats are not "
             "the initial values: saved before the counter existed, or the counter was reset",
+            situation="no-count",
+        )
+    elif m.initial_stats and m.kind == "frozen":
+        add(
+            "init-stats",
+            Severity.FAIL,
+            "running stats are exactly the initial values (mean 0, var 1) of a frozen layer, "
+            "which never updates them: they were never loaded",
+            situation="frozen",
+        )
+    elif m.initial_stats and (m.num_batches_tracked or 0) > 0:
+        add(
+            "init-stats",
+            Severity.FAIL,
+            "running stats are exactly the initial values (mean 0, var 1) although "
+            f"num_batches_tracked = {m.num_batches_tracked}: reset or overwritten after the "
+            "updates it counts",
+            situation="reset",
         )
     elif m.initial_stats:
         add(
@@ -407,6 +602,7 @@ def _judge_init(add, m: LayerMetrics, t: Thresholds) -> None:
             Severity.FAIL,
             "running stats are exactly the initial values "
             f"(mean 0, var 1; num_batches_tracked = {m.num_batches_tracked}): never updated",
+            situation="never-updated",
         )
     elif (
         (m.num_batches_tracked or 0) >= 1
@@ -415,28 +611,53 @@ def _judge_init(add, m: LayerMetrics, t: Thresholds) -> None:
     ):
         # A few updates may also be a cumulative average over few batches (update_bn leaves
         # T = batches): when the data confirms the stats, the residue is only a possibility.
-        verified = m.stale_judged == JUDGED and not is_stale(m, t)
+        if m.stale_judged != JUDGED:
+            sev, situation, why = Severity.WARN, "unverified", ""
+        elif is_stale(m, t):
+            sev, situation, why = Severity.WARN, "stale", "; the stats do not fit the data either"
+        else:
+            sev, situation = Severity.INFO, "verified"
+            why = "; the stats fit the data, so they were likely averaged otherwise"
         add(
             "momentum-warmup",
-            Severity.INFO if verified else Severity.WARN,
+            sev,
             f"after T = {m.num_batches_tracked} updates an EMA would still carry "
             f"(1-m)^T = {_fmt(m.init_weight)} of the initial values (limit "
-            f"{_fmt(t.max_init_weight)})"
-            + (
-                "; the stats fit the data, so they were likely averaged otherwise"
-                if verified
-                else ""
-            ),
+            f"{_fmt(t.max_init_weight)}){why}",
             m.init_weight,
             t.max_init_weight,
+            situation,
         )
 
 
-def _why(label: str, key: str, err: float, ratio: float) -> tuple[str, float, float, bool] | None:
-    """(explanation, its max abs err, its err ratio, is an activation) or None."""
+def _why(label: str, key: str, err: float, ratio: float) -> tuple[str, float, float, str] | None:
+    """(explanation, its max abs err, its err ratio, its key) or None."""
     if not label:
         return None
-    return label, err, ratio, key.startswith(ACTIVATION_KEY)
+    return label, err, ratio, key
+
+
+def _explained(code: str, key: str) -> str:
+    """The hint situation of a reconstruction mismatch that explanation `key` fits."""
+    if key.startswith(ACTIVATION_KEY):
+        return "activation"
+    if key in ("float16", "bfloat16"):
+        return "half-rounding"
+    return key if key in SITUATION_HINTS[code] else "explained"
+
+
+def _count(fraction: float, channels: int, p: float, t: Thresholds) -> str:
+    """ "12 of 16 channels (75%) beyond ..." with the count rule's limits."""
+    off = off_channels(fraction, channels)
+    return (
+        f"{off} of {channels} channels ({_pct(fraction)}) beyond the limits and sample noise, "
+        f"p = {_p(p)} from noise alone (limits {_pct(t.stale_fraction)}, "
+        f"{count_rule(t).minimum(channels)} channels, p < {_fmt(t.stale_alpha)})"
+    )
+
+
+def _p(p: float) -> str:
+    return "< 1e-300" if p < 1e-300 else f"{p:.2g}"
 
 
 def _momentum_known(m: LayerMetrics) -> bool:
@@ -469,7 +690,7 @@ def judge_model(impact, t: Thresholds) -> tuple[Finding, ...]:
             f"recalibrating the running stats ({impact.regime} regime) changes the eval output "
             f"by {_fmt(impact.rel_l2)} relative L2 (limit {_fmt(t.max_output_change)}), max abs "
             f"{_fmt(impact.max_abs)}{top1}",
-            HINTS["output-change"],
+            hint("output-change"),
             impact.rel_l2,
             t.max_output_change,
         ),

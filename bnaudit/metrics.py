@@ -4,7 +4,9 @@ Staleness compares the running stats with what their EMA estimates on the sample
 over batches of the batch means and of the unbiased batch variances. A channel counts as off only
 when the difference is practically large *and* larger than the finite sample (K batches) and the
 EMA jitter (BN-NOTES "Momentum") explain: var(μ − μ_r) ≈ v/K + v·m/(2 − m), with v the variance
-of the batch means between batches.
+of the batch means between batches. v itself comes from K batches, so how often a healthy
+channel is off follows Student's t, and the layer verdict asks whether the count of off channels
+is more than that noise gives (`bnaudit.significance`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor
 
 from bnaudit import formulas as F
+from bnaudit import significance as S
 from bnaudit.explain import Diagnosis, Explanation
 from bnaudit.findings import JUDGED, Thresholds
 from bnaudit.layers import Kind, LayerAttrs
@@ -34,6 +37,7 @@ class Drift:
     log_var_max: float = NAN  # signed, the largest in magnitude
     log_var_median: float = NAN
     fraction: float = NAN  # channels beyond the thresholds and beyond noise
+    p: float = NAN  # chance that noise alone puts that many channels off (binomial tail)
     channel: int = -1
     finite: bool = True
 
@@ -49,7 +53,7 @@ def drift(r: RegimeStats, a: LayerAttrs, t: Thresholds) -> Drift:
     var = r.batch_vars.mean
     log_var = ((var + a.eps) / run_var).log()
     finite = _all_finite(shift, log_var)
-    fraction = NAN
+    fraction = p = NAN
     v_mean, v_var = r.batch_means.variance(), r.batch_vars.variance()
     if finite and v_mean is not None and v_var is not None:
         nbt = a.num_batches_tracked or 0
@@ -57,7 +61,9 @@ def drift(r: RegimeStats, a: LayerAttrs, t: Thresholds) -> Drift:
         sd_log_var = (v_var / k + F.ema_jitter_var(v_var, a.momentum, nbt)).sqrt() / (var + a.eps)
         off_mean = (shift > t.stale_shift) & (diff > t.stale_z * sd_mean)
         off_var = (log_var.abs() > t.stale_log_var) & (log_var.abs() > t.stale_z * sd_log_var)
-        fraction = float((off_mean | off_var).double().mean())
+        off = int((off_mean | off_var).sum())
+        fraction = off / a.num_features
+        p = S.noise_p(off, a.num_features, _batches(r), t.stale_z)
     badness = torch.maximum(shift / t.stale_shift, log_var.abs() / t.stale_log_var)
     worst = int(torch.nan_to_num(badness, nan=math.inf).argmax())
     return Drift(
@@ -66,6 +72,7 @@ def drift(r: RegimeStats, a: LayerAttrs, t: Thresholds) -> Drift:
         log_var_max=float(log_var[int(log_var.abs().nan_to_num(math.inf).argmax())]),
         log_var_median=float(log_var.median()),
         fraction=fraction,
+        p=p,
         channel=worst,
         finite=finite,
     )
@@ -85,6 +92,12 @@ def judged(r: RegimeStats, a: LayerAttrs, d: Drift, t: Thresholds, synthetic: bo
         return "no: needs at least 2 batches"
     if r.min_batch < t.min_batch:
         return f"no: batch size {r.min_batch} < {t.min_batch}"
+    k, c = _batches(r), a.num_features
+    if k >= 2 and not S.judgeable(c, k, t.stale_z, t.stale_alpha):
+        # Even every channel off would be likely noise: say how many batches would do.
+        least = S.fewest_batches(c, t.stale_z, t.stale_alpha)
+        needs = f", needs K >= {least}" if least is not None else f" at stale_z {t.stale_z:g}"
+        return f"no: too few batches (K={k}) for {c} channel{'s' * (c != 1)}{needs}"
     if not d.finite:
         return "no: non-finite input statistics"
     if math.isnan(d.fraction):
@@ -173,11 +186,13 @@ def measure(
         stale_log_var_max=stale.log_var_max,
         stale_log_var_median=stale.log_var_median,
         stale_fraction=stale.fraction,
+        stale_p=stale.p,
         stale_channel=stale.channel,
         stale_judged=judged(described, a, stale, t, synthetic),
         gap_shift_max=gap.shift_max,
         gap_log_var_max=gap.log_var_max,
         gap_fraction=gap.fraction,
+        gap_p=gap.p,
         gap_channel=gap.channel,
         gap_judged=judged(s.eval, a, gap, t, synthetic)
         if regime == "train"
@@ -197,6 +212,11 @@ def measure(
         step_log_var=_tracked(s.update.var_step),
         counter_problem=a.counter_problem,
     )
+
+
+def _batches(r: RegimeStats) -> int:
+    """K: batches behind both between-batch variances (the mean's and the variance's)."""
+    return int(min(r.batch_means.count, r.batch_vars.count))
 
 
 def _explanation(d: Diagnosis | None) -> Explanation:

@@ -128,12 +128,14 @@ class LayerMetrics:
     stale_log_var_max: float  # ln((σ² + ε)/(σ²_r + ε)), largest in magnitude, signed
     stale_log_var_median: float
     stale_fraction: float  # channels beyond the thresholds and beyond noise
+    stale_p: float  # chance that noise alone puts that many channels off (bnaudit.significance)
     stale_channel: int  # worst channel, -1 when none
     stale_judged: str  # "yes", or why the verdict was not drawn
     # 3. train/eval gap (eval-mode regime)
     gap_shift_max: float
     gap_log_var_max: float
     gap_fraction: float
+    gap_p: float
     gap_channel: int
     gap_judged: str
     # 4. biased vs unbiased variance

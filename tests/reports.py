@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from bnaudit.findings import HINTS, Thresholds
+from bnaudit.findings import Thresholds, hint
 from bnaudit.results import AuditReport, FailOn, Finding, LayerMetrics, LayerResult, Severity
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -61,8 +61,10 @@ def metrics(**values: Any) -> LayerMetrics:
     return LayerMetrics(**defaults)
 
 
-def finding(layer: str, code: str, severity: Severity, message: str, value: float) -> Finding:
-    return Finding(layer, code, severity, message, HINTS[code], value, 0.1)
+def finding(
+    layer: str, code: str, severity: Severity, message: str, value: float, situation: str = ""
+) -> Finding:
+    return Finding(layer, code, severity, message, hint(code, situation), value, 0.1)
 
 
 def hostile_report(**changes: Any) -> AuditReport:
@@ -80,7 +82,8 @@ def hostile_report(**changes: Any) -> AuditReport:
             metrics(recon_train_ratio=0.02, recon_eval_ratio=0.04, stale_shift_max=1.7,
                     stale_log_var_max=-0.9, stale_fraction=0.5, gap_fraction=0.5),
             (finding("blocks.0.bn", "stale-stats", Severity.FAIL,
-                     "running stats do not describe the train-mode input: 50% of channels", 0.5),),
+                     "running stats do not describe the train-mode input: 50% of channels", 0.5,
+                     "stale"),),
         ),
         LayerResult(
             EVIL,
