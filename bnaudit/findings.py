@@ -43,6 +43,8 @@ CODES: tuple[str, ...] = (
     "output-change",
     "half-buffers",
     "no-counter",
+    "bad-counter",
+    "not-audited",
 )
 
 # How to fix a finding. A code whose messages all call for the same fix has one hint here; a code
