@@ -410,8 +410,14 @@ SITUATIONS += [  # codes with one hint for all their messages
     ("fold-mismatch", "", {**FOLD, "fold_ratio": 5.0}, {}, ("folded",), ()),
     ("half-buffers", "", {"buffer_dtype": "float16"}, {}, ("float32",), ()),
     ("no-counter", "", {"num_batches_tracked": None}, {}, ("FrozenBatchNorm",), ()),
-    ("bad-counter", "", {"num_batches_tracked": None, "counter_problem": "nan (torch.float32)"},
-     {}, ("load_state_dict",), ()),
+    (
+        "bad-counter",
+        "",
+        {"num_batches_tracked": None, "counter_problem": "nan (torch.float32)"},
+        {},
+        ("load_state_dict",),
+        (),
+    ),
 ]
 
 
