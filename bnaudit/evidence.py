@@ -55,6 +55,15 @@ class Evidence:
     def better(self) -> bool:
         return self.difference - Z_95 * self.stderr > 0
 
+    def change(self) -> str:
+        """The difference alone, e.g. "top-1 accuracy by 19.5 ± 3.7 pp (cross-fitted)"."""
+        pct = self.metric == TOP1
+        unit, scale = (" pp", 100.0) if pct else ("", 1.0)
+        return (
+            f"{self.metric} by {scale * abs(self.difference):.3g} ± "
+            f"{scale * Z_95 * self.stderr:.2g}{unit} (cross-fitted)"
+        )
+
     def describe(self) -> str:
         pct = self.metric == TOP1
         unit, scale = (" pp", 100.0) if pct else ("", 1.0)

@@ -716,12 +716,12 @@ def weigh_evidence(findings: tuple[Finding, ...], evidence) -> tuple[Finding, ..
                 f,
                 severity=min(f.severity, Severity.WARN),
                 message=f"{f.message}; but recalibrating to these batches lowers "
-                f"{evidence.describe()}",
+                f"{evidence.change()}",
                 hint="the weights fit the stored statistics better than these batches' own: "
                 "do not recalibrate to these batches; audit with batches drawn like the training "
                 "data",
             )
         elif f.code == "stale-stats" and evidence.better:
-            f = dataclasses.replace(f, hint=f"{f.hint}; recalibrating raises {evidence.describe()}")
+            f = dataclasses.replace(f, hint=f"{f.hint}; recalibrating raises {evidence.change()}")
         out.append(f)
     return tuple(out)
