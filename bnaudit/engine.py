@@ -25,10 +25,11 @@ from torch import Tensor, nn
 
 from bnaudit import formulas as F
 from bnaudit.batches import call_model, move_batch
+from bnaudit.dataflow import METHOD, Pairs
 from bnaudit.errors import DataError, NothingToAudit, describe
 from bnaudit.explain import Case, Diagnosis
 from bnaudit.findings import Thresholds, is_stale, judge_layer, judge_model
-from bnaudit.fold import FoldWatch, find_pairs
+from bnaudit.fold import FoldWatch
 from bnaudit.grouped import Deferred, Update
 from bnaudit.impact import OutputImpact, compare_outputs, eval_regime_stats, like_buffer
 from bnaudit.layers import Kind, LayerAttrs, find_bn_layers, preserved
@@ -442,10 +443,7 @@ def audit(
     folds = None
     if options.fold:
         find_bn_layers(model)  # refuses an unmaterialised model before tracing touches it
-        pairs = find_pairs(model)
-        if pairs.note:
-            notes.append(f"fold pairs by {pairs.method} ({pairs.note})")
-        folds = FoldWatch(model, pairs)
+        folds = FoldWatch(model)
     passes = run_passes(model, batches, options, progress, folds)
     probes, count = passes.probes, passes.count
     metrics = {
@@ -462,8 +460,9 @@ def audit(
         )
         for p in probes
     }
-    if folds is not None:
-        notes.extend(f"fold check of {bn} not run: {why}" for bn, why in folds.failed.items())
+    if folds is not None and count:
+        notes.append(_fold_note(folds.pairs(), len(passes.layers)))
+        notes.extend(f"fold check of {bn} not run: {why}" for bn, why in folds.failed().items())
         for name, c in folds.results().items():
             if name in metrics:
                 metrics[name] = dataclasses.replace(
@@ -585,6 +584,16 @@ def _with_overrides(options: AuditOptions, overrides: dict[str, Any]) -> AuditOp
     rest = {k: v for k, v in overrides.items() if k not in own}
     thresholds = options.thresholds.replace(**rest) if rest else options.thresholds
     return dataclasses.replace(options, thresholds=thresholds, **mine)
+
+
+def _fold_note(pairs: Pairs, layers: int) -> str:
+    note = f"fold pairs by {METHOD}: {len(pairs.pairs)} of {layers} BN layers"
+    note += f" ({pairs.note})" if pairs.note else ""
+    if pairs.skipped:
+        shown = "; ".join(f"{bn}: {why}" for bn, why in pairs.skipped[:3])
+        more = len(pairs.skipped) - 3
+        note += f"; not paired: {shown}" + (f"; and {more} more" if more > 0 else "")
+    return note
 
 
 def _notes(results: list[LayerResult], batches: int) -> tuple[str, ...]:
