@@ -90,6 +90,7 @@ class Dataflow:
         self.modules = dict(model.named_modules())
         self.convs = {n: m for n, m in self.modules.items() if isinstance(m, FOLDABLE)}
         self.bns = dict(find_bn_layers(model))
+        self.unfoldable = {n: why for n, m in self.bns.items() if (why := _unfoldable(m))}
         self.keep, self.arrived = keep, arrived
         self.fx_users, self.note = _fx_users(model, self.modules)
         self._live: dict[int, tuple[weakref.ref, _Output]] = {}
@@ -189,7 +190,8 @@ class Dataflow:
         def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
             try:
                 o = self._pending.pop(name, None)
-                if o is not None and out is not None and self.arrived is not None:
+                foldable = name not in self.unfoldable and self.arrived is not None
+                if o is not None and out is not None and foldable:
                     self.arrived(o.conv, name, o.kept, module, out)
             finally:
                 self._out(name)
@@ -306,14 +308,8 @@ class Dataflow:
     def _judge(self, bn: str) -> tuple[str, str]:
         """(the conv, "") for a pair, else ("", why not)."""
         m = self.bns[bn]
-        if getattr(m, "running_mean", None) is None:
-            return "", "no running statistics to fold (track_running_stats=False)"
-        a = LayerAttrs.of(m)
-        if a.kind is Kind.INSTANCE:
-            return "", f"a {a.type_name} normalises each sample with its own statistics"
-        if a.overrides_forward:
-            # An activation or dropout after the normalisation is not part of a fold.
-            return "", f"a {a.type_name} does more than BN in its forward"
+        if bn in self.unfoldable:
+            return "", self.unfoldable[bn]
         arrivals = self._arrivals.get(bn, [])
         if not arrivals:
             return "", "did not run on the first batch"
@@ -339,6 +335,19 @@ class Dataflow:
         if out != m.running_mean.numel():
             return "", f"{conv} has {out} output channels, {bn} {m.running_mean.numel()}"
         return conv, ""
+
+
+def _unfoldable(m: nn.Module) -> str:
+    """Why this BN layer cannot be folded whatever feeds it; "" when it can."""
+    if getattr(m, "running_mean", None) is None:
+        return "no running statistics to fold (track_running_stats=False)"
+    a = LayerAttrs.of(m)
+    if a.kind is Kind.INSTANCE:
+        return f"a {a.type_name} normalises each sample with its own statistics"
+    if a.overrides_forward:
+        # An activation or dropout after the normalisation is not part of a fold.
+        return f"a {a.type_name} does more than BN in its forward"
+    return ""
 
 
 class _Ops(TorchFunctionMode):
