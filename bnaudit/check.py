@@ -28,9 +28,10 @@ from bnaudit.batches import (
     to_call,
 )
 from bnaudit.config import CheckSettings
+from bnaudit.dataflow import METHOD, Pairs
 from bnaudit.engine import AuditOptions, audit
 from bnaudit.errors import BnauditError, ReportError
-from bnaudit.fold import Pairs, find_pairs, fold_model
+from bnaudit.fold import check_folds, fold_model
 from bnaudit.html import render_html
 from bnaudit.ignores import apply_ignores
 from bnaudit.impact import OutputDiff
@@ -355,23 +356,32 @@ class Folded:
 
 
 def run_fold(s: CheckSettings, output: Path, *, force: bool, log: Any = None) -> Folded:
-    """Fold every conv/linear → BN pair, check the folded model's output, then write it."""
+    """Fold every conv/linear → BN pair seen on the first batch, check the folded model's
+    output on every batch, then write it."""
     check_output(s.checkpoint, output, force=force)
     p = prepare(s, log)
     if isinstance(p, AuditReport):
         raise BnauditError(f"{s.checkpoint}: folding needs the architecture: pass --model")
     if not (s.data or s.input_shape):
         raise BnauditError("fold checks the folded model on batches: pass --data or --input-shape")
-    pairs = find_pairs(p.model)
+    device_dtype = _device_dtype(p.model)
+    choice = parse_input(s.input)
+    batches = [
+        to_call(p.model, move_batch(b, *device_dtype), choice)
+        for b in itertools.islice(p.batches, s.batches)
+    ]
+    if not batches:
+        raise BnauditError(f"{s.data or s.input_shape}: no batch to fold and check on")
+    pairs, _ = check_folds(p.model, batches[0])  # pairs are what the first batch shows
     if not pairs.pairs:
-        raise BnauditError(f"{s.checkpoint}: no conv/linear -> BatchNorm pair to fold")
+        raise BnauditError(
+            f"{s.checkpoint}: no conv/linear -> BatchNorm pair to fold: {_skipped(pairs)}"
+        )
     folded_model = fold_model(p.model, pairs)
     diff = OutputDiff()
     with preserved(p.model, find_bn_layers(p.model)), torch.no_grad():
         p.model.eval()
-        choice = parse_input(s.input)
-        for raw in itertools.islice(p.batches, s.batches):
-            batch = to_call(p.model, move_batch(raw, *_device_dtype(p.model)), choice)
+        for batch in batches:
             diff.add(call_model(p.model, batch), call_model(folded_model, batch))
     if not diff.rel_l2 <= FOLD_MAX_REL_L2:  # written so that NaN fails too
         raise BnauditError(
@@ -380,7 +390,8 @@ def run_fold(s: CheckSettings, output: Path, *, force: bool, log: Any = None) ->
         )
     note = {
         "pairs": [[q.conv, q.bn] for q in pairs.pairs],
-        "found_by": pairs.method + (f" ({pairs.note})" if pairs.note else ""),
+        "found_by": METHOD + (f" ({pairs.note})" if pairs.note else ""),
+        "not_folded": dict(pairs.skipped),
         "source": str(s.checkpoint),
         "source_sha256": p.checkpoint.sha256,
         "check_rel_l2": diff.rel_l2,
@@ -390,6 +401,13 @@ def run_fold(s: CheckSettings, output: Path, *, force: bool, log: Any = None) ->
     state = {"state_dict": folded_model.state_dict(), "bnaudit_fold": note}
     atomic(output, lambda tmp: torch.save(state, tmp))
     return Folded(pairs, diff.rel_l2, diff.max_abs, output)
+
+
+def _skipped(pairs: Pairs, shown: int = 5) -> str:
+    text = "; ".join(f"{bn}: {why}" for bn, why in pairs.skipped[:shown])
+    more = len(pairs.skipped) - shown
+    text += f"; and {more} more BN layers" if more > 0 else ""
+    return text or "the model has no BatchNorm layer"
 
 
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:

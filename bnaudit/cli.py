@@ -420,12 +420,15 @@ def fold(
 
     def run() -> int:
         from bnaudit.check import run_fold
+        from bnaudit.dataflow import METHOD
 
         done = run_fold(resolve(cli, config, Path.cwd()), output, force=force, log=sys.stderr)
         for pair in done.pairs.pairs:
             sys.stdout.write(f"folded {pair.bn} into {pair.conv}\n")
+        for bn, why in done.pairs.skipped:
+            sys.stdout.write(f"not folded {bn}: {why}\n")
         sys.stdout.write(
-            f"{len(done.pairs.pairs)} pairs (found by {done.pairs.method}); folded output vs "
+            f"{len(done.pairs.pairs)} pairs (found by {METHOD}); folded output vs "
             f"original: rel L2 {done.rel_l2:.3g}, max abs {done.max_abs:.3g}; wrote {output}\n"
         )
         return EXIT_OK

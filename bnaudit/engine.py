@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from bnaudit import formulas as F
 from bnaudit.batches import Call, InputChoice, call_model, move_batch, to_call
 from bnaudit.containers import map_tensors, tensors
+from bnaudit.dataflow import METHOD, Pairs
 from bnaudit.errors import DataError, NothingToAudit, describe
 from bnaudit.evidence import TOP1, Evidence, Metric, applies, top1
 from bnaudit.evidence import measure as measure_evidence
@@ -38,7 +39,7 @@ from bnaudit.findings import (
     judge_model,
     weigh_evidence,
 )
-from bnaudit.fold import FoldWatch, find_pairs
+from bnaudit.fold import FoldWatch
 from bnaudit.grouped import Deferred, Update
 from bnaudit.impact import OutputImpact, compare_outputs, eval_regime_stats, like_buffer
 from bnaudit.layers import (
@@ -477,10 +478,7 @@ def audit(
     folds = None
     if options.fold:
         find_bn_layers(model)  # refuses an unmaterialised model before tracing touches it
-        pairs = find_pairs(model)
-        if pairs.note:
-            notes.append(f"fold pairs by {pairs.method} ({pairs.note})")
-        folds = FoldWatch(model, pairs)
+        folds = FoldWatch(model)
     passes = run_passes(model, batches, options, progress, folds)
     probes, count = passes.probes, passes.count
     if passes.feed:
@@ -504,8 +502,9 @@ def audit(
         )
         for p in probes
     }
-    if folds is not None:
-        notes.extend(f"fold check of {bn} not run: {why}" for bn, why in folds.failed.items())
+    if folds is not None and count:
+        notes.append(_fold_note(folds.pairs(), len(passes.layers)))
+        notes.extend(f"fold check of {bn} not run: {why}" for bn, why in folds.failed().items())
         for name, c in folds.results().items():
             if name in metrics:
                 metrics[name] = dataclasses.replace(
@@ -702,6 +701,16 @@ def _with_overrides(options: AuditOptions, overrides: dict[str, Any]) -> AuditOp
     rest = {k: v for k, v in overrides.items() if k not in own}
     thresholds = options.thresholds.replace(**rest) if rest else options.thresholds
     return dataclasses.replace(options, thresholds=thresholds, **mine)
+
+
+def _fold_note(pairs: Pairs, layers: int) -> str:
+    note = f"fold pairs by {METHOD}: {len(pairs.pairs)} of {layers} BN layers"
+    note += f" ({pairs.note})" if pairs.note else ""
+    if pairs.skipped:
+        shown = "; ".join(f"{bn}: {why}" for bn, why in pairs.skipped[:3])
+        more = len(pairs.skipped) - 3
+        note += f"; not paired: {shown}" + (f"; and {more} more" if more > 0 else "")
+    return note
 
 
 def _notes(results: list[LayerResult], batches: int) -> tuple[str, ...]:

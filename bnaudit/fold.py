@@ -1,6 +1,7 @@
-"""Conv/linear → BN folding: finding the pairs, checking the fold, judging its numeric risk.
+"""Conv/linear → BN folding: checking the fold of each pair, judging its numeric risk.
 
-Deployment tools fold every eval-mode BN into the conv or linear before it. The fold is checked
+Deployment tools fold every eval-mode BN into the conv or linear whose output it receives (the
+pairs come from the dataflow observed on the first batch: `bnaudit.dataflow`). The fold is checked
 on the layer's real inputs (the first samples of the audit's own first eval-mode pass): the
 folded conv's output against conv → BN in eval mode, in the model's own dtype. Its risk is
 judged from the folded weights:
@@ -15,10 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
-import itertools
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,23 +26,9 @@ from torch import Tensor, nn
 
 from bnaudit import formulas as F
 from bnaudit.batches import call_model
+from bnaudit.dataflow import Dataflow, Pairs
 from bnaudit.errors import describe
-from bnaudit.layers import Kind, LayerAttrs, layer_kind
-
-FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-@dataclass(frozen=True)
-class Pair:
-    conv: str
-    bn: str
-
-
-@dataclass(frozen=True)
-class Pairs:
-    pairs: tuple[Pair, ...]
-    method: str  # "torch.fx" or "module order"
-    note: str = ""  # why tracing failed, when it did
+from bnaudit.layers import LayerAttrs, find_bn_layers, preserved
 
 
 @dataclass(frozen=True)
@@ -55,61 +39,6 @@ class FoldCheck:
     ratio: float = math.nan  # worst err / tolerance
     weight_max: float = math.nan  # max |W'| and |b'|
     int8_levels: float = math.nan  # median channel's int8 per-tensor levels
-
-
-def find_pairs(model: nn.Module) -> Pairs:
-    """Conv/linear → BN pairs: from the traced graph, else from module order (said so)."""
-    modules = dict(model.named_modules())
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as exc:  # tracing fails on data-dependent control flow, among others
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return Pairs(_by_order(modules), "module order", f"torch.fx tracing failed: {first}")
-    found = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not _foldable_bn(modules.get(str(node.target))):
-            continue
-        src = node.args[0] if node.args else None
-        if (
-            isinstance(src, torch.fx.Node)
-            and src.op == "call_module"
-            and isinstance(modules.get(str(src.target)), FOLDABLE)
-            and len(src.users) == 1  # the conv's output feeds nothing else
-            and _fits(modules[str(src.target)], modules[str(node.target)])
-        ):
-            found.append(Pair(str(src.target), str(node.target)))
-    return Pairs(tuple(found), "torch.fx")
-
-
-class _Tracer(torch.fx.Tracer):
-    """Keeps every BN-like module a leaf: FrozenBatchNorm and BN subclasses live outside
-    torch.nn, and tracing into them would hide them from the graph."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return layer_kind(m) is not None or super().is_leaf_module(m, qualname)
-
-
-def _by_order(modules: dict[str, nn.Module]) -> tuple[Pair, ...]:
-    leaves = [(n, m) for n, m in modules.items() if n and not list(m.children())]
-    return tuple(
-        Pair(a, b)
-        for (a, conv), (b, bn) in itertools.pairwise(leaves)
-        if isinstance(conv, FOLDABLE) and _foldable_bn(bn) and _fits(conv, bn)
-    )
-
-
-def _foldable_bn(m: nn.Module | None) -> bool:
-    """Plain BN with running stats. A subclass that overrides forward does more than BN (an
-    activation, say): folding only its normalisation is not a fold of the layer."""
-    if m is None or getattr(m, "running_mean", None) is None:
-        return False
-    a = LayerAttrs.of(m)
-    return a.kind in (Kind.BATCH, Kind.FROZEN) and not a.overrides_forward
-
-
-def _fits(conv: nn.Module, bn: nn.Module) -> bool:
-    out = conv.out_features if isinstance(conv, nn.Linear) else conv.out_channels
-    return out == bn.running_mean.numel() and getattr(conv, "groups", 1) >= 1
 
 
 def folded(conv: nn.Module, a: LayerAttrs) -> tuple[Tensor, Tensor]:
@@ -145,43 +74,41 @@ FOLD_BLOCK = 1 << 18  # values compared at a time
 
 
 class FoldWatch:
-    """Checks every pair's fold during one eval-mode forward that runs anyway (the audit's first).
+    """Finds the fold pairs and checks each fold during one eval-mode forward that runs anyway
+    (the audit's first): see `bnaudit.dataflow` for what makes a pair.
 
-    The paired conv's input (its first `FOLD_SAMPLES` samples) is kept until the BN's output
-    arrives, compared with the folded conv's output, and dropped: at most one pair's slice is
-    held at a time, whatever the model's depth.
+    Each conv/linear call keeps its input's first `FOLD_SAMPLES` samples while its output is
+    alive and unused elsewhere; a BN that receives that output compares its own output with the
+    folded conv's on them. Only pairs are judged: `results()` has nothing for another BN.
     """
 
-    def __init__(self, model: nn.Module, pairs: Pairs) -> None:
-        self.modules = dict(model.named_modules())
-        self.pairs = pairs
-        self.inputs: dict[str, Tensor] = {}
+    def __init__(self, model: nn.Module) -> None:
+        self.flow = Dataflow(model, keep=self._keep, arrived=self._compare)
+        self.modules = self.flow.modules
         self.errors: dict[str, tuple[float, float]] = {}  # bn: (max_err, ratio)
-        self.failed: dict[str, str] = {}  # bn: why the folded conv could not run
+        self._failed: dict[str, str] = {}  # bn: why the folded conv could not run
 
-    @contextlib.contextmanager
-    def watching(self) -> Iterator[None]:
-        handles = []
-        for p in self.pairs.pairs:
-            conv, bn = self.modules[p.conv], self.modules[p.bn]
-            handles.append(conv.register_forward_pre_hook(functools.partial(self._keep, p)))
-            handles.append(bn.register_forward_hook(functools.partial(self._compare, p)))
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-            self.inputs.clear()
+    def watching(self) -> contextlib.AbstractContextManager[None]:
+        return self.flow.watching()
 
-    def _keep(self, p: Pair, conv: nn.Module, inputs: tuple[Any, ...]) -> None:
-        if p.bn not in self.errors and inputs and isinstance(inputs[0], Tensor):
-            self.inputs[p.conv] = inputs[0].detach()[:FOLD_SAMPLES].clone()
+    def pairs(self) -> Pairs:
+        return self.flow.pairs()
 
-    def _compare(self, p: Pair, bn: nn.Module, inputs: tuple[Any, ...], out: Any) -> None:
-        x = self.inputs.pop(p.conv, None)
-        if x is None or bn.training or p.bn in self.errors or not isinstance(out, Tensor):
+    def failed(self) -> dict[str, str]:
+        """Per paired BN layer whose fold check could not run: why."""
+        paired = {p.bn for p in self.pairs().pairs}
+        return {bn: why for bn, why in self._failed.items() if bn in paired}
+
+    @staticmethod
+    def _keep(conv: nn.Module, inputs: tuple[Any, ...]) -> Tensor | None:
+        if inputs and isinstance(inputs[0], Tensor):
+            return inputs[0].detach()[:FOLD_SAMPLES].clone()
+        return None
+
+    def _compare(self, conv_name: str, bn_name: str, x: Any, bn: nn.Module, out: Any) -> None:
+        if x is None or bn.training or bn_name in self.errors or not isinstance(out, Tensor):
             return
-        conv = self.modules[p.conv]
+        conv = self.modules[conv_name]
         ref = out.detach()[:FOLD_SAMPLES]
         w, b = folded(conv, LayerAttrs.of(bn))
         try:
@@ -191,10 +118,11 @@ class FoldWatch:
                 # same sum of |x|·|W'|, hence that term in the tolerance.
                 spread = _apply(conv, x.abs(), w.abs(), b.abs())
         except (RuntimeError, ValueError, TypeError) as exc:  # a conv subclass, say
-            self.failed[p.bn] = describe(exc)
+            self._failed[bn_name] = describe(exc)
             return
         if got.shape != ref.shape:
-            self.failed[p.bn] = f"the folded output is {tuple(got.shape)}, BN's {tuple(ref.shape)}"
+            why = f"the folded output is {tuple(got.shape)}, BN's {tuple(ref.shape)}"
+            self._failed[bn_name] = why
             return
         rtol, atol = F.tolerance(ref.dtype)
         errs, ratios = [], []
@@ -206,12 +134,12 @@ class FoldWatch:
             errs.append(err.max())
             ratios.append(torch.where(err == 0, err, err / tol).max())
         # torch's max keeps a NaN (Python's max would drop it).
-        self.errors[p.bn] = (float(torch.stack(errs).max()), float(torch.stack(ratios).max()))
+        self.errors[bn_name] = (float(torch.stack(errs).max()), float(torch.stack(ratios).max()))
 
     def results(self) -> dict[str, FoldCheck]:
-        """Per BN layer: the fold's error (when its pair ran) and its numeric risk."""
+        """Per paired BN layer: the fold's error (when its check ran) and its numeric risk."""
         out = {}
-        for p in self.pairs.pairs:
+        for p in self.pairs().pairs:
             weight_max, levels = risk(self.modules[p.conv], LayerAttrs.of(self.modules[p.bn]))
             max_err, ratio = self.errors.get(p.bn, (math.nan, math.nan))
             checked = p.bn in self.errors
@@ -219,14 +147,14 @@ class FoldWatch:
         return out
 
 
-def check_folds(model: nn.Module, pairs: Pairs, batch: Any | None) -> dict[str, FoldCheck]:
-    """Per BN layer: the fold's error on `batch` (one eval-mode forward) and its numeric risk."""
-    watch = FoldWatch(model, pairs)
-    if batch is not None and pairs.pairs:
+def check_folds(model: nn.Module, batch: Any) -> tuple[Pairs, dict[str, FoldCheck]]:
+    """One eval-mode forward on `batch`: the pairs observed, and each one's fold check."""
+    watch = FoldWatch(model)
+    with preserved(model, find_bn_layers(model)), torch.no_grad():
         model.eval()
-        with torch.no_grad(), watch.watching():
+        with watch.watching():
             call_model(model, batch)
-    return watch.results()
+    return watch.pairs(), watch.results()
 
 
 def fold_model(model: nn.Module, pairs: Pairs) -> nn.Module:

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from bnaudit import Severity, audit
 from bnaudit import formulas as F
 from bnaudit.cli import app
-from bnaudit.demo import PLANTED_LAYER, build_model, make_demo
-from bnaudit.fold import find_pairs, fold_model
+from bnaudit.demo import PLANTED_LAYER, build_model, make_demo, make_images
+from bnaudit.fold import check_folds, fold_model
 from tests.test_variants import ConvNet, FrozenBatchNorm2d, calibrated, images
 
 
@@ -51,21 +51,10 @@ def test_fold_formula_matches_torch(bias: bool) -> None:
     torch.testing.assert_close(w, fused.weight.detach(), rtol=1e-12, atol=1e-12)
 
 
-def test_pairs_from_the_traced_graph_and_the_fallback() -> None:
-    traced = find_pairs(build_model())
-    assert traced.method == "torch.fx" and len(traced.pairs) == 9
-
-    class Branchy(nn.Module):  # data-dependent control flow: fx cannot trace it
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
-
-        def forward(self, x: Tensor) -> Tensor:
-            return self.bn(self.conv(x)) if x.sum() > 0 else x
-
-    fallback = find_pairs(Branchy())
-    assert fallback.method == "module order" and "tracing failed" in fallback.note
-    assert [(p.conv, p.bn) for p in fallback.pairs] == [("conv", "bn")]
+def test_demo_pairs_are_observed() -> None:
+    pairs, checks = check_folds(build_model(), make_images(4, seed=0))
+    assert len(pairs.pairs) == 9 and not pairs.skipped and not pairs.note  # fx traces it
+    assert all(c.checked and c.ratio < 1 for c in checks.values())
 
 
 def test_healthy_folds_match(healthy_cnn: nn.Module) -> None:
@@ -132,15 +121,16 @@ def test_fold_command_writes_a_checked_folded_model(demo, tmp_path: Path) -> Non
     out = tmp_path / "folded.pt"
     result = run("fold", ckpt, "--model", SPEC, "--data", data, "-o", out)
     assert result.exit_code == 0, result.output
-    assert "9 pairs" in result.stdout and sha(ckpt) == before
+    assert "9 pairs (found by observed dataflow on the first batch)" in result.stdout
+    assert "not folded" not in result.stdout and sha(ckpt) == before
     saved = torch.load(out, weights_only=True)
     assert len(saved["bnaudit_fold"]["pairs"]) == 9
     model = build_model()
     model.load_state_dict(torch.load(ckpt, weights_only=True))
-    pairs = find_pairs(model)
+    x = torch.load(data)[:8]
+    pairs, _ = check_folds(model, x)
     folded = fold_model(model, pairs)
     folded.load_state_dict(saved["state_dict"], strict=True)
-    x = torch.load(data)[:8]
     torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-4, atol=1e-5)
     again = run("fold", ckpt, "--model", SPEC, "--data", data, "-o", out)
     assert again.exit_code == 2 and "--force" in again.stderr
