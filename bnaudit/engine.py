@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from bnaudit import formulas as F
+from bnaudit import fused
 from bnaudit.batches import Call, InputChoice, call_model, move_batch, to_call
 from bnaudit.containers import map_tensors, tensors
 from bnaudit.errors import DataError, NothingToAudit, describe
@@ -167,17 +167,13 @@ class _Probe:
         a = self.attrs
         if a.kind is Kind.INSTANCE or not x.is_floating_point() or x.numel() == 0:
             return False
-        mean, var = F.batch_moments(x)
         uses_batch = a.kind is not Kind.FROZEN and (train or not a.has_running_stats)
-        ref_mean, ref_var = (mean, var) if uses_batch else (a.running_mean, a.running_var)
-        assert ref_mean is not None and ref_var is not None  # has_running_stats, or batch
-        err, ratio = F.reconstruction_error(
-            x, y, ref_mean, ref_var, a.weight, a.bias, a.eps, y.dtype
-        )
-        # One synchronisation: is everything finite, and does every value match the formula?
-        probe, worst = torch.stack((mean.sum() + var.sum() + err.sum(), ratio.amax())).tolist()
-        if not math.isfinite(probe):
+        running = None if uses_batch else (a.running_mean, a.running_var)
+        got = fused.measure(x, y, a.weight, a.bias, a.eps, running, y.dtype)  # type: ignore[arg-type]
+        if not got.finite:
             return False
+        mean, var, err, ratio, worst = got.mean, got.var, got.err, got.ratio, got.worst
+        ref_mean, ref_var = (mean, var) if running is None else running
         regime = self.stats.train if train else self.stats.eval
         regime.err_abs.add(err)
         regime.err_ratio.add(ratio)
