@@ -70,6 +70,12 @@ def measure(
     return Measured(mean, var, err, ratio, math.isfinite(probe), worst)
 
 
+def moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel float64 batch mean and biased variance of `x` (`formulas.batch_moments`)."""
+    got = _kernel_measure(x, None, None, None, 0.0, None, torch.float32)
+    return (got.mean, got.var) if got is not None else F.batch_moments(x)
+
+
 def cache_dir() -> Path:
     """Where the compiled kernels persist when NUMBA_CACHE_DIR is not set."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -112,21 +118,21 @@ def _load() -> ModuleType | None:
 
 def _kernel_measure(
     x: Tensor,
-    y: Tensor,
+    y: Tensor | None,
     weight: Tensor | None,
     bias: Tensor | None,
     eps: float | Tensor,
     running: tuple[Tensor, Tensor] | None,
     dtype: torch.dtype,
 ) -> Measured | None:
-    """The numba kernel's measurement, or None where it does not apply."""
-    if (
-        x.device.type != "cpu"
-        or y.device != x.device
-        or x.dtype not in KERNEL_DTYPES
+    """The numba kernel's measurement, or None where it does not apply; `y` None: the
+    moments only."""
+    if x.device.type != "cpu" or x.dtype not in KERNEL_DTYPES or x.dim() < 2 or not x.numel():
+        return None
+    if y is not None and (
+        y.device != x.device
         or y.dtype not in KERNEL_DTYPES
         or y.shape != x.shape
-        or x.dim() < 2
         or x.stride() != y.stride()
     ):
         return None
@@ -137,7 +143,8 @@ def _kernel_measure(
     if k is None:
         return None
     b, c = x.shape[0], x.shape[1]
-    xs, ys = _flat(x), _flat(y)
+    xs = _flat(x)
+    ys = _flat(y) if y is not None else xs[:0]
     w = _per_channel(weight, c, 1.0)
     args = (w, _per_channel(bias, c, 0.0), _per_channel(eps, c, 0.0))
     rmean, rvar = (w, w) if running is None else (running[0].numpy(), running[1].numpy())
@@ -152,7 +159,7 @@ def _kernel_measure(
         shape = (x.numel() // c, c)
         probe, worst = k.measure_inner(
             xs.reshape(shape),
-            ys.reshape(shape),
+            ys.reshape(shape if y is not None else (0, c)),
             *args,
             rmean,
             rvar,
