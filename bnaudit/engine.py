@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from bnaudit import formulas as F
+from bnaudit import fused
 from bnaudit.batches import Call, InputChoice, call_model, move_batch, to_call
 from bnaudit.containers import map_tensors, tensors
 from bnaudit.dataflow import METHOD, Pairs
@@ -183,17 +183,13 @@ class _Probe:
         a = self.attrs
         if a.kind is Kind.INSTANCE or not x.is_floating_point() or x.numel() == 0:
             return False
-        mean, var = F.batch_moments(x)
         uses_batch = a.kind is not Kind.FROZEN and (train or not a.has_running_stats)
-        ref_mean, ref_var = (mean, var) if uses_batch else (a.running_mean, a.running_var)
-        assert ref_mean is not None and ref_var is not None  # has_running_stats, or batch
-        err, ratio = F.reconstruction_error(
-            x, y, ref_mean, ref_var, a.weight, a.bias, a.eps, y.dtype
-        )
-        # One synchronisation: is everything finite, and does every value match the formula?
-        probe, worst = torch.stack((mean.sum() + var.sum() + err.sum(), ratio.amax())).tolist()
-        if not math.isfinite(probe):
+        running = None if uses_batch else (a.running_mean, a.running_var)
+        got = fused.measure(x, y, a.weight, a.bias, a.eps, running, y.dtype)  # type: ignore[arg-type]
+        if not got.finite:
             return False
+        mean, var, err, ratio, worst = got.mean, got.var, got.err, got.ratio, got.worst
+        ref_mean, ref_var = (mean, var) if running is None else running
         regime = self.stats.train if train else self.stats.eval
         regime.err_abs.add(err)
         regime.err_ratio.add(ratio)
@@ -387,7 +383,7 @@ def run_passes(
         finally:
             for h in handles:
                 h.remove()
-    again = kept if keep else _Moved(model, batches, count, options.input)
+    again = kept if keep else Moved(model, batches, count, options.input)
     ran = sorted((p for p in probes if p.first_call is not None), key=lambda p: p.first_call or 0)
     order = tuple(p.name for p in ran)
     probed = [p for p in probes if p.measure]
@@ -407,7 +403,7 @@ def _replayable(batches: Iterable[Any]) -> bool:
     return isinstance(batches, DataLoader) and isinstance(batches.sampler, SequentialSampler)
 
 
-class _Moved:
+class Moved:
     """Iterate `batches` again: the first `count`, each moved to the model's device and dtype."""
 
     def __init__(

@@ -56,69 +56,82 @@ class Case:
     dtype: torch.dtype
 
 
-def hypotheses(c: Case) -> Iterator[tuple[str, str, Tensor, torch.dtype]]:
-    """(key, explanation, the output it predicts, the dtype whose tolerance judges it)."""
+def hypotheses(c: Case) -> Iterator[tuple[str, str, Callable[[], Tensor], torch.dtype]]:
+    """(key, explanation, the output it predicts, the dtype whose tolerance judges it).
+
+    The prediction is a thunk: once a layer's explanation is settled only that one is computed.
+    """
     norm = functools.partial(F.normalize, c.x, weight=c.weight, bias=c.bias, eps=c.eps)
     if c.uses_batch_stats:
         yield (
             "unbiased",
             "normalisation with the unbiased variance",
-            norm(mean=c.mean, var=c.var * F.bessel(c.n)),
+            lambda: norm(mean=c.mean, var=c.var * F.bessel(c.n)),
             c.dtype,
         )
-        if c.running_mean is not None and c.running_var is not None:
+        running_mean, running_var = c.running_mean, c.running_var
+        if running_mean is not None and running_var is not None:
             yield (
                 "running-in-train",
                 "the running statistics instead of the batch statistics",
-                (norm(mean=c.running_mean, var=c.running_var)),
+                lambda: norm(mean=running_mean, var=running_var),
                 c.dtype,
             )
     else:
         yield (
             "batch-in-eval",
             "batch statistics instead of the running statistics",
-            norm(mean=c.batch_mean, var=c.batch_var),
+            lambda: norm(mean=c.batch_mean, var=c.batch_var),
             c.dtype,
         )
     nd = c.x.dim()
-    outside = (c.x - F.channel_view(c.mean, nd)) / F.channel_view(c.var.sqrt() + c.eps, nd)
-    yield "eps-outside", "eps outside the square root", _affine(outside, c), c.dtype
+
+    def outside() -> Tensor:
+        normed = (c.x - F.channel_view(c.mean, nd)) / F.channel_view(c.var.sqrt() + c.eps, nd)
+        return _affine(normed, c)
+
+    yield "eps-outside", "eps outside the square root", outside, c.dtype
     other = _fitted_eps(c)
     if other is not None:
         yield (
             "eps",
             f"eps = {other:.3g} instead of the attribute {c.eps:.3g}",
-            F.normalize(c.x, c.mean, c.var, c.weight, c.bias, other),
+            lambda: F.normalize(c.x, c.mean, c.var, c.weight, c.bias, other),
             c.dtype,
         )
     if c.weight is not None or c.bias is not None:
         yield (
             "no-affine",
             "no affine (gamma and beta not applied)",
-            F.normalize(c.x, c.mean, c.var, None, None, c.eps),
+            lambda: F.normalize(c.x, c.mean, c.var, None, None, c.eps),
             c.dtype,
         )
-    plain = norm(mean=c.mean, var=c.var)
+    plain = functools.cache(lambda: norm(mean=c.mean, var=c.var))
     for name, act in ACTIVATIONS.items():
         yield (
             f"{ACTIVATION_KEY}{name}",
             f"BN followed by {name}",
-            act(plain),
+            functools.partial(lambda act: act(plain()), act),
             c.dtype,
         )
     if nd >= 3:
         yield (
             "per-sample",
             "per-sample statistics (instance norm)",
-            _stats_over(c, tuple(range(2, nd))),
+            lambda: _stats_over(c, tuple(range(2, nd))),
             c.dtype,
         )
-        yield "batch-dim-only", "statistics over the batch dim only", _stats_over(c, (0,)), c.dtype
+        yield (
+            "batch-dim-only",
+            "statistics over the batch dim only",
+            lambda: _stats_over(c, (0,)),
+            c.dtype,
+        )
         if c.x.shape[-1] == c.x.shape[1]:
             yield (
                 "channels-last",
                 "statistics over the last dim (channels-last confusion)",
-                (_channels_last(c)),
+                lambda: _channels_last(c),
                 c.dtype,
             )
     for low in (torch.float16, torch.bfloat16):
@@ -174,21 +187,44 @@ def _fitted_eps(c: Case) -> float | None:
 
 @dataclass
 class Diagnosis:
-    """Per hypothesis, the worst error on the batches that missed the formula."""
+    """Per hypothesis, the worst error on the batches that missed the formula.
+
+    When exactly one hypothesis fits the first batch that missed (timm's BatchNormAct: the
+    activation), later batches test only that one, as long as it keeps fitting: the others
+    already missed, so they can never be the explanation, and the explanation's own error stays
+    measured on every batch. A batch it does not fit is diagnosed in full again (from then on,
+    the other hypotheses' maxima count the batches where they were evaluated).
+    """
 
     err_abs: dict[str, MaxTracker] = field(default_factory=dict)
     err_ratio: dict[str, MaxTracker] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
+    settled: str | None = None  # the only hypothesis that fitted the first diagnosed batch
 
     def add(self, c: Case) -> None:
-        for key, label, ref, dtype in hypotheses(c):
-            err = F.mismatch(c.y, ref)
-            tol = F.elementwise_tolerance(c.x, ref, c.mean, c.var, c.weight, c.eps, dtype)
-            self.labels[key] = label  # the fitted eps may differ between batches: keep the last
-            self.err_abs.setdefault(key, MaxTracker()).add(err.amax())
-            self.err_ratio.setdefault(key, MaxTracker()).add(
-                torch.where(err == 0, err, err / tol).amax()
-            )
+        first = not self.labels
+        if self.settled is not None:
+            for key, label, predict, dtype in hypotheses(c):
+                if key == self.settled:
+                    err, ratio = _errors(c, predict(), dtype)
+                    if bool(ratio <= 1):
+                        self._record(key, label, err, ratio)
+                        return
+                    break
+            self.settled = None  # it missed (or vanished): back to the full diagnosis
+        fitting = []
+        for key, label, predict, dtype in hypotheses(c):
+            err, ratio = _errors(c, predict(), dtype)
+            self._record(key, label, err, ratio)
+            if bool(ratio <= 1):
+                fitting.append(key)
+        if first and len(fitting) == 1:
+            self.settled = fitting[0]
+
+    def _record(self, key: str, label: str, err: Tensor, ratio: Tensor) -> None:
+        self.labels[key] = label  # the fitted eps may differ between batches: keep the last
+        self.err_abs.setdefault(key, MaxTracker()).add(err)
+        self.err_ratio.setdefault(key, MaxTracker()).add(ratio)
 
     def merge(self, other: Diagnosis) -> None:
         for key in other.labels:
@@ -214,6 +250,13 @@ class Diagnosis:
             # Ties (the rounding hypotheses share one error) go to the first, tightest one.
             return min(fitting, key=lambda e: e.max_err)
         return min(found, key=lambda e: e.ratio)
+
+
+def _errors(c: Case, ref: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Max |y − ref| and max ratio to the tolerance of one hypothesis on one batch."""
+    err = F.mismatch(c.y, ref)
+    tol = F.elementwise_tolerance(c.x, ref, c.mean, c.var, c.weight, c.eps, dtype)
+    return err.amax(), torch.where(err == 0, err, err / tol).amax()
 
 
 def _value(t: MaxTracker) -> float:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from bnaudit import formulas as F
+from bnaudit import fused
 from bnaudit.layers import Kind, LayerAttrs
 from bnaudit.statistics import LayerStats
 
@@ -170,17 +171,10 @@ class _Group:
     def measure(self, calls: list[_Call]) -> None:
         x = torch.cat([c.x for c in calls], dim=1)
         y = torch.cat([c.y for c in calls], dim=1)
-        mean, var = F.batch_moments(x)
-        if self.uses_batch:
-            ref_mean, ref_var = mean, var
-        else:
-            ref_mean, ref_var = self.running_mean, self.running_var
-        err, ratio = F.reconstruction_error(
-            x, y, ref_mean, ref_var, self.weight, self.bias, self.eps, y.dtype
-        )
-        # One synchronisation, as for a single layer (see _Probe._measure_finite).
-        probe, worst = torch.stack((mean.sum() + var.sum() + err.sum(), ratio.amax())).tolist()
-        if not (math.isfinite(probe) and worst <= 1):
+        running = None if self.uses_batch else (self.running_mean, self.running_var)
+        got = fused.measure(x, y, self.weight, self.bias, self.eps, running, y.dtype)
+        mean, var, err, ratio = got.mean, got.var, got.err, got.ratio
+        if not (got.finite and got.worst <= 1):
             # Rare: non-finite values, or a layer that misses the formula. One layer at a time
             # gives the exact per-layer counts and diagnoses.
             for c in calls:

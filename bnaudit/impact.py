@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from bnaudit import formulas as F
+from bnaudit import fused
 from bnaudit.batches import call_model
 from bnaudit.containers import tensors
 from bnaudit.layers import Kind, layer_kind, preserved
@@ -185,27 +186,35 @@ def _close(a: Tensor, b: Tensor) -> bool:
 
 def precise_stats(
     model: nn.Module,
-    calls: Sequence[Any],
+    calls: Iterable[Any],
     layers: dict[str, nn.Module],
     names: Sequence[str],
     regime: str,
+    train_mode: str = "bn",
 ) -> tuple[Stats, int]:
     """Precise statistics of `names` on these batches, and the passes it took: train regime,
-    one train-mode pass (only the BN layers in train mode, statistics only); eval regime, the
-    level-by-level eval passes of `impact.eval_regime_stats`. The model is left as it was."""
+    one train-mode pass (only the BN layers in train mode, or the whole model with
+    `train_mode="all"`; statistics only), which may stream the batches; eval regime, the
+    level-by-level eval passes of `impact.eval_regime_stats` over a list of them. The model is
+    left as it was."""
     bn = list(layers.items())
     if regime == "eval":
         # Level by level from the stored statistics: pass p settles the layers p BN deep,
         # whatever they started from.
         start = {n: (layers[n].running_mean.clone(), layers[n].running_var.clone()) for n in names}
+        calls = list(calls)
         with preserved(model, bn), torch.no_grad():
             stats, levels = eval_regime_stats(model, calls, layers, start, len(start) + 1)
         return stats, levels * len(calls)
     moments = {n: (Moments(), Moments()) for n in names}
+    count = 0
     with preserved(model, bn), torch.no_grad():
-        model.eval()
-        for _, m in bn:
-            m.training = True  # as the audit's train-mode pass: dropout and friends stay off
+        if train_mode == "all":
+            model.train()
+        else:
+            model.eval()
+            for _, m in bn:
+                m.training = True  # as the audit's train-mode pass: dropout and friends stay off
         handles = [
             layers[n].register_forward_pre_hook(_input_moments(layers[n], *moments[n]))
             for n in names
@@ -213,6 +222,7 @@ def precise_stats(
         try:
             for c in calls:
                 call_model(model, c)
+                count += 1
         finally:
             for h in handles:
                 h.remove()
@@ -221,7 +231,7 @@ def precise_stats(
         for n, (m, v) in moments.items()
         if m.mean is not None and v.mean is not None
     }
-    return stats, len(calls)
+    return stats, count
 
 
 def _input_moments(module: nn.Module, means: Moments, variances: Moments):
@@ -230,13 +240,14 @@ def _input_moments(module: nn.Module, means: Moments, variances: Moments):
     instance = layer_kind(module) is Kind.INSTANCE
 
     def record(_: nn.Module, inputs: tuple[Any, ...]) -> None:
-        x = inputs[0].detach().double()
+        x = inputs[0].detach()
         if instance:
-            mean, var = F.instance_stats(x)
+            mean, var = F.instance_stats(x.double())
             n = x[0, 0].numel()
             mean, var = mean.mean(0), var.mean(0)
         else:
-            mean, var = F.batch_stats(x)
+            # One read of x, no float64 copy (bnaudit.fused): what update_bn's pass costs.
+            mean, var = fused.moments(x) if x.is_floating_point() else F.batch_stats(x.double())
             n = F.values_per_channel(x)
         means.add_value(mean)
         if n > 1:

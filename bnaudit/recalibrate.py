@@ -7,7 +7,7 @@ copy the caller owns), and `updated_state_dict` into a state dict, everything el
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from bnaudit.batches import InputChoice
-from bnaudit.engine import AuditOptions, recalibrated_stats, run_passes
-from bnaudit.errors import BnauditError
+from bnaudit.engine import Moved
+from bnaudit.errors import BnauditError, NothingToAudit
+from bnaudit.impact import precise_stats
+from bnaudit.layers import Kind, find_bn_layers, layer_kind
 
 
 @dataclass(frozen=True)
@@ -40,32 +42,59 @@ def recalibrate(
 ) -> Recalibration:
     """Precise statistics for every BN layer (or those matching the `layers` globs).
 
-    num_batches_tracked becomes the number of batches averaged, as after
-    torch.optim.swa_utils.update_bn, which is the same kind of average.
+    Train regime: one train-mode pass per batch with statistics only, the cost of
+    torch.optim.swa_utils.update_bn (the batches are streamed, not kept). Eval regime: the
+    level-by-level eval passes of `bnaudit.impact.eval_regime_stats`. num_batches_tracked
+    becomes the number of batches averaged, as after update_bn, the same kind of average.
     """
-    options = AuditOptions(
-        impact=False,
-        fold=False,
-        regime=regime,
-        max_batches=max_batches,
-        train_mode=train_mode,
-        input=choice,
-    )
-    passes = run_passes(model, batches, options)
-    if passes.count == 0:
+    found = find_bn_layers(model)
+    if not found:
+        raise NothingToAudit(
+            "the model has no BatchNorm layer (no torch.nn.modules.batchnorm._BatchNorm)"
+        )
+    modules = dict(found)
+    names = [
+        n
+        for n, m in found
+        if layer_kind(m) is not Kind.FROZEN
+        and m.running_mean is not None
+        and m.running_var is not None
+    ]
+    if regime == "train" and layers:
+        # A layer's train-mode input does not depend on the other layers' running statistics;
+        # in the eval regime it does, so there every layer is recalibrated, then filtered.
+        names = [n for n in names if _matches(n, layers)]
+    calls = Moved(model, batches, max_batches, choice)
+    counted = _Counting(calls)
+    stats, passes = precise_stats(model, counted, modules, names, regime, train_mode)
+    if counted.count == 0:
         raise BnauditError("recalibration needs sample batches: none was given")
-    stats, level_passes = recalibrated_stats(passes, regime, model)
     if layers:
-        stats = {n: v for n, v in stats.items() if any(fnmatch.fnmatch(n, g) for g in layers)}
+        stats = {n: v for n, v in stats.items() if _matches(n, layers)}
         if not stats:
             raise BnauditError(f"--layers {' '.join(layers)}: no BatchNorm layer matches")
     counts = {
-        n: passes.count
+        n: counted.count
         for n in stats
-        if getattr(passes.layers[n], "num_batches_tracked", None) is not None
+        if getattr(modules[n], "num_batches_tracked", None) is not None
     }
-    cost = (2 + level_passes) * passes.count
-    return Recalibration(stats, counts, regime, passes.count, cost)
+    return Recalibration(stats, counts, regime, counted.count, passes)
+
+
+def _matches(name: str, globs: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(name, g) for g in globs)
+
+
+class _Counting:
+    """Iterates `items` and counts the distinct items seen (over several iterations)."""
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        self.items, self.count = items, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, item in enumerate(self.items):
+            self.count = max(self.count, i + 1)
+            yield item
 
 
 def apply(model: nn.Module, r: Recalibration) -> None:

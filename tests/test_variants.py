@@ -354,3 +354,36 @@ def test_each_mistake_is_diagnosed(mistake: str) -> None:
     assert getattr(m, f"recon_{regime}_explanation_ratio") <= 1
     message = next(f.message for f in report.findings if f.code == code)
     assert "it matches" in message and getattr(m, f"recon_{regime}_explanation") in message
+
+
+def test_bn_act_diagnosis_settles_after_the_first_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once one hypothesis alone explains a layer, later batches test only it: same report as
+    the full diagnosis on every batch, at a fraction of the hypotheses evaluated."""
+    from bnaudit import explain
+    from tests.test_fast_paths import assert_same_report
+
+    torch.manual_seed(0)
+    model = calibrated(ConvNet(lambda c: BatchNormAct2d(c, nn.SiLU())), batches=30)
+    evaluated = [0]
+    errors = explain._errors
+
+    def counting(*args):
+        evaluated[0] += 1
+        return errors(*args)
+
+    monkeypatch.setattr(explain, "_errors", counting)
+    settled = audit(model, images(count=4))
+    settled_count, evaluated[0] = evaluated[0], 0
+    add = explain.Diagnosis.add
+
+    def full(self, case):
+        self.settled = None
+        add(self, case)
+
+    monkeypatch.setattr(explain.Diagnosis, "add", full)
+    everything = audit(model, images(count=4))
+    assert_same_report(settled, everything)
+    assert settled.layer("norm1").metrics.recon_train_explanation_key == "act:silu"
+    # 2 layers × 2 regimes: a full diagnosis on the first batch, then one hypothesis a batch
+    # (about 20 hypotheses make a full diagnosis)
+    assert 2 * 2 * 3 < settled_count < evaluated[0] / 3

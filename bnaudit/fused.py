@@ -1,0 +1,197 @@
+"""The measurement of one finite BN call: batch moments and reconstruction error together.
+
+`measure` gives, per channel, the float64 batch mean and biased variance of x, and the maximum
+reconstruction error of y with its ratio to the tolerance (`formulas.reconstruction_error`'s
+formula), plus whether all of it is finite. On CPU, for float32/float16/bfloat16 activations
+laid out NCHW (contiguous) or channels-last, a numba kernel (`bnaudit.fused_kernels`) reads x
+and y once per call, keeping the channel's values in cache between its passes; everywhere else
+(CUDA, float64, odd strides, no numba) the float64 blocks of `bnaudit.formulas` compute the
+same numbers. Both are the fast path of the engine: a call that is not finite, or that misses
+the formula, is measured again on the general float64 path, so verdicts never depend on which
+of the two ran.
+
+Compiled kernels are cached on disk: in `$NUMBA_CACHE_DIR` when it is set, else in
+`~/.cache/bnaudit/numba` (`$XDG_CACHE_HOME/bnaudit/numba`). A cold cache costs a few seconds of
+compilation once; keep that folder between CI runs. `BNAUDIT_KERNEL=torch` turns the kernel off.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bnaudit import formulas as F
+
+KERNEL_ENV = "BNAUDIT_KERNEL"  # "torch": always the float64 blocks, never the numba kernel
+# float16 and bfloat16 are converted to float32 (exact) before the kernel: numba has no
+# arithmetic for them, and bfloat16 has no numpy dtype.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One call, per channel (float64, [C]); `finite` and `worst` decide the path taken."""
+
+    mean: Tensor  # batch mean of x
+    var: Tensor  # biased batch variance of x
+    err: Tensor  # max |y − ref|
+    ratio: Tensor  # max |y − ref| / tolerance
+    finite: bool  # x, its moments and every error are finite
+    worst: float  # the largest ratio
+
+
+def measure(
+    x: Tensor,
+    y: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float | Tensor,
+    running: tuple[Tensor, Tensor] | None,
+    dtype: torch.dtype,
+) -> Measured:
+    """Moments of `x` and the error of `y` against the BN formula, normalised with the batch
+    statistics (`running` None) or with `running` = (mean, var); `eps` may be per channel;
+    `dtype` chooses the tolerance. Attributes are float64 [C] tensors."""
+    fast = _kernel_measure(x, y, weight, bias, eps, running, dtype)
+    if fast is not None:
+        return fast
+    mean, var = F.batch_moments(x)
+    ref_mean, ref_var = (mean, var) if running is None else running
+    err, ratio = F.reconstruction_error(x, y, ref_mean, ref_var, weight, bias, eps, dtype)
+    # One synchronisation: is everything finite, and how far is the worst value?
+    probe, worst = torch.stack((mean.sum() + var.sum() + err.sum(), ratio.amax())).tolist()
+    return Measured(mean, var, err, ratio, math.isfinite(probe), worst)
+
+
+def moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel float64 batch mean and biased variance of `x` (`formulas.batch_moments`)."""
+    got = _kernel_measure(x, None, None, None, 0.0, None, torch.float32)
+    return (got.mean, got.var) if got is not None else F.batch_moments(x)
+
+
+def cache_dir() -> Path:
+    """Where the compiled kernels persist when NUMBA_CACHE_DIR is not set."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "bnaudit" / "numba"
+
+
+_UNLOADED = object()
+_kernels: ModuleType | object | None = _UNLOADED
+
+
+def kernels() -> ModuleType | None:
+    """The numba kernels, compiled or loaded from the cache on first use; None without numba
+    (or with BNAUDIT_KERNEL=torch)."""
+    global _kernels
+    if os.environ.get(KERNEL_ENV, "").lower() == "torch":
+        return None
+    if _kernels is _UNLOADED:
+        _kernels = _load()
+    return _kernels  # type: ignore[return-value]
+
+
+def _load() -> ModuleType | None:
+    try:
+        from numba.core import config
+    except ImportError:
+        return None
+    before = config.CACHE_DIR
+    # The cache folder is bound when the kernels are decorated; numba's own setting for
+    # everything else in the process is put back.
+    if not before:
+        config.CACHE_DIR = str(cache_dir())
+    try:
+        from bnaudit import fused_kernels
+    except Exception:  # no usable cache folder, an LLVM problem: the torch path still works
+        return None
+    finally:
+        config.CACHE_DIR = before
+    return fused_kernels
+
+
+def _kernel_measure(
+    x: Tensor,
+    y: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float | Tensor,
+    running: tuple[Tensor, Tensor] | None,
+    dtype: torch.dtype,
+) -> Measured | None:
+    """The numba kernel's measurement, or None where it does not apply; `y` None: the
+    moments only."""
+    if x.device.type != "cpu" or x.dtype not in KERNEL_DTYPES or x.dim() < 2 or not x.numel():
+        return None
+    if y is not None and (
+        y.device != x.device
+        or y.dtype not in KERNEL_DTYPES
+        or y.shape != x.shape
+        or x.stride() != y.stride()
+    ):
+        return None
+    layout = _layout(x)
+    if layout is None:
+        return None
+    k = kernels()
+    if k is None:
+        return None
+    b, c = x.shape[0], x.shape[1]
+    xs = _flat(x)
+    ys = _flat(y) if y is not None else xs[:0]
+    w = _per_channel(weight, c, 1.0)
+    args = (w, _per_channel(bias, c, 0.0), _per_channel(eps, c, 0.0))
+    rmean, rvar = (w, w) if running is None else (running[0].numpy(), running[1].numpy())
+    rtol, atol = F.tolerance(dtype)
+    out = np.empty((4, c))
+    if layout == "rows":
+        probe, worst = k.measure_rows(
+            xs, ys, b, c, x.numel() // (b * c), *args, rmean, rvar, running is None, rtol, atol, out
+        )
+    else:
+        work = np.empty((7, c))
+        shape = (x.numel() // c, c)
+        probe, worst = k.measure_inner(
+            xs.reshape(shape),
+            ys.reshape(shape if y is not None else (0, c)),
+            *args,
+            rmean,
+            rvar,
+            running is None,
+            rtol,
+            atol,
+            out,
+            work,
+        )
+    mean, var, err, ratio = torch.from_numpy(out).unbind(0)
+    return Measured(mean, var, err, ratio, math.isfinite(probe), worst)
+
+
+def _layout(x: Tensor) -> str | None:
+    """ "rows": NCHW, each (b, c) a contiguous run; "inner": the channels contiguous
+    (channels-last, or one value per channel and sample); None: another layout."""
+    if x.is_contiguous():
+        return "inner" if x.numel() == x.shape[0] * x.shape[1] else "rows"
+    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if last is not None and x.is_contiguous(memory_format=last):
+        return "inner"
+    return None
+
+
+def _flat(t: Tensor) -> np.ndarray:
+    """The tensor's values as a flat float32 array in memory order (a view when float32)."""
+    if t.dtype != torch.float32:
+        t = t.float()  # exact; keeps the memory format
+    return t.as_strided((t.numel(),), (1,)).numpy()
+
+
+def _per_channel(v: Tensor | float | None, channels: int, fill: float) -> np.ndarray:
+    if isinstance(v, Tensor):
+        return v.numpy()
+    return np.full(channels, fill if v is None else v, dtype=np.float64)
