@@ -395,12 +395,16 @@ def _as_call(model: nn.Module, batch: Any, choice: InputChoice) -> Call:
 
 
 def _replayable(batches: Iterable[Any]) -> bool:
-    """Whether iterating `batches` again gives the same batches in the same order."""
-    if isinstance(batches, (list, tuple)):
-        return True
+    """Whether iterating `batches` again gives the same batches in the same order: not a
+    one-shot iterator, nor a DataLoader that samples anew each time (shuffle=True). Any other
+    iterable is taken to replay, as a dataset-backed loader does."""
+    if isinstance(batches, Iterator):
+        return False
     from torch.utils.data import DataLoader, SequentialSampler
 
-    return isinstance(batches, DataLoader) and isinstance(batches.sampler, SequentialSampler)
+    if isinstance(batches, DataLoader):
+        return isinstance(batches.sampler, SequentialSampler)
+    return True
 
 
 class Moved:
