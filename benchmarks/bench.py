@@ -1,6 +1,6 @@
 """What an audit costs against the forward passes it needs, in time and in memory.
 
-    python benchmarks/bench.py [--threads N] [--repeats R] [--out benchmarks/RESULTS.md]
+    python benchmarks/bench.py [--threads N] [--repeats R] [--models resnet50,effnet] [--out ...]
 
 `make bench` runs it with the defaults. Everything is generated here: models with random weights
 and calibrated running statistics (benchmarks/models.py), seeded batches, a checkpoint and a data
@@ -74,12 +74,20 @@ CASES = (
     ),
     Case("mlp400", "mlp400", (64, 64), 8, "400 × (Linear 64 → BatchNorm1d → ReLU)"),
     Case("cnn3d", "cnn3d", (4, 3, 16, 64, 64), 3, "6 × (Conv3d → BatchNorm3d → ReLU)"),
+    Case(
+        "effnet",
+        "efficientnet_b0_like",
+        (16, 3, 112, 112),
+        3,
+        "EfficientNet-B0 layout, 49 BatchNorm2d, 33 of them timm-style BatchNormAct2d (+ SiLU)",
+    ),
 )
 QUICK_SHAPES = {  # --quick: every code path in about a minute, numbers meaningless
     "resnet50": (2, 3, 32, 32),
     "mobilenetv2": (2, 3, 32, 32),
     "mlp400": (8, 64),
     "cnn3d": (2, 3, 4, 16, 16),
+    "effnet": (2, 3, 32, 32),
 }
 GROWTH_CASE = "mobilenetv2"  # time and memory against the number of batches...
 GROWTH_SHAPE = (16, 3, 64, 64)  # ...on smaller images: 15 batches, each side several times
@@ -752,15 +760,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--process-repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument(
+        "--models",
+        default=",".join(c.name for c in CASES),
+        help="comma-separated models to run [default: all: %(default)s]",
+    )
     args = parser.parse_args(argv)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = sorted(set(names) - {c.name for c in CASES})
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {args.models}")
     torch.set_num_threads(args.threads)
     env = child_env(args.threads)
     started = time.perf_counter()
-    cases = CASES
+    every = CASES
     depths = DEPTHS
     if args.quick:
-        cases = tuple(Case(c.name, c.factory, QUICK_SHAPES[c.name], 2, c.what) for c in CASES)
+        every = tuple(Case(c.name, c.factory, QUICK_SHAPES[c.name], 2, c.what) for c in CASES)
         depths = DEPTHS[:3]
+    cases = tuple(c for c in every if c.name in names)
     head = machine(args.threads)
     inproc, procs, rss, profiles = {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="bnaudit-bench-") as tmp:
@@ -782,13 +800,13 @@ def main(argv: list[str] | None = None) -> None:
             }
             log(f"{case.name}: profile")
             profiles[case.name] = profile_audit(model, batches)
-        growth = next(c for c in cases if c.name == GROWTH_CASE)
+        growth = next(c for c in every if c.name == GROWTH_CASE)
         if not args.quick:
             growth = Case(growth.name, growth.factory, GROWTH_SHAPE, growth.batches, growth.what)
         log("growth with batches")
         by_batches = growth_with_batches(growth, folder, env, max(3, args.repeats // 2))
         log("growth with depth")
-        mlp_shape = next(c.shape for c in cases if c.name == "mlp400")
+        mlp_shape = next(c.shape for c in every if c.name == "mlp400")
         by_depth = growth_with_depth(mlp_shape, max(3, args.repeats // 2), depths)
         log("static audit")
         static = static_audit(folder, env, args.process_repeats)

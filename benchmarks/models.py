@@ -138,6 +138,72 @@ class CNN3d(nn.Sequential):
         super().__init__(*layers, nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(64, classes))
 
 
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in shape: a BatchNorm2d subclass whose forward adds dropout (off)
+    and an activation, so its output is not the BN formula."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.drop = nn.Identity()
+        self.act = nn.SiLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def conv_bn_act(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1):
+    conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False)
+    return [conv, BatchNormAct2d(cout)]
+
+
+class MBConv(nn.Module):
+    """EfficientNet's block with BatchNormAct2d: expand, depthwise, squeeze-excite, project."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int, kernel: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        layers: list[nn.Module] = conv_bn_act(cin, hidden, 1) if expand != 1 else []
+        layers += conv_bn_act(hidden, hidden, kernel, stride, groups=hidden)
+        self.body = nn.Sequential(*layers)
+        squeeze = max(1, cin // 4)
+        self.se = nn.Sequential(
+            nn.Conv2d(hidden, squeeze, 1), nn.SiLU(), nn.Conv2d(squeeze, hidden, 1), nn.Sigmoid()
+        )
+        self.project = nn.Sequential(*conv_bn(hidden, cout, 1))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.body(x)
+        h = self.project(h * self.se(h.mean((2, 3), keepdim=True)))
+        return x + h if self.residual else h
+
+
+class EfficientNetB0Like(nn.Module):
+    """EfficientNet-B0's layout: 16 MBConv blocks, 49 BN, 33 of them BatchNormAct2d."""
+
+    SETTINGS = ((1, 16, 1, 1, 3), (6, 24, 2, 2, 3), (6, 40, 2, 2, 5), (6, 80, 3, 2, 3))
+    SETTINGS += ((6, 112, 3, 1, 5), (6, 192, 4, 2, 5), (6, 320, 1, 1, 3))
+
+    def __init__(self, classes: int = 1000) -> None:
+        super().__init__()
+        layers: list[nn.Module] = conv_bn_act(3, 32, 3, 2)
+        cin = 32
+        for expand, cout, repeats, stride, kernel in self.SETTINGS:
+            for i in range(repeats):
+                layers.append(MBConv(cin, cout, stride if i == 0 else 1, expand, kernel))
+                cin = cout
+        layers += conv_bn_act(cin, 1280, 1)
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(1280, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def efficientnet_b0_like() -> nn.Module:
+    return EfficientNetB0Like()
+
+
 def resnet50_like() -> nn.Module:
     return ResNet50Like()
 

@@ -38,6 +38,8 @@ def test_models_have_the_layers_the_report_names(bench) -> None:
     assert len(depthwise) == 17 and all(m.groups == m.in_channels for m in depthwise)
     assert count(models.mlp400(), nn.BatchNorm1d) == 400
     assert count(models.cnn3d(), nn.BatchNorm3d) == 6
+    effnet = models.efficientnet_b0_like()
+    assert count(effnet, nn.BatchNorm2d) == 16 and count(effnet, models.BatchNormAct2d) == 33
     with torch.no_grad():
         assert models.cnn3d().eval()(torch.randn(2, 3, 4, 16, 16)).shape == (2, 10)
 
