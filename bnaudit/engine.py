@@ -1,13 +1,11 @@
-"""The audit engine: one eval-mode and one train-mode pass per batch, hooks on every BN layer.
+"""The audit engine: one eval-mode and one train-mode pass per batch, a probe on every BN layer.
 
-Each hook reconstructs the layer's output by hand from the attributes, checks the running-stat
-update, reduces the layer's input to per-channel accumulators and drops every tensor; small
-activations of standard BN layers are measured the same way right after the forward pass, side
-by side (`bnaudit.grouped`). The measurement streams float64 blocks (`formulas.batch_moments`,
-`formulas.reconstruction_error`); only non-finite values or a mismatch take the general path on
-float64 copies. The model's modes, buffers and momentum are put back in `finally`; the
-train-mode update is undone in the hook itself, so every batch is compared against the
-checkpoint's statistics.
+Each probe (`bnaudit.probe`) reconstructs the layer's output by hand from the attributes,
+checks the running-stat update, reduces the layer's input to per-channel accumulators and drops
+every tensor. The model's modes, buffers and momentum are put back in `finally`; the train-mode
+update is undone in the hook itself, so every batch is compared against the checkpoint's
+statistics. After the passes come the metrics and findings, the fold checks, and with data the
+output impact of recalibrated statistics and, with labels, the task metric's evidence.
 """
 
 from __future__ import annotations
@@ -22,15 +20,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bnaudit import formulas as F
-from bnaudit import fused
 from bnaudit.batches import Call, InputChoice, call_model, move_batch, to_call
 from bnaudit.containers import map_tensors, tensors
 from bnaudit.dataflow import METHOD, Pairs
 from bnaudit.errors import DataError, NothingToAudit, describe
 from bnaudit.evidence import TOP1, Evidence, Metric, applies, top1
 from bnaudit.evidence import measure as measure_evidence
-from bnaudit.explain import Case, Diagnosis
 from bnaudit.findings import (
     Thresholds,
     has_gap,
@@ -40,19 +35,17 @@ from bnaudit.findings import (
     weigh_evidence,
 )
 from bnaudit.fold import FoldWatch
-from bnaudit.grouped import Deferred, Update
+from bnaudit.grouped import Deferred
 from bnaudit.impact import OutputImpact, compare_outputs, eval_regime_stats, like_buffer
 from bnaudit.layers import (
     Kind,
-    LayerAttrs,
     counter_notes,
     find_bn_layers,
     preserved,
-    read_counter,
 )
 from bnaudit.metrics import measure
+from bnaudit.probe import Probe
 from bnaudit.results import AuditReport, FailOn, LayerResult
-from bnaudit.statistics import LayerStats, RegimeStats
 
 
 @dataclass(frozen=True)
@@ -82,229 +75,13 @@ class AuditOptions:
 class Passes:
     """What the audit's own forward passes left behind."""
 
-    probes: list[_Probe]
+    probes: list[Probe]
     layers: dict[str, nn.Module]  # every BN-like layer, audited or not
     count: int  # batches run
     batches: Iterable[Any]  # to run again for the output impact (moved to the device)
     outputs: list[Any] | None  # eval-mode outputs with the stored stats; None past the budget
     feed: str = ""  # how the batches feed the model, when they hold more than the input
     order: tuple[str, ...] = ()  # every BN layer that ran, audited or not, in the order it ran
-
-
-class _Probe:
-    """Forward hook of one BN layer; `regime` is switched by the engine between passes.
-
-    A probe that does not `measure` only undoes the train-mode update: every BN layer must
-    start each batch from the checkpoint's statistics, audited or not. A probe with a `group`
-    hands small activations of a standard BN layer to it, to be measured with the other small
-    layers after the forward pass (`bnaudit.grouped`).
-    """
-
-    def __init__(
-        self,
-        name: str,
-        module: nn.Module,
-        clock: itertools.count,
-        measure: bool = True,
-        group: Deferred | None = None,
-    ) -> None:
-        self.name = name
-        self.measure = measure
-        self.clock = clock  # shared by all probes: orders layers by their first call
-        self.first_call: int | None = None
-        self.module = module
-        self.attrs = a = LayerAttrs.of(module)
-        # Exact copies (original dtype) to undo each train-mode update.
-        self.saved = {k: b.detach().clone() for k, b in module.named_buffers(recurse=False)}
-        self.stats = LayerStats()
-        self.diagnosis = {"train": Diagnosis(), "eval": Diagnosis()}
-        self.regime = "eval"
-        self.nonfinite_inputs = 0
-        self.nonfinite_outputs = 0
-        self.checks_update = a.kind is not Kind.FROZEN and a.has_running_stats
-        # Standard BN layers (their forward is torch's) whose finite outputs match the formula
-        # on every healthy model: the ones worth measuring in groups.
-        standard = a.kind is not Kind.INSTANCE and not a.overrides_forward
-        self.group = group if standard else None
-
-    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        try:
-            if self.first_call is None:
-                self.first_call = next(self.clock)
-            if self.measure:
-                self._measure(module, inputs, output)
-        finally:
-            if self.regime == "train":
-                with torch.no_grad():
-                    for key, value in self.saved.items():
-                        getattr(module, key).copy_(value)
-
-    def _measure(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        if not inputs or not isinstance(inputs[0], Tensor) or not isinstance(output, Tensor):
-            return
-        x, y = inputs[0].detach(), output.detach()
-        if x.dim() < 2 or y.shape != x.shape:
-            return
-        train = self.regime == "train"
-        later = (
-            self.group is not None and x.shape[1] == self.attrs.num_features and self.group.takes(x)
-        )
-        update = self._updated(copy=later) if train and self.checks_update else None
-        if later:
-            assert self.group is not None
-            # Copies: the forward goes on and may change these tensors in place (a ReLU).
-            self.group.add(self, train, x.clone(), y.clone(), update)
-        else:
-            self.measure_batch(x, y, train, update)
-
-    def _updated(self, copy: bool) -> Update:
-        """The running stats (and T) this train-mode call left, before they are put back."""
-        m = self.module
-        mean, var = m.running_mean, m.running_var
-        if copy:
-            mean, var = mean.clone(), var.clone()
-        # A float counter (a module converted with .type()) may hold NaN: no count to compare.
-        return mean, var, read_counter(getattr(m, "num_batches_tracked", None))[0]
-
-    def measure_batch(self, x: Tensor, y: Tensor, train: bool, update: Update | None) -> None:
-        """Measure one call: input `x`, output `y`, and the running stats it left (train)."""
-        if not self._measure_finite(x, y, train, update):
-            self._measure_general(x, y, train, update)
-
-    def _measure_finite(self, x: Tensor, y: Tensor, train: bool, update: Update | None) -> bool:
-        """The common case, without a float64 copy of the activations; False: not applicable.
-
-        Applies to batch and frozen BN when the input, the statistics and the errors are all
-        finite, which is decided on the reductions it computes anyway (NaN and Inf survive a
-        sum; a float64 sum of finite values of a float32 or narrower input cannot overflow).
-        It then records exactly what `_measure_general` would; otherwise the caller goes there,
-        and nothing has been recorded.
-        """
-        a = self.attrs
-        if a.kind is Kind.INSTANCE or not x.is_floating_point() or x.numel() == 0:
-            return False
-        uses_batch = a.kind is not Kind.FROZEN and (train or not a.has_running_stats)
-        running = None if uses_batch else (a.running_mean, a.running_var)
-        got = fused.measure(x, y, a.weight, a.bias, a.eps, running, y.dtype)  # type: ignore[arg-type]
-        if not got.finite:
-            return False
-        mean, var, err, ratio, worst = got.mean, got.var, got.err, got.ratio, got.worst
-        ref_mean, ref_var = (mean, var) if running is None else running
-        regime = self.stats.train if train else self.stats.eval
-        regime.err_abs.add(err)
-        regime.err_ratio.add(ratio)
-        n = F.values_per_channel(x)
-        if not worst <= 1:  # this batch misses the formula: why?
-            self._diagnose(
-                x.double(), y.double(), ref_mean, ref_var, mean, var, n, uses_batch, y.dtype
-            )
-        regime.add_batch(n, x.shape[0], mean, var)
-        # Finite inputs and outputs: nothing to add to the non-finite counts.
-        if update is not None:
-            self.check_update(mean, var, n, update)
-        return True
-
-    def _measure_general(self, x: Tensor, y: Tensor, train: bool, update: Update | None) -> None:
-        """Every layer kind, NaN and Inf included, on float64 copies of the activations."""
-        a = self.attrs
-        x64, y64 = x.double(), y.double()
-        batch_mean, batch_var = F.batch_stats(x64)
-        # `stat_*` is what the running stats estimate; `ref_*` what this output normalised with.
-        if a.kind is Kind.INSTANCE:
-            inst_mean, inst_var = F.instance_stats(x64)
-            n = x[0, 0].numel()
-            stat_mean, stat_var = inst_mean.mean(0), inst_var.mean(0)
-        else:
-            inst_mean, inst_var = batch_mean, batch_var
-            n = F.values_per_channel(x)
-            stat_mean, stat_var = batch_mean, batch_var
-        uses_batch = a.kind is not Kind.FROZEN and (train or not a.has_running_stats)
-        ref_mean, ref_var = (inst_mean, inst_var) if uses_batch else (a.running_mean, a.running_var)
-        regime = self.stats.train if train else self.stats.eval
-        ratio = _record_error(regime, x64, y64, ref_mean, ref_var, a, y.dtype)
-        if not bool((ratio <= 1).all()):  # this batch misses the formula (or is NaN): why?
-            self._diagnose(
-                x64, y64, ref_mean, ref_var, batch_mean, batch_var, n, uses_batch, y.dtype
-            )
-        regime.add_batch(
-            n,
-            x.shape[0],
-            stat_mean,
-            stat_var,
-            pooled=(F.values_per_channel(x), batch_mean, batch_var),
-        )
-        bad_in = int((~torch.isfinite(x)).sum())
-        self.nonfinite_inputs += bad_in
-        if not bad_in:  # a NaN arriving from upstream is that layer's finding, not this one's
-            self.nonfinite_outputs += int((~torch.isfinite(y)).sum())
-        if update is not None:
-            self.check_update(stat_mean, stat_var, n, update)
-
-    def _diagnose(
-        self,
-        x64: Tensor,
-        y64: Tensor,
-        ref_mean: Tensor,
-        ref_var: Tensor,
-        batch_mean: Tensor,
-        batch_var: Tensor,
-        n: int,
-        uses_batch: bool,
-        dtype: torch.dtype,
-    ) -> None:
-        """Record why this call missed the formula (the usual mistakes, tried in turn)."""
-        a = self.attrs
-        case = Case(
-            x64, y64, ref_mean, ref_var, batch_mean, batch_var, a.running_mean, a.running_var,
-            a.weight, a.bias, a.eps, n, uses_batch, dtype,
-        )  # fmt: skip
-        self.diagnosis[self.regime].add(case)
-
-    def check_update(self, mean: Tensor, var: Tensor, n: int, update: Update) -> None:
-        """Compare one running-stat update with (1 − m)·old + m·batch, and T with T + 1."""
-        a = self.attrs
-        assert a.running_mean is not None and a.running_var is not None  # checks_update
-        t_before = a.num_batches_tracked or 0
-        instance = a.kind is Kind.INSTANCE
-        factor = F.update_factor(a.momentum, t_before, instance=instance)
-        got_mean, got_var, got_t = update
-        self.stats.update.add(
-            *F.update_residuals(
-                a.running_mean,
-                a.running_var,
-                mean,
-                var,
-                n,
-                factor,
-                got_mean.double(),
-                got_var.double(),
-                a.eps,
-                got_mean.dtype,
-            )
-        )
-        expected_t = t_before + (0 if instance else 1)
-        if a.num_batches_tracked is not None and got_t is not None and got_t != expected_t:
-            self.stats.update.count_errors += 1
-
-
-def _record_error(
-    regime: RegimeStats,
-    x: Tensor,
-    y: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    a: LayerAttrs,
-    dtype: torch.dtype,
-) -> Tensor:
-    """Record max |y − ref| and its ratio to the tolerance per channel; return the ratios."""
-    ref = F.normalize(x, mean, var, a.weight, a.bias, a.eps)
-    err = F.mismatch(y, ref)
-    tol = F.elementwise_tolerance(x, ref, mean, var, a.weight, a.eps, dtype)
-    dims = F.stat_dims(x)
-    ratio = torch.where(err == 0, err, err / tol).amax(dim=dims)
-    regime.err_abs.add(err.amax(dim=dims))
-    regime.err_ratio.add(ratio)
-    return ratio
 
 
 def _set_train_mode(model: nn.Module, layers: list[tuple[str, nn.Module]], mode: str) -> None:
@@ -339,7 +116,7 @@ def run_passes(
     wanted = options.layers
     deferred = Deferred()
     probes = [
-        _Probe(name, m, clock, wanted is None or name in wanted, deferred) for name, m in layers
+        Probe(name, m, clock, wanted is None or name in wanted, deferred) for name, m in layers
     ]
     device, dtype = _model_device_dtype(model)
     # Batches that may not come back in the same order (a one-shot iterator, a shuffling

@@ -27,7 +27,7 @@ from bnaudit.layers import Kind, LayerAttrs
 from bnaudit.statistics import LayerStats
 
 if TYPE_CHECKING:
-    from bnaudit.engine import _Probe
+    from bnaudit.probe import Probe
 
 # Activations of at most this many values are measured in groups; above it the arithmetic
 # dominates and a layer is measured in its own hook.
@@ -42,7 +42,7 @@ Update = tuple[Tensor, Tensor, int | None]
 
 @dataclass(frozen=True)
 class _Call:
-    probe: _Probe
+    probe: Probe
     train: bool  # the train-mode pass, else the eval-mode one
     x: Tensor
     y: Tensor
@@ -61,7 +61,7 @@ class Deferred:
     def takes(x: Tensor) -> bool:
         return x.is_floating_point() and 0 < x.numel() <= SMALL_VALUES
 
-    def add(self, probe: _Probe, train: bool, x: Tensor, y: Tensor, update: Update | None) -> None:
+    def add(self, probe: Probe, train: bool, x: Tensor, y: Tensor, update: Update | None) -> None:
         """One call of a layer: copies of its input and output, and the stats it left."""
         self.calls.append(_Call(probe, train, x, y, update))
         self.values += 2 * x.numel()
@@ -126,7 +126,7 @@ def _uses_batch(a: LayerAttrs, train: bool) -> bool:
 class _Group:
     """Layers measured side by side: their attributes laid out along the channels."""
 
-    def __init__(self, probes: list[_Probe], kind: _Kind) -> None:
+    def __init__(self, probes: list[Probe], kind: _Kind) -> None:
         self.train, self.uses_batch, self.update_dtype = (
             kind.train,
             kind.uses_batch,

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import bnaudit
-from bnaudit import engine, grouped
 from bnaudit import formulas as F
+from bnaudit import grouped, probe
 from bnaudit.results import AuditReport
 from bnaudit.statistics import LayerStats
 from tests import nets
@@ -307,12 +307,12 @@ def test_fast_path_measures_as_the_general_path() -> None:
 
 @contextlib.contextmanager
 def general_only() -> Iterator[None]:
-    before = engine._Probe._measure_finite
-    engine._Probe._measure_finite = lambda self, *args: False  # type: ignore[method-assign]
+    before = probe.Probe._measure_finite
+    probe.Probe._measure_finite = lambda self, *args: False  # type: ignore[method-assign]
     try:
         yield
     finally:
-        engine._Probe._measure_finite = before  # type: ignore[method-assign]
+        probe.Probe._measure_finite = before  # type: ignore[method-assign]
 
 
 def test_grouped_copies_are_bounded_and_released() -> None:
