@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from bnaudit.batches import Call, call_model
 from bnaudit.containers import tensors
-from bnaudit.impact import precise_stats, statistics
+from bnaudit.impact import precise_stats, statistics, stored_output
 
 Metric = Callable[[Any, Tensor], float]
 TOP1 = "top-1 accuracy"
@@ -129,11 +129,8 @@ def measure(
     stored: list[float] = []
     model.eval()
     for i, c in enumerate(calls):
-        if stored_outputs is not None and i < len(stored_outputs):
-            out = stored_outputs[i]
-        else:
-            out = call_model(model, c)
-            passes += 1
+        out, used = stored_output(model, c, i, stored_outputs)
+        passes += used
         stored.append(metric(out, c.labels))
     recal: list[float] = [math.nan] * len(calls)
     halves = [list(range(0, len(calls), 2)), list(range(1, len(calls), 2))]

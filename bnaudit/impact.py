@@ -107,6 +107,14 @@ def statistics(layers: dict[str, nn.Module], stats: Stats) -> Iterator[None]:
                 layers[name].running_var.copy_(var)
 
 
+def stored_output(model: nn.Module, batch: Any, index: int, stored: list[Any] | None):
+    """The eval output of batch `index` with the stored statistics, and the passes it cost:
+    the audit's own, when it kept it (0), else one forward (1)."""
+    if stored is not None and index < len(stored):
+        return stored[index], 0
+    return call_model(model, batch), 1
+
+
 def compare_outputs(
     model: nn.Module,
     batches: Iterable[Any],
@@ -118,11 +126,8 @@ def compare_outputs(
     diff, passes = OutputDiff(), 0
     model.eval()
     for i, batch in enumerate(batches):
-        if stored is not None and i < len(stored):
-            ref = stored[i]
-        else:
-            ref = call_model(model, batch)
-            passes += 1
+        ref, used = stored_output(model, batch, i, stored)
+        passes += used
         with statistics(layers, stats):
             new = call_model(model, batch)
         passes += 1
