@@ -19,6 +19,7 @@ from pathlib import Path
 from bnaudit.errors import ReportError
 from bnaudit.report import printable
 from bnaudit.results import AuditReport, Finding, Severity, Status
+from bnaudit.untrusted import one_line
 
 DEFAULT_MAX_ANNOTATIONS = 10  # GitHub shows at most 10 errors and 10 warnings per step
 SUMMARY_LIMIT = 1024 * 1024  # GitHub's limit on one step's summary, in bytes
@@ -69,6 +70,15 @@ def guard(text: str, token: str) -> str:
         return ""
     body = text if text.endswith("\n") else text + "\n"
     return f"::stop-commands::{token}\n{body}::{token}::\n"
+
+
+def stderr_line(text: str, environ: Mapping[str, str]) -> str:
+    """One line of bnaudit's own that quotes input (paths, names): escaped and cut, and under
+    GitHub Actions guarded, since the runner reads stderr for commands too."""
+    line = one_line(text)
+    if environ.get("GITHUB_ACTIONS") == "true":
+        return guard(line, new_token())
+    return line + "\n"
 
 
 def for_github(text: str, report: AuditReport, *, limit: int, environ: Mapping[str, str]) -> str:

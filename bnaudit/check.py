@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bnaudit.annotations import stderr_line
 from bnaudit.baseline import Baseline, apply_baseline, from_report, read_baseline, render_baseline
 from bnaudit.batches import (
     call_model,
@@ -39,11 +41,12 @@ from bnaudit.junit import render_junit
 from bnaudit.layers import find_bn_layers, preserved
 from bnaudit.loading import Checkpoint, build_model, load_checkpoint, load_into
 from bnaudit.recalibrate import Recalibration, recalibrate
-from bnaudit.report import Format, check_writable, render, write_atomic
+from bnaudit.report import Format, check_writable, render
 from bnaudit.results import AuditReport
 from bnaudit.saving import atomic, check_output, write_recalibrated
 from bnaudit.specs import import_object
 from bnaudit.static import audit_state_dict
+from bnaudit.writing import text_writer, write_set
 
 SYNTHETIC_BATCHES = 4  # synthetic batches when --batches is not given
 
@@ -211,14 +214,11 @@ def _input_files(s: CheckSettings) -> list[Path]:
 
 def write_reports(report: AuditReport, s: CheckSettings) -> list[Path]:
     """Write every report file, and the baseline when `write_baseline` is set."""
-    written = []
-    for _, path, renderer in report_files(s):
-        write_atomic(path, renderer(report))
-        written.append(path)
+    files = [(path, renderer(report)) for _, path, renderer in report_files(s)]
     if s.write_baseline:
-        write_atomic(s.write_baseline, render_baseline(from_report(report)))
-        written.append(s.write_baseline)
-    return written
+        files.append((s.write_baseline, render_baseline(from_report(report))))
+    write_set([(path, text_writer(text)) for path, text in files])  # all or none replaced
+    return [path for path, _ in files]
 
 
 def _static(s: CheckSettings, ckpt: Checkpoint, log: Any) -> AuditReport:
@@ -286,8 +286,10 @@ def _device(spec: str) -> torch.device:
 
 
 def _log(log: Any, text: str) -> None:
+    """A progress line; it quotes the paths given, so it is escaped (and guarded under GitHub
+    Actions) like an error."""
     if log is not None:
-        print(f"bnaudit: {text}", file=log)
+        log.write(stderr_line(f"bnaudit: {text}", os.environ))
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ Exit codes: 0 passed, 1 a finding at or above --fail-on that is neither ignored 
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import inspect
 import os
@@ -20,9 +21,10 @@ import typer
 from bnaudit import __version__, digest
 from bnaudit.annotations import GitHub
 from bnaudit.config import Regime, TrainMode, resolve
-from bnaudit.errors import BnauditError, NothingToAudit
+from bnaudit.errors import BnauditError, NothingToAudit, ReportError
 from bnaudit.report import Format
 from bnaudit.results import FailOn
+from bnaudit.untrusted import one_line
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR, EXIT_NOTHING = 0, 1, 2, 3
 MIN_TORCH = (2, 10)
@@ -290,7 +292,7 @@ def _show_config(cli: dict[str, Any], config: Path | None) -> int:
         cli = {**cli, "checkpoint": Path("-")}
     settings, sources = resolve_with_sources(cli, config, Path.cwd())
     unset = frozenset() if given else frozenset({"checkpoint"})
-    sys.stdout.write(render_settings(settings, sources, unset=unset))
+    _out(render_settings(settings, sources, unset=unset))
     return EXIT_OK
 
 
@@ -376,10 +378,10 @@ def recalibrate(
             settings, output, force=force, layers=tuple(layers or ()), log=sys.stderr
         )
         names = list(done.recalibration.stats)
-        sys.stdout.write(render_changes(done.before, done.after, names))
+        _out(render_changes(done.before, done.after, names))
         evidence = done.before.impact.evidence if done.before.impact else None
         if evidence is not None:
-            sys.stdout.write(f"before writing: {evidence.describe()}\n")
+            _out(f"before writing: {evidence.describe()}\n")
         return EXIT_OK if done.after.passed else EXIT_FINDINGS
 
     raise typer.Exit(_guard(run, debug))
@@ -424,10 +426,10 @@ def fold(
 
         done = run_fold(resolve(cli, config, Path.cwd()), output, force=force, log=sys.stderr)
         for pair in done.pairs.pairs:
-            sys.stdout.write(f"folded {pair.bn} into {pair.conv}\n")
+            _out(f"folded {pair.bn} into {pair.conv}\n")
         for bn, why in done.pairs.skipped:
-            sys.stdout.write(f"not folded {bn}: {why}\n")
-        sys.stdout.write(
+            _out(f"not folded {bn}: {why}\n")
+        _out(
             f"{len(done.pairs.pairs)} pairs (found by {METHOD}); folded output vs "
             f"original: rel L2 {done.rel_l2:.3g}, max abs {done.max_abs:.3g}; wrote {output}\n"
         )
@@ -450,7 +452,7 @@ def _show(cli: dict[str, Any], config: Path | None, layer: str) -> int:
     if settings.data or settings.input_shape:
         report = audit(p.model, p.batches, options=audit_options(settings, p, layers=(layer,)))
         result = report.layer(layer)
-    sys.stdout.write(render_layer(describe(p.model, layer, result)))
+    _out(render_layer(describe(p.model, layer, result)))
     return EXIT_OK
 
 
@@ -467,7 +469,7 @@ def _check(cli: dict[str, Any], config: Path | None, quiet: bool) -> int:
     try:
         report = run_check(settings, log=None if quiet else sys.stderr, progress=bar)
     except NothingToAudit as exc:
-        typer.echo(f"bnaudit: nothing to audit: {exc}", err=True)
+        _error(f"bnaudit: nothing to audit: {exc}")
         return EXIT_NOTHING
     finally:
         if bar is not None:
@@ -485,8 +487,8 @@ def _check(cli: dict[str, Any], config: Path | None, quiet: bool) -> int:
         )
         summary = os.environ.get("GITHUB_STEP_SUMMARY")
         if summary and not annotations.append_step_summary(report, Path(summary)):
-            typer.echo(f"bnaudit: {summary}: the step summary is full; not appended", err=True)
-    sys.stdout.write(text)
+            _error(f"bnaudit: {summary}: the step summary is full; not appended")
+    _out(text)
     return EXIT_OK if report.passed else EXIT_FINDINGS
 
 
@@ -511,15 +513,47 @@ def _guard(action: Callable[[], int], debug: bool) -> int:
 
 
 def _error(message: str) -> None:
-    """An error on stderr; under GitHub Actions also an annotation, and guarded: messages may
-    quote names from the checkpoint."""
-    if os.environ.get("GITHUB_ACTIONS") != "true":
-        typer.echo(message, err=True)
-        return
-    from bnaudit import annotations
+    """An error on stderr, one line whatever it quotes (escaped, cut); under GitHub Actions
+    also an annotation, and guarded: messages quote names from the checkpoint."""
+    message = one_line(message)
+    try:
+        if os.environ.get("GITHUB_ACTIONS") != "true":
+            sys.stderr.write(message + "\n")
+        else:
+            from bnaudit import annotations
 
-    guarded = annotations.guard(message, annotations.new_token())
-    sys.stderr.write(guarded + annotations.command("error", message, title="bnaudit") + "\n")
+            guarded = annotations.guard(message, annotations.new_token())
+            error = annotations.command("error", message, title="bnaudit")
+            sys.stderr.write(guarded + error + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass  # stderr closed or full: the exit code is all that is left to say it
+
+
+def _out(text: str) -> None:
+    """Write to stdout now: a closed or full stdout (`> /dev/full`) is this run's error, exit 2
+    with one line, not a traceback when Python flushes at exit."""
+    try:
+        if sys.stdout is None:
+            raise OSError(errno.EBADF, "stdout is closed")
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except (OSError, ValueError) as exc:
+        _mute_stdout()
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ReportError(
+            f"cannot write to stdout ({why}); redirect it to a file with room, or to /dev/null"
+        ) from None
+
+
+def _mute_stdout() -> None:
+    """Point fd 1 at /dev/null, so that what is still buffered cannot fail again at exit."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.close(null)
+    except OSError:
+        pass
 
 
 def _torch_too_old() -> str | None:
@@ -555,4 +589,15 @@ def main() -> None:
     if problem:
         print(f"bnaudit: error: {problem}", file=sys.stderr)
         sys.exit(EXIT_ERROR)
-    app()
+    if sys.stdout is None:  # started with fd 1 closed (`>&-`)
+        _error("bnaudit: error: stdout is closed; redirect it to a file or to /dev/null")
+        sys.exit(EXIT_ERROR)
+    try:
+        app()
+    finally:
+        try:  # what typer itself printed (help, usage errors)
+            sys.stdout.flush()
+        except (OSError, ValueError) as exc:
+            _mute_stdout()
+            _error(f"bnaudit: error: cannot write to stdout ({exc})")
+            sys.exit(EXIT_ERROR)

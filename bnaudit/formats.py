@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from bnaudit.errors import CheckpointError, describe
+from bnaudit.limits import MAX_SAFETENSORS_HEADER, MAX_SAFETENSORS_KEYS
 from bnaudit.pickles import iter_globals
+from bnaudit.untrusted import quote, short_repr
+from bnaudit.zipcheck import check_archive
 
 # The first pickle of every legacy (pre-1.6) torch.save file holds torch's MAGIC_NUMBER
 # 0x1950a86a20f9469cfc6c as a LONG1 (after PROTO, and a FRAME from protocol 4 on).
@@ -115,8 +118,9 @@ class ZipArchive:
                 f"{self.path}: cannot reread the archive ({describe(exc)})"
             ) from exc
 
-    def data_offsets(self) -> dict[int, str]:
-        """File offset of each data record's first byte → record name (from the local headers)."""
+    def data_offsets(self) -> dict[int, tuple[str, int]]:
+        """File offset of each data record's first byte → (record name, size), from the local
+        headers."""
         out = {}
         with zipfile.ZipFile(self.path) as zf, self.path.open("rb") as f:
             for name in self.data_records:
@@ -126,7 +130,7 @@ class ZipArchive:
                 if len(header) < 30 or header[:4] != b"PK\x03\x04":
                     continue
                 name_len, extra_len = struct.unpack("<HH", header[26:30])
-                out[info.header_offset + 30 + name_len + extra_len] = name
+                out[info.header_offset + 30 + name_len + extra_len] = (name, info.file_size)
         return out
 
 
@@ -150,7 +154,8 @@ def _detect_zip(path: Path) -> tuple[Kind, ZipArchive | None]:
     try:
         with zipfile.ZipFile(path) as zf:
             full_names = zf.namelist()
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            check_archive(path, zf)  # one archive, stored: what torch reads is what is checked
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
         raise CheckpointError(
             f"{path}: a zip archive (the torch.save format) that is truncated or damaged "
             f"({describe(exc)}): its directory, stored at the end, is missing or unreadable; "
@@ -262,6 +267,12 @@ def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     size = path.stat().st_size
     with path.open("rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_SAFETENSORS_HEADER:
+            raise CheckpointError(
+                f"{path}: a safetensors header of {n} bytes, over bnaudit's limit of "
+                f"{MAX_SAFETENSORS_HEADER} (MAX_SAFETENSORS_HEADER); real headers take ~100 "
+                "bytes per tensor: split the file, or it is damaged"
+            )
         if 8 + n > size:
             raise CheckpointError(
                 f"{path}: a safetensors file that is truncated: its header says {n} bytes of "
@@ -275,9 +286,19 @@ def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
             f"{path}: a safetensors file whose header is not valid JSON ({describe(exc)}); "
             "the file is damaged: fetch it again"
         ) from exc
+    except RecursionError:
+        raise CheckpointError(
+            f"{path}: a safetensors header nested too deeply to parse (a valid one is a flat "
+            "object of tensor entries); the file is crafted or damaged"
+        ) from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: a safetensors header must be a JSON object")
     header.pop("__metadata__", None)
+    if len(header) > MAX_SAFETENSORS_KEYS:
+        raise CheckpointError(
+            f"{path}: a safetensors file of {len(header)} tensors, over bnaudit's limit of "
+            f"{MAX_SAFETENSORS_KEYS} (MAX_SAFETENSORS_KEYS); split it into shards"
+        )
     data_len = size - 8 - n
     spans = []
     for key, entry in header.items():
@@ -286,7 +307,7 @@ def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     for begin, stop, key in sorted(spans):
         if begin < end:
             raise CheckpointError(
-                f"{path}: safetensors tensor {key!r} overlaps the one before it (bytes "
+                f"{path}: safetensors tensor {quote(key)} overlaps the one before it (bytes "
                 f"{begin}-{stop}, previous ends at {end}); the header is damaged"
             )
         end = stop
@@ -305,19 +326,20 @@ def _span(path: Path, key: str, entry: Any, data_len: int) -> tuple[int, int]:
     )
     if not ok:
         raise CheckpointError(
-            f"{path}: safetensors entry {key!r} is malformed ({str(entry)[:80]}): expected a "
-            f"known dtype, a shape and two data_offsets; the header is damaged"
+            f"{path}: safetensors entry {quote(key)} is malformed ({short_repr(entry)}): "
+            f"expected a known dtype, a shape and two data_offsets; the header is damaged"
         )
     begin, stop = entry["data_offsets"]
     need = math.prod(entry["shape"]) * SAFETENSORS_ITEMSIZE[entry["dtype"]]
     if not 0 <= begin <= stop or stop - begin != need:
         raise CheckpointError(
-            f"{path}: safetensors tensor {key!r} has offsets {begin}-{stop} but its dtype "
-            f"{entry['dtype']} and shape {entry['shape']} need {need} bytes; the header is damaged"
+            f"{path}: safetensors tensor {quote(key)} has offsets {begin}-{stop} but its dtype "
+            f"{entry['dtype']} and shape {short_repr(entry['shape'])} need {need} bytes; the "
+            "header is damaged"
         )
     if stop > data_len:
         raise CheckpointError(
-            f"{path}: a safetensors file that is truncated: tensor {key!r} ends at byte {stop} "
-            f"of the data section, which holds only {data_len} bytes; fetch the file again"
+            f"{path}: a safetensors file that is truncated: tensor {quote(key)} ends at byte "
+            f"{stop} of the data section, which holds only {data_len} bytes; fetch the file again"
         )
     return begin, stop

@@ -10,12 +10,16 @@ every archive record is checked before bnaudit reads it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import io
+import os
 import pickle
 import sys
 import warnings
+import zipfile
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +31,13 @@ from bnaudit.digest import sha256_file
 from bnaudit.errors import BnauditError, CheckpointError, ModelError, describe
 from bnaudit.formats import Kind, ZipArchive, detect, safetensors_header
 from bnaudit.layers import KnownAttrs, counter_notes, read_counter
-from bnaudit.pickles import SAFE_GLOBALS, pickle_protocol, unsafe_globals
+from bnaudit.limits import MAX_BN_ELEMENTS, MAX_PICKLE_BYTES
+from bnaudit.paths import input_problem
+from bnaudit.pickles import SAFE_GLOBALS, oversized_allocation, pickle_protocol, unsafe_globals
 from bnaudit.selection import Selection, select, shorten, unwrap
 from bnaudit.specs import import_object
+from bnaudit.static import find_bn_groups
+from bnaudit.untrusted import quote
 
 _SHOWN = 8  # keys listed in an error message before "and N more"
 
@@ -87,7 +95,7 @@ def release_mapped_pages(path: Path) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         madvise = libc.madvise
         madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        with open("/proc/self/maps") as maps:
+        with open("/proc/self/maps", errors="surrogateescape") as maps:
             for line in maps:
                 fields = line.split(maxsplit=5)
                 # Private mappings (torch.load's mmap): the static audit never writes to them,
@@ -109,10 +117,9 @@ def load_checkpoint(path: Path, *, trust: bool = False, key: str | None = None) 
             dots: `ema.module`), or a key prefix within a flat state dict; None: the first of
             STATE_DICT_KEYS, then EMA_KEYS.
     """
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    problem = input_problem(path)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     try:
         kind, archive = detect(path)
         if kind.is_code and not trust:
@@ -153,6 +160,7 @@ def _from_pickle(
 ) -> Checkpoint:
     if archive is not None:  # data.pkl is checked before a byte of it is unpickled
         archive.verify(archive.metadata_records)
+    _refuse_allocations(path, archive)
     notes: list[str] = []
     trusted = False
     try:
@@ -182,6 +190,8 @@ def _from_pickle(
         raise CheckpointError(_damaged(path, kind, exc)) from exc
     sel = select(obj, key, path, trust=trust)
     value = sel.apply(obj)
+    if isinstance(value, dict):
+        check_bn_tensors(value, path)
     notes += _source_notes(kind, sel)
     if isinstance(value, nn.Module):
         return Checkpoint(
@@ -209,10 +219,14 @@ def _torch_load(path: Path, kind: Kind, *, weights_only: bool, meta: bool = Fals
     # what its BN layers cost. The legacy format cannot be mapped. torch's warnings (pickle
     # protocol, storage deprecations) are dropped: bnaudit's own message says what went wrong,
     # and a warning must not turn into a failure under `python -W error`.
-    with torch.serialization.safe_globals(list(SAFE_GLOBALS)), warnings.catch_warnings():
+    with (
+        torch.serialization.safe_globals(list(SAFE_GLOBALS)),
+        warnings.catch_warnings(),
+        openable_name(path) as name,
+    ):
         warnings.simplefilter("ignore")
         return torch.load(
-            path,
+            name,
             map_location="meta" if meta else "cpu",
             weights_only=weights_only,
             mmap=kind is Kind.TORCH_ZIP,
@@ -238,11 +252,106 @@ def _record_map(
     for key, t in meta.items():
         if not isinstance(t, Tensor):
             continue
-        record = offsets.get(getattr(t.untyped_storage(), "_checkpoint_offset", None))
-        if record is None:
+        storage = t.untyped_storage()
+        found = offsets.get(getattr(storage, "_checkpoint_offset", None))
+        if found is None:
             return None
+        record, size = found
+        if size > storage.nbytes():  # the CRC check would read what no tensor needs
+            raise CheckpointError(
+                f"{path}: archive record {archive.full(record)} holds {size} bytes, but the "
+                f"storage it backs ({quote(key)}) needs {storage.nbytes()}; torch.save writes "
+                "exactly what a storage needs: the file was altered, restore it from a "
+                "trusted copy"
+            )
         out[key] = record
     return out
+
+
+def _refuse_allocations(path: Path, archive: ZipArchive | None) -> None:
+    """Refuse a pickle that would build a huge bytearray before torch unpickles it."""
+    try:
+        if archive is not None:
+            with zipfile.ZipFile(path) as zf, zf.open(archive.full("data.pkl")) as f:
+                head = f.read(MAX_PICKLE_BYTES)
+            pickles = 1
+        else:  # legacy: magic number, protocol, system info, then the object
+            with path.open("rb") as f:
+                head = f.read(MAX_PICKLE_BYTES)
+            pickles = 4
+        if b"bytearray" not in head:  # the common case costs one substring search
+            return
+        size = oversized_allocation(io.BytesIO(head), pickles, MAX_PICKLE_BYTES)
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile, KeyError):
+        return  # unreadable: torch.load says why
+    if size is not None:
+        raise CheckpointError(
+            f"{path}: refused to load: its pickle builds a bytearray of {size} bytes, over "
+            f"bnaudit's limit of {MAX_PICKLE_BYTES} (MAX_PICKLE_BYTES); torch.save never writes "
+            "that for a state dict: the file is crafted or damaged"
+        )
+
+
+def check_bn_tensors(state_dict: Mapping[str, Any], path: Path) -> None:
+    """Refuse, before any is read, BN tensors that the audit cannot read as plain numbers:
+    meta (no data), sparse, quantized, complex, or claiming more elements than any BN layer has
+    (a stride-0 tensor of 2^34 elements is 4 bytes in the file)."""
+    for group in find_bn_groups(state_dict):
+        for key in group.keys.values():
+            t = state_dict[key]
+            why = tensor_problem(t)
+            if why is None and t.numel() > MAX_BN_ELEMENTS:
+                why = (
+                    f"it claims {t.numel()} elements (shape {tuple(t.shape)}), over bnaudit's "
+                    f"limit of {MAX_BN_ELEMENTS} per BN buffer (MAX_BN_ELEMENTS)"
+                )
+            if why is not None:
+                raise CheckpointError(
+                    f"{path}: BatchNorm tensor {quote(key)} cannot be audited: {why}; save the "
+                    "state dict of a model on the CPU with dense float buffers"
+                )
+
+
+def tensor_problem(t: Tensor) -> str | None:
+    """Why `t` is not a dense CPU tensor of real numbers, or None."""
+    if t.is_meta:
+        return "it is a meta tensor, which holds no data (saved from a model on device 'meta')"
+    if t.layout != torch.strided:
+        return f"it is a {str(t.layout).removeprefix('torch.')} tensor, not a dense one"
+    if t.is_quantized:
+        return f"it is quantized ({str(t.dtype).removeprefix('torch.')})"
+    if t.is_complex():
+        return f"it holds complex numbers ({str(t.dtype).removeprefix('torch.')})"
+    if t.dtype in _UNSIGNED_WIDE:
+        return f"its dtype {str(t.dtype).removeprefix('torch.')} is not one torch computes with"
+    return None
+
+
+# torch has these dtypes for storage only: most operations (and conversion checks) refuse them.
+_UNSIGNED_WIDE = (torch.uint16, torch.uint32, torch.uint64)
+
+
+@contextlib.contextmanager
+def openable_name(path: Path) -> Iterator[str]:
+    """A name C++ and Rust readers (torch, safetensors) can open. A file name that is not UTF-8
+    (Python keeps its bytes as surrogates) cannot be passed to them, so such a file is named by
+    an open descriptor while they read; a memory map made meanwhile outlives the descriptor."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        if not sys.platform.startswith("linux"):
+            raise CheckpointError(
+                f"{path}: the file name is not valid UTF-8, which torch cannot open on this "
+                "system; rename the file"
+            ) from None
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    yield name
 
 
 def _refusal(path: Path, found: list[str], exc: BaseException, protocol: int) -> str:
@@ -294,12 +403,13 @@ def _from_safetensors(path: Path, sha: str, key: str | None) -> Checkpoint:
     header = safetensors_header(path)
     try:
         # get_tensor maps the file: a tensor's bytes are read only when it is used.
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with openable_name(path) as name, safe_open(name, framework="pt", device="cpu") as f:
             state = {k: f.get_tensor(k) for k in sorted(header, key=_natural)}
     except Exception as exc:
         raise CheckpointError(f"{path}: the safetensors reader failed ({describe(exc)})") from exc
     if not state:
         raise CheckpointError(f"{path}: the safetensors file holds no tensor")
+    check_bn_tensors(state, path)
     sel = select(state, key, path, trust=False)
     return Checkpoint(
         path,

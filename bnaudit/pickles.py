@@ -106,3 +106,50 @@ def pickle_protocol(path: Path, data_pkl: str | None) -> int:
             return f.read(2)[1]
     except (OSError, IndexError, zipfile.BadZipFile):
         return 0
+
+
+_INT_OPS = ("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4")
+_SKIPPED = ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "MARK", "FRAME")
+
+
+def oversized_allocation(stream: IO[bytes], pickles: int, limit: int) -> int | None:
+    """The size of a `bytearray(n)` over `limit` that the next `pickles` pickles would build.
+
+    The weights-only loader allows `builtins.bytearray`, so a pickle of a few bytes can ask for
+    gigabytes. Disassembly only; the argument is followed through the memo. None when there is
+    no such call; raises ValueError on a garbled pickle.
+    """
+    for _ in range(pickles):
+        memo: dict[int, Any] = {}
+        strings: list[str] = []
+        last: Any = None
+        armed = False  # the last value pushed was the bytearray global
+        for op, arg, _pos in pickletools.genops(stream):
+            name = op.name
+            value: Any = None
+            if name in _SKIPPED:
+                if name == "MEMOIZE":
+                    memo[len(memo)] = last
+                elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[int(arg)] = last
+                continue
+            if name in ("GLOBAL", "INST"):
+                value = ("global", str(arg).replace(" ", "."))
+            elif name == "STACK_GLOBAL" and len(strings) >= 2:
+                value = ("global", f"{strings[-2]}.{strings[-1]}")
+            elif name in _INT_OPS:
+                value = int(arg)
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                value = memo.get(int(arg))
+                if isinstance(value, str):
+                    strings.append(value)
+            elif isinstance(arg, str):
+                value = arg
+                strings.append(arg)
+            if armed and isinstance(value, int) and value > limit:
+                return value
+            armed = value == ("global", "builtins.bytearray")
+            last = value
+            if name == "STOP":
+                break
+    return None

@@ -6,16 +6,13 @@ import dataclasses
 import enum
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
-from bnaudit import __version__
-from bnaudit.errors import ReportError
+from bnaudit import __version__, writing
 from bnaudit.results import AuditReport, Finding, LayerResult, Severity, Status, finite_or_none
 from bnaudit.terminal import paint
 
@@ -327,35 +324,13 @@ def render(report: AuditReport, fmt: Format, *, color: bool = False) -> str:
 
 
 def check_writable(path: Path, inputs: list[Path]) -> None:
-    """Refuse a report path that is an input, or whose folder is missing or read-only."""
-    target = path.resolve()
-    for inp in inputs:
-        if inp.exists() and target == inp.resolve():
-            raise ReportError(f"{path}: refusing to write a report over an input file")
-    folder = target.parent
-    if not folder.is_dir():
-        raise ReportError(f"{path}: folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK):
-        raise ReportError(f"{path}: folder {folder} is not writable")
-    if target.is_dir():
-        raise ReportError(f"{path}: is a directory")
+    """Refuse a report path that is an input, a link or device, or in a missing folder."""
+    writing.check_writable(path, inputs)
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename over `path`."""
-    folder = path.resolve().parent
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise ReportError(f"{path}: cannot write the report ({exc.strerror})") from exc
-        raise
+    """Write one report atomically (a set of one, see `bnaudit.writing`)."""
+    writing.write_set([(path, writing.text_writer(text))])
 
 
 def render_changes(before: AuditReport, after: AuditReport, layers: list[str]) -> str:

@@ -8,8 +8,6 @@ file without `force`.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from bnaudit.errors import CheckpointError, ReportError
 from bnaudit.formats import Kind, detect
 from bnaudit.recalibrate import Recalibration, updated_state_dict
 from bnaudit.selection import Selection, select
+from bnaudit.writing import write_set
 
 
 def check_output(src: Path, dst: Path, *, force: bool) -> None:
@@ -88,14 +87,8 @@ def _put_back(obj: Any, sel: Selection, new: dict[str, Tensor]) -> Any:
 
 
 def atomic(dst: Path, write: Callable[[Path], None]) -> None:
-    fd, name = tempfile.mkstemp(dir=dst.resolve().parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    """Write `dst` through a temporary file (see `bnaudit.writing`), named for -o in errors."""
     try:
-        write(tmp)
-        os.replace(tmp, dst)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise ReportError(f"-o {dst}: cannot write it ({exc.strerror})") from exc
-        raise
+        write_set([(dst, write)])
+    except ReportError as exc:
+        raise ReportError(f"-o {exc}") from exc
