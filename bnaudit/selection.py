@@ -16,7 +16,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from bnaudit.errors import CheckpointError
-from bnaudit.untrusted import clean, cut, quote, short_repr
+from bnaudit.untrusted import clean, cut, plain, quote, short_repr
 
 # Where training scripts put the weights in a checkpoint dict, in the order tried; nested dicts
 # are searched the same way (at most three levels). EMA weights are the default only when there
@@ -103,21 +103,21 @@ def _select_key(obj: Any, key: str, path: Path, trust: bool) -> Selection:
             if any(k.startswith(prefix) for k in cur):
                 return Selection(tuple(parts[:i]), prefix)
             raise CheckpointError(
-                f"{path}: --key {quote(key)}: no key starts with {quote(prefix)} in the state "
+                f"{path}: --key {plain(key)}: no key starts with {quote(prefix)} in the state "
                 f"dict at {Selection(tuple(parts[:i])).source}; its keys start with "
                 f"{listing(sorted({k.split('.')[0] for k in cur}))}"
             )
         if not isinstance(cur, dict) or part not in cur:
             held = listing(cur) if isinstance(cur, dict) else type(cur).__name__
             raise CheckpointError(
-                f"{path}: --key {quote(key)}: there is no {quote(part)} here; the checkpoint "
+                f"{path}: --key {plain(key)}: there is no {quote(part)} here; the checkpoint "
                 f"holds {held}"
             )
         cur = cur[part]
     if is_state_dict(cur) or (trust and isinstance(cur, nn.Module)):
         return Selection(tuple(parts))
     raise CheckpointError(
-        f"{path}: --key {quote(key)} holds a {type(cur).__name__}, not a state dict"
+        f"{path}: --key {plain(key)} holds a {type(cur).__name__}, not a state dict"
         + (f" (keys {listing(cur)})" if isinstance(cur, dict) else "")
     )
 
@@ -136,7 +136,7 @@ def is_state_dict(d: Any) -> bool:
 
 
 def _no_state_dict(obj: Any, path: Path) -> str:
-    keys = f" with keys {listing(obj)}" if isinstance(obj, dict) else ""
+    keys = f" with keys {listing(obj, quoted=True)}" if isinstance(obj, dict) else ""
     wanted = ", ".join((*STATE_DICT_KEYS, *EMA_KEYS))
     return (
         f"{path}: no state dict found: the file holds a {type(obj).__name__}{keys}; expected a "
@@ -208,11 +208,12 @@ def _number(t: Tensor) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def listing(items: Iterable[Any]) -> str:
-    """The first few of `items` (names from a file: quoted, escaped, cut, repr bounded), then
-    how many more; only those shown are ever turned into text."""
+def listing(items: Iterable[Any], *, quoted: bool = False) -> str:
+    """The first few of `items` (names from a file: escaped, cut, repr bounded), then how many
+    more; only those shown are ever turned into text."""
     items = list(items)
-    shown = [quote(i) if isinstance(i, str) else short_repr(i) for i in items[:_SHOWN]]
+    name = quote if quoted else plain
+    shown = [name(i) if isinstance(i, str) else short_repr(i) for i in items[:_SHOWN]]
     more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
     return ", ".join(shown) + more
 

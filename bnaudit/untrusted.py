@@ -34,6 +34,11 @@ def cut(text: str, limit: int = MAX_NAME_CHARS) -> str:
     return f"{text[:limit]}...({len(text) - limit} more characters)"
 
 
+def plain(name: Any, limit: int = MAX_NAME_CHARS) -> str:
+    """An untrusted name for a message, unquoted (an option's value): escaped, cut."""
+    return cut(clean(str(name)), limit)
+
+
 def quote(name: Any, limit: int = MAX_NAME_CHARS) -> str:
     """An untrusted name for a message: quoted, escaped, cut."""
     return "'" + cut(clean(str(name)), limit) + "'"

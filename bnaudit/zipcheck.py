@@ -29,10 +29,11 @@ _HAS_DESCRIPTOR = 0x8
 _RESAVE = "re-save it with torch.save (it writes every record stored, in one archive)"
 
 
-def check_archive(path: Path, zf: zipfile.ZipFile) -> None:
+def check_archive(path: Path, zf: zipfile.ZipFile, *, compressed_ok: bool = False) -> None:
     """Refuse what torch's reader and the CRC check could read differently; see the module doc.
 
-    `zf` is the archive opened by zipfile on `path`. Raises CheckpointError.
+    `zf` is the archive opened by zipfile on `path`; `compressed_ok` allows deflated records
+    (TorchScript code, which torch.jit decompresses). Raises CheckpointError.
     """
     size = path.stat().st_size
     infos = sorted(zf.infolist(), key=lambda i: i.header_offset)
@@ -40,7 +41,7 @@ def check_archive(path: Path, zf: zipfile.ZipFile) -> None:
         cd_start, cd_end = _directory_span(path, f, size)
         pos = 0  # the next byte that some structure must claim
         for info in infos:
-            _check_record(path, info)
+            _check_record(path, info, compressed_ok)
             if info.header_offset != pos:
                 raise _ambiguous(
                     path,
@@ -56,13 +57,15 @@ def check_archive(path: Path, zf: zipfile.ZipFile) -> None:
             raise _ambiguous(path, f"bytes after the directory (at {cd_end}) up to {size}")
 
 
-def _check_record(path: Path, info: zipfile.ZipInfo) -> None:
+def _check_record(path: Path, info: zipfile.ZipInfo, compressed_ok: bool) -> None:
     if info.flag_bits & (_ENCRYPTED | _STRONG_ENCRYPTION):
         raise CheckpointError(
             f"{path}: archive record {info.filename!r} is encrypted; torch.save never encrypts: "
             f"{_RESAVE}"
         )
-    if info.compress_type != zipfile.ZIP_STORED:
+    if info.compress_type != zipfile.ZIP_STORED and not (
+        compressed_ok and info.compress_type == zipfile.ZIP_DEFLATED
+    ):
         method = {zipfile.ZIP_DEFLATED: "deflated", 12: "bzip2", 14: "lzma", 93: "zstd"}.get(
             info.compress_type, f"compression method {info.compress_type}"
         )
