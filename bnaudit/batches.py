@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import re
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +15,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bnaudit.containers import is_namedtuple, map_tensors
-from bnaudit.errors import BnauditError, DataError, describe
+from bnaudit.containers import is_namedtuple, map_tensors, tensors
+from bnaudit.errors import BnauditError, CheckpointError, DataError, describe
+from bnaudit.limits import MAX_DATA_BYTES, MAX_INFLATION
+from bnaudit.paths import input_problem
 from bnaudit.specs import import_object
+from bnaudit.untrusted import quote
+from bnaudit.zipcheck import check_archive
 
 TORCH_SUFFIXES = (".pt", ".pth")
 
@@ -209,7 +215,7 @@ def load_batches(spec: str, batch_size: int) -> Iterable[Any]:
     if batch_size < 1:
         raise DataError(f"--batch-size must be at least 1, got {batch_size}")
     path = Path(spec)
-    if path.exists() or path.suffix.lower() in (*TORCH_SUFFIXES, ".npy", ".npz"):
+    if os.path.lexists(path) or path.suffix.lower() in (*TORCH_SUFFIXES, ".npy", ".npz"):
         return _load_file(path, batch_size)
     if ":" in spec:
         try:
@@ -231,21 +237,24 @@ def load_batches(spec: str, batch_size: int) -> Iterable[Any]:
 
 
 def _load_file(path: Path, batch_size: int) -> list[Any]:
-    if not path.is_file():
-        raise DataError(f"--data {path}: no such file")
+    problem = input_problem(path)
+    if problem:
+        raise DataError(f"--data {path}: {problem}")
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
             import numpy as np
 
+            _check_npy(path)
             return split(
                 torch.from_numpy(np.load(path, allow_pickle=False)), batch_size, f"--data {path}"
             )
         if suffix == ".npz":
             return _load_npz(path, batch_size)
+        _check_torch_data(path)
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except DataError:
-        raise
+    except (DataError, CheckpointError) as exc:
+        raise DataError(str(exc) if str(exc).startswith("--data") else f"--data {exc}") from exc
     except Exception as exc:
         raise DataError(
             f"--data {path}: cannot read it ({describe(exc)}); save "
@@ -257,6 +266,7 @@ def _load_file(path: Path, batch_size: int) -> list[Any]:
 def _load_npz(path: Path, batch_size: int) -> list[Tensor]:
     import numpy as np
 
+    _check_npz(path)
     with np.load(path, allow_pickle=False) as archive:
         arrays = [torch.from_numpy(archive[k]) for k in sorted(archive.files, key=_natural)]
     if not arrays:
@@ -270,6 +280,7 @@ def _batches_from_object(obj: Any, path: Path, batch_size: int) -> list[Any]:
     if isinstance(obj, Tensor):
         return split(obj, batch_size, f"--data {path}")
     if isinstance(obj, (list, tuple)) and obj:
+        check_data_tensors(list(tensors(obj)), f"--data {path}")
         return list(obj)
     raise DataError(
         f"--data {path}: holds {type(obj).__name__}; expected a Tensor (split into "
@@ -282,6 +293,7 @@ def split(t: Tensor, batch_size: int, source: str) -> list[Tensor]:
 
     `source` names where the tensor came from, for the error message.
     """
+    check_data_tensors([t], source)
     if t.dim() < 2 or t.shape[0] == 0:
         raise DataError(
             f"{source}: a tensor of shape {tuple(t.shape)} cannot be split into batches: "
@@ -295,3 +307,74 @@ def split(t: Tensor, batch_size: int, source: str) -> list[Tensor]:
 
 def _natural(key: str) -> list[Any]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
+
+
+def check_data_tensors(found: list[Tensor], source: str) -> None:
+    """Refuse data the model cannot run on, or that expands past MAX_DATA_BYTES: a stride-0
+    tensor of a few bytes in the file can claim terabytes once batches are copied."""
+    total = 0
+    for t in found:
+        if t.is_meta or t.layout != torch.strided or t.is_quantized:
+            what = "meta" if t.is_meta else "quantized" if t.is_quantized else str(t.layout)
+            raise DataError(
+                f"{source}: holds a {what.removeprefix('torch.')} tensor of shape "
+                f"{tuple(t.shape)}; sample batches must be dense tensors with data"
+            )
+        total += t.numel() * t.element_size()
+    if total > MAX_DATA_BYTES:
+        raise DataError(
+            f"{source}: its tensors hold {total} bytes once expanded, over bnaudit's limit of "
+            f"{MAX_DATA_BYTES} (MAX_DATA_BYTES); 10^3-10^4 samples are enough to audit: save "
+            "fewer, or pass a module:function that yields batches"
+        )
+
+
+def _check_npy(path: Path) -> None:
+    import numpy as np
+
+    with path.open("rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            shape, _, dtype = np.lib.format._read_array_header(f, version)  # type: ignore[attr-defined]
+        except (ValueError, OSError, EOFError):
+            return  # numpy's own load says what is wrong
+    _check_size(math.prod(shape) * dtype.itemsize, f"--data {path}")
+
+
+def _check_npz(path: Path) -> None:
+    """Each member's declared size, from the zip directory, before anything is inflated."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError):
+        return  # numpy's own load says what is wrong
+    _check_size(sum(i.file_size for i in infos), f"--data {path}")
+    for i in infos:
+        if i.compress_type != zipfile.ZIP_STORED and i.file_size > MAX_INFLATION * max(
+            i.compress_size, 1
+        ):
+            raise DataError(
+                f"--data {path}: member {quote(i.filename)} inflates from {i.compress_size} to "
+                f"{i.file_size} bytes, more than bnaudit's limit of {MAX_INFLATION}x "
+                "(MAX_INFLATION) for real arrays: save it with numpy.savez (not _compressed)"
+            )
+
+
+def _check_torch_data(path: Path) -> None:
+    """A torch.save data file: one stored archive, as for checkpoints (bnaudit.zipcheck)."""
+    with path.open("rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"
+    if zipped:
+        try:
+            with zipfile.ZipFile(path) as zf:
+                check_archive(path, zf)
+        except (zipfile.BadZipFile, OSError):
+            return  # torch.load says what is wrong
+
+
+def _check_size(size: int, source: str) -> None:
+    if size > MAX_DATA_BYTES:
+        raise DataError(
+            f"{source}: holds {size} bytes of arrays, over bnaudit's limit of {MAX_DATA_BYTES} "
+            "(MAX_DATA_BYTES); 10^3-10^4 samples are enough to audit: save fewer"
+        )

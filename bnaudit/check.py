@@ -39,6 +39,7 @@ from bnaudit.ignores import apply_ignores
 from bnaudit.impact import OutputDiff
 from bnaudit.junit import render_junit
 from bnaudit.layers import find_bn_layers, preserved
+from bnaudit.limits import DEFAULT_MAX_BATCHES
 from bnaudit.loading import Checkpoint, build_model, load_checkpoint, load_into
 from bnaudit.recalibrate import Recalibration, recalibrate
 from bnaudit.report import Format, check_writable, render
@@ -46,6 +47,7 @@ from bnaudit.results import AuditReport
 from bnaudit.saving import atomic, check_output, write_recalibrated
 from bnaudit.specs import import_object
 from bnaudit.static import audit_state_dict
+from bnaudit.untrusted import clean, plain
 from bnaudit.writing import text_writer, write_set
 
 SYNTHETIC_BATCHES = 4  # synthetic batches when --batches is not given
@@ -161,7 +163,7 @@ def run_check(
         p.model,
         p.batches,
         options=audit_options(s, p),
-        checkpoint=str(s.checkpoint),
+        checkpoint=clean(str(s.checkpoint)),
         sha256=p.checkpoint.sha256,
         progress=_per_batch(progress, _batch_count(p.batches, s.batches)),
     )
@@ -243,7 +245,7 @@ def _static(s: CheckSettings, ckpt: Checkpoint, log: Any) -> AuditReport:
         known=ckpt.known,
         before_read=ckpt.verify,
         after_read=ckpt.release_pages,
-        checkpoint=str(s.checkpoint),
+        checkpoint=clean(str(s.checkpoint)),
         sha256=ckpt.sha256,
         notes=ckpt.notes,
     )
@@ -268,7 +270,16 @@ def _batches(s: CheckSettings) -> tuple[Iterable[Any], bool]:
     if s.data and s.input_shape:
         raise BnauditError("give either --data or --input-shape, not both")
     if s.data:
-        return load_batches(s.data, s.batch_size), False
+        batches = load_batches(s.data, s.batch_size)
+        count = len(batches) if isinstance(batches, list) else None
+        if s.batches is None and count is not None and count > DEFAULT_MAX_BATCHES:
+            raise BnauditError(
+                f"--data {plain(s.data)}: {count} batches of --batch-size {s.batch_size}, more "
+                f"than {DEFAULT_MAX_BATCHES} (DEFAULT_MAX_BATCHES), and each costs a forward "
+                "pass; pass --batches N to use the first N (a few hundred are enough), or a "
+                "larger --batch-size"
+            )
+        return batches, False
     if s.input_shape:
         count = s.batches if s.batches is not None else SYNTHETIC_BATCHES
         return synthetic_batches(parse_shape(s.input_shape), count, s.seed), True
@@ -316,7 +327,7 @@ def run_recalibrate(
     batches = list(itertools.islice(p.batches, s.batches))  # used three times
     options = audit_options(s, p)
     before = audit(
-        p.model, batches, options=options, checkpoint=str(s.checkpoint), sha256=p.checkpoint.sha256
+        p.model, batches, options=options, checkpoint=clean(str(s.checkpoint)), sha256=p.checkpoint.sha256
     )
     evidence = before.impact.evidence if before.impact else None
     if evidence is not None and evidence.worse and not force:
@@ -340,7 +351,7 @@ def run_recalibrate(
     q = prepare(again, None)
     assert isinstance(q, Prepared)  # the same architecture as the input
     after = audit(
-        q.model, batches, options=options, checkpoint=str(output), sha256=q.checkpoint.sha256
+        q.model, batches, options=options, checkpoint=clean(str(output)), sha256=q.checkpoint.sha256
     )
     return Recalibrated(before, judge(after, again), r, output)
 
@@ -394,7 +405,7 @@ def run_fold(s: CheckSettings, output: Path, *, force: bool, log: Any = None) ->
         "pairs": [[q.conv, q.bn] for q in pairs.pairs],
         "found_by": METHOD + (f" ({pairs.note})" if pairs.note else ""),
         "not_folded": dict(pairs.skipped),
-        "source": str(s.checkpoint),
+        "source": clean(str(s.checkpoint)),
         "source_sha256": p.checkpoint.sha256,
         "check_rel_l2": diff.rel_l2,
         "note": "each conv/linear carries its BN (eval formula); the BN modules are "

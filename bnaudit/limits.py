@@ -17,7 +17,7 @@ MAX_SAFETENSORS_KEYS = 65_536  # tensors in one safetensors file
 MAX_DATA_BYTES = 4 << 30  # a data file's tensors, expanded (10^4 images of 3x224x224 is 6 GB
 # in float32: 10^3 samples are enough to calibrate, see BN-NOTES)
 MAX_INFLATION = 100  # how much a deflated .npz member may expand (real arrays: 1-10x)
-DEFAULT_MAX_BATCHES = 1000  # batches used when --batches is not given (each costs a forward)
+DEFAULT_MAX_BATCHES = 1000  # more batches than this need --batches (each costs a forward)
 
 # Messages
 MAX_NAME_CHARS = 120  # an untrusted name (key, layer, file) quoted in a message is cut here
