@@ -327,7 +327,11 @@ def run_recalibrate(
     batches = list(itertools.islice(p.batches, s.batches))  # used three times
     options = audit_options(s, p)
     before = audit(
-        p.model, batches, options=options, checkpoint=clean(str(s.checkpoint)), sha256=p.checkpoint.sha256
+        p.model,
+        batches,
+        options=options,
+        checkpoint=clean(str(s.checkpoint)),
+        sha256=p.checkpoint.sha256,
     )
     evidence = before.impact.evidence if before.impact else None
     if evidence is not None and evidence.worse and not force:
