@@ -23,7 +23,7 @@ from bnaudit.errors import CheckpointError, describe
 from bnaudit.limits import MAX_SAFETENSORS_HEADER, MAX_SAFETENSORS_KEYS
 from bnaudit.pickles import iter_globals
 from bnaudit.untrusted import quote, short_repr
-from bnaudit.zipcheck import check_archive
+from bnaudit.zipcheck import check_archive, ends_like_zip
 
 # The first pickle of every legacy (pre-1.6) torch.save file holds torch's MAGIC_NUMBER
 # 0x1950a86a20f9469cfc6c as a LONG1 (after PROTO, and a FRAME from protocol 4 on).
@@ -147,6 +147,12 @@ def detect(path: Path) -> tuple[Kind, ZipArchive | None]:
         return Kind.SAFETENSORS, None
     if size == 0:
         raise CheckpointError(f"{path}: the file is empty (0 bytes); was the save interrupted?")
+    if ends_like_zip(path, size):  # zipfile would read it, torch's reader would not
+        raise CheckpointError(
+            f"{path}: a zip archive with {head[:8].hex(' ')}... in front of it, not a single "
+            "torch.save archive: remove what was prepended, or restore the file from a "
+            "trusted copy"
+        )
     raise CheckpointError(f"{path}: {_foreign(path, head, size)}; {_READS}")
 
 

@@ -253,11 +253,16 @@ def _record_map(
         if not isinstance(t, Tensor):
             continue
         storage = t.untyped_storage()
-        found = offsets.get(getattr(storage, "_checkpoint_offset", None))
-        if found is None:
-            return None
+        offset = getattr(storage, "_checkpoint_offset", None)
+        found = offsets.get(offset)
+        if found is None:  # torch locates records by torch.save's layout; this one has another
+            raise CheckpointError(
+                f"{path}: the archive is not laid out as torch.save writes it: the storage of "
+                f"{quote(key)} would be read at byte {offset}, where no record's data starts; "
+                "bnaudit cannot tell which bytes torch reads: re-save it with torch.save"
+            )
         record, size = found
-        if size > storage.nbytes():  # the CRC check would read what no tensor needs
+        if size != storage.nbytes():  # the memory-mapped read takes nbytes, whatever the record
             raise CheckpointError(
                 f"{path}: archive record {archive.full(record)} holds {size} bytes, but the "
                 f"storage it backs ({quote(key)}) needs {storage.nbytes()}; torch.save writes "

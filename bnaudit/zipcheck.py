@@ -72,8 +72,7 @@ def _check_record(path: Path, info: zipfile.ZipInfo, compressed_ok: bool) -> Non
         raise CheckpointError(
             f"{path}: archive record {info.filename!r} is {method}; torch's memory-mapped "
             "reader reads records as stored bytes, so it would audit the compressed bytes "
-            f"(and a compressed record can inflate without bound): {_RESAVE}, or rezip with "
-            "`zip -0`"
+            f"(and a compressed record can inflate without bound): {_RESAVE}"
         )
     if info.filename.endswith("/data.pkl") and info.file_size > MAX_PICKLE_BYTES:
         raise CheckpointError(
@@ -152,6 +151,15 @@ def _zip64_tail(f, cd_end: int, size: int) -> bool:
         return False
     f.seek(cd_end)
     return f.read(4) == _EOCD64
+
+
+def ends_like_zip(path: Path, size: int) -> bool:
+    """The file ends with a zip end record (comment-free)."""
+    if size < 22:
+        return False
+    with path.open("rb") as f:
+        f.seek(size - 22)
+        return f.read(4) == _EOCD
 
 
 def _ambiguous(path: Path, what: str) -> CheckpointError:
