@@ -190,12 +190,24 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM wait until the renames are done: a run is never half-written."""
+    """SIGINT and SIGTERM wait until the renames are done: a run is never half-written.
+
+    Deferred by Python handlers rather than a signal mask: a mask holds only the calling
+    thread's signals, and torch's threads would take them.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in _SIGNALS}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            handler = previous[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)
+            elif handler != signal.SIG_IGN:
+                raise KeyboardInterrupt
