@@ -12,6 +12,7 @@ Run as `python -m tests.hostile CASES.json RESULTS.json` by `run_cases` only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -193,13 +194,15 @@ def deflated_npy(dst: Path, shape: tuple[int, ...]) -> Path:
     size = 4
     for d in shape:
         size *= d
-    with zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zf:
-        with zf.open("x.npy", "w", force_zip64=True) as f:
-            f.write(header.getvalue())
-            chunk = bytes(1 << 22)
-            for _ in range(size >> 22):
-                f.write(chunk)
-            f.write(bytes(size & ((1 << 22) - 1)))
+    with (
+        zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zf,
+        zf.open("x.npy", "w", force_zip64=True) as f,
+    ):
+        f.write(header.getvalue())
+        chunk = bytes(1 << 22)
+        for _ in range(size >> 22):
+            f.write(chunk)
+        f.write(bytes(size & ((1 << 22) - 1)))
     return dst
 
 
@@ -239,10 +242,8 @@ def _main(spec: Path, results: Path, tmp: Path) -> None:
                 code = "crash"
             seconds = time.monotonic() - start
             for stream in (sys.stdout, sys.stderr):
-                try:
+                with contextlib.suppress(OSError, ValueError):
                     stream.flush()
-                except (OSError, ValueError):
-                    pass
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
         for fd in saved:
