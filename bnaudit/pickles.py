@@ -108,6 +108,8 @@ def pickle_protocol(path: Path, data_pkl: str | None) -> int:
         return 0
 
 
+# Protocol 2 (torch.save's) names builtins by their Python 2 module.
+_BYTEARRAY = (("global", "builtins.bytearray"), ("global", "__builtin__.bytearray"))
 _INT_OPS = ("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4")
 _SKIPPED = ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "MARK", "FRAME")
 
@@ -148,7 +150,7 @@ def oversized_allocation(stream: IO[bytes], pickles: int, limit: int) -> int | N
                 strings.append(arg)
             if armed and isinstance(value, int) and value > limit:
                 return value
-            armed = value == ("global", "builtins.bytearray")
+            armed = value in _BYTEARRAY
             last = value
             if name == "STOP":
                 break
