@@ -36,7 +36,7 @@ def prefetch(path: Path) -> None:
         key = path.resolve()
         if not key.is_file() or key in _pending:
             return
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: a loop of links (Python < 3.13)
         return
     job = _pending[key] = _Hashing(key)
     job.start()

@@ -53,5 +53,10 @@ def short_repr(obj: Any) -> str:
 
 
 def one_line(message: str) -> str:
-    """The backstop for every error line: escaped and cut to MAX_MESSAGE_CHARS."""
-    return cut(clean(message), MAX_MESSAGE_CHARS)
+    """The backstop for every error line: escaped, and cut to MAX_MESSAGE_CHARS in the middle,
+    so that what it quotes at the start (a long path) leaves the cause at the end readable."""
+    text = clean(message)
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    half = MAX_MESSAGE_CHARS // 2
+    return f"{text[:half]}...({len(text) - 2 * half} characters left out)...{text[-half:]}"
