@@ -593,7 +593,7 @@ def main() -> None:
         _error("bnaudit: error: stdout is closed; redirect it to a file or to /dev/null")
         sys.exit(EXIT_ERROR)
     try:
-        app()
+        code = _run_app()
     finally:
         try:  # what typer itself printed (help, usage errors)
             sys.stdout.flush()
@@ -601,3 +601,24 @@ def main() -> None:
             _mute_stdout()
             _error(f"bnaudit: error: cannot write to stdout ({exc})")
             sys.exit(EXIT_ERROR)
+    sys.exit(code)
+
+
+def _run_app() -> int:
+    """The typer app, with its usage errors as bnaudit's own one line (they quote option values,
+    which may come from a file: a skip list, a key) instead of a multi-line box."""
+    from typer._click import exceptions  # typer's vendored click: what usage errors raise
+
+    try:
+        code = app(standalone_mode=False)
+    except exceptions.NoArgsIsHelpError as exc:  # `bnaudit` alone: the help, as typer shows it
+        typer.echo(exc.ctx.get_help() if exc.ctx else "", err=True)
+        return EXIT_ERROR
+    except exceptions.ClickException as exc:
+        hint = f"; see `{exc.ctx.command_path} --help`" if getattr(exc, "ctx", None) else ""
+        _error(f"bnaudit: error: {exc.format_message().rstrip('.')}{hint}")
+        return exc.exit_code
+    except typer.Abort:
+        _error("bnaudit: interrupted")
+        return EXIT_ERROR
+    return code if isinstance(code, int) else EXIT_OK

@@ -8,6 +8,7 @@ file without `force`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,14 @@ from bnaudit.errors import CheckpointError, ReportError
 from bnaudit.formats import Kind, detect
 from bnaudit.recalibrate import Recalibration, updated_state_dict
 from bnaudit.selection import Selection, select
-from bnaudit.writing import write_set
+from bnaudit.writing import check_writable, write_set
 
 
 def check_output(src: Path, dst: Path, *, force: bool) -> None:
-    """Refuse, before any work, an output over the input, existing, or in a missing folder."""
+    """Refuse, before any work, an output over the input, existing, a link or device, or in a
+    missing folder."""
+    if os.path.lexists(dst) and not (dst.is_file() and not dst.is_symlink()):
+        check_writable(dst, [src], "-o")  # says what it is instead
     if dst.exists() and dst.resolve() == src.resolve():
         raise ReportError(f"-o {dst}: is the input checkpoint; write the result elsewhere")
     if dst.exists() and not force:

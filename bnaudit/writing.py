@@ -45,10 +45,12 @@ def check_writable(path: Path, inputs: Sequence[Path], option: str = "") -> None
             "(it would replace the link): give the path of the file itself"
         )
     if mode is not None and not stat.S_ISREG(mode):
-        also = " (for stdout, use --format instead)" if stat.S_ISCHR(mode) else ""
+        also = (
+            " (for stdout, use --format instead)" if stat.S_ISCHR(mode) and option != "-o" else ""
+        )
         raise ReportError(
-            f"{label}: is {file_kind(mode)}, not a regular file; reports are written as new "
-            f"files replacing the old, which would replace it{also}"
+            f"{label}: is {file_kind(mode)}, not a regular file; bnaudit writes a new file and "
+            f"renames it over the old, which would replace it{also}"
         )
     try:
         target = path.resolve()
