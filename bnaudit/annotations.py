@@ -44,10 +44,9 @@ class GitHub(str, enum.Enum):
 
 
 def escape_data(text: str) -> str:
-    """Escape the data (message) of a workflow command: `%` first, then CR and LF; and `##[`,
-    the older syntax the runner looks for anywhere in a line, is broken up (shown `#%23[`)."""
-    text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-    return text.replace("##[", "#%23[")
+    """Escape the data (message) of a workflow command: `%` first, then CR and LF. (A `##[`
+    inside is inert: the runner tries the older syntax only on lines that are no `::` command.)"""
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
 
 
 def escape_property(text: str) -> str:

@@ -335,7 +335,13 @@ def _check_npy(path: Path) -> None:
     with path.open("rb") as f:
         try:
             version = np.lib.format.read_magic(f)
-            shape, _, dtype = np.lib.format._read_array_header(f, version)  # type: ignore[attr-defined]
+            read = {
+                (1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0,
+            }.get(version)
+            if read is None:
+                return  # a newer header: numpy's own load reads it
+            shape, _, dtype = read(f)
         except (ValueError, OSError, EOFError):
             return  # numpy's own load says what is wrong
     _check_size(math.prod(shape) * dtype.itemsize, f"--data {path}")

@@ -24,7 +24,7 @@ from bnaudit.config import Regime, TrainMode, resolve
 from bnaudit.errors import BnauditError, NothingToAudit, ReportError
 from bnaudit.report import Format
 from bnaudit.results import FailOn
-from bnaudit.untrusted import one_line
+from bnaudit.untrusted import middle_cut, one_line
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR, EXIT_NOTHING = 0, 1, 2, 3
 MIN_TORCH = (2, 10)
@@ -515,15 +515,17 @@ def _guard(action: Callable[[], int], debug: bool) -> int:
 def _error(message: str) -> None:
     """An error on stderr, one line whatever it quotes (escaped, cut); under GitHub Actions
     also an annotation, and guarded: messages quote names from the checkpoint."""
-    message = one_line(message)
+    line = one_line(message)
     try:
         if os.environ.get("GITHUB_ACTIONS") != "true":
-            sys.stderr.write(message + "\n")
+            sys.stderr.write(line + "\n")
         else:
             from bnaudit import annotations
 
-            guarded = annotations.guard(message, annotations.new_token())
-            error = annotations.command("error", message, title="bnaudit")
+            guarded = annotations.guard(line, annotations.new_token())
+            # The annotation escapes line breaks its own way (%0A): only cut and made encodable.
+            text = middle_cut(message.encode("utf-8", "backslashreplace").decode("utf-8"))
+            error = annotations.command("error", text, title="bnaudit")
             sys.stderr.write(guarded + error + "\n")
         sys.stderr.flush()
     except (OSError, ValueError, AttributeError):

@@ -53,10 +53,14 @@ def short_repr(obj: Any) -> str:
 
 
 def one_line(message: str) -> str:
-    """The backstop for every error line: escaped, and cut to MAX_MESSAGE_CHARS in the middle,
-    so that what it quotes at the start (a long path) leaves the cause at the end readable."""
-    text = clean(message)
-    if len(text) <= MAX_MESSAGE_CHARS:
+    """The backstop for every error line: escaped, and cut to MAX_MESSAGE_CHARS in the middle."""
+    return middle_cut(clean(message))
+
+
+def middle_cut(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """At most about `limit` characters, cut in the middle: what a message quotes at its start
+    (a long path) leaves the cause at its end readable."""
+    if len(text) <= limit:
         return text
-    half = MAX_MESSAGE_CHARS // 2
+    half = limit // 2
     return f"{text[:half]}...({len(text) - 2 * half} characters left out)...{text[-half:]}"
