@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import io
 import os
 import pickle
 import sys
 import warnings
-import zipfile
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -31,12 +29,11 @@ from bnaudit.digest import sha256_file
 from bnaudit.errors import BnauditError, CheckpointError, ModelError, describe
 from bnaudit.formats import Kind, ZipArchive, detect, safetensors_header
 from bnaudit.layers import KnownAttrs, counter_notes, read_counter
-from bnaudit.limits import MAX_BN_ELEMENTS, MAX_PICKLE_BYTES
 from bnaudit.paths import input_problem
-from bnaudit.pickles import SAFE_GLOBALS, oversized_allocation, pickle_protocol, unsafe_globals
+from bnaudit.pickles import SAFE_GLOBALS, pickle_protocol, unsafe_globals
+from bnaudit.refusals import check_bn_tensors, refuse_allocations
 from bnaudit.selection import Selection, select, shorten, unwrap
 from bnaudit.specs import import_object
-from bnaudit.static import find_bn_groups
 from bnaudit.untrusted import quote
 
 _SHOWN = 8  # keys listed in an error message before "and N more"
@@ -160,7 +157,7 @@ def _from_pickle(
 ) -> Checkpoint:
     if archive is not None:  # data.pkl is checked before a byte of it is unpickled
         archive.verify(archive.metadata_records)
-    _refuse_allocations(path, archive)
+    refuse_allocations(path, None if archive is None else archive.full("data.pkl"))
     notes: list[str] = []
     trusted = False
     try:
@@ -271,69 +268,6 @@ def _record_map(
             )
         out[key] = record
     return out
-
-
-def _refuse_allocations(path: Path, archive: ZipArchive | None) -> None:
-    """Refuse a pickle that would build a huge bytearray before torch unpickles it."""
-    try:
-        if archive is not None:
-            with zipfile.ZipFile(path) as zf, zf.open(archive.full("data.pkl")) as f:
-                head = f.read(MAX_PICKLE_BYTES)
-            pickles = 1
-        else:  # legacy: magic number, protocol, system info, then the object
-            with path.open("rb") as f:
-                head = f.read(MAX_PICKLE_BYTES)
-            pickles = 4
-        if b"bytearray" not in head:  # the common case costs one substring search
-            return
-        size = oversized_allocation(io.BytesIO(head), pickles, MAX_PICKLE_BYTES)
-    except (ValueError, EOFError, OSError, zipfile.BadZipFile, KeyError):
-        return  # unreadable: torch.load says why
-    if size is not None:
-        raise CheckpointError(
-            f"{path}: refused to load: its pickle builds a bytearray of {size} bytes, over "
-            f"bnaudit's limit of {MAX_PICKLE_BYTES} (MAX_PICKLE_BYTES); torch.save never writes "
-            "that for a state dict: the file is crafted or damaged"
-        )
-
-
-def check_bn_tensors(state_dict: Mapping[str, Any], path: Path) -> None:
-    """Refuse, before any is read, BN tensors that the audit cannot read as plain numbers:
-    meta (no data), sparse, quantized, complex, or claiming more elements than any BN layer has
-    (a stride-0 tensor of 2^34 elements is 4 bytes in the file)."""
-    for group in find_bn_groups(state_dict):
-        for key in group.keys.values():
-            t = state_dict[key]
-            why = tensor_problem(t)
-            if why is None and t.numel() > MAX_BN_ELEMENTS:
-                why = (
-                    f"it claims {t.numel()} elements (shape {tuple(t.shape)}), over bnaudit's "
-                    f"limit of {MAX_BN_ELEMENTS} per BN buffer (MAX_BN_ELEMENTS)"
-                )
-            if why is not None:
-                raise CheckpointError(
-                    f"{path}: BatchNorm tensor {quote(key)} cannot be audited: {why}; save the "
-                    "state dict of a model on the CPU with dense float buffers"
-                )
-
-
-def tensor_problem(t: Tensor) -> str | None:
-    """Why `t` is not a dense CPU tensor of real numbers, or None."""
-    if t.is_meta:
-        return "it is a meta tensor, which holds no data (saved from a model on device 'meta')"
-    if t.layout != torch.strided:
-        return f"it is a {str(t.layout).removeprefix('torch.')} tensor, not a dense one"
-    if t.is_quantized:
-        return f"it is quantized ({str(t.dtype).removeprefix('torch.')})"
-    if t.is_complex():
-        return f"it holds complex numbers ({str(t.dtype).removeprefix('torch.')})"
-    if t.dtype in _UNSIGNED_WIDE:
-        return f"its dtype {str(t.dtype).removeprefix('torch.')} is not one torch computes with"
-    return None
-
-
-# torch has these dtypes for storage only: most operations (and conversion checks) refuse them.
-_UNSIGNED_WIDE = (torch.uint16, torch.uint32, torch.uint64)
 
 
 @contextlib.contextmanager
