@@ -67,7 +67,7 @@ def _codes(r: LayerDiff) -> str:
 _COLUMNS: dict[str, Callable[[LayerDiff, bool], str]] = {
     "layer": lambda r, c: printable(r.name),
     "C": lambda r, c: str(r.metrics.channels),
-    "own state": lambda r, c: r.metrics.change,
+    "state": lambda r, c: r.metrics.change,
     "upstream": lambda r, c: _upstream(r),
     "shift": lambda r, c: _num(r.metrics.mean_shift_max, 2),
     "ln var": lambda r, c: _num(r.metrics.log_var_max, 2),
@@ -86,9 +86,17 @@ def _rows(report: DiffReport, only_changed: bool) -> list[LayerDiff]:
     return [r for r in report.layers if r.changed or not only_changed]
 
 
-def _table(rows: list[LayerDiff], headers: list[str], fmt: str, color: bool = False) -> str:
+def _table(
+    rows: list[LayerDiff],
+    headers: list[str],
+    fmt: str,
+    color: bool = False,
+    widths: list[int | None] | None = None,
+) -> str:
     cells = [[_COLUMNS[h](r, color) for h in headers] for r in rows]
-    return tabulate(cells, headers=headers, tablefmt=fmt, disable_numparse=True)
+    return tabulate(
+        cells, headers=headers, tablefmt=fmt, disable_numparse=True, maxcolwidths=widths
+    )
 
 
 def fitted_table(rows: list[LayerDiff], width: int | None, color: bool = False) -> str:
@@ -107,7 +115,13 @@ def fitted_table(rows: list[LayerDiff], width: int | None, color: bool = False) 
         longest = max(len(printable(r.name)) for r in rows)
         keep = max(_MIN_NAME, longest - excess)
         rows = [dataclasses.replace(r, name=_shorten(printable(r.name), keep)) for r in rows]
-    return _table(rows, headers, "simple", color)
+        table = _table(rows, headers, "simple")
+    excess = _width(table) - width
+    widths: list[int | None] | None = None
+    if excess > 0 and rows:  # last resort: the codes wrap onto more lines
+        codes = max(len(line) for r in rows for line in [_codes(r), "findings"])
+        widths = [None] * (len(headers) - 1) + [max(8, codes - excess)]
+    return _table(rows, headers, "simple", color, widths)
 
 
 def _width(table: str) -> int:
