@@ -154,7 +154,10 @@ def _summary_lines(report: DiffReport, color: bool = False) -> list[str]:
         lines.append(f"base: {printable(report.base)} (sha256 {report.base_sha256})")
         lines.append(f"new: {printable(report.new or '')} (sha256 {report.new_sha256})")
     changes = report.changes()
-    lines.append("changes: " + ", ".join(f"{k} {changes[k]}" for k in CHANGES if changes[k]))
+    lines.append(
+        "layer state (gamma, beta, running stats, T): "
+        + ", ".join(f"{k} {changes[k]}" for k in CHANGES if changes[k])
+    )
     codes = report.code_counts()
     if codes:
         lines.append("findings: " + ", ".join(f"{k} {v}" for k, v in sorted(codes.items())))
