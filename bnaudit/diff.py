@@ -247,7 +247,7 @@ def diff(
         b, n = groups_base.get(name), groups_new.get(name)
         type_name = types_.get(name) or _type_of(b or n)
         metrics = _compare(name, b, n, base_sd, new_sd, upstream, weights, eps.get(name))
-        layers.append(LayerDiff(name, type_name, metrics, _judge(name, metrics)))
+        layers.append(LayerDiff(name, type_name, metrics, _judge(name, type_name, metrics)))
     notes = [*base_notes, *new_notes, *_notes(upstream, layers, bool(eps))]
     return DiffReport(tuple(layers), upstream.method, fail_on, tuple(notes))
 
@@ -275,6 +275,15 @@ def _upstream(
     if isinstance(traced, str):
         fallback = by_order(base)
         return dataclasses.replace(fallback, note=traced), eps, types_
+    order = by_order(base)
+    unknown = [n for n in order.weights if n not in traced.weights]
+    if unknown:  # BN key groups the model does not run as BN layers (other names, say)
+        note = (
+            f"{len(unknown)} BN layers of BASE are not BN layers of --model "
+            f"({shorten(unknown)}): their upstream weights are from the state-dict order"
+        )
+        weights = {**traced.weights, **{n: order.weights[n] for n in unknown}}
+        traced = dataclasses.replace(traced, weights=weights, note=note)
     return traced, eps, types_
 
 
@@ -440,22 +449,30 @@ def _shape_difference(tb: Mapping[str, Tensor], tn: Mapping[str, Tensor]) -> str
 # --- the findings ---------------------------------------------------------------------------
 
 
-def _judge(name: str, m: DiffMetrics) -> tuple[Finding, ...]:
+def _judge(name: str, type_name: str, m: DiffMetrics) -> tuple[Finding, ...]:
     if m.change in UNMATCHED:
         return (_unmatched(name, m),)
     out = []
     t = _t(m)
     if m.upstream_changed and not m.stats_changed:
+        # A FrozenBatchNorm never updates its statistics: the weights after it were trained
+        # with them, by design (its class, or no counter on either side, says which it is).
+        frozen_bn = "Frozen" in type_name or (m.t_base is None and m.t_new is None)
         out.append(
             Finding(
                 name,
                 "stats-not-updated",
-                Severity.FAIL,
+                Severity.INFO if frozen_bn else Severity.FAIL,
                 f"{m.upstream_changed} of the {m.upstream_weights} weight tensors upstream "
                 f"changed (first {m.upstream_first_changed}, largest relative change "
                 f"{_num(m.upstream_rel_change)}), but the running statistics are bit-identical "
-                f"({t}): they describe a network that no longer exists, stale by construction",
-                diff_hint("stats-not-updated"),
+                f"({t}): "
+                + (
+                    f"a {type_name} layer, whose statistics never update"
+                    if frozen_bn
+                    else "they describe a network that no longer exists, stale by construction"
+                ),
+                diff_hint("stats-not-updated", "frozen" if frozen_bn else "stale"),
                 value=None,
             )
         )
@@ -533,6 +550,8 @@ def _notes(upstream: Upstream, layers: list[LayerDiff], with_model: bool) -> lis
         )
     else:
         notes.append(f"upstream weights from {upstream.method}")
+        if upstream.note:
+            notes.append(upstream.note)
     if not with_model:
         notes.append(f"eps is not stored in a state dict: mean shifts use {DEFAULT_EPS:g}")
     bad = [r.name for r in layers if r.metrics.nonfinite]

@@ -197,8 +197,6 @@ SITUATION_HINTS: dict[str, dict[str, str]] = {
 
 # The fixes for DIFF_CODES, with the same conventions: one hint, or one per situation.
 DIFF_HINTS: dict[str, str] = {
-    "stats-not-updated": "recalibrate on training-like data (bnaudit recalibrate, or "
-    "torch.optim.swa_utils.update_bn(loader, model)), or fine-tune with BN in train mode",
     "frozen-stats-updated": "keep frozen BN in eval mode: call .eval() on the frozen part after "
     "every model.train() (or use FrozenBatchNorm2d); nothing to fix if it was not meant frozen",
     "unmatched-layer": "the checkpoints hold different layers here, which were not compared: "
@@ -206,6 +204,15 @@ DIFF_HINTS: dict[str, str] = {
     "purpose",
 }
 DIFF_SITUATION_HINTS: dict[str, dict[str, str]] = {
+    "stats-not-updated": {
+        "stale": "recalibrate on training-like data (bnaudit recalibrate, or "
+        "torch.optim.swa_utils.update_bn(loader, model)), or fine-tune with BN in train mode; "
+        "if BN was kept in eval mode on purpose, the weights were trained with these statistics: "
+        "compare the task metric before and after recalibrating (bnaudit check with labelled "
+        "--data) before you do",
+        "frozen": "nothing to fix if the layer is a FrozenBatchNorm on purpose (detectron2, "
+        "torchvision detection): the weights were fine-tuned with these statistics",
+    },
     "counter-reset": {
         "recalibrated": "nothing to fix if this is a recalibration: update_bn and bnaudit "
         "recalibrate set num_batches_tracked to the number of batches averaged",

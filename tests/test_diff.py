@@ -209,6 +209,22 @@ def test_recalibrated_copy_does_not_fail(tmp_path: Path, base: nn.Module) -> Non
     assert invoke("diff", a, b, "--fail-on", "warn").exit_code == 0
 
 
+def test_frozen_batchnorm_behind_changed_weights_is_by_design(base: nn.Module) -> None:
+    """FrozenBatchNorm-style layers (no counter) never update: the weights fit their stats."""
+    old, new = sd(base), sd(eval_finetuned(base))
+    for state in (old, new):
+        del state["block1.1.num_batches_tracked"]
+    report = bnaudit.diff(old, new)
+    by_layer = {f.layer: f for f in report.findings}
+    assert set(by_layer) == {"block1.1", "block2.1", "head.2"}
+    frozen = by_layer["block1.1"]
+    assert frozen.code == "stats-not-updated" and frozen.severity.label == "info"
+    assert frozen.hint == DIFF_SITUATION_HINTS["stats-not-updated"]["frozen"]
+    assert report.layer("block1.1").type == "FrozenBatchNorm-style"
+    assert by_layer["block2.1"].severity.label == "fail"
+    assert by_layer["block2.1"].hint == DIFF_SITUATION_HINTS["stats-not-updated"]["stale"]
+
+
 def test_counter_reset_with_changed_weights_warns(base: nn.Module) -> None:
     new = sd(eval_finetuned(base))
     new["block2.1.num_batches_tracked"] = torch.tensor(0)
