@@ -343,6 +343,31 @@ def test_wrapper_prefixes_are_matched(base: nn.Module) -> None:
     assert any("'_orig_mod.'" in n for n in report.notes)
 
 
+def test_every_format_and_container_loads_the_same(tmp_path: Path, base: nn.Module) -> None:
+    from safetensors.torch import save_file
+
+    tuned = eval_finetuned(base)
+    a = save(
+        tmp_path,
+        "lightning.ckpt",
+        {"state_dict": {f"model.{k}": v for k, v in sd(base).items()}, "epoch": 9},
+    )
+    b = tmp_path / "tuned.safetensors"
+    save_file({k: v.contiguous() for k, v in sd(tuned).items()}, str(b))
+    result = invoke("diff", a, b, "-f", "json")
+    assert result.exit_code == 1, result.output
+    doc = json.loads(result.stdout)
+    failing = {x["name"] for x in doc["layers"] if x["verdict"] == "fail"}
+    assert failing == {"block1.1", "block2.1", "head.2"}
+    assert any("'model.'" in n for n in doc["summary"]["notes"])
+    whole = save(tmp_path, "whole.pt", tuned)  # a pickled nn.Module: code
+    refused = invoke("diff", a, whole)
+    assert refused.exit_code == 2 and "--trust" in refused.stderr
+    trusted = invoke("diff", save(tmp_path, "base_whole.pt", base), whole, "--trust", "-f", "json")
+    assert trusted.exit_code == 1, trusted.output
+    assert json.loads(trusted.stdout)["summary"]["upstream"] == TRACED  # the module's dataflow
+
+
 # --- other layer sets, non-finite values ------------------------------------------------------
 
 
