@@ -442,7 +442,7 @@ def diff(
     new: Path = typer.Argument(..., help="Checkpoint after (only read).", show_default=False),
     key: str = typer.Option(None, "--key", "-k", help="Which state dict of BASE, as for check."),
     key_new: str = typer.Option(
-        None, "--key-new", help="Which state dict of NEW [default: --key]."
+        None, "--key-new", help="Which state dict of NEW (default: the --key of BASE)."
     ),
     model: str = typer.Option(
         None, "--model", "-m", help="Architecture, as for check: upstream from its dataflow."
@@ -450,7 +450,9 @@ def diff(
     trust: bool = typer.Option(
         False, "--trust", help="Allow pickled objects, TorchScript, torch.export (runs code)."
     ),
-    fmt: Format = typer.Option(None, "--format", "-f", help="What goes to stdout [table]."),
+    fmt: Format = typer.Option(
+        None, "--format", "-f", help="What goes to stdout (default: table)."
+    ),
     markdown: Path = typer.Option(None, help="Write a markdown report."),
     csv: Path = typer.Option(None, help="Write a CSV report (a row per layer)."),
     json_path: Path = typer.Option(None, "--json", help="Write a JSON report."),
@@ -459,11 +461,13 @@ def diff(
     only_changed: bool = typer.Option(
         False, "--only-changed", help="Leave out layers where nothing changed or was found."
     ),
-    fail_on: FailOn = typer.Option(None, help="Exit 1 on findings of this severity [fail]."),
+    fail_on: FailOn = typer.Option(
+        None, help="Exit 1 on findings of this severity (default: fail)."
+    ),
     baseline: Path = typer.Option(None, help="Fail only on findings new or worse than this."),
     write_baseline: Path = typer.Option(None, help="Record the findings in this baseline."),
-    baseline_margin: float = typer.Option(None, help="Baseline value margin [default: 0.1]."),
-    config: Path = typer.Option(None, help="TOML file with a [tool.bnaudit] table."),
+    baseline_margin: float = typer.Option(None, help="Baseline value margin (default: 0.1)."),
+    config: Path = typer.Option(None, help="TOML file with a tool.bnaudit table."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """What changed in the BatchNorm state between two checkpoints, without data."""
