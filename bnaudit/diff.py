@@ -303,7 +303,9 @@ class _WeightChanges:
         """(changed, relative change); a tensor missing from one side changed, by NaN."""
         if key not in self.known:
             a, b = self.base.get(key), self.new.get(key)
-            if not (isinstance(a, Tensor) and isinstance(b, Tensor)) or a.shape != b.shape:
+            if a is None and b is None:  # a weight of the model that neither checkpoint has
+                self.known[key] = (False, math.nan)
+            elif not (isinstance(a, Tensor) and isinstance(b, Tensor)) or a.shape != b.shape:
                 self.known[key] = (True, math.nan)
             elif identical(a, b):
                 self.known[key] = (False, 0.0)
@@ -374,19 +376,8 @@ def _compare(
     moved = [(k, rel) for k, c, rel in changes if c]
     stats = changed["running_mean"] or changed["running_var"]
     affine = changed["weight"] or changed["bias"]
-    kind = (
-        BOTH
-        if stats and affine
-        else STATS
-        if stats
-        else AFFINE
-        if affine
-        else COUNTER
-        if changed["num_batches_tracked"]
-        else IDENTICAL
-    )
     return DiffMetrics(
-        kind,
+        _state(stats, affine, bool(changed["num_batches_tracked"])),
         int(mb.numel()),
         weight_changed=changed["weight"],
         bias_changed=changed["bias"],
@@ -403,10 +394,18 @@ def _compare(
         upstream_weights=len(before),
         upstream_changed=len(moved),
         upstream_first_changed=moved[0][0] if moved else "",
-        upstream_rel_change=max((rel for _, rel in moved), default=math.nan),
+        upstream_rel_change=max((r for _, r in moved if not math.isnan(r)), default=math.nan),
         fed_by=upstream.fed_by.get(name, ""),
         nonfinite=sum(_nonfinite(t) for t in (*tb.values(), *tn.values())),
     )
+
+
+def _state(stats: bool, affine: bool, counter: bool) -> str:
+    if stats:
+        return BOTH if affine else STATS
+    if affine:
+        return AFFINE
+    return COUNTER if counter else IDENTICAL
 
 
 def _changed(a: Tensor | None, b: Tensor | None) -> bool | None:
