@@ -15,7 +15,7 @@ _EXPORTS = {
     "AuditOptions": "bnaudit.engine",
     "audit": "bnaudit.engine",
     "diff": "bnaudit.diff",
-    "DiffReport": "bnaudit.diff",
+    "DiffReport": "bnaudit.diff_results",
     "Thresholds": "bnaudit.findings",
     "AuditReport": "bnaudit.results",
     "FailOn": "bnaudit.results",
@@ -25,7 +25,8 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from bnaudit.diff import DiffReport, diff
+    from bnaudit.diff import diff
+    from bnaudit.diff_results import DiffReport
     from bnaudit.engine import AuditOptions, audit
     from bnaudit.findings import Thresholds
     from bnaudit.results import AuditReport, FailOn, Finding, LayerResult, Severity

@@ -18,7 +18,7 @@ from typing import Any
 from tabulate import tabulate
 
 from bnaudit import __version__
-from bnaudit.diff import CHANGES, DiffReport, LayerDiff
+from bnaudit.diff_results import CHANGES, DiffReport, LayerDiff
 from bnaudit.report import (
     Format,
     _finding_dict,

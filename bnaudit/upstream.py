@@ -55,9 +55,10 @@ def weight_keys(state_dict: Mapping[str, object]) -> list[str]:
 
 def by_order(state_dict: Mapping[str, object]) -> Upstream:
     """Upstream of each BN group: the weights saved before its first key."""
-    first = {}
-    for g in find_bn_groups(state_dict):
-        first[min(g.keys.values(), key=_position(state_dict))] = g.prefix
+    position = {k: i for i, k in enumerate(state_dict)}
+    first = {
+        min(g.keys.values(), key=position.__getitem__): g.prefix for g in find_bn_groups(state_dict)
+    }
     weights: dict[str, tuple[str, ...]] = {}
     stats = stat_keys(state_dict)
     seen: list[str] = []
@@ -67,11 +68,6 @@ def by_order(state_dict: Mapping[str, object]) -> Upstream:
         if isinstance(value, Tensor) and key not in stats:
             seen.append(key)
     return Upstream(ORDER, weights)
-
-
-def _position(state_dict: Mapping[str, object]):
-    order = {k: i for i, k in enumerate(state_dict)}
-    return order.__getitem__
 
 
 def by_dataflow(model: nn.Module) -> Upstream | str:
@@ -93,10 +89,11 @@ def by_dataflow(model: nn.Module) -> Upstream | str:
     for k in weights:
         by_module.setdefault(k.rpartition(".")[0], set()).add(k)
 
+    every = set(weights)
+
     def own(target: str) -> frozenset[str]:
-        keys = set(by_module.get(target, ())) | (
-            {target} & set(by_module.get(target.rpartition(".")[0], ()))
-        )
+        """The weights of a leaf module (call_module) or the one weight (get_attr)."""
+        keys = set(by_module.get(target, ())) | ({target} & every)
         module = modules.get(target)
         if module is not None and next(module.children(), None) is not None:
             prefix = f"{target}."  # a leaf with children of its own (a BN-like wrapper)
