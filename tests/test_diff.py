@@ -577,6 +577,28 @@ def test_diff_codes_are_documented_with_the_others() -> None:
     assert "bnaudit diff" in readme and "docs/diff.md" in readme
 
 
+def test_the_readme_example_is_real_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's example, made again as the README says, prints every line it shows."""
+    from bnaudit import demo
+
+    torch.manual_seed(0)
+    model = demo.build_model()
+    demo.calibrate(model, demo.make_images(50 * 32, seed=1), 32)
+    torch.save(model.state_dict(), tmp_path / "epoch10.pt")
+    demo.plant_stale(model)
+    torch.save(model.state_dict(), tmp_path / "finetuned.pt")
+    monkeypatch.chdir(tmp_path)
+    command = "bnaudit diff epoch10.pt finetuned.pt --model bnaudit.demo:build_model"
+    text = README.read_text()
+    start = text.index(f"$ {command}\n") + len(command) + 3
+    shown = text[start : text.index("```", start)].splitlines()
+    result = invoke(*command.split()[1:], env={"COLUMNS": "100"})
+    assert result.exit_code == 1
+    missing = [line for line in shown if line != "..." and line not in result.stdout.splitlines()]
+    assert missing == []
+    assert len(shown) == 20  # the table, the summary and one finding, as shown
+
+
 def test_console_script(tmp_path: Path, base: nn.Module) -> None:
     a = save(tmp_path, "base.pt", base.state_dict())
     b = save(tmp_path, "tuned.pt", eval_finetuned(base).state_dict())
