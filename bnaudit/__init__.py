@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "AuditOptions": "bnaudit.engine",
     "audit": "bnaudit.engine",
+    "diff": "bnaudit.diff",
+    "DiffReport": "bnaudit.diff_results",
     "Thresholds": "bnaudit.findings",
     "AuditReport": "bnaudit.results",
     "FailOn": "bnaudit.results",
@@ -23,6 +25,8 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
+    from bnaudit.diff import diff
+    from bnaudit.diff_results import DiffReport
     from bnaudit.engine import AuditOptions, audit
     from bnaudit.findings import Thresholds
     from bnaudit.results import AuditReport, FailOn, Finding, LayerResult, Severity
@@ -39,6 +43,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AuditOptions",
     "AuditReport",
+    "DiffReport",
     "FailOn",
     "Finding",
     "LayerResult",
@@ -46,4 +51,5 @@ __all__ = [
     "Thresholds",
     "__version__",
     "audit",
+    "diff",
 ]

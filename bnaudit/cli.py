@@ -438,6 +438,88 @@ def fold(
     raise typer.Exit(_guard(run, debug))
 
 
+@app.command()
+def diff(
+    base: Path = typer.Argument(..., help="Checkpoint before (only read).", show_default=False),
+    new: Path = typer.Argument(..., help="Checkpoint after (only read).", show_default=False),
+    key: str = typer.Option(None, "--key", "-k", help="Which state dict of BASE, as for check."),
+    key_new: str = typer.Option(
+        None, "--key-new", help="Which state dict of NEW (default: the --key of BASE)."
+    ),
+    model: str = typer.Option(
+        None, "--model", "-m", help="Architecture, as for check: upstream from its dataflow."
+    ),
+    trust: bool = typer.Option(
+        False, "--trust", help="Allow pickled objects, TorchScript, torch.export (runs code)."
+    ),
+    fmt: Format = typer.Option(
+        None, "--format", "-f", help="What goes to stdout (default: table)."
+    ),
+    markdown: Path = typer.Option(None, help="Write a markdown report."),
+    csv: Path = typer.Option(None, help="Write a CSV report (a row per layer)."),
+    json_path: Path = typer.Option(None, "--json", help="Write a JSON report."),
+    html: Path = typer.Option(None, help="Write a self-contained HTML report."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the summary line."),
+    only_changed: bool = typer.Option(
+        False, "--only-changed", help="Leave out layers where nothing changed or was found."
+    ),
+    fail_on: FailOn = typer.Option(
+        None, help="Exit 1 on findings of this severity (default: fail)."
+    ),
+    baseline: Path = typer.Option(None, help="Fail only on findings new or worse than this."),
+    write_baseline: Path = typer.Option(None, help="Record the findings in this baseline."),
+    baseline_margin: float = typer.Option(None, help="Baseline value margin (default: 0.1)."),
+    config: Path = typer.Option(None, help="TOML file with a tool.bnaudit table."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """What changed in the BatchNorm state between two checkpoints, without data."""
+    cli = {
+        "checkpoint": base,
+        "key": key,
+        "model": model,
+        "trust": trust or None,
+        "format": fmt,
+        "markdown": markdown,
+        "csv": csv,
+        "json": json_path,
+        "html": html,
+        "fail_on": fail_on,
+        "baseline": baseline,
+        "write_baseline": write_baseline,
+        "baseline_margin": baseline_margin,
+    }
+
+    def run() -> int:
+        import shutil
+
+        from bnaudit.diff_command import DiffSettings, run_diff, write_reports
+        from bnaudit.diff_report import render, summary_line
+        from bnaudit.terminal import color_enabled, is_terminal
+
+        settings = resolve(cli, config, Path.cwd())
+        d = DiffSettings(new, key_new, only_changed)
+        try:
+            report = run_diff(settings, d, log=None if quiet else sys.stderr)
+        except NothingToAudit as exc:
+            typer.echo(f"bnaudit: nothing to compare: {exc}", err=True)
+            return EXIT_NOTHING
+        write_reports(report, settings, d)
+        color = color_enabled(sys.stdout, os.environ)
+        fits = is_terminal(sys.stdout) or "COLUMNS" in os.environ
+        width = shutil.get_terminal_size().columns if fits else None
+        text = (
+            summary_line(report, color) + "\n"
+            if quiet
+            else render(
+                report, settings.format, color=color, width=width, only_changed=only_changed
+            )
+        )
+        sys.stdout.write(text)
+        return EXIT_OK if report.passed else EXIT_FINDINGS
+
+    raise typer.Exit(_guard(run, debug))
+
+
 def _show(cli: dict[str, Any], config: Path | None, layer: str) -> int:
     from bnaudit.check import Prepared, audit_options, prepare
     from bnaudit.engine import audit

@@ -46,6 +46,14 @@ CODES: tuple[str, ...] = (
     "bad-counter",
     "not-audited",
 )
+# `bnaudit diff`'s codes (bnaudit.diff): judged from two checkpoints, not from one.
+DIFF_CODES: tuple[str, ...] = (
+    "stats-not-updated",
+    "frozen-stats-updated",
+    "counter-reset",
+    "unmatched-layer",
+)
+ALL_CODES = CODES + DIFF_CODES
 
 # How to fix a finding. A code whose messages all call for the same fix has one hint here; a code
 # whose messages describe different situations has one hint per situation (SITUATION_HINTS), so
@@ -185,6 +193,38 @@ SITUATION_HINTS: dict[str, dict[str, str]] = {
         "int8": "quantize the folded weights per channel, not per tensor, " + _PRUNE,
     },
 }
+
+
+# The fixes for DIFF_CODES, with the same conventions: one hint, or one per situation.
+DIFF_HINTS: dict[str, str] = {
+    "frozen-stats-updated": "keep frozen BN in eval mode: call .eval() on the frozen part after "
+    "every model.train() (or use FrozenBatchNorm2d); nothing to fix if it was not meant frozen",
+    "unmatched-layer": "the checkpoints hold different layers here, which were not compared: "
+    "compare checkpoints of one architecture, or accept it if the architecture changed on "
+    "purpose",
+}
+DIFF_SITUATION_HINTS: dict[str, dict[str, str]] = {
+    "stats-not-updated": {
+        "stale": "recalibrate on training-like data (bnaudit recalibrate, or "
+        "torch.optim.swa_utils.update_bn(loader, model)), or fine-tune with BN in train mode; "
+        "if BN was kept in eval mode on purpose, the weights were trained with these statistics: "
+        "compare the task metric before and after recalibrating (bnaudit check with labelled "
+        "--data) before you do",
+        "frozen": "nothing to fix if the layer is a FrozenBatchNorm on purpose (detectron2, "
+        "torchvision detection): the weights were fine-tuned with these statistics",
+    },
+    "counter-reset": {
+        "recalibrated": "nothing to fix if this is a recalibration: update_bn and bnaudit "
+        "recalibrate set num_batches_tracked to the number of batches averaged",
+        "reset": "the counter restarted (a re-created model, a partial state-dict load): with "
+        "momentum=None the next train batch weighs 1/T, so restore the counter or recalibrate",
+    },
+}
+
+
+def diff_hint(code: str, situation: str = "") -> str:
+    """The fix for a DIFF_CODES finding in `situation` ("": a code with one hint)."""
+    return DIFF_SITUATION_HINTS[code][situation] if situation else DIFF_HINTS[code]
 
 
 def hint(code: str, situation: str = "", **fields: str) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bnaudit.errors import ConfigError
-from bnaudit.findings import CODES
+from bnaudit.findings import ALL_CODES
 from bnaudit.results import AuditReport, Finding, Status
 
 KEYS = ("layer", "code", "reason")
@@ -68,9 +68,10 @@ def _parse_entry(entry: Any, where: str) -> Ignore:
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(f"{where}: {key} = {value!r}: expected a non-empty string")
     code = entry["code"]
-    if not any(fnmatch.fnmatchcase(known, code) for known in CODES):
+    if not any(fnmatch.fnmatchcase(known, code) for known in ALL_CODES):
         raise ConfigError(
-            f"{where}: code = {code!r} matches no finding code; the codes are {', '.join(CODES)}"
+            f"{where}: code = {code!r} matches no finding code; the codes are "
+            f"{', '.join(ALL_CODES)}"
         )
     return Ignore(entry["layer"], code, entry["reason"].strip(), where)
 
