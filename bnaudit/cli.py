@@ -75,16 +75,41 @@ def check(
         "--model",
         "-m",
         rich_help_panel=_I,
-        help="Architecture: path/to/file.py:factory or package.module:factory"
-        " (called with no arguments).",
+        help="Architecture: timm:NAME, torchvision:NAME (built without pretrained weights: "
+        "the checkpoint has them), path/to/file.py:factory or package.module:factory.",
+    ),
+    model_arg: list[str] = typer.Option(
+        None,
+        "--model-arg",
+        rich_help_panel=_I,
+        help="NAME=VALUE keyword argument of the --model factory, VALUE a Python literal "
+        "(repeatable), e.g. --model-arg num_classes=10.",
     ),
     data: str = typer.Option(
         None,
         "--data",
         "-d",
         rich_help_panel=_I,
-        help="Sample batches: .pt/.pth, .npy, .npz, or path/to/file.py:function / "
-        "module:function returning batches (a DataLoader, say).",
+        help="Sample batches: a folder of images (pip install 'bnaudit[images]'), .pt/.pth, "
+        ".npy, .npz, or path/to/file.py:function / module:function returning batches "
+        "(a DataLoader, say).",
+    ),
+    image_size: int = typer.Option(
+        None,
+        rich_help_panel=_I,
+        help="Images: center crop size [default: timm's data config, else 224].",
+    ),
+    mean: str = typer.Option(
+        None,
+        rich_help_panel=_I,
+        help="Images: per-channel mean, e.g. 0.5,0.5,0.5 [default: timm's data config, else "
+        "ImageNet's 0.485,0.456,0.406].",
+    ),
+    std: str = typer.Option(
+        None,
+        rich_help_panel=_I,
+        help="Images: per-channel std [default: timm's data config, else ImageNet's "
+        "0.229,0.224,0.225].",
     ),
     input: str = typer.Option(
         None,
@@ -259,6 +284,7 @@ def _cli_settings(params: dict[str, Any]) -> dict[str, Any]:
     cli["format"] = cli.pop("fmt")
     cli["json"] = cli.pop("json_path")
     cli["trust"] = cli["trust"] or None
+    cli["model_args"] = tuple(cli.pop("model_arg") or ()) or None
     return cli
 
 

@@ -24,12 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from bnaudit.digest import sha256_file
-from bnaudit.errors import BnauditError, CheckpointError, ModelError, describe
+from bnaudit.errors import CheckpointError, describe
 from bnaudit.formats import Kind, ZipArchive, detect, safetensors_header
 from bnaudit.layers import KnownAttrs, counter_notes, read_counter
 from bnaudit.pickles import SAFE_GLOBALS, pickle_protocol, unsafe_globals
 from bnaudit.selection import Selection, select, shorten, unwrap
-from bnaudit.specs import import_object
 
 _SHOWN = 8  # keys listed in an error message before "and N more"
 
@@ -333,25 +332,6 @@ def _natural(text: str) -> list[Any]:
 
 
 # --- the model ----------------------------------------------------------------------------
-
-
-def build_model(spec: str) -> nn.Module:
-    """Call the factory named by `spec` with no arguments; it must return an nn.Module."""
-    try:
-        factory = import_object(spec, what="--model")
-    except BnauditError as exc:
-        raise ModelError(str(exc)) from exc
-    if not callable(factory):
-        raise ModelError(f"--model {spec}: {type(factory).__name__} object is not callable")
-    try:
-        model = factory()
-    except Exception as exc:
-        raise ModelError(f"--model {spec}: the factory raised {describe(exc)}") from exc
-    if not isinstance(model, nn.Module):
-        raise ModelError(
-            f"--model {spec}: the factory returned {type(model).__name__}, not a torch.nn.Module"
-        )
-    return model
 
 
 def load_into(model: nn.Module, state_dict: dict[str, Tensor], path: Path) -> tuple[str, ...]:
