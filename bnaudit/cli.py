@@ -325,6 +325,9 @@ def show(
     checkpoint: Path = typer.Argument(..., help="Checkpoint (only read).", show_default=False),
     layer: str = typer.Option(..., "--layer", "-l", help="Qualified name, e.g. layer1.0.bn1."),
     model: str = typer.Option(None, "--model", "-m", help="Architecture, as for check."),
+    model_arg: list[str] = typer.Option(
+        None, "--model-arg", help="NAME=VALUE argument of the --model factory, as for check."
+    ),
     data: str = typer.Option(None, "--data", "-d", help="Sample batches: measure the errors."),
     input: str = typer.Option(
         None, "--input", help="Input element or key of a batch, as for check."
@@ -343,6 +346,7 @@ def show(
     for key in ("config", "debug", "layer"):
         cli.pop(key)
     cli["trust"] = trust or None
+    cli["model_args"] = tuple(cli.pop("model_arg") or ()) or None
     raise typer.Exit(_guard(lambda: _show(cli, config, layer), debug))
 
 
@@ -351,6 +355,9 @@ def recalibrate(
     checkpoint: Path = typer.Argument(..., help="Checkpoint (only read).", show_default=False),
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the new checkpoint."),
     model: str = typer.Option(None, "--model", "-m", help="Architecture, as for check."),
+    model_arg: list[str] = typer.Option(
+        None, "--model-arg", help="NAME=VALUE argument of the --model factory, as for check."
+    ),
     data: str = typer.Option(None, "--data", "-d", help="Sample batches to recalibrate on."),
     input: str = typer.Option(
         None, "--input", help="Input element or key of a batch, as for check."
@@ -382,6 +389,7 @@ def recalibrate(
     cli = {
         "checkpoint": checkpoint,
         "model": model,
+        "model_args": tuple(model_arg or ()) or None,
         "data": data,
         "input": input,
         "metric": metric,
@@ -416,6 +424,9 @@ def fold(
     checkpoint: Path = typer.Argument(..., help="Checkpoint (only read).", show_default=False),
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the folded model."),
     model: str = typer.Option(None, "--model", "-m", help="Architecture, as for check."),
+    model_arg: list[str] = typer.Option(
+        None, "--model-arg", help="NAME=VALUE argument of the --model factory, as for check."
+    ),
     data: str = typer.Option(None, "--data", "-d", help="Batches to check the folded model on."),
     input: str = typer.Option(
         None, "--input", help="Input element or key of a batch, as for check."
@@ -434,6 +445,7 @@ def fold(
     cli = {
         "checkpoint": checkpoint,
         "model": model,
+        "model_args": tuple(model_arg or ()) or None,
         "data": data,
         "input": input,
         "input_shape": input_shape,

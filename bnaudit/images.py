@@ -55,10 +55,11 @@ class Preprocess:
     def describe(self) -> str:
         h, w = self.size
         scale = self.resize_to()
+        resize = f"shorter side to {scale[0]}" if h == w else f"to {scale[0]}x{scale[1]}"
         mean = ", ".join(f"{v:.3g}" for v in self.mean)
         std = ", ".join(f"{v:.3g}" for v in self.std)
         return (
-            f"resize to {scale[0]}x{scale[1]} ({self.interpolation}), center crop {h}x{w}, "
+            f"resize {resize} ({self.interpolation}), center crop {h}x{w}, "
             f"mean ({mean}), std ({std}) ({self.source})"
         )
 

@@ -221,7 +221,7 @@ def test_timm_on_an_image_folder_uses_timms_data_config(
     assert [c[0] for c in stub_timm.calls] == ["tinynet_a", "resolve_data_config"]
     # 9 images at batch size 4: 4 + 4, the last single image dropped; 20/0.8 = 25 then crop 20.
     assert "9 images in 2 batches of 4" in result.output
-    assert "resize to 25x25 (bicubic), center crop 20x20" in result.output
+    assert "resize shorter side to 25 (bicubic), center crop 20x20" in result.output
     assert "timm's data config for tinynet_a" in result.output
     model = stub_timm.calls[1][1]["model"]
     assert set(model.seen) == {(4, 3, 20, 20)}
@@ -345,7 +345,7 @@ def test_image_options_on_the_command_line(factory: Path, tmp_path: Path) -> Non
     args += ["--data", folder, "--batch-size", 3, "--image-size", 24]
     result = invoke(*args, "--mean", "0.5", "--std", "0.2,0.3,0.4")
     assert result.exit_code in (0, 1), result.output
-    assert "resize to 27x27 (bilinear), center crop 24x24" in result.output
+    assert "resize shorter side to 27 (bilinear), center crop 24x24" in result.output
     assert "mean (0.5, 0.5, 0.5), std (0.2, 0.3, 0.4)" in result.output
     assert "--image-size --mean --std from the command line" in result.output
     result = invoke(*args, "--mean", "0.5,0.5")
