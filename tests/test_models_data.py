@@ -27,7 +27,7 @@ from bnaudit.registry import build_model, parse_model_args
 
 runner = CliRunner()
 
-FACTORY = '''
+FACTORY = """
 from torch import nn
 
 class Net(nn.Module):
@@ -46,7 +46,7 @@ class Net(nn.Module):
 
 def build(num_classes, width=8):
     return Net(num_classes, width)
-'''
+"""
 
 
 def invoke(*args: Any) -> Result:
@@ -214,9 +214,7 @@ def test_timm_on_an_image_folder_uses_timms_data_config(
 ) -> None:
     ckpt = _checkpoint(tmp_path / "m.pt", _small(5))
     folder = _images(tmp_path / "imgs", 9)
-    result = invoke(
-        "check", ckpt, "--model", "timm:tinynet_a", "--data", folder, "--batch-size", 4
-    )
+    result = invoke("check", ckpt, "--model", "timm:tinynet_a", "--data", folder, "--batch-size", 4)
     assert result.exit_code in (0, 1), result.output
     assert [c[0] for c in stub_timm.calls] == ["tinynet_a", "resolve_data_config"]
     # 9 images at batch size 4: 4 + 4, the last single image dropped; 20/0.8 = 25 then crop 20.
