@@ -50,12 +50,18 @@ class Preprocess:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     channels: int = 3  # 3: RGB, 1: grayscale
+    crop_mode: str = "center"  # timm's: "center" keeps the aspect ratio, "squash" does not
     source: str = "defaults"  # where the numbers came from, for the report's note
 
     def describe(self) -> str:
         h, w = self.size
         scale = self.resize_to()
-        resize = f"shorter side to {scale[0]}" if h == w else f"to {scale[0]}x{scale[1]}"
+        if self.crop_mode == "squash":
+            resize = f"to {scale[0]}x{scale[1]}"
+        elif h == w:
+            resize = f"shorter side to {scale[0]}"
+        else:
+            resize = f"to cover {scale[0]}x{scale[1]}"
         mean = ", ".join(f"{v:.3g}" for v in self.mean)
         std = ", ".join(f"{v:.3g}" for v in self.std)
         return (
@@ -82,6 +88,7 @@ def from_timm(config: dict[str, Any], name: str) -> Preprocess:
             tuple(float(v) for v in config["mean"]),
             tuple(float(v) for v in config["std"]),
             channels,
+            str(config.get("crop_mode") or "center"),
             f"timm's data config for {name}",
         )
     except (KeyError, TypeError, ValueError) as exc:
@@ -219,16 +226,20 @@ def load_image(path: Path, p: Preprocess) -> Tensor:
 
 
 def _resize(image: Any, p: Preprocess, image_module: Any) -> Any:
-    """torchvision's Resize: the shorter side to the target for a square crop (aspect kept),
-    else exactly the target (H, W)."""
+    """timm's evaluation resize: "squash" resizes to the target exactly; otherwise the aspect
+    ratio is kept: for a square crop the shorter side becomes the target (torchvision's
+    Resize(int)), else the image is scaled to just cover the target (timm's ResizeKeepRatio)."""
     resample = _filter(p.interpolation, image_module)
     target_h, target_w = p.resize_to()
     w, h = image.size
-    if p.size[0] == p.size[1]:
+    if p.crop_mode == "squash":
+        new = (target_w, target_h)
+    elif target_h == target_w:
         short = target_h
         new = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
     else:
-        new = (target_w, target_h)
+        ratio = min(h / target_h, w / target_w)
+        new = (round(w / ratio), round(h / ratio))
     return image if new == (w, h) else image.resize(new, resample)
 
 

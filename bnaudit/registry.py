@@ -177,12 +177,16 @@ def _registry_factory(registry: str, name: str, kwargs: dict[str, Any]) -> Calla
             near = _nearest(name, list(module.list_models()))
             raise ModelError(f"--model {spec}: timm has no model {name!r}{near}")
         return lambda **kw: module.create_model(name, pretrained=False, **kw)
-    known = list(module.list_models())
-    if name not in known:
+    if hasattr(module, "list_models"):  # torchvision >= 0.14
+        known = list(module.list_models())
+        builder = module.get_model_builder(name) if name in known else None
+    else:
+        known = [n for n in dir(module) if n.islower() and not n.startswith("_")]
+        builder = getattr(module, name, None) if name in known else None
+    if not callable(builder):
         raise ModelError(
             f"--model {spec}: torchvision has no model {name!r}{_nearest(name, known)}"
         )
-    builder = module.get_model_builder(name)
     return lambda **kw: builder(weights=None, **kw)
 
 

@@ -308,6 +308,22 @@ def test_resize_then_center_crop_like_torchvision(tmp_path: Path) -> None:
     assert torch.all(x[:, :, :16] == 1.0) and torch.all(x[:, :, 16:] == 0.0)
 
 
+def test_non_square_crops_keep_the_aspect_ratio_unless_squashed(tmp_path: Path) -> None:
+    """A 40x40 image, its top quarter white, to a 10x20 (HxW) crop at crop_pct 1: "center"
+    scales it to cover 10x20 (20x20) and crops rows 5..15, all black; "squash" resizes it to
+    10x20 exactly, keeping the white top rows."""
+    pixels = np.zeros((40, 40, 3), dtype=np.uint8)
+    pixels[:10] = 255
+    Image.fromarray(pixels).save(tmp_path / "q.png")
+    center = Preprocess((10, 20), 1.0, "nearest", (0, 0, 0), (1, 1, 1))
+    squash = Preprocess((10, 20), 1.0, "nearest", (0, 0, 0), (1, 1, 1), crop_mode="squash")
+    x = load_image(tmp_path / "q.png", center)
+    assert x.shape == (3, 10, 20) and torch.all(x == 0.0)
+    y = load_image(tmp_path / "q.png", squash)
+    assert y.shape == (3, 10, 20)
+    assert torch.all(y[:, :2] == 1.0) and torch.all(y[:, 3:] == 0.0)
+
+
 def test_grayscale_and_rgba_images_become_rgb(tmp_path: Path) -> None:
     Image.new("L", (20, 20), 128).save(tmp_path / "g.png")
     Image.new("RGBA", (20, 20), (10, 20, 30, 40)).save(tmp_path / "a.png")
