@@ -7,6 +7,9 @@ with the parts of their API that bnaudit calls.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -24,6 +27,7 @@ from bnaudit.cli import app
 from bnaudit.errors import DataError, ModelError
 from bnaudit.images import DEFAULTS, ImageFolder, Preprocess, find_images, load_image
 from bnaudit.registry import build_model, parse_model_args
+from tests.test_cli import console_script
 
 runner = CliRunner()
 
@@ -428,3 +432,58 @@ def test_image_options_without_an_image_folder_are_refused(factory: Path, tmp_pa
         "--data", data, "--mean", "0.5",
     )  # fmt: skip
     assert result.exit_code == 2 and "preprocess a folder of images" in result.output
+
+
+# --- the console script, with a stub timm package on PYTHONPATH ------------------------------
+
+STUB_TIMM = """
+from torch import nn
+
+def list_models(*args, **kwargs):
+    return ["tiny"]
+
+def is_model(name):
+    return name == "tiny"
+
+def create_model(name, pretrained=True, num_classes=1000):
+    assert pretrained is False, "bnaudit must not ask for pretrained weights"
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(4, num_classes),
+    )
+"""
+STUB_TIMM_DATA = """
+def resolve_data_config(args=None, pretrained_cfg=None, model=None, **kwargs):
+    return {"input_size": (3, 12, 12), "interpolation": "bilinear", "crop_pct": 1.0,
+            "crop_mode": "center", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+"""
+
+
+@pytest.mark.slow
+def test_console_script_audits_a_timm_model_on_an_image_folder(tmp_path: Path) -> None:
+    site = tmp_path / "site" / "timm"
+    site.mkdir(parents=True)
+    (site / "__init__.py").write_text(STUB_TIMM)
+    (site / "data.py").write_text(STUB_TIMM_DATA)
+    sys.path.insert(0, str(tmp_path / "site"))
+    try:
+        import timm  # the stub, to save the checkpoint it will load
+
+        ckpt = _checkpoint(tmp_path / "m.pt", timm.create_model("tiny", False, num_classes=2))
+    finally:
+        sys.path.remove(str(tmp_path / "site"))
+        sys.modules.pop("timm", None)
+    folder = _images(tmp_path / "imgs", 8)
+    proc = subprocess.run(
+        [console_script(), "check", ckpt, "--model", "timm:tiny", "--model-arg", "num_classes=2",
+         "--data", folder, "--batch-size", "4", "--format", "json"],
+        capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+    )  # fmt: skip
+    assert proc.returncode in (0, 1), proc.stderr
+    notes = json.loads(proc.stdout)["summary"]["notes"]
+    assert any(
+        "8 images in 2 batches of 4; resize shorter side to 12 (bilinear), center crop 12x12" in n
+        and "timm's data config for tiny" in n
+        for n in notes
+    ), notes
