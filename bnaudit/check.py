@@ -101,6 +101,10 @@ def prepare(s: CheckSettings, log: Any = None) -> Prepared | AuditReport:
     do: its report comes back instead.
     """
     device = _device(s.device)
+    if s.model_args and s.model is None:
+        raise BnauditError(
+            f"--model-arg {s.model_args[0]}: arguments for the --model factory need --model"
+        )
     torch.manual_seed(s.seed)
     ckpt = load_checkpoint(s.checkpoint, trust=s.trust, key=s.key)
     if s.model is None and ckpt.module is None:

@@ -127,6 +127,15 @@ def test_model_args_reach_the_factory_on_the_command_line(factory: Path, tmp_pat
     assert result.exit_code == 2 and "shape mismatch" in result.output
 
 
+def test_model_args_without_a_model_are_refused(tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path / "m.pt", _small(2))
+    result = invoke("check", ckpt, "--model-arg", "num_classes=2")
+    assert result.exit_code == 2
+    assert "--model-arg num_classes=2: arguments for the --model factory need --model" in (
+        result.output
+    )
+
+
 def test_model_args_from_the_config_file(factory: Path, tmp_path: Path) -> None:
     ckpt = _checkpoint(tmp_path / "m.pt", build_model(f"{factory}:build", ["num_classes=3"]))
     config = tmp_path / "bnaudit.toml"
