@@ -310,11 +310,9 @@ def _image_folder(s: CheckSettings, model: nn.Module) -> ImageFolder:
 
 def _images_note(s: CheckSettings, folder: ImageFolder) -> str:
     files, total = len(folder.files), folder.total
-    sampled = (
-        f"{files} of {total} images (a sample, seed {s.seed})"
-        if files < total
-        else (f"{files} images")
-    )
+    sampled = f"{files} images"
+    if files < total:
+        sampled = f"{files} of {total} images (a sample, seed {s.seed})"
     return (
         f"--data {s.data}: {sampled} in {len(folder)} batches of {folder.batch_size}; "
         + folder.preprocess.describe()

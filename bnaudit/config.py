@@ -51,8 +51,9 @@ class CheckSettings:
     model: str | None = None
     model_args: tuple[str, ...] = ()  # NAME=VALUE keyword arguments of the --model factory
     data: str | None = None
-    image_size: int | None = None  # for a folder of images: the crop, [default: model's or 224]
-    mean: str | None = None  # per-channel, "0.485,0.456,0.406" [default: model's or ImageNet]
+    # For a folder of images (bnaudit.images); None: timm's data config, else the defaults.
+    image_size: int | None = None  # the center crop
+    mean: str | None = None  # per channel, "0.485,0.456,0.406"
     std: str | None = None
     input: str | None = None  # which element or key of a batch is the model's input
     metric: str | None = None  # module:fn(outputs, labels) -> float, for labelled batches
@@ -221,6 +222,8 @@ def _from_file(key: str, raw: Any, raw_key: str, path: Path) -> Any:
                 'e.g. ["num_classes=10"]'
             )
         return tuple(raw)
+    if key in ("mean", "std") and isinstance(raw, list):  # mean = [0.5, 0.5, 0.5]
+        return ",".join(str(v) for v in raw)
     if key == "data" and isinstance(raw, str) and (path.parent / raw).exists():
         return str(path.parent / raw)
     if key in ("model", "metric", "data") and isinstance(raw, str):

@@ -139,11 +139,14 @@ def test_model_args_without_a_model_are_refused(tmp_path: Path) -> None:
 def test_model_args_from_the_config_file(factory: Path, tmp_path: Path) -> None:
     ckpt = _checkpoint(tmp_path / "m.pt", build_model(f"{factory}:build", ["num_classes=3"]))
     config = tmp_path / "bnaudit.toml"
-    config.write_text(f'model = "{factory}:build"\nmodel-args = ["num_classes=3"]\n')
+    config.write_text(
+        f'model = "{factory}:build"\nmodel-args = ["num_classes=3"]\nmean = [0.5, 0.4, 0.3]\n'
+    )
     result = invoke("check", ckpt, "--config", config, "--input-shape", "4x3x8x8")
     assert result.exit_code in (0, 1), result.output
     shown = invoke("config", ckpt, "--config", config)
     assert 'model-args = ["num_classes=3"]' in shown.output
+    assert 'mean = "0.5,0.4,0.3"' in shown.output
 
 
 # --- registries: timm and torchvision, stubbed -----------------------------------------------
