@@ -90,26 +90,26 @@ def check(
         "--data",
         "-d",
         rich_help_panel=_I,
-        help="Sample batches: a folder of images (pip install 'bnaudit[images]'), .pt/.pth, "
-        ".npy, .npz, or path/to/file.py:function / module:function returning batches "
+        help="Sample batches: a folder of images (decoded by Pillow: pip install pillow), "
+        ".pt/.pth, .npy, .npz, or path/to/file.py:function / module:function returning batches "
         "(a DataLoader, say).",
     ),
     image_size: int = typer.Option(
         None,
         rich_help_panel=_I,
-        help="Images: center crop size [default: timm's data config, else 224].",
+        help="Images: center crop size (default: timm's data config, else 224).",
     ),
     mean: str = typer.Option(
         None,
         rich_help_panel=_I,
-        help="Images: per-channel mean, e.g. 0.5,0.5,0.5 [default: timm's data config, else "
-        "ImageNet's 0.485,0.456,0.406].",
+        help="Images: per-channel mean, e.g. 0.5,0.5,0.5 (default: timm's data config, else "
+        "ImageNet's 0.485,0.456,0.406).",
     ),
     std: str = typer.Option(
         None,
         rich_help_panel=_I,
-        help="Images: per-channel std [default: timm's data config, else ImageNet's "
-        "0.229,0.224,0.225].",
+        help="Images: per-channel std (default: timm's data config, else ImageNet's "
+        "0.229,0.224,0.225).",
     ),
     input: str = typer.Option(
         None,
