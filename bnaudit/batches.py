@@ -17,6 +17,14 @@ from torch import Tensor, nn
 
 from bnaudit.containers import is_namedtuple, map_tensors, tensors
 from bnaudit.errors import BnauditError, CheckpointError, DataError, describe
+from bnaudit.images import (
+    DEFAULT_MAX_IMAGES,
+    DEFAULTS,
+    ImageFolder,
+    Preprocess,
+    find_images,
+    is_image,
+)
 from bnaudit.limits import MAX_DATA_BYTES, MAX_INFLATION
 from bnaudit.paths import input_problem
 from bnaudit.specs import import_object
@@ -210,11 +218,23 @@ def synthetic_batches(shape: tuple[int, ...], count: int, seed: int) -> Iterator
         yield torch.randn(shape, generator=gen)
 
 
-def load_batches(spec: str, batch_size: int) -> Iterable[Any]:
-    """Read --data: .pt/.pth, .npy, .npz, or module:function returning an iterable of batches."""
+def load_batches(
+    spec: str,
+    batch_size: int,
+    *,
+    preprocess: Preprocess = DEFAULTS,
+    max_images: int | None = DEFAULT_MAX_IMAGES,
+    seed: int = 0,
+) -> Iterable[Any]:
+    """Read --data: a folder of images, .pt/.pth, .npy, .npz, or module:function returning an
+    iterable of batches. Images are `preprocess`ed; a folder of more than `max_images` is
+    sampled down to that many with `seed`."""
     if batch_size < 1:
         raise DataError(f"--batch-size must be at least 1, got {batch_size}")
     path = Path(spec)
+    if path.is_dir():
+        files, total = find_images(path, max_images, seed)
+        return ImageFolder(files, batch_size, preprocess, total)
     if os.path.lexists(path) or path.suffix.lower() in (*TORCH_SUFFIXES, ".npy", ".npz"):
         return _load_file(path, batch_size)
     if ":" in spec:
@@ -240,6 +260,12 @@ def _load_file(path: Path, batch_size: int) -> list[Any]:
     problem = input_problem(path)
     if problem:
         raise DataError(f"--data {path}: {problem}")
+    if is_image(path):
+        # torch.load would answer with its weights-only paragraph, which does not apply.
+        raise DataError(
+            f"--data {path}: this is an image; pass its folder (--data {path.parent}) to audit "
+            "on every image in it"
+        )
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":

@@ -36,12 +36,14 @@ from bnaudit.errors import BnauditError, ReportError
 from bnaudit.fold import check_folds, fold_model
 from bnaudit.html import render_html
 from bnaudit.ignores import apply_ignores
+from bnaudit.images import DEFAULT_MAX_IMAGES, DEFAULTS, ImageFolder, from_timm, with_options
 from bnaudit.impact import OutputDiff
 from bnaudit.junit import render_junit
 from bnaudit.layers import find_bn_layers, preserved
 from bnaudit.limits import DEFAULT_MAX_BATCHES
-from bnaudit.loading import Checkpoint, build_model, load_checkpoint, load_into
+from bnaudit.loading import Checkpoint, load_checkpoint, load_into
 from bnaudit.recalibrate import Recalibration, recalibrate
+from bnaudit.registry import build_model, registry_of, timm_data_config
 from bnaudit.report import Format, check_writable, render
 from bnaudit.results import AuditReport
 from bnaudit.saving import atomic, check_output, write_recalibrated
@@ -104,13 +106,20 @@ def prepare(s: CheckSettings, log: Any = None) -> Prepared | AuditReport:
     do: its report comes back instead.
     """
     device = _device(s.device)
+    if s.model_args and s.model is None:
+        raise BnauditError(
+            f"--model-arg {s.model_args[0]}: arguments for the --model factory need --model"
+        )
     torch.manual_seed(s.seed)
     ckpt = load_checkpoint(s.checkpoint, trust=s.trust, key=s.key)
     if s.model is None and ckpt.module is None:
         return _static(s, ckpt, log)
     model, notes = _model(s, ckpt)
     model.to(device)
-    batches, synthetic = _batches(s)
+    batches, synthetic = _batches(s, model)
+    if isinstance(batches, ImageFolder):
+        notes = (*notes, _images_note(s, batches))
+        _log(log, notes[-1])
     what = f"pickled module, {ckpt.source}" if ckpt.module is not None else ckpt.source
     _log(log, f"auditing {s.checkpoint} ({what}) on {device}")
     return Prepared(ckpt, model, batches, synthetic, notes)
@@ -256,7 +265,7 @@ def _model(s: CheckSettings, ckpt: Checkpoint) -> tuple[nn.Module, tuple[str, ..
     if s.model is None:
         assert ckpt.module is not None  # run_check audits a bare state dict statically
         return ckpt.module, ()
-    model = build_model(s.model)
+    model = build_model(s.model, s.model_args)
     notes: tuple[str, ...] = ()
     if ckpt.state_dict is not None:
         ckpt.verify(ckpt.state_dict)  # load_state_dict reads every tensor
@@ -266,10 +275,17 @@ def _model(s: CheckSettings, ckpt: Checkpoint) -> tuple[nn.Module, tuple[str, ..
     return model, notes
 
 
-def _batches(s: CheckSettings) -> tuple[Iterable[Any], bool]:
+def _batches(s: CheckSettings, model: nn.Module) -> tuple[Iterable[Any], bool]:
     if s.data and s.input_shape:
         raise BnauditError("give either --data or --input-shape, not both")
     if s.data:
+        if Path(s.data).is_dir():
+            return _image_folder(s, model), False
+        if s.image_size is not None or s.mean is not None or s.std is not None:
+            raise BnauditError(
+                f"--data {s.data}: --image-size, --mean and --std preprocess a folder of "
+                "images; batches from a file or a function are used as they are"
+            )
         batches = load_batches(s.data, s.batch_size)
         count = len(batches) if isinstance(batches, list) else None
         if s.batches is None and count is not None and count > DEFAULT_MAX_BATCHES:
@@ -284,6 +300,34 @@ def _batches(s: CheckSettings) -> tuple[Iterable[Any], bool]:
         count = s.batches if s.batches is not None else SYNTHETIC_BATCHES
         return synthetic_batches(parse_shape(s.input_shape), count, s.seed), True
     return [], False
+
+
+def _image_folder(s: CheckSettings, model: nn.Module) -> ImageFolder:
+    """A folder of images, preprocessed the way the model's family expects."""
+    assert s.data is not None
+    preprocess = DEFAULTS
+    registry = registry_of(s.model) if s.model else None
+    if registry is not None and registry[0] == "timm":
+        preprocess = from_timm(timm_data_config(model), registry[1])
+    preprocess = with_options(preprocess, s.image_size, s.mean, s.std)
+    # --batches caps the images; without it a large folder is sampled (seeded).
+    limit = s.batches * s.batch_size if s.batches is not None else DEFAULT_MAX_IMAGES
+    batches = load_batches(
+        s.data, s.batch_size, preprocess=preprocess, max_images=limit, seed=s.seed
+    )
+    assert isinstance(batches, ImageFolder)
+    return batches
+
+
+def _images_note(s: CheckSettings, folder: ImageFolder) -> str:
+    files, total = len(folder.files), folder.total
+    sampled = f"{files} images"
+    if files < total:
+        sampled = f"{files} of {total} images (a sample, seed {s.seed})"
+    return (
+        f"--data {s.data}: {sampled} in {len(folder)} batches of {folder.batch_size}; "
+        + folder.preprocess.describe()
+    )
 
 
 def _device(spec: str) -> torch.device:

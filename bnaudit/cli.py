@@ -77,16 +77,41 @@ def check(
         "--model",
         "-m",
         rich_help_panel=_I,
-        help="Architecture: path/to/file.py:factory or package.module:factory"
-        " (called with no arguments).",
+        help="Architecture: timm:NAME, torchvision:NAME (built without pretrained weights: "
+        "the checkpoint has them), path/to/file.py:factory or package.module:factory.",
+    ),
+    model_arg: list[str] = typer.Option(
+        None,
+        "--model-arg",
+        rich_help_panel=_I,
+        help="NAME=VALUE keyword argument of the --model factory, VALUE a Python literal "
+        "(repeatable), e.g. --model-arg num_classes=10.",
     ),
     data: str = typer.Option(
         None,
         "--data",
         "-d",
         rich_help_panel=_I,
-        help="Sample batches: .pt/.pth, .npy, .npz, or path/to/file.py:function / "
-        "module:function returning batches (a DataLoader, say).",
+        help="Sample batches: a folder of images (decoded by Pillow: pip install pillow), "
+        ".pt/.pth, .npy, .npz, or path/to/file.py:function / module:function returning batches "
+        "(a DataLoader, say).",
+    ),
+    image_size: int = typer.Option(
+        None,
+        rich_help_panel=_I,
+        help="Images: center crop size (default: timm's data config, else 224).",
+    ),
+    mean: str = typer.Option(
+        None,
+        rich_help_panel=_I,
+        help="Images: per-channel mean, e.g. 0.5,0.5,0.5 (default: timm's data config, else "
+        "ImageNet's 0.485,0.456,0.406).",
+    ),
+    std: str = typer.Option(
+        None,
+        rich_help_panel=_I,
+        help="Images: per-channel std (default: timm's data config, else ImageNet's "
+        "0.229,0.224,0.225).",
     ),
     input: str = typer.Option(
         None,
@@ -261,6 +286,7 @@ def _cli_settings(params: dict[str, Any]) -> dict[str, Any]:
     cli["format"] = cli.pop("fmt")
     cli["json"] = cli.pop("json_path")
     cli["trust"] = cli["trust"] or None
+    cli["model_args"] = tuple(cli.pop("model_arg") or ()) or None
     return cli
 
 
@@ -301,6 +327,9 @@ def show(
     checkpoint: Path = typer.Argument(..., help="Checkpoint (only read).", show_default=False),
     layer: str = typer.Option(..., "--layer", "-l", help="Qualified name, e.g. layer1.0.bn1."),
     model: str = typer.Option(None, "--model", "-m", help="Architecture, as for check."),
+    model_arg: list[str] = typer.Option(
+        None, "--model-arg", help="NAME=VALUE argument of the --model factory, as for check."
+    ),
     data: str = typer.Option(None, "--data", "-d", help="Sample batches: measure the errors."),
     input: str = typer.Option(
         None, "--input", help="Input element or key of a batch, as for check."
@@ -319,6 +348,7 @@ def show(
     for key in ("config", "debug", "layer"):
         cli.pop(key)
     cli["trust"] = trust or None
+    cli["model_args"] = tuple(cli.pop("model_arg") or ()) or None
     raise typer.Exit(_guard(lambda: _show(cli, config, layer), debug))
 
 
@@ -327,6 +357,9 @@ def recalibrate(
     checkpoint: Path = typer.Argument(..., help="Checkpoint (only read).", show_default=False),
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the new checkpoint."),
     model: str = typer.Option(None, "--model", "-m", help="Architecture, as for check."),
+    model_arg: list[str] = typer.Option(
+        None, "--model-arg", help="NAME=VALUE argument of the --model factory, as for check."
+    ),
     data: str = typer.Option(None, "--data", "-d", help="Sample batches to recalibrate on."),
     input: str = typer.Option(
         None, "--input", help="Input element or key of a batch, as for check."
@@ -358,6 +391,7 @@ def recalibrate(
     cli = {
         "checkpoint": checkpoint,
         "model": model,
+        "model_args": tuple(model_arg or ()) or None,
         "data": data,
         "input": input,
         "metric": metric,
@@ -392,6 +426,9 @@ def fold(
     checkpoint: Path = typer.Argument(..., help="Checkpoint (only read).", show_default=False),
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the folded model."),
     model: str = typer.Option(None, "--model", "-m", help="Architecture, as for check."),
+    model_arg: list[str] = typer.Option(
+        None, "--model-arg", help="NAME=VALUE argument of the --model factory, as for check."
+    ),
     data: str = typer.Option(None, "--data", "-d", help="Batches to check the folded model on."),
     input: str = typer.Option(
         None, "--input", help="Input element or key of a batch, as for check."
@@ -410,6 +447,7 @@ def fold(
     cli = {
         "checkpoint": checkpoint,
         "model": model,
+        "model_args": tuple(model_arg or ()) or None,
         "data": data,
         "input": input,
         "input_shape": input_shape,

@@ -49,7 +49,12 @@ class CheckSettings:
     checkpoint: Path
     key: str | None = None  # which state dict in a checkpoint dict
     model: str | None = None
+    model_args: tuple[str, ...] = ()  # NAME=VALUE keyword arguments of the --model factory
     data: str | None = None
+    # For a folder of images (bnaudit.images); None: timm's data config, else the defaults.
+    image_size: int | None = None  # the center crop
+    mean: str | None = None  # per channel, "0.485,0.456,0.406"
+    std: str | None = None
     input: str | None = None  # which element or key of a batch is the model's input
     metric: str | None = None  # module:fn(outputs, labels) -> float, for labelled batches
     input_shape: str | None = None
@@ -99,6 +104,7 @@ _ENUMS: dict[str, type[enum.Enum]] = {
 }
 _KINDS = {
     "batch_size": "int",
+    "image_size": "int",
     "batches": "int",
     "seed": "int",
     "max_annotations": "int",
@@ -209,6 +215,15 @@ def _from_file(key: str, raw: Any, raw_key: str, path: Path) -> Any:
         return path.parent / _coerce(raw, "str", raw_key, path)
     if key == "ignore":
         return parse_ignores(raw, str(path))
+    if key == "model_args":
+        if not (isinstance(raw, list) and all(isinstance(v, str) for v in raw)):
+            raise ConfigError(
+                f"{path}: {raw_key} = {raw!r}: expected a list of NAME=VALUE strings, "
+                'e.g. ["num_classes=10"]'
+            )
+        return tuple(raw)
+    if key in ("mean", "std") and isinstance(raw, list):  # mean = [0.5, 0.5, 0.5]
+        return ",".join(str(v) for v in raw)
     if key == "data" and isinstance(raw, str) and (path.parent / raw).exists():
         return str(path.parent / raw)
     if key in ("model", "metric", "data") and isinstance(raw, str):
@@ -285,5 +300,7 @@ def _toml(value: Any) -> str:
         value = value.value
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
     # A JSON string is a valid TOML basic string (both escape quotes, backslashes, controls).
     return json.dumps(str(value), ensure_ascii=False)

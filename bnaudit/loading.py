@@ -26,14 +26,13 @@ import torch
 from torch import Tensor, nn
 
 from bnaudit.digest import sha256_file
-from bnaudit.errors import BnauditError, CheckpointError, ModelError, describe
+from bnaudit.errors import CheckpointError, describe
 from bnaudit.formats import Kind, ZipArchive, detect, safetensors_header
 from bnaudit.layers import KnownAttrs, counter_notes, read_counter
 from bnaudit.paths import input_problem
 from bnaudit.pickles import SAFE_GLOBALS, pickle_protocol, unsafe_globals
 from bnaudit.refusals import check_bn_tensors, refuse_allocations
 from bnaudit.selection import Selection, select, shorten, unwrap
-from bnaudit.specs import import_object
 from bnaudit.untrusted import quote
 
 _SHOWN = 8  # keys listed in an error message before "and N more"
@@ -382,25 +381,6 @@ def _natural(text: str) -> list[Any]:
 
 
 # --- the model ----------------------------------------------------------------------------
-
-
-def build_model(spec: str) -> nn.Module:
-    """Call the factory named by `spec` with no arguments; it must return an nn.Module."""
-    try:
-        factory = import_object(spec, what="--model")
-    except BnauditError as exc:
-        raise ModelError(str(exc)) from exc
-    if not callable(factory):
-        raise ModelError(f"--model {spec}: {type(factory).__name__} object is not callable")
-    try:
-        model = factory()
-    except Exception as exc:
-        raise ModelError(f"--model {spec}: the factory raised {describe(exc)}") from exc
-    if not isinstance(model, nn.Module):
-        raise ModelError(
-            f"--model {spec}: the factory returned {type(model).__name__}, not a torch.nn.Module"
-        )
-    return model
 
 
 def load_into(model: nn.Module, state_dict: dict[str, Tensor], path: Path) -> tuple[str, ...]:

@@ -100,6 +100,11 @@ def summary_line(report: AuditReport, color: bool = False) -> str:
     )
 
 
+def summary_text(report: AuditReport, color: bool = False) -> str:
+    """The summary under the terminal table: verdict, counts, worst layers, notes."""
+    return "\n".join(_summary_lines(report, color)) + "\n"
+
+
 def _summary_lines(report: AuditReport, color: bool = False) -> list[str]:
     counts = report.counts()
     lines = [

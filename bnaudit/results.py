@@ -254,6 +254,37 @@ class AuditReport:
             out[f.status.value] += 1
         return out
 
+    def __repr__(self) -> str:
+        """One line: the verdict, the layer verdicts, what fails the gate, the data."""
+        counts = ", ".join(f"{k} {v}" for k, v in reversed(self.counts().items()) if v)
+        failing = len(self.failing)
+        gate = f"{failing} failing at fail_on={self.fail_on.value}" if failing else "passed"
+        where = f", checkpoint={self.checkpoint!r}" if self.checkpoint else ""
+        synthetic = " (synthetic)" if self.synthetic_data else ""
+        return (
+            f"<AuditReport {self.verdict.upper()}: {len(self.layers)} BN layers "
+            f"({counts or 'none'}), {gate}, {self.batches} batches{synthetic}{where}>"
+        )
+
+    def summary(self) -> str:
+        """The summary the terminal shows under the table: verdict, counts, worst layers and
+        notes, as plain text."""
+        from bnaudit.report import summary_text
+
+        return summary_text(self)
+
+    def render(self, format: str = "table") -> str:
+        """The whole report as `bnaudit check --format` prints it: "table" (the terminal
+        text, no colour), "markdown", "csv" or "json" (a `bnaudit.report.Format` too)."""
+        from bnaudit.report import Format, render
+
+        try:
+            fmt = Format(format)
+        except ValueError:
+            choices = ", ".join(f.value for f in Format)
+            raise ValueError(f"format {format!r}: choose one of {choices}") from None
+        return render(self, fmt)
+
     def layer(self, name: str) -> LayerResult:
         for result in self.layers:
             if result.name == name:
