@@ -46,6 +46,7 @@ from bnaudit.layers import (
 from bnaudit.metrics import measure
 from bnaudit.probe import Probe
 from bnaudit.results import AuditReport, FailOn, LayerResult
+from bnaudit.static import NO_BATCH_CODES
 
 
 @dataclass(frozen=True)
@@ -340,6 +341,8 @@ def audit(
         thresholds=dataclasses.asdict(t),
         impact=impact,
         model_findings=judge_model(impact, t),
+        checks_run=None if count else NO_BATCH_CODES,
+        checks_need="" if count else "--data or --input-shape",
     )
 
 

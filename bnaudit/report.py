@@ -5,19 +5,29 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-import math
 import os
-import re
 import tempfile
+import textwrap
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
-from bnaudit import __version__
+from bnaudit import __version__, table
 from bnaudit.errors import ReportError
-from bnaudit.results import AuditReport, Finding, LayerResult, Severity, Status, finite_or_none
-from bnaudit.terminal import paint
+from bnaudit.findings import CODES
+from bnaudit.results import (
+    AuditReport,
+    FailOn,
+    Finding,
+    LayerResult,
+    Severity,
+    Status,
+    finite_or_none,
+)
+from bnaudit.table import codes, num
+from bnaudit.terminal import paint, printable
 
 if TYPE_CHECKING:
     from bnaudit.baseline import BaselineCheck
@@ -46,28 +56,7 @@ _HEADERS = [
     "findings",
 ]
 _WORST_SHOWN = 5
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
-
-
-def printable(text: str) -> str:
-    """Untrusted text (layer names come from the checkpoint) for a terminal or a table:
-    control characters, line breaks and escape sequences included, become visible `\\xNN`."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
-def _num(v: float | int | None, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, int):
-        return str(v)
-    return f"{v:.{digits}g}"
-
-
-def _codes(r: LayerResult) -> str:
-    """The layer's codes: those that count, then waived ones marked with their status."""
-    counted = sorted({f.code for f in r.findings if f.counts})
-    waived = sorted({f"{f.code}({f.status.value})" for f in r.waived})
-    return " ".join(counted + waived)
+_num, _codes = num, codes
 
 
 def _row(r: LayerResult, color: bool = False) -> list[str]:
@@ -91,16 +80,39 @@ def _row(r: LayerResult, color: bool = False) -> list[str]:
 
 
 def summary_line(report: AuditReport, color: bool = False) -> str:
-    """The one-line verdict (all that `--quiet` prints)."""
+    """The verdict in one line, last of the table output and all that `--quiet` prints: what
+    fails the gate, or which checks ran when not all of them did, then the layer counts."""
     verdict = report.verdict.upper()
+    parts = [_gate(report)]
+    counts = report.counts()
+    layers = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+    parts.append(f"{len(report.layers)} BN layers: {layers or 'none'}")
     status = report.status_counts()
     accepted = [f"{status[k]} {k}" for k in ("ignored", "baselined") if status[k]]
-    return (
-        f"bnaudit {__version__}: {len(report.layers)} BatchNorm layers, {report.batches} "
-        f"batches ({report.forward_passes} forward passes): "
-        f"{paint(verdict, report.verdict) if color else verdict}"
-        f" (fail on: {report.fail_on.value})" + (f"; {', '.join(accepted)}" if accepted else "")
-    )
+    if accepted:
+        parts.append(", ".join(accepted))
+    head = paint(verdict, report.verdict) if color else verdict
+    return f"{head}: " + "; ".join(parts)
+
+
+def _gate(report: AuditReport) -> str:
+    failing = report.failing
+    if failing:
+        by_code = Counter(f.code for f in failing)
+        what = ", ".join(f"{c} x{n}" if n > 1 else c for c, n in by_code.items())
+        many = len(failing) > 1
+        return (
+            f"{len(failing)} finding{'s' if many else ''} fail{'' if many else 's'} the gate "
+            f"({report.fail_on.value} or worse: {what})"
+        )
+    if report.checks_run is not None:
+        return (
+            f"static checks only, {len(report.checks_run)} of {len(CODES)} checks; pass "
+            f"{report.checks_need} for the rest"
+        )
+    if report.fail_on is FailOn.NEVER:
+        return "the gate is off (--fail-on never)"
+    return f"no finding at {report.fail_on.value} or worse"
 
 
 def _summary_lines(report: AuditReport, color: bool = False) -> list[str]:
@@ -192,20 +204,102 @@ def _waived_lines(report: AuditReport, bullet: str = "") -> list[str]:
     return lines
 
 
-def render_table(report: AuditReport, color: bool = False) -> str:
-    table = tabulate(
-        [_row(r, color) for r in report.layers],
-        headers=_HEADERS,
-        tablefmt="simple",
-        disable_numparse=True,
+def _grouped_lines(findings: list[Finding], width: int | None, waived: bool = False) -> list[str]:
+    """One line per (code, severity), status too for waived ones: the count and the layers,
+    as `ruff --statistics` does; then the most common fix."""
+    groups: dict[tuple[str, Severity, Status], list[Finding]] = {}
+    for f in sorted(findings, key=lambda f: -f.severity):
+        status = f.status if waived else Status.OPEN
+        groups.setdefault((f.code, f.severity, status), []).append(f)
+    names = [f"{code} [{status.value}]" if waived else code for code, _, status in groups]
+    code_w = max((len(n) for n in names), default=0)
+    count_w = max((len(str(len(g))) for g in groups.values()), default=1)
+    lines = []
+    for name, ((_, severity, _), group) in zip(names, groups.items(), strict=True):
+        head = f"{severity.label.upper():4}  {name:<{code_w}}  {len(group):>{count_w}}  "
+        layers = [printable(f.layer) for f in group]
+        lines.append(head + _listed(layers, None if width is None else width - len(head)))
+        hints = Counter(printable(f.status_reason if waived else f.hint) for f in group)
+        hints.pop("", None)
+        if hints:
+            text, _ = hints.most_common(1)[0]
+            more = len(hints) - 1
+            label = group[0].status.value if waived else "fix"
+            text += (
+                f" (and {more} other {'reasons' if waived else 'fixes'}: --verbose)" if more else ""
+            )
+            lines += _wrapped(f"{label}: {text}", width, "      ")
+    return lines
+
+
+def _listed(names: list[str], room: int | None) -> str:
+    """`a, b, c`, cut to `room` characters with a count of the rest (`a, b, +5 more`)."""
+    text = ", ".join(names)
+    if room is None or len(text) <= room:
+        return text
+    for keep in range(len(names) - 1, 0, -1):
+        text = ", ".join(names[:keep]) + f", +{len(names) - keep} more"
+        if len(text) <= room:
+            return text
+    return f"{table.shorten(names[0], max(room - 10, 8))}, +{len(names) - 1} more"
+
+
+def _wrapped(text: str, width: int | None, indent: str) -> list[str]:
+    if width is None:
+        return [indent + text]
+    return textwrap.wrap(
+        text, width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False
+    ) or [indent]
+
+
+def _context_lines(report: AuditReport, width: int | None, verbose: bool) -> list[str]:
+    """What the audit ran on and what it measured beyond the table: checkpoint, passes, output
+    impact, baseline, notes; wrapped to `width`."""
+    lines = []
+    if report.checkpoint:
+        sha = report.sha256 if verbose or report.sha256 is None else report.sha256[:12] + "…"
+        lines.append(f"checkpoint: {printable(report.checkpoint)} (sha256 {sha})")
+    lines.append(
+        f"bnaudit {__version__}: {report.batches} batches, {report.forward_passes} forward passes"
     )
-    parts = [table, "", *_summary_lines(report, color)]
-    findings = _finding_lines(report)
-    if findings:
-        parts += ["", "findings:", *findings]
-    waived = _waived_lines(report)
+    if report.baseline:
+        lines += _baseline_lines(report, report.baseline)
+    lines += _impact_lines(report)
+    if report.synthetic_data:
+        lines.append("note: synthetic N(0,1) batches: data-dependent verdicts are not drawn")
+    lines += [f"note: {printable(n)}" for n in report.notes]
+    out = []
+    for line in lines:
+        indent = "  " if line.startswith("  ") else ""
+        first, *rest = _wrapped(line.strip(), width, indent)
+        out += [first, *(("  " + r.lstrip()) for r in rest)] if rest else [first]
+    return out
+
+
+def render_table(
+    report: AuditReport,
+    color: bool = False,
+    *,
+    width: int | None = table.DEFAULT_WIDTH,
+    verbose: bool = False,
+) -> str:
+    """The terminal output: the table at most `width` columns wide (None: every column),
+    its legend, the context, the findings grouped by code (`verbose`: one per layer, with
+    its message), and the verdict as the last line."""
+    grid, legend = table.render(report.layers, width=width, color=color)
+    parts = [grid, legend, "", *_context_lines(report, width, verbose)]
+    counted = [f for f in report.findings if f.counts]
+    waived = [f for f in report.findings if not f.counts]
+    if counted:
+        if verbose:
+            parts += ["", "findings:", *_finding_lines(report)]
+        else:
+            parts += ["", f"findings ({len(counted)}; --verbose for each message):"]
+            parts += _grouped_lines(counted, width)
     if waived:
-        parts += ["", "accepted (ignored or baselined; they do not fail the gate):", *waived]
+        parts += ["", "accepted (ignored or baselined; they do not fail the gate):"]
+        parts += _waived_lines(report) if verbose else _grouped_lines(waived, width, waived=True)
+    parts += ["", summary_line(report, color)]
     return "\n".join(parts) + "\n"
 
 
@@ -319,10 +413,18 @@ RENDERERS = {
 }
 
 
-def render(report: AuditReport, fmt: Format, *, color: bool = False) -> str:
-    """`report` in `fmt`; `color` (ANSI verdicts) applies to the terminal table only."""
+def render(
+    report: AuditReport,
+    fmt: Format,
+    *,
+    color: bool = False,
+    width: int | None = table.DEFAULT_WIDTH,
+    verbose: bool = False,
+) -> str:
+    """`report` in `fmt`; `color` (ANSI verdicts), `width` (None: unlimited) and `verbose`
+    (every finding with its message) apply to the terminal table only."""
     if fmt is Format.TABLE:
-        return render_table(report, color)
+        return render_table(report, color, width=width, verbose=verbose)
     return RENDERERS[fmt](report)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from typing import TextIO
@@ -13,6 +14,15 @@ _STYLES = {
     "warn": "33",  # yellow
     "fail": "31;1",  # bold red
 }
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Untrusted text (layer names come from the checkpoint) for a terminal or a table:
+    control characters, line breaks and escape sequences included, become visible `\\xNN`."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def is_terminal(stream: TextIO) -> bool:
