@@ -205,17 +205,18 @@ def _waived_lines(report: AuditReport, bullet: str = "") -> list[str]:
 
 
 def _grouped_lines(findings: list[Finding], width: int | None, waived: bool = False) -> list[str]:
-    """One line per (code, severity), status too for waived ones: the count and the layers,
-    as `ruff --statistics` does; then the most common fix."""
+    """One line per (code, severity, status): the count and the layers, as `ruff --statistics`
+    does; then the most common fix (for waived findings: the most common reason)."""
     groups: dict[tuple[str, Severity, Status], list[Finding]] = {}
     for f in sorted(findings, key=lambda f: -f.severity):
-        status = f.status if waived else Status.OPEN
-        groups.setdefault((f.code, f.severity, status), []).append(f)
-    names = [f"{code} [{status.value}]" if waived else code for code, _, status in groups]
+        groups.setdefault((f.code, f.severity, f.status), []).append(f)
+    names = [
+        code if status is Status.OPEN else f"{code} [{status.value}]" for code, _, status in groups
+    ]
     code_w = max((len(n) for n in names), default=0)
     count_w = max((len(str(len(g))) for g in groups.values()), default=1)
     lines = []
-    for name, ((_, severity, _), group) in zip(names, groups.items(), strict=True):
+    for name, ((_, severity, status), group) in zip(names, groups.items(), strict=True):
         head = f"{severity.label.upper():4}  {name:<{code_w}}  {len(group):>{count_w}}  "
         layers = [printable(f.layer) for f in group]
         lines.append(head + _listed(layers, None if width is None else width - len(head)))
@@ -224,11 +225,9 @@ def _grouped_lines(findings: list[Finding], width: int | None, waived: bool = Fa
         if hints:
             text, _ = hints.most_common(1)[0]
             more = len(hints) - 1
-            label = group[0].status.value if waived else "fix"
-            text += (
-                f" (and {more} other {'reasons' if waived else 'fixes'}: --verbose)" if more else ""
-            )
-            lines += _wrapped(f"{label}: {text}", width, "      ")
+            if more:
+                text += f" (and {more} other {'reasons' if waived else 'fixes'}: --verbose)"
+            lines += _wrapped(f"{status.value if waived else 'fix'}: {text}", width, "      ")
     return lines
 
 
@@ -241,6 +240,8 @@ def _listed(names: list[str], room: int | None) -> str:
         text = ", ".join(names[:keep]) + f", +{len(names) - keep} more"
         if len(text) <= room:
             return text
+    if len(names) == 1:
+        return table.shorten(text, max(room, 8))
     return f"{table.shorten(names[0], max(room - 10, 8))}, +{len(names) - 1} more"
 
 
@@ -248,7 +249,12 @@ def _wrapped(text: str, width: int | None, indent: str) -> list[str]:
     if width is None:
         return [indent + text]
     return textwrap.wrap(
-        text, width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False
+        text,
+        width,
+        initial_indent=indent,
+        subsequent_indent=indent,
+        break_on_hyphens=False,
+        break_long_words=False,  # paths and code stay whole, to be copied
     ) or [indent]
 
 
@@ -262,8 +268,6 @@ def _context_lines(report: AuditReport, width: int | None, verbose: bool) -> lis
     lines.append(
         f"bnaudit {__version__}: {report.batches} batches, {report.forward_passes} forward passes"
     )
-    if report.baseline:
-        lines += _baseline_lines(report, report.baseline)
     lines += _impact_lines(report)
     if report.synthetic_data:
         lines.append("note: synthetic N(0,1) batches: data-dependent verdicts are not drawn")
@@ -273,7 +277,8 @@ def _context_lines(report: AuditReport, width: int | None, verbose: bool) -> lis
         indent = "  " if line.startswith("  ") else ""
         first, *rest = _wrapped(line.strip(), width, indent)
         out += [first, *(("  " + r.lstrip()) for r in rest)] if rest else [first]
-    return out
+    # baseline lines unwrapped: the rerun command in them is to be copied whole
+    return out + (_baseline_lines(report, report.baseline) if report.baseline else [])
 
 
 def render_table(
