@@ -82,7 +82,7 @@ COLUMNS: tuple[Column, ...] = (
         "momentum",
         lambda r: "cumul." if r.metrics.momentum is None else num(r.metrics.momentum),
         7,
-        "cumul.: cumulative average",
+        "momentum: cumul. = cumulative average",
     ),
     Column("T", lambda r: num(r.metrics.num_batches_tracked), 7, "T num_batches_tracked"),
     Column("findings", codes, 0, ""),
