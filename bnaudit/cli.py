@@ -123,7 +123,9 @@ def check(
         help="Split a single data tensor into batches of this size "
         "[default: 32]; use the training batch size where known.",
     ),
-    batches: int = typer.Option(None, rich_help_panel=_I, help="Use at most this many batches."),
+    batches: int = typer.Option(
+        None, rich_help_panel=_I, help="Use at most this many batches [default: all]."
+    ),
     device: str = typer.Option(None, rich_help_panel=_I, help="Device [default: cpu]."),
     seed: int = typer.Option(None, rich_help_panel=_I, help="Random seed [default: 0]."),
     train_mode: TrainMode = typer.Option(
@@ -191,7 +193,8 @@ def check(
         None,
         "--attribution/--no-attribution",
         rich_help_panel=_O,
-        help="Also recalibrate each flagged layer alone (8 at most, a pass per batch each).",
+        help="Also recalibrate each flagged layer alone (8 at most, a pass per batch each) "
+        "[default: off].",
     ),
     max_output_change: float = typer.Option(
         None,
