@@ -26,6 +26,7 @@ from bnaudit.results import (
     Status,
     finite_or_none,
 )
+from bnaudit.table import COLUMNS as SCREEN_COLUMNS
 from bnaudit.table import codes, num
 from bnaudit.terminal import paint, printable
 
@@ -40,21 +41,7 @@ class Format(str, enum.Enum):
     JSON = "json"
 
 
-_HEADERS = [
-    "layer",
-    "type",
-    "C",
-    "N",
-    "verdict",
-    "train err",
-    "eval err",
-    "shift",
-    "ln var",
-    "gap",
-    "momentum",
-    "T",
-    "findings",
-]
+_HEADERS = [c.header for c in SCREEN_COLUMNS]  # the terminal table's, every one
 _WORST_SHOWN = 5
 _num, _codes = num, codes
 
@@ -116,13 +103,15 @@ def _gate(report: AuditReport) -> str:
 
 
 def _summary_lines(report: AuditReport, color: bool = False) -> list[str]:
+    """Every fact of the summary for a report file, the verdict line last."""
     counts = report.counts()
     lines = [
-        summary_line(report, color),
+        f"bnaudit {__version__}: {report.batches} batches, {report.forward_passes} forward "
+        f"passes; fail on: {report.fail_on.value}",
         "verdicts: " + ", ".join(f"{k} {v}" for k, v in counts.items()),
     ]
     if report.checkpoint:
-        lines.insert(1, f"checkpoint: {printable(report.checkpoint)} (sha256 {report.sha256})")
+        lines.insert(0, f"checkpoint: {printable(report.checkpoint)} (sha256 {report.sha256})")
     worst = sorted(
         (r for r in report.layers if r.severity >= Severity.WARN), key=lambda r: -r.severity
     )[:_WORST_SHOWN]
@@ -137,7 +126,7 @@ def _summary_lines(report: AuditReport, color: bool = False) -> list[str]:
     if report.synthetic_data:
         lines.append("note: synthetic N(0,1) batches: data-dependent verdicts are not drawn")
     lines += [f"note: {printable(n)}" for n in report.notes]
-    return lines
+    return [*lines, summary_line(report, color)]
 
 
 def _baseline_lines(report: AuditReport, b: BaselineCheck) -> list[str]:
@@ -312,13 +301,18 @@ def render_markdown(report: AuditReport) -> str:
     table = tabulate(
         [_row(r) for r in report.layers], headers=_HEADERS, tablefmt="github", disable_numparse=True
     )
-    summary = _summary_lines(report)
+    *facts, verdict = _summary_lines(report)
+    legend = "; ".join(c.legend for c in SCREEN_COLUMNS if c.legend)
     parts = [
         f"# bnaudit report: {report.verdict.upper()}",
         "",
-        *[f"- {s}" for s in summary[1:]],
+        f"**{verdict}**",
+        "",
+        *[f"- {s}" for s in facts],
         "",
         table,
+        "",
+        f"Columns: {legend}.",
     ]
     findings = _finding_lines(report, bullet="- ")
     parts += ["", "## Findings", "", *(findings or ["None."])]
@@ -347,6 +341,8 @@ def report_dict(report: AuditReport) -> dict[str, Any]:
                 "batches": report.batches,
                 "forward_passes": report.forward_passes,
                 "synthetic_data": report.synthetic_data,
+                # the codes judged when not all were (static audit, no batch); null: all
+                "checks_run": None if report.checks_run is None else list(report.checks_run),
                 "notes": list(report.notes),
                 "impact": dataclasses.asdict(report.impact) if report.impact else None,
                 "model_findings": [_finding_dict(f) for f in report.model_findings],
