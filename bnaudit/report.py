@@ -71,6 +71,8 @@ def summary_line(report: AuditReport, color: bool = False) -> str:
     fails the gate, or which checks ran when not all of them did, then the layer counts."""
     verdict = report.verdict.upper()
     parts = [_gate(report)]
+    if report.checks_run is not None and report.failing:  # a failing static audit says it too
+        parts.append(_partial(report))
     counts = report.counts()
     layers = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
     parts.append(f"{len(report.layers)} BN layers: {layers or 'none'}")
@@ -80,6 +82,14 @@ def summary_line(report: AuditReport, color: bool = False) -> str:
         parts.append(", ".join(accepted))
     head = paint(verdict, report.verdict) if color else verdict
     return f"{head}: " + "; ".join(parts)
+
+
+def _partial(report: AuditReport) -> str:
+    assert report.checks_run is not None
+    return (
+        f"static checks only, {len(report.checks_run)} of {len(CODES)} checks; pass "
+        f"{report.checks_need} for the rest"
+    )
 
 
 def _gate(report: AuditReport) -> str:
@@ -93,10 +103,7 @@ def _gate(report: AuditReport) -> str:
             f"({report.fail_on.value} or worse: {what})"
         )
     if report.checks_run is not None:
-        return (
-            f"static checks only, {len(report.checks_run)} of {len(CODES)} checks; pass "
-            f"{report.checks_need} for the rest"
-        )
+        return _partial(report)
     if report.fail_on is FailOn.NEVER:
         return "the gate is off (--fail-on never)"
     return f"no finding at {report.fail_on.value} or worse"
@@ -252,7 +259,8 @@ def _context_lines(report: AuditReport, width: int | None, verbose: bool) -> lis
     impact, baseline, notes; wrapped to `width`."""
     lines = []
     if report.checkpoint:
-        sha = report.sha256 if verbose or report.sha256 is None else report.sha256[:12] + "…"
+        full = verbose or width is None or report.sha256 is None
+        sha = report.sha256 if full else report.sha256[:12] + "…"  # type: ignore[index]
         lines.append(f"checkpoint: {printable(report.checkpoint)} (sha256 {sha})")
     lines.append(
         f"bnaudit {__version__}: {report.batches} batches, {report.forward_passes} forward passes"
