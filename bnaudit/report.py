@@ -43,7 +43,6 @@ class Format(str, enum.Enum):
 
 _HEADERS = [c.header for c in SCREEN_COLUMNS]  # the terminal table's, every one
 _WORST_SHOWN = 5
-_num, _codes = num, codes
 
 
 def _row(r: LayerResult, color: bool = False) -> list[str]:
@@ -53,16 +52,16 @@ def _row(r: LayerResult, color: bool = False) -> list[str]:
         printable(r.name),
         printable(r.type),
         str(m.channels),
-        _num(m.values_per_channel or None),
+        num(m.values_per_channel or None),
         paint(r.verdict, r.verdict) if color else r.verdict,
-        _num(m.recon_train_ratio, 2),
-        _num(m.recon_eval_ratio, 2),
-        _num(m.stale_shift_max, 2) if judged else "-",
-        _num(m.stale_log_var_max, 2) if judged else "-",
-        _num(m.gap_fraction, 2) if m.gap_judged == "yes" else "-",
-        "cumul." if m.momentum is None else _num(m.momentum),
-        _num(m.num_batches_tracked),
-        _codes(r),
+        num(m.recon_train_ratio, 2),
+        num(m.recon_eval_ratio, 2),
+        num(m.stale_shift_max, 2) if judged else "-",
+        num(m.stale_log_var_max, 2) if judged else "-",
+        num(m.gap_fraction, 2) if m.gap_judged == "yes" else "-",
+        "cumul." if m.momentum is None else num(m.momentum),
+        num(m.num_batches_tracked),
+        codes(r),
     ]
 
 
@@ -114,7 +113,7 @@ def _summary_lines(report: AuditReport, color: bool = False) -> list[str]:
     counts = report.counts()
     lines = [
         f"bnaudit {__version__}: {report.batches} batches, {report.forward_passes} forward "
-        f"passes; fail on: {report.fail_on.value}",
+        f"passes; gate: --fail-on {report.fail_on.value}",
         "verdicts: " + ", ".join(f"{k} {v}" for k, v in counts.items()),
     ]
     if report.checkpoint:
@@ -123,10 +122,10 @@ def _summary_lines(report: AuditReport, color: bool = False) -> list[str]:
         (r for r in report.layers if r.severity >= Severity.WARN), key=lambda r: -r.severity
     )[:_WORST_SHOWN]
     for r in worst:
-        codes = ", ".join(
+        found = ", ".join(
             dict.fromkeys(f.code for f in r.findings if f.counts and f.severity == r.severity)
         )
-        lines.append(f"worst: {printable(r.name)} ({r.verdict}: {codes})")
+        lines.append(f"worst: {printable(r.name)} ({r.verdict}: {found})")
     if report.baseline:
         lines += _baseline_lines(report, report.baseline)
     lines += _impact_lines(report)
@@ -161,10 +160,10 @@ def _impact_lines(report: AuditReport) -> list[str]:
     top1 = "" if i.top1_agreement is None else f", top-1 agreement {100 * i.top1_agreement:.1f}%"
     lines = [
         f"output impact of recalibrating ({i.regime} regime, {i.forward_passes} extra passes): "
-        f"rel L2 {_num(i.rel_l2)}, max abs {_num(i.max_abs)}{top1}"
+        f"rel L2 {num(i.rel_l2)}, max abs {num(i.max_abs)}{top1}"
     ]
     ranked = sorted(i.per_layer.items(), key=lambda kv: -kv[1])
-    lines += [f"  {name} alone: rel L2 {_num(change)}" for name, change in ranked]
+    lines += [f"  {name} alone: rel L2 {num(change)}" for name, change in ranked]
     if i.evidence is not None:
         lines.append(f"  {i.evidence.describe()}")
     return lines
@@ -478,9 +477,9 @@ def render_changes(before: AuditReport, after: AuditReport, layers: list[str]) -
             [
                 printable(name),
                 f"{b.verdict} -> {a.verdict}",
-                f"{_num(b.metrics.stale_shift_max, 2)} -> {_num(a.metrics.stale_shift_max, 2)}",
-                f"{_num(b.metrics.stale_log_var_max, 2)} -> {_num(a.metrics.stale_log_var_max, 2)}",
-                f"{_num(b.metrics.gap_fraction, 2)} -> {_num(a.metrics.gap_fraction, 2)}",
+                f"{num(b.metrics.stale_shift_max, 2)} -> {num(a.metrics.stale_shift_max, 2)}",
+                f"{num(b.metrics.stale_log_var_max, 2)} -> {num(a.metrics.stale_log_var_max, 2)}",
+                f"{num(b.metrics.gap_fraction, 2)} -> {num(a.metrics.gap_fraction, 2)}",
             ]
         )
     table = tabulate(
