@@ -30,6 +30,7 @@ bench: $(STAMP)
 # exit code is a real failure.
 demo: $(STAMP)
 	$(BIN)/python -m bnaudit.demo demo
+	@echo "demo: auditing demo/model.pt on demo/calib.pt (8 batches; reports in demo/):"
 	$(BIN)/bnaudit check demo/model.pt --model bnaudit.demo:build_model --data demo/calib.pt \
 		--markdown demo/report.md --csv demo/report.csv --json demo/report.json; \
 	rc=$$?; if [ $$rc -eq 1 ]; then echo "demo: exit 1 = findings, as planted (reports in demo/)"; \

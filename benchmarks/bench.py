@@ -753,6 +753,17 @@ def log(text: str) -> None:
     print(f"bench: {text}", file=sys.stderr, flush=True)
 
 
+# Figures measured by hand live at the end of RESULTS.md, below this line, and survive a rerun.
+HAND_MARK = "<!-- measured by hand: make bench keeps everything below this line -->"
+
+
+def kept_by_hand(path: Path) -> str:
+    """The hand-measured part of an existing RESULTS.md (from HAND_MARK on), else ""."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    at = text.find(HAND_MARK)
+    return "\n" + text[at:] if at >= 0 else ""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -772,6 +783,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {args.models}")
     torch.set_num_threads(args.threads)
     env = child_env(args.threads)
+    kept = kept_by_hand(args.out)  # read first: the run rewrites the file
     started = time.perf_counter()
     every = CASES
     depths = DEPTHS
@@ -816,7 +828,7 @@ def main(argv: list[str] | None = None) -> None:
         head, cases, inproc, procs, rss, profiles, growth, by_batches, by_depth, static, command
     )
     results.elapsed = time.perf_counter() - started
-    args.out.write_text(results.render() + "\n")
+    args.out.write_text(results.render() + "\n" + kept)
     log(f"wrote {args.out} in {results.elapsed:.0f} s")
 
 

@@ -151,16 +151,21 @@ def _metric(spec: str | None) -> Callable[..., float] | None:
     return fn
 
 
+# A progress callback: (batches done, batches in the pass or None when unknown, the stage:
+# "audit", or "output impact, pass 2" for the passes that measure recalibration's effect).
+ProgressFn = Callable[[int, int | None, str], None]
+
+
 def run_check(
     s: CheckSettings,
     log: Any = None,
-    progress: Callable[[int, int | None], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> AuditReport:
     """Everything `bnaudit check` does before rendering; raises BnauditError subclasses.
 
     The report comes back judged: ignores applied, then the baseline (written first when
     `write_baseline` is set, so that the run is judged against what it wrote). `progress`, when
-    given, is called after each batch with the batches done and the total (None if unknown).
+    given, is called after each batch of every pass (see `ProgressFn`).
     """
     check_outputs(s)  # fail before the audit, not after it
     # A broken baseline fails before the audit too.
@@ -175,6 +180,7 @@ def run_check(
         checkpoint=clean(str(s.checkpoint)),
         sha256=p.checkpoint.sha256,
         progress=_per_batch(progress, _batch_count(p.batches, s.batches)),
+        impact_progress=_per_impact_batch(progress),
     )
     report = dataclasses.replace(report, notes=(*p.checkpoint.notes, *p.notes, *report.notes))
     return judge(report, s, baseline)
@@ -195,12 +201,16 @@ def judge(report: AuditReport, s: CheckSettings, baseline: Baseline | None = Non
     )
 
 
-def _per_batch(
-    progress: Callable[[int, int | None], None] | None, total: int | None
-) -> Callable[[int], None] | None:
+def _per_batch(progress: ProgressFn | None, total: int | None) -> Callable[[int], None] | None:
     if progress is None:
         return None
-    return lambda done: progress(done, total)
+    return lambda done: progress(done, total, "audit")
+
+
+def _per_impact_batch(progress: ProgressFn | None) -> Callable[[int, int, int], None] | None:
+    if progress is None:
+        return None
+    return lambda k, done, total: progress(done, total, f"output impact, pass {k}")
 
 
 def _batch_count(batches: Iterable[Any], cap: int | None) -> int | None:

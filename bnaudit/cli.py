@@ -10,6 +10,7 @@ import errno
 import importlib.metadata
 import inspect
 import os
+import shutil
 import sys
 import traceback
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from bnaudit.config import Regime, TrainMode, resolve
 from bnaudit.errors import BnauditError, NothingToAudit, ReportError
 from bnaudit.report import Format
 from bnaudit.results import FailOn
+from bnaudit.table import DEFAULT_WIDTH
 from bnaudit.untrusted import middle_cut, one_line
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR, EXIT_NOTHING = 0, 1, 2, 3
@@ -34,6 +36,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Audit the BatchNorm layers of PyTorch checkpoints.",
+    # Plain help text: Rich markup would swallow every "[default: ...]" as a markup tag.
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 _T = "Thresholds"
@@ -52,7 +57,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        False,
+        "--version",
+        "-V",
+        callback=_version,
+        is_eager=True,
+        help="Print the version and exit.",
     ),
 ) -> None:
     """Audit the BatchNorm layers of PyTorch checkpoints."""
@@ -140,7 +150,9 @@ def check(
         help="Split a single data tensor into batches of this size "
         "[default: 32]; use the training batch size where known.",
     ),
-    batches: int = typer.Option(None, rich_help_panel=_I, help="Use at most this many batches."),
+    batches: int = typer.Option(
+        None, rich_help_panel=_I, help="Use at most this many batches [default: all]."
+    ),
     device: str = typer.Option(None, rich_help_panel=_I, help="Device [default: cpu]."),
     seed: int = typer.Option(None, rich_help_panel=_I, help="Random seed [default: 0]."),
     train_mode: TrainMode = typer.Option(
@@ -172,7 +184,20 @@ def check(
         None, rich_help_panel=_R, help="Write JUnit XML: a test case per layer."
     ),
     quiet: bool = typer.Option(
-        False, "--quiet", "-q", rich_help_panel=_R, help="Print only the summary line."
+        False, "--quiet", "-q", rich_help_panel=_R, help="Print only the verdict line."
+    ),
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        "-v",
+        rich_help_panel=_R,
+        help="List every finding with its message, not one line per code.",
+    ),
+    wide: bool = typer.Option(
+        False,
+        "--wide",
+        rich_help_panel=_R,
+        help="Show every column, names in full [default: fit the terminal, COLUMNS or 80].",
     ),
     fail_on: FailOn = typer.Option(
         None,
@@ -195,7 +220,8 @@ def check(
         None,
         "--attribution/--no-attribution",
         rich_help_panel=_O,
-        help="Also recalibrate each flagged layer alone (8 at most, a pass per batch each).",
+        help="Also recalibrate each flagged layer alone (8 at most, a pass per batch each) "
+        "[default: off].",
     ),
     max_output_change: float = typer.Option(
         None,
@@ -274,14 +300,15 @@ def check(
 ) -> None:
     """Audit every BatchNorm layer: reconstruction, stale stats, variance bias, momentum."""
     cli = _cli_settings(locals())
-    code = _guard(lambda: _check(cli, config, quiet), debug)
+    width = None if wide else shutil.get_terminal_size((DEFAULT_WIDTH, 24)).columns
+    code = _guard(lambda: _check(cli, config, quiet, width=width, verbose=verbose), debug)
     raise typer.Exit(code)
 
 
 def _cli_settings(params: dict[str, Any]) -> dict[str, Any]:
     """`check`'s parameters as settings keys (None: not given on the command line)."""
     cli = dict(params)
-    for key in ("config", "debug", "quiet"):
+    for key in ("config", "debug", "quiet", "verbose", "wide"):
         cli.pop(key, None)
     cli["format"] = cli.pop("fmt")
     cli["json"] = cli.pop("json_path")
@@ -576,7 +603,9 @@ def _show(cli: dict[str, Any], config: Path | None, layer: str) -> int:
     return EXIT_OK
 
 
-def _check(cli: dict[str, Any], config: Path | None, quiet: bool) -> int:
+def _check(
+    cli: dict[str, Any], config: Path | None, quiet: bool, *, width: int | None, verbose: bool
+) -> int:
     if isinstance(cli.get("checkpoint"), Path):
         digest.prefetch(cli["checkpoint"])  # hashes while torch imports
     from bnaudit import annotations
@@ -599,7 +628,7 @@ def _check(cli: dict[str, Any], config: Path | None, quiet: bool) -> int:
     text = (
         summary_line(report, color) + "\n"
         if quiet
-        else render(report, settings.format, color=color)
+        else render(report, settings.format, color=color, width=width, verbose=verbose)
     )
     if settings.github.enabled(os.environ):
         text = annotations.for_github(

@@ -9,6 +9,7 @@ value remembers where it came from, which `bnaudit config` prints.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import json
 import sys
@@ -166,8 +167,8 @@ def resolve_with_sources(
             values[key] = _from_file(key, raw, raw_key, path)
         else:
             raise ConfigError(
-                f"{path}: unknown key {raw_key!r} in [tool.bnaudit]; see `bnaudit check --help` "
-                "for the option names"
+                f"{path}: unknown key {raw_key!r} in [tool.bnaudit]{_nearest(key)}; see "
+                "`bnaudit check --help` for the option names"
             )
         sources[key] = str(path)
     for key, value in cli.items():
@@ -187,6 +188,13 @@ def resolve_with_sources(
     _validate(settings, sources)
     every = [k for k in _SETTINGS if k not in ("thresholds", "config_file")] + list(_THRESHOLDS)
     return settings, {k: sources.get(k, DEFAULT) for k in every}
+
+
+def _nearest(key: str) -> str:
+    """` (did you mean 'stale-shift'?)` for a misspelt key, "" when nothing is close."""
+    known = [k for k in _SETTINGS if k not in CLI_ONLY and k not in ("thresholds", "config_file")]
+    match = difflib.get_close_matches(key, [*known, *_THRESHOLDS], n=1)
+    return f" (did you mean {match[0].replace('_', '-')!r}?)" if match else ""
 
 
 def _validate(s: CheckSettings, sources: dict[str, str]) -> None:

@@ -72,14 +72,25 @@ def make_images(count: int, seed: int, size: int = 32) -> Tensor:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, images: Tensor, batch_size: int) -> None:
-    """Run train-mode forwards so every BN's running stats are an EMA of the data."""
+    """Run train-mode forwards so every BN's running stats describe the data.
+
+    The forwards average cumulatively (momentum=None): an EMA would need ~300 batches for the
+    initial values (mean 0, variance 1) to fade, which took the demo minutes on a busy CPU;
+    the cumulative average is exact after any number. Each BN's momentum is put back after.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
     was_training = model.training
     model.train()
     try:
+        for bn in bns:
+            bn.momentum = None
         for batch in torch.split(images, batch_size):
             if batch.shape[0] > 1:
                 model(batch)
     finally:
+        for bn, m in zip(bns, momenta, strict=True):
+            bn.momentum = m
         model.train(was_training)
 
 
@@ -97,13 +108,18 @@ def plant_stale(model: nn.Module, conv_name: str = PLANTED_CONV, seed: int = 1) 
     conv.weight.mul_(scale.reshape(-1, *([1] * (conv.weight.dim() - 1))))
 
 
+# Calibration batches: T = 40 leaves the initial values a weight (1 - 0.1)^40 = 0.015 for the
+# audit's momentum check, under its 0.05 limit, so the planted layer stays the only finding.
+TRAIN_BATCHES = 40
+
+
 def make_demo(
     folder: Path, *, seed: int = 0, calib_batches: int = 8, batch_size: int = 32
 ) -> tuple[Path, Path]:
     """Write the demo checkpoint and sample batches; returns (checkpoint, data) paths."""
     torch.manual_seed(seed)
     model = build_model()
-    calibrate(model, make_images(300 * batch_size, seed=seed + 1), batch_size)
+    calibrate(model, make_images(TRAIN_BATCHES * batch_size, seed=seed + 1), batch_size)
     plant_stale(model)
     folder.mkdir(parents=True, exist_ok=True)
     ckpt, data = folder / "model.pt", folder / "calib.pt"
@@ -114,6 +130,11 @@ def make_demo(
 
 def main(argv: list[str]) -> int:
     folder = Path(argv[0] if argv else "demo")
+    print(
+        f"demo: calibrating a small residual CNN on {TRAIN_BATCHES} batches of generated "
+        f"images, then rescaling {PLANTED_CONV} (stale stats at {PLANTED_LAYER})",
+        file=sys.stderr,
+    )
     ckpt, data = make_demo(folder)
     print(
         f"demo: wrote {ckpt} (stale layer planted at {PLANTED_LAYER}) and {data}", file=sys.stderr

@@ -46,6 +46,7 @@ from bnaudit.layers import (
 from bnaudit.metrics import measure
 from bnaudit.probe import Probe
 from bnaudit.results import AuditReport, FailOn, LayerResult
+from bnaudit.static import NO_BATCH_CODES
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,22 @@ def _replayable(batches: Iterable[Any]) -> bool:
     return True
 
 
+class Ticking:
+    """Iterate `count` batches as often as asked, calling `tick(pass, done, count)` after
+    each batch (the progress of the output-impact passes)."""
+
+    def __init__(
+        self, batches: Iterable[Any], count: int, tick: Callable[[int, int, int], None]
+    ) -> None:
+        self.batches, self.count, self.tick, self.passes = batches, count, tick, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self.passes += 1
+        for done, batch in enumerate(self.batches, 1):
+            yield batch
+            self.tick(self.passes, done, self.count)
+
+
 class Moved:
     """Iterate `batches` again: the first `count`, each moved to the model's device and dtype."""
 
@@ -236,6 +253,7 @@ def audit(
     checkpoint: str | None = None,
     sha256: str | None = None,
     progress: Callable[[int], None] | None = None,
+    impact_progress: Callable[[int, int, int], None] | None = None,
     **overrides: Any,
 ) -> AuditReport:
     """Audit every BN layer of `model` on `batches`; the model is left exactly as it was.
@@ -248,6 +266,8 @@ def audit(
         options: how to run and judge; keyword overrides take `AuditOptions` fields
             (train_mode, fail_on, max_batches, synthetic_data) or `Thresholds` fields.
         progress: called with the number of batches done after each batch.
+        impact_progress: called during the output-impact passes over the batches, after
+            each batch, with the pass (from 1), the batches done in it and their number.
     """
     options = _with_overrides(options or AuditOptions(), overrides)
     t = options.thresholds
@@ -258,6 +278,9 @@ def audit(
         folds = FoldWatch(model)
     passes = run_passes(model, batches, options, progress, folds)
     probes, count = passes.probes, passes.count
+    if impact_progress is not None:
+        ticking = Ticking(passes.batches, count, impact_progress)
+        passes = dataclasses.replace(passes, batches=ticking)
     if passes.feed:
         notes.append(f"batches feed the model as {passes.feed} (--input to choose)")
     notes += counter_notes(
@@ -340,6 +363,8 @@ def audit(
         thresholds=dataclasses.asdict(t),
         impact=impact,
         model_findings=judge_model(impact, t),
+        checks_run=None if count else NO_BATCH_CODES,
+        checks_need="" if count else "--data or --input-shape",
     )
 
 

@@ -293,6 +293,15 @@ def has_gap(m: LayerMetrics, t: Thresholds) -> bool:
     return m.gap_judged == JUDGED and count_rule(t).holds(off, m.channels, m.gap_p)
 
 
+UPSTREAM_SHOWN = 3  # stale layers named in a downstream finding; deep models have dozens
+
+
+def _few(names: tuple[str, ...], shown: int = UPSTREAM_SHOWN) -> str:
+    """`a, b, c` or, past `shown`, `a, b, c and 5 more` (the first to run come first)."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 def judge_layer(
     name: str,
     m: LayerMetrics,
@@ -526,11 +535,11 @@ def judge_layer(
                 "train-eval-gap",
                 Severity.INFO,
                 msg + "; likely a consequence of stale stats "
-                f"earlier in the forward pass ({', '.join(upstream_stale)})",
+                f"earlier in the forward pass ({_few(upstream_stale)})",
                 m.gap_fraction,
                 t.stale_fraction,
                 "downstream",
-                upstream=", ".join(upstream_stale),
+                upstream=_few(upstream_stale),
             )
         else:
             add("train-eval-gap", Severity.WARN, msg, m.gap_fraction, t.stale_fraction, "gap")

@@ -17,9 +17,15 @@ from dataclasses import dataclass
 from bnaudit import __version__
 from bnaudit.findings import Thresholds
 from bnaudit.results import AuditReport, LayerResult, Severity
+from bnaudit.table import shorten
 
 _CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
-_LABEL_CHARS = 22  # layer names longer than this are shortened in the charts (full in tooltips)
+_LABEL_CHARS = 24  # layer names longer than this are shortened in the charts (full in tooltips)
+# Chart geometry, in SVG units: a chart is never drawn narrower than its own width (its 11-unit
+# labels stay >= 11 px, at 800 px one chart a row) nor wider than 1.5x (no poster-size text).
+_LABEL_W, _PLOT_W = 160, 250
+CHART_W = _LABEL_W + _PLOT_W + 24
+CHART_MAX = round(1.5 * CHART_W)
 
 _CSS = """
 :root { --ok: #2e7d32; --info: #0277bd; --warn: #b45309; --fail: #c62828; --muted: #6b7280;
@@ -44,20 +50,22 @@ dl.facts dt { color: var(--muted); } dl.facts dd { margin: 0; overflow-wrap: any
 ul.counts { list-style: none; padding: 0; margin: 8px 0; display: flex; gap: 8px;
   flex-wrap: wrap; }
 ul.notes { margin: 4px 0; padding-left: 20px; color: #374151; }
-.charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(380px, 1fr));
-  gap: 16px; }
+.charts { display: grid; gap: 16px;
+  grid-template-columns: repeat(auto-fit, minmax(min(100%, __CHART_W__px), 1fr)); }
 figure { margin: 0; background: #fff; border: 1px solid var(--line); border-radius: 6px;
   padding: 8px; }
 figcaption { font-weight: 600; margin-bottom: 4px; }
 figcaption small { display: block; font-weight: 400; color: var(--muted); }
-svg { display: block; width: 100%; height: auto; }
+svg { display: block; width: 100%; max-width: __CHART_MAX__px; height: auto; }
 svg text { font: 11px system-ui, sans-serif; fill: #374151; }
-svg .bar { fill: #60a5fa; } svg .bar.over { fill: var(--fail); }
+svg .bar { fill: #60a5fa; } svg .bar.beyond { fill: #9ca3af; }
+svg .bar.over.fail { fill: var(--fail); } svg .bar.over.warn { fill: var(--warn); }
 svg .limit { stroke: var(--fail); stroke-width: 1.5; stroke-dasharray: 4 3; }
 svg .limit-label { fill: var(--fail); }
 svg .axis { stroke: #9ca3af; } svg .na { fill: #9ca3af; font-style: italic; }
 svg a:hover text { text-decoration: underline; }
 table { border-collapse: collapse; width: 100%; background: #fff; border: 1px solid var(--line); }
+table.alone { width: auto; }
 th, td { padding: 4px 8px; border-bottom: 1px solid var(--line); text-align: right;
   white-space: nowrap; }
 th:nth-child(-n+2), td:nth-child(-n+2), th:last-child, td:last-child { text-align: left; }
@@ -79,7 +87,7 @@ tr:target td { outline: 2px solid var(--info); }
 code { font: 12px ui-monospace, SFMono-Regular, Menlo, monospace; background: #f3f4f6;
   padding: 0 3px; border-radius: 3px; }
 footer { color: var(--muted); font-size: 12px; }
-"""
+""".replace("__CHART_W__", str(CHART_W)).replace("__CHART_MAX__", str(CHART_MAX))
 
 # Sorting only: rows are moved, never rebuilt, so no untrusted text passes through the script.
 # `#sort=<column>` or `#sort=<column>-desc` in the address sorts on load.
@@ -152,7 +160,7 @@ def _data(value: float | int | None) -> str:
 
 
 def _short(name: str) -> str:
-    return name if len(name) <= _LABEL_CHARS else "\u2026" + name[-(_LABEL_CHARS - 1) :]
+    return shorten(name, _LABEL_CHARS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,11 +178,13 @@ class _Chart:
     log: bool  # log10 axis (values must be > 0)
     origin: float  # where bars start (1 for a ratio centred on 1, 0 otherwise)
     fmt: Callable[[float], str]
+    # per layer, the worst counted finding of the codes this chart shows (OK: none)
+    severities: list[Severity]
 
 
 def _chart_svg(chart: _Chart, names: list[str]) -> str:
-    label_w, plot_w, row_h, top = 150, 250, 18, 22
-    width = label_w + plot_w + 24
+    label_w, plot_w, row_h, top = _LABEL_W, _PLOT_W, 18, 22
+    width = CHART_W
     height = top + row_h * max(len(names), 1) + 8
     finite = [v for v in chart.values if v is not None and math.isfinite(v)]
     if chart.log:
@@ -211,10 +221,14 @@ def _chart_svg(chart: _Chart, names: list[str]) -> str:
         else:
             v = min(max(t(value), lo), hi) if math.isfinite(value) else (hi if value > 0 else lo)
             end = label_w + plot_w * (v - lo) / (hi - lo)
-            over = any(_beyond(value, limit, chart.origin) for limit, _ in chart.limits)
+            beyond = any(_beyond(value, limit, chart.origin) for limit, _ in chart.limits)
+            # Colour says the gate: red or amber only where a finding that counts says so.
+            counted = chart.severities[i]
+            style = f" over {counted.label}" if beyond and counted >= Severity.WARN else ""
+            style = style or (" beyond" if beyond else "")
             left, length = min(x0, end), max(abs(end - x0), 1.0)
             parts.append(
-                f'<rect class="bar{" over" if over else ""}" x="{left:.1f}" y="{y + 3}" '
+                f'<rect class="bar{style}" x="{left:.1f}" y="{y + 3}" '
                 f'width="{length:.1f}" height="{row_h - 6}"/>'
             )
         parts.append("</a>")
@@ -242,6 +256,16 @@ def _charts(report: AuditReport) -> list[_Chart]:
         **{k: v for k, v in report.thresholds.items() if k in Thresholds.__dataclass_fields__}
     )
     recon, shift, var = [], [], []
+
+    def worst(codes: tuple[str, ...]) -> list[Severity]:
+        return [
+            max(
+                (f.severity for f in r.findings if f.counts and f.code in codes),
+                default=Severity.OK,
+            )
+            for r in report.layers
+        ]
+
     for r in report.layers:
         m = r.metrics
         pair = [v for v in (m.recon_train_ratio, m.recon_eval_ratio) if not math.isnan(v)]
@@ -259,6 +283,7 @@ def _charts(report: AuditReport) -> list[_Chart]:
             log=True,
             origin=min([1e-3, *[v for v in recon if v is not None and v > 0]]),
             fmt=lambda v: f"{_num(v)}x the tolerance",
+            severities=worst(("recon-train", "recon-eval")),
         ),
         _Chart(
             "Stale mean shift",
@@ -268,6 +293,7 @@ def _charts(report: AuditReport) -> list[_Chart]:
             log=False,
             origin=0.0,
             fmt=lambda v: f"{_num(v)} sd",
+            severities=worst(("stale-stats",)),
         ),
         _Chart(
             "Variance ratio",
@@ -280,6 +306,7 @@ def _charts(report: AuditReport) -> list[_Chart]:
             log=True,
             origin=1.0,
             fmt=lambda v: f"x{_num(v)}",
+            severities=worst(("stale-stats",)),
         ),
     ]
 
@@ -294,8 +321,8 @@ _COLUMNS = [  # (key for #sort=, header, numeric)
     ("channels", "C", True),
     ("n", "N", True),
     ("verdict", "verdict", True),
-    ("train-err", "train err", True),
-    ("eval-err", "eval err", True),
+    ("train-err", "train ×tol", True),
+    ("eval-err", "eval ×tol", True),
     ("shift", "shift", True),
     ("ln-var", "ln var", True),
     ("gap", "gap", True),
@@ -398,6 +425,43 @@ def _summary(report: AuditReport) -> str:
     )
 
 
+def _impact(report: AuditReport) -> str:
+    """The output-impact figures: how much recalibrating the statistics changes the eval
+    output (and the task metric, with labels); each flagged layer alone with --attribution."""
+    i = report.impact
+    if i is None:
+        return ""
+    facts = [
+        ("relative L2 change", _num(i.rel_l2)),
+        ("largest absolute change", _num(i.max_abs)),
+    ]
+    if i.top1_agreement is not None:
+        facts.append(("top-1 agreement", f"{100 * i.top1_agreement:.1f}%"))
+    facts.append(("regime", f"{i.regime} ({i.batches} batches, {i.forward_passes} extra passes)"))
+    if i.evidence is not None:
+        facts.append(("task metric", i.evidence.describe()))
+    dl = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts)
+    alone = ""
+    if i.per_layer:
+        index = {r.name: n for n, r in enumerate(report.layers)}
+        rows = "".join(
+            f'<tr><td><a href="#layer-{index[name]}">{_e(name)}</a></td><td>{_num(change)}</td>'
+            "</tr>"
+            if name in index
+            else f"<tr><td>{_e(name)}</td><td>{_num(change)}</td></tr>"
+            for name, change in sorted(i.per_layer.items(), key=lambda kv: -kv[1])
+        )
+        alone = (
+            '<table class="alone"><thead><tr><th>recalibrated alone</th><th>rel L2</th></tr>'
+            f"</thead><tbody>{rows}</tbody></table>"
+        )
+    return (
+        '<section id="impact"><h2>Output impact of recalibrating</h2>'
+        "<p>Eval-mode output with the stored statistics against recalibrated ones, on the "
+        f'audit batches.</p><dl class="facts">{dl}</dl>{alone}</section>'
+    )
+
+
 def render_html(report: AuditReport) -> str:
     names = [r.name for r in report.layers]
     figures = "".join(
@@ -430,8 +494,11 @@ def render_html(report: AuditReport) -> str:
 <body class="verdict-{report.verdict} worst-{worst}">
 <header><div>{_summary(report)}</div></header>
 <main>
+{_impact(report)}
 <section id="charts"><h2>Per-layer measurements</h2>
-<p>Dashed red lines are the limits; red bars are beyond them. Click a bar for its layer.</p>
+<p>Dashed red lines are the limits. Red (fail) and amber (warn) bars are beyond them on a
+layer whose finding counts for the gate; grey bars are beyond them on a layer where the finding is
+information only or accepted. Click a bar for its layer.</p>
 <div class="charts">{figures}</div>
 </section>
 <section id="layers"><h2>Layers</h2>

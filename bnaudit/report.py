@@ -5,16 +5,27 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-import math
-import re
+import textwrap
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
-from bnaudit import __version__, writing
-from bnaudit.results import AuditReport, Finding, LayerResult, Severity, Status, finite_or_none
-from bnaudit.terminal import paint
+from bnaudit import __version__, table, writing
+from bnaudit.findings import CODES
+from bnaudit.results import (
+    AuditReport,
+    FailOn,
+    Finding,
+    LayerResult,
+    Severity,
+    Status,
+    finite_or_none,
+)
+from bnaudit.table import COLUMNS as SCREEN_COLUMNS
+from bnaudit.table import codes, num
+from bnaudit.terminal import paint, printable
 
 if TYPE_CHECKING:
     from bnaudit.baseline import BaselineCheck
@@ -27,44 +38,8 @@ class Format(str, enum.Enum):
     JSON = "json"
 
 
-_HEADERS = [
-    "layer",
-    "type",
-    "C",
-    "N",
-    "verdict",
-    "train err",
-    "eval err",
-    "shift",
-    "ln var",
-    "gap",
-    "momentum",
-    "T",
-    "findings",
-]
+_HEADERS = [c.header for c in SCREEN_COLUMNS]  # the terminal table's, every one
 _WORST_SHOWN = 5
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
-
-
-def printable(text: str) -> str:
-    """Untrusted text (layer names come from the checkpoint) for a terminal or a table:
-    control characters, line breaks and escape sequences included, become visible `\\xNN`."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
-def _num(v: float | int | None, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, int):
-        return str(v)
-    return f"{v:.{digits}g}"
-
-
-def _codes(r: LayerResult) -> str:
-    """The layer's codes: those that count, then waived ones marked with their status."""
-    counted = sorted({f.code for f in r.findings if f.counts})
-    waived = sorted({f"{f.code}({f.status.value})" for f in r.waived})
-    return " ".join(counted + waived)
 
 
 def _row(r: LayerResult, color: bool = False) -> list[str]:
@@ -74,29 +49,42 @@ def _row(r: LayerResult, color: bool = False) -> list[str]:
         printable(r.name),
         printable(r.type),
         str(m.channels),
-        _num(m.values_per_channel or None),
+        num(m.values_per_channel or None),
         paint(r.verdict, r.verdict) if color else r.verdict,
-        _num(m.recon_train_ratio, 2),
-        _num(m.recon_eval_ratio, 2),
-        _num(m.stale_shift_max, 2) if judged else "-",
-        _num(m.stale_log_var_max, 2) if judged else "-",
-        _num(m.gap_fraction, 2) if m.gap_judged == "yes" else "-",
-        "cumul." if m.momentum is None else _num(m.momentum),
-        _num(m.num_batches_tracked),
-        _codes(r),
+        num(m.recon_train_ratio, 2),
+        num(m.recon_eval_ratio, 2),
+        num(m.stale_shift_max, 2) if judged else "-",
+        num(m.stale_log_var_max, 2) if judged else "-",
+        num(m.gap_fraction, 2) if m.gap_judged == "yes" else "-",
+        "cumul." if m.momentum is None else num(m.momentum),
+        num(m.num_batches_tracked),
+        codes(r),
     ]
 
 
 def summary_line(report: AuditReport, color: bool = False) -> str:
-    """The one-line verdict (all that `--quiet` prints)."""
+    """The verdict in one line, last of the table output and all that `--quiet` prints: what
+    fails the gate, or which checks ran when not all of them did, then the layer counts."""
     verdict = report.verdict.upper()
+    parts = [_gate(report)]
+    if report.checks_run is not None and report.failing:  # a failing static audit says it too
+        parts.append(_partial(report))
+    counts = report.counts()
+    layers = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+    parts.append(f"{len(report.layers)} BN layers: {layers or 'none'}")
     status = report.status_counts()
     accepted = [f"{status[k]} {k}" for k in ("ignored", "baselined") if status[k]]
+    if accepted:
+        parts.append(", ".join(accepted))
+    head = paint(verdict, report.verdict) if color else verdict
+    return f"{head}: " + "; ".join(parts)
+
+
+def _partial(report: AuditReport) -> str:
+    assert report.checks_run is not None
     return (
-        f"bnaudit {__version__}: {len(report.layers)} BatchNorm layers, {report.batches} "
-        f"batches ({report.forward_passes} forward passes): "
-        f"{paint(verdict, report.verdict) if color else verdict}"
-        f" (fail on: {report.fail_on.value})" + (f"; {', '.join(accepted)}" if accepted else "")
+        f"static checks only, {len(report.checks_run)} of {len(CODES)} checks; pass "
+        f"{report.checks_need} for the rest"
     )
 
 
@@ -105,29 +93,48 @@ def summary_text(report: AuditReport, color: bool = False) -> str:
     return "\n".join(_summary_lines(report, color)) + "\n"
 
 
+def _gate(report: AuditReport) -> str:
+    failing = report.failing
+    if failing:
+        by_code = Counter(f.code for f in failing)
+        what = ", ".join(f"{c} x{n}" if n > 1 else c for c, n in by_code.items())
+        many = len(failing) > 1
+        return (
+            f"{len(failing)} finding{'s' if many else ''} fail{'' if many else 's'} the gate "
+            f"({report.fail_on.value} or worse: {what})"
+        )
+    if report.checks_run is not None:
+        return _partial(report)
+    if report.fail_on is FailOn.NEVER:
+        return "the gate is off (--fail-on never)"
+    return f"no finding at {report.fail_on.value} or worse"
+
+
 def _summary_lines(report: AuditReport, color: bool = False) -> list[str]:
+    """Every fact of the summary for a report file, the verdict line last."""
     counts = report.counts()
     lines = [
-        summary_line(report, color),
+        f"bnaudit {__version__}: {report.batches} batches, {report.forward_passes} forward "
+        f"passes; gate: --fail-on {report.fail_on.value}",
         "verdicts: " + ", ".join(f"{k} {v}" for k, v in counts.items()),
     ]
     if report.checkpoint:
-        lines.insert(1, f"checkpoint: {printable(report.checkpoint)} (sha256 {report.sha256})")
+        lines.insert(0, f"checkpoint: {printable(report.checkpoint)} (sha256 {report.sha256})")
     worst = sorted(
         (r for r in report.layers if r.severity >= Severity.WARN), key=lambda r: -r.severity
     )[:_WORST_SHOWN]
     for r in worst:
-        codes = ", ".join(
+        found = ", ".join(
             dict.fromkeys(f.code for f in r.findings if f.counts and f.severity == r.severity)
         )
-        lines.append(f"worst: {printable(r.name)} ({r.verdict}: {codes})")
+        lines.append(f"worst: {printable(r.name)} ({r.verdict}: {found})")
     if report.baseline:
         lines += _baseline_lines(report, report.baseline)
     lines += _impact_lines(report)
     if report.synthetic_data:
         lines.append("note: synthetic N(0,1) batches: data-dependent verdicts are not drawn")
     lines += [f"note: {printable(n)}" for n in report.notes]
-    return lines
+    return [*lines, summary_line(report, color)]
 
 
 def _baseline_lines(report: AuditReport, b: BaselineCheck) -> list[str]:
@@ -155,10 +162,10 @@ def _impact_lines(report: AuditReport) -> list[str]:
     top1 = "" if i.top1_agreement is None else f", top-1 agreement {100 * i.top1_agreement:.1f}%"
     lines = [
         f"output impact of recalibrating ({i.regime} regime, {i.forward_passes} extra passes): "
-        f"rel L2 {_num(i.rel_l2)}, max abs {_num(i.max_abs)}{top1}"
+        f"rel L2 {num(i.rel_l2)}, max abs {num(i.max_abs)}{top1}"
     ]
     ranked = sorted(i.per_layer.items(), key=lambda kv: -kv[1])
-    lines += [f"  {name} alone: rel L2 {_num(change)}" for name, change in ranked]
+    lines += [f"  {name} alone: rel L2 {num(change)}" for name, change in ranked]
     if i.evidence is not None:
         lines.append(f"  {i.evidence.describe()}")
     return lines
@@ -194,20 +201,108 @@ def _waived_lines(report: AuditReport, bullet: str = "") -> list[str]:
     return lines
 
 
-def render_table(report: AuditReport, color: bool = False) -> str:
-    table = tabulate(
-        [_row(r, color) for r in report.layers],
-        headers=_HEADERS,
-        tablefmt="simple",
-        disable_numparse=True,
+def _grouped_lines(findings: list[Finding], width: int | None, waived: bool = False) -> list[str]:
+    """One line per (code, severity, status): the count and the layers, as `ruff --statistics`
+    does; then the most common fix (for waived findings: the most common reason)."""
+    groups: dict[tuple[str, Severity, Status], list[Finding]] = {}
+    for f in sorted(findings, key=lambda f: -f.severity):
+        groups.setdefault((f.code, f.severity, f.status), []).append(f)
+    names = [
+        code if status is Status.OPEN else f"{code} [{status.value}]" for code, _, status in groups
+    ]
+    code_w = max((len(n) for n in names), default=0)
+    count_w = max((len(str(len(g))) for g in groups.values()), default=1)
+    lines = []
+    for name, ((_, severity, status), group) in zip(names, groups.items(), strict=True):
+        head = f"{severity.label.upper():4}  {name:<{code_w}}  {len(group):>{count_w}}  "
+        layers = [printable(f.layer) for f in group]
+        lines.append(head + _listed(layers, None if width is None else width - len(head)))
+        hints = Counter(printable(f.status_reason if waived else f.hint) for f in group)
+        hints.pop("", None)
+        if hints:
+            text, _ = hints.most_common(1)[0]
+            more = len(hints) - 1
+            if more:
+                text += f" (and {more} other {'reasons' if waived else 'fixes'}: --verbose)"
+            lines += _wrapped(f"{status.value if waived else 'fix'}: {text}", width, "      ")
+    return lines
+
+
+def _listed(names: list[str], room: int | None) -> str:
+    """`a, b, c`, cut to `room` characters with a count of the rest (`a, b, +5 more`)."""
+    text = ", ".join(names)
+    if room is None or len(text) <= room:
+        return text
+    for keep in range(len(names) - 1, 0, -1):
+        text = ", ".join(names[:keep]) + f", +{len(names) - keep} more"
+        if len(text) <= room:
+            return text
+    if len(names) == 1:
+        return table.shorten(text, max(room, 8))
+    return f"{table.shorten(names[0], max(room - 10, 8))}, +{len(names) - 1} more"
+
+
+def _wrapped(text: str, width: int | None, indent: str) -> list[str]:
+    if width is None:
+        return [indent + text]
+    return textwrap.wrap(
+        text,
+        width,
+        initial_indent=indent,
+        subsequent_indent=indent,
+        break_on_hyphens=False,
+        break_long_words=False,  # paths and code stay whole, to be copied
+    ) or [indent]
+
+
+def _context_lines(report: AuditReport, width: int | None, verbose: bool) -> list[str]:
+    """What the audit ran on and what it measured beyond the table: checkpoint, passes, output
+    impact, baseline, notes; wrapped to `width`."""
+    lines = []
+    if report.checkpoint:
+        full = verbose or width is None or report.sha256 is None
+        sha = report.sha256 if full else report.sha256[:12] + "…"  # type: ignore[index]
+        lines.append(f"checkpoint: {printable(report.checkpoint)} (sha256 {sha})")
+    lines.append(
+        f"bnaudit {__version__}: {report.batches} batches, {report.forward_passes} forward passes"
     )
-    parts = [table, "", *_summary_lines(report, color)]
-    findings = _finding_lines(report)
-    if findings:
-        parts += ["", "findings:", *findings]
-    waived = _waived_lines(report)
+    lines += _impact_lines(report)
+    if report.synthetic_data:
+        lines.append("note: synthetic N(0,1) batches: data-dependent verdicts are not drawn")
+    lines += [f"note: {printable(n)}" for n in report.notes]
+    out = []
+    for line in lines:
+        indent = "  " if line.startswith("  ") else ""
+        first, *rest = _wrapped(line.strip(), width, indent)
+        out += [first, *(("  " + r.lstrip()) for r in rest)] if rest else [first]
+    # baseline lines unwrapped: the rerun command in them is to be copied whole
+    return out + (_baseline_lines(report, report.baseline) if report.baseline else [])
+
+
+def render_table(
+    report: AuditReport,
+    color: bool = False,
+    *,
+    width: int | None = table.DEFAULT_WIDTH,
+    verbose: bool = False,
+) -> str:
+    """The terminal output: the table at most `width` columns wide (None: every column),
+    its legend, the context, the findings grouped by code (`verbose`: one per layer, with
+    its message), and the verdict as the last line."""
+    grid, legend = table.render(report.layers, width=width, color=color)
+    parts = [grid, legend, "", *_context_lines(report, width, verbose)]
+    counted = [f for f in report.findings if f.counts]
+    waived = [f for f in report.findings if not f.counts]
+    if counted:
+        if verbose:
+            parts += ["", "findings:", *_finding_lines(report)]
+        else:
+            parts += ["", f"findings ({len(counted)}; --verbose for each message):"]
+            parts += _grouped_lines(counted, width)
     if waived:
-        parts += ["", "accepted (ignored or baselined; they do not fail the gate):", *waived]
+        parts += ["", "accepted (ignored or baselined; they do not fail the gate):"]
+        parts += _waived_lines(report) if verbose else _grouped_lines(waived, width, waived=True)
+    parts += ["", summary_line(report, color)]
     return "\n".join(parts) + "\n"
 
 
@@ -215,13 +310,18 @@ def render_markdown(report: AuditReport) -> str:
     table = tabulate(
         [_row(r) for r in report.layers], headers=_HEADERS, tablefmt="github", disable_numparse=True
     )
-    summary = _summary_lines(report)
+    *facts, verdict = _summary_lines(report)
+    legend = "; ".join(c.legend for c in SCREEN_COLUMNS if c.legend)
     parts = [
         f"# bnaudit report: {report.verdict.upper()}",
         "",
-        *[f"- {s}" for s in summary[1:]],
+        f"**{verdict}**",
+        "",
+        *[f"- {s}" for s in facts],
         "",
         table,
+        "",
+        f"Columns: {legend}.",
     ]
     findings = _finding_lines(report, bullet="- ")
     parts += ["", "## Findings", "", *(findings or ["None."])]
@@ -250,6 +350,8 @@ def report_dict(report: AuditReport) -> dict[str, Any]:
                 "batches": report.batches,
                 "forward_passes": report.forward_passes,
                 "synthetic_data": report.synthetic_data,
+                # the codes judged when not all were (static audit, no batch); null: all
+                "checks_run": None if report.checks_run is None else list(report.checks_run),
                 "notes": list(report.notes),
                 "impact": dataclasses.asdict(report.impact) if report.impact else None,
                 "model_findings": [_finding_dict(f) for f in report.model_findings],
@@ -321,10 +423,18 @@ RENDERERS = {
 }
 
 
-def render(report: AuditReport, fmt: Format, *, color: bool = False) -> str:
-    """`report` in `fmt`; `color` (ANSI verdicts) applies to the terminal table only."""
+def render(
+    report: AuditReport,
+    fmt: Format,
+    *,
+    color: bool = False,
+    width: int | None = table.DEFAULT_WIDTH,
+    verbose: bool = False,
+) -> str:
+    """`report` in `fmt`; `color` (ANSI verdicts), `width` (None: unlimited) and `verbose`
+    (every finding with its message) apply to the terminal table only."""
     if fmt is Format.TABLE:
-        return render_table(report, color)
+        return render_table(report, color, width=width, verbose=verbose)
     return RENDERERS[fmt](report)
 
 
@@ -347,9 +457,9 @@ def render_changes(before: AuditReport, after: AuditReport, layers: list[str]) -
             [
                 printable(name),
                 f"{b.verdict} -> {a.verdict}",
-                f"{_num(b.metrics.stale_shift_max, 2)} -> {_num(a.metrics.stale_shift_max, 2)}",
-                f"{_num(b.metrics.stale_log_var_max, 2)} -> {_num(a.metrics.stale_log_var_max, 2)}",
-                f"{_num(b.metrics.gap_fraction, 2)} -> {_num(a.metrics.gap_fraction, 2)}",
+                f"{num(b.metrics.stale_shift_max, 2)} -> {num(a.metrics.stale_shift_max, 2)}",
+                f"{num(b.metrics.stale_log_var_max, 2)} -> {num(a.metrics.stale_log_var_max, 2)}",
+                f"{num(b.metrics.gap_fraction, 2)} -> {num(a.metrics.gap_fraction, 2)}",
             ]
         )
     table = tabulate(

@@ -219,6 +219,10 @@ class AuditReport:
     impact: OutputImpact | None = None
     model_findings: tuple[Finding, ...] = ()  # about the whole model (layer MODEL)
     baseline: BaselineCheck | None = None  # set when a baseline judged the findings
+    # The finding codes judged when not all were (a static audit, or no batch), and what the
+    # others need ("--model and --data"); None: every check ran.
+    checks_run: tuple[str, ...] | None = None
+    checks_need: str = ""
 
     @property
     def findings(self) -> list[Finding]:

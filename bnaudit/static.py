@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from bnaudit.errors import NothingToAudit
-from bnaudit.findings import Thresholds, judge_layer, not_audited
+from bnaudit.findings import CODES, Thresholds, judge_layer, not_audited
 from bnaudit.layers import DEFAULT_EPS, Kind, KnownAttrs, LayerAttrs, counter_notes
 from bnaudit.metrics import measure
 from bnaudit.results import AuditReport, FailOn, LayerMetrics, LayerResult
@@ -48,6 +48,12 @@ DATA_CODES = (
     "not-reached",
 )
 NOT_JUDGED = "no: static audit"
+# Checks that run with a model but no batch: all but those that need a forward pass.
+NO_BATCH_CODES = tuple(
+    c
+    for c in CODES
+    if c not in DATA_CODES and c not in ("fold-mismatch", "fold-risk", "output-change")
+)
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,7 @@ def audit_state_dict(
         attrs[name] = a
     assumed = sum(g.prefix not in known for g in groups if not g.problem)
     static = _static_notes(attrs, len(groups), assumed)
+    momentum_known = any(a.momentum_known for a in attrs.values())
     return AuditReport(
         layers=tuple(results),
         fail_on=fail_on,
@@ -165,6 +172,8 @@ def audit_state_dict(
         checkpoint=checkpoint,
         sha256=sha256,
         thresholds=dataclasses.asdict(t),
+        checks_run=STATIC_CODES + (MOMENTUM_CODES if momentum_known else ()),
+        checks_need="--model and --data",
     )
 
 

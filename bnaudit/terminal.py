@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TextIO
 
 _STYLES = {
@@ -13,6 +14,15 @@ _STYLES = {
     "warn": "33",  # yellow
     "fail": "31;1",  # bold red
 }
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Untrusted text (layer names come from the checkpoint) for a terminal or a table:
+    control characters, line breaks and escape sequences included, become visible `\\xNN`."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def is_terminal(stream: TextIO) -> bool:
@@ -32,25 +42,41 @@ def paint(text: str, verdict: str) -> str:
 
 
 class Progress:
-    """`[####....] batch 3/8` on one rewritten stderr line, once the audit has run `delay` s.
+    """`[####....] audit 3/8 batches, 0:04, ETA 0:07` on one rewritten stderr line, once the
+    audit has run `delay` s; a stage per pass over the batches (the audit's, then each
+    output-impact pass), its ETA from the pace of the batches of that stage so far.
 
     Short audits print nothing; `close` clears the line.
     """
 
-    def __init__(self, stream: TextIO, delay: float = 0.5) -> None:
+    def __init__(
+        self, stream: TextIO, delay: float = 0.5, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.stream = stream
-        self.start = time.monotonic()
+        self.clock = clock
+        self.start = clock()
         self.delay = delay
         self.shown = False
+        self.stage = ""
+        self.stage_start = self.last = self.start  # the previous batch ended at `last`
 
-    def __call__(self, done: int, total: int | None) -> None:
-        if time.monotonic() - self.start < self.delay:
+    def __call__(self, done: int, total: int | None, stage: str = "audit") -> None:
+        now = self.clock()
+        if stage != self.stage:
+            self.stage, self.stage_start = stage, self.last
+        self.last = now
+        if now - self.start < self.delay:
             return
-        bar, of = "", ""
+        bar, of, eta = "", "", ""
         if total:
             filled = round(20 * min(done, total) / total)
             bar, of = "[" + "#" * filled + "." * (20 - filled) + "] ", f"/{total}"
-        self.stream.write(f"\rbnaudit: {bar}batch {done}{of}")
+            if done:
+                pace = (now - self.stage_start) / done
+                eta = f", ETA {_clock(pace * max(total - done, 0))}"
+        self.stream.write(
+            f"\rbnaudit: {bar}{stage} {done}{of} batches, {_clock(now - self.start)}{eta}\033[K"
+        )
         self.stream.flush()
         self.shown = True
 
@@ -58,3 +84,10 @@ class Progress:
         if self.shown:
             self.stream.write("\r\033[K")
             self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    """`0:07`, `12:03`, `1:02:03`."""
+    s = int(seconds + 0.5)
+    h, rest = divmod(s, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"

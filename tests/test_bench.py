@@ -85,3 +85,14 @@ def test_plain_side_runs_the_passes_the_audit_reports(bench) -> None:
         handle.remove()
     report = bench.run_audit(model, batches)  # raises unless it ran needed_passes(3)
     assert calls[0] == report.forward_passes == bench.needed_passes(3)
+
+
+def test_a_rerun_keeps_the_figures_measured_by_hand(bench, tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    assert bench.kept_by_hand(results) == ""  # no file yet
+    results.write_text("# bnaudit benchmark\n\ngenerated\n")
+    assert bench.kept_by_hand(results) == ""  # nothing by hand
+    hand = f"{bench.HAND_MARK}\n## Measured by hand\n\n4.1 GB\n"
+    results.write_text("# bnaudit benchmark\n\ngenerated\n\n" + hand)
+    assert bench.kept_by_hand(results) == "\n" + hand
+    assert bench.kept_by_hand(Path(__file__).parent.parent / "benchmarks" / "RESULTS.md")

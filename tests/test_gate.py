@@ -446,6 +446,7 @@ def github(repo: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     summary.write_text("## Earlier step output\n")
     monkeypatch.setenv("GITHUB_ACTIONS", "true")
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    monkeypatch.setenv("COLUMNS", "80")  # CI logs: the default width
     monkeypatch.setattr(bnaudit.annotations, "new_token", lambda: TOKEN)
     monkeypatch.setattr(bnaudit.check, "audit", _fake_audit())
     (repo / "pyproject.toml").write_text(
@@ -576,7 +577,8 @@ def test_quiet_prints_only_the_summary_line(repo: Path) -> None:
     result = invoke("check", "model.pt", "--quiet")
     assert result.exit_code == 1
     assert result.stdout.count("\n") == 1
-    assert result.stdout.startswith("bnaudit ") and "FAIL (fail on: fail)" in result.stdout
+    assert result.stdout.startswith("FAIL: 1 finding fails the gate (fail or worse: stale-stats)")
+    assert "(fail on: fail)" not in result.stdout  # the old stutter
     assert result.stderr == ""
 
 
@@ -605,13 +607,18 @@ def test_colour_rules() -> None:
 
 def test_progress_line() -> None:
     stream = _Tty()
-    progress = Progress(stream, delay=0.0)
-    progress(1, 4)
+    now = iter([0.0, 2.0, 8.0, 9.0, 10.0])  # start, then one reading per call
+    progress = Progress(stream, delay=0.0, clock=lambda: next(now))
+    progress(1, 4)  # 2 s a batch so far: 3 more take 6 s
     progress(4, 4)
+    progress(1, 4, "output impact, pass 1")  # its own pace: 1 s a batch since 8 s
+    progress(2, 4, "output impact, pass 1")
     progress.close()
     assert stream.getvalue() == (
-        "\rbnaudit: [#####...............] batch 1/4"
-        "\rbnaudit: [####################] batch 4/4"
+        "\rbnaudit: [#####...............] audit 1/4 batches, 0:02, ETA 0:06\033[K"
+        "\rbnaudit: [####################] audit 4/4 batches, 0:08, ETA 0:00\033[K"
+        "\rbnaudit: [#####...............] output impact, pass 1 1/4 batches, 0:09, ETA 0:03\033[K"
+        "\rbnaudit: [##########..........] output impact, pass 1 2/4 batches, 0:10, ETA 0:02\033[K"
         "\r\033[K"
     )
     quiet = _Tty()
@@ -646,7 +653,11 @@ def test_run_check_reports_progress_per_batch(repo: Path) -> None:
     from bnaudit.check import run_check
     from bnaudit.config import resolve
 
-    calls: list[tuple[int, int | None]] = []
+    calls: list[tuple[int, int | None, str]] = []
     settings = resolve({"checkpoint": Path("model.pt"), "batches": 3}, None, repo)
-    run_check(settings, progress=lambda done, total: calls.append((done, total)))
-    assert calls == [(1, 3), (2, 3), (3, 3)]
+    run_check(settings, progress=lambda done, total, stage: calls.append((done, total, stage)))
+    assert calls[:3] == [(1, 3, "audit"), (2, 3, "audit"), (3, 3, "audit")]
+    # then every output-impact pass over the same 3 batches, numbered
+    impact = calls[3:]
+    assert impact[:3] == [(i, 3, "output impact, pass 1") for i in (1, 2, 3)]
+    assert len(impact) % 3 == 0 and impact[-1][:2] == (3, 3)

@@ -6,7 +6,10 @@ BNAUDIT_BROWSER at a binary); it needs no network and no display.
 
 from __future__ import annotations
 
+import dataclasses
+import html
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -17,11 +20,11 @@ import pytest
 import torch
 
 import bnaudit
-from bnaudit.html import render_html
+from bnaudit.html import _CSS, CHART_MAX, CHART_W, _num, render_html
 from bnaudit.ignores import Ignore, apply_ignores
-from bnaudit.results import AuditReport
+from bnaudit.results import AuditReport, Severity, Status
 from tests import nets
-from tests.reports import EVIL, hostile_report, single_thread
+from tests.reports import EVIL, hostile_report, metrics, single_thread
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 WINDOW = (1280, 1400)
@@ -114,7 +117,7 @@ def test_charts_draw_values_and_limits(stale_report: AuditReport, page: Page) ->
     assert len(limits) == 1 + 1 + 2  # error ratio; shift; variance ratio below and above
     bars = [a for t, a in page.tags if t == "rect" and a["class"].startswith("bar")]
     assert len(bars) == 3 * len(stale_report.layers)  # every value was measured
-    over = [a for a in bars if a["class"] == "bar over"]
+    over = [a for a in bars if a["class"] == "bar over fail"]
     assert len(over) >= 1  # the stale layer's shift is beyond 0.3 sd
     width = {float(svg["viewbox"].split()[2]) for svg in svgs}.pop()
     labels = page.find("text", **{"class": "limit-label"})
@@ -134,6 +137,84 @@ def test_hostile_names_stay_text() -> None:
     assert EVIL.replace("\x1b", "") not in text  # never unescaped
     assert all(not i.startswith("evil") for i in page.ids)  # ids come from indices
     assert render_html(hostile_report()) == text  # deterministic: no timestamps
+
+
+def _bar_classes(report: AuditReport, chart: int) -> list[str]:
+    """The class of each layer's bar in chart `chart` (0 error, 1 shift, 2 variance)."""
+    page = Page(render_html(report))
+    bars = [a["class"] for t, a in page.tags if t == "rect" and a["class"].startswith("bar")]
+    n = len(report.layers)
+    return bars[chart * n : (chart + 1) * n]
+
+
+def test_only_bars_that_count_are_coloured() -> None:
+    report = hostile_report()  # blocks.0.bn: stale-stats fail, shift 1.7 (limit 0.3)
+    assert _bar_classes(report, 1)[1] == "bar over fail"
+    # The same numbers with the finding only informative, or accepted: beyond, not red.
+    stale = report.layers[1]
+    for change in ({"severity": Severity.INFO}, {"status": Status.IGNORED}):
+        f = dataclasses.replace(stale.findings[0], **change)
+        layers = (report.layers[0], dataclasses.replace(stale, findings=(f,)), *report.layers[2:])
+        classes = _bar_classes(dataclasses.replace(report, layers=layers), 1)
+        assert classes[1] == "bar beyond", change
+        assert not any("over" in c for c in classes)
+    # within the limit: a plain bar
+    assert _bar_classes(report, 1)[0] == "bar"
+
+
+def test_impact_figures_are_shown() -> None:
+    with single_thread():
+        model = nets.healthy_mlp()
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            model[0].weight.mul_((1.5 + 1.5 * torch.rand(32, generator=gen))[:, None])
+        batches = torch.split(nets.mlp_data(4 * 32, seed=5), 32)
+        report = bnaudit.audit(model, batches, attribution=True)
+    impact = report.impact
+    assert impact is not None and impact.per_layer
+    text = render_html(report)
+    page = Page(text)
+    assert "impact" in page.ids
+    section = text[text.index('<section id="impact">') : text.index('<section id="charts">')]
+    assert f"<dd>{_num(impact.rel_l2)}</dd>" in section
+    assert f"<dd>{_num(impact.max_abs)}</dd>" in section
+    assert f"{impact.forward_passes} extra passes" in section
+    for name, change in impact.per_layer.items():
+        assert f">{name}</a></td><td>{_num(change)}</td>" in section
+    assert 'id="impact"' not in render_html(hostile_report())  # none measured: no section
+
+
+def test_upstream_lists_stay_short() -> None:
+    from bnaudit.findings import UPSTREAM_SHOWN, Thresholds, judge_layer
+
+    upstream = tuple(f"stage{i}.bn" for i in range(UPSTREAM_SHOWN + 4))
+    m = metrics(gap_fraction=0.5, gap_p=1e-9, gap_shift_max=1.0, gap_log_var_max=0.8,
+                gap_channel=0, calls=4)  # fmt: skip
+    found = judge_layer("late.bn", m, Thresholds(), type_name="BatchNorm1d",
+                        overrides_forward=False, batches=4, upstream_stale=upstream)  # fmt: skip
+    gap = next(f for f in found if f.code == "train-eval-gap")
+    shown = ", ".join(upstream[:UPSTREAM_SHOWN])
+    assert f"({shown} and 4 more)" in gap.message
+    assert upstream[UPSTREAM_SHOWN] not in gap.message + gap.hint
+    assert gap.hint.startswith(f"recalibrate {shown} and 4 more first")
+
+
+def test_chart_labels_readable_at_800_px() -> None:
+    page = Page(render_html(hostile_report()))
+    widths = {float(a["viewbox"].split()[2]) for a in page.find("svg")}
+    assert widths == {CHART_W}
+    assert f"minmax(min(100%, {CHART_W}px), 1fr)" in _CSS and "svg text { font: 11px" in _CSS
+    # At 800 px (24 px page padding, 9 px figure padding and border each side) one chart fits a
+    # row, drawn at least at its own width: 11-unit labels are at least 11 px.
+    room = 800 - 2 * 24 - 2 * 9
+    assert 2 * CHART_W + 16 > 800 - 2 * 24  # one chart a row
+    drawn = min(room, CHART_MAX)
+    assert 11 * drawn / CHART_W >= 11
+    assert 11 * CHART_MAX / CHART_W <= 17  # nor poster-sized on a wide screen
+    drawn_labels = re.findall(r'text-anchor="end">([^<]*)</text>', render_html(hostile_report()))
+    labels = [html.unescape(label) for label in drawn_labels]
+    assert len(labels) == 3 * 4 and all(len(label) <= 24 for label in labels)
+    assert "stem.bn" in labels and any(label.startswith("evil") for label in labels)
 
 
 # --------------------------------------------------------------------------------------------

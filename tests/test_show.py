@@ -10,7 +10,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from bnaudit.cli import app
-from bnaudit.demo import PLANTED_LAYER, make_demo
+from bnaudit.demo import PLANTED_LAYER, TRAIN_BATCHES, make_demo
 from bnaudit.show import describe, render_layer, snippet
 from tests.test_variants import FrozenBatchNorm2d
 
@@ -87,7 +87,7 @@ def test_show_command_with_data(demo_files: tuple[Path, Path]) -> None:
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert out.startswith(f"{PLANTED_LAYER}: BatchNorm2d")
-    assert "num_batches_tracked = 300" in out
+    assert f"num_batches_tracked = {TRAIN_BATCHES}" in out
     assert f'bn = model.get_submodule("{PLANTED_LAYER}")' in out
     assert "Measured (2 calls" in out and "stale-stats" in out
 

@@ -276,7 +276,10 @@ def test_every_report_format_renders_a_static_report(mlp: nn.Module) -> None:
     plant(mlp)
     report = audit_state_dict(mlp.state_dict(), checkpoint="mlp.pt", sha256="ab" * 32)
     table = render(report, Format.TABLE)
-    assert "static audit" in table and "ab" * 32 in table and "init-stats" in table
+    assert "static audit" in table and "init-stats" in table
+    assert f"sha256 {'ab' * 6}…" in table  # shortened on screen, in full when wide
+    assert "ab" * 32 in render(report, Format.TABLE, width=None)
+    assert "static checks only" in table.splitlines()[-1]
     assert "| 16 " in render(report, Format.MARKDOWN)
     csv = render(report, Format.CSV).splitlines()
     assert "buffer_dtype" in csv[0] and len(csv) == 1 + len(BN)
