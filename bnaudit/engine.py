@@ -128,7 +128,7 @@ def run_passes(
     budget = options.output_budget_mb * 2**20
     count = 0
     with preserved(model, layers), torch.no_grad():
-        handles = [m.register_forward_hook(p) for (_, m), p in zip(layers, probes, strict=True)]
+        handles = [h for p in probes for h in p.hooks()]
         try:
             for batch in batches:
                 if options.max_batches is not None and count >= options.max_batches:
@@ -276,6 +276,7 @@ def audit(
             train_diagnosis=p.diagnosis["train"],
             eval_diagnosis=p.diagnosis["eval"],
             regime=options.regime,
+            measured_at=p.measured_at,
         )
         for p in probes
     }

@@ -19,7 +19,7 @@ from bnaudit import formulas as F
 from bnaudit import fused
 from bnaudit.explain import Case, Diagnosis
 from bnaudit.grouped import Deferred, Update
-from bnaudit.layers import Kind, LayerAttrs, read_counter
+from bnaudit.layers import Kind, LayerAttrs, act_tap, read_counter
 from bnaudit.statistics import LayerStats, RegimeStats
 
 
@@ -54,16 +54,53 @@ class Probe:
         self.nonfinite_inputs = 0
         self.nonfinite_outputs = 0
         self.checks_update = a.kind is not Kind.FROZEN and a.has_running_stats
+        # A BatchNormAct-style layer is measured at the input of its first child (`tap`): the
+        # normalisation there, before dropout and the activation (`bnaudit.layers.act_tap`).
+        found = act_tap(module)
+        self.tap_name, self.tap = found if found is not None else ("", None)
+        self._input: Tensor | None = None  # this call's input, while a tapped call runs
+        self.tapped_calls = 0  # calls measured at the tap
+        self.output_calls = 0  # calls of a tapped layer whose tap did not run: measured at the output
         # Standard BN layers (their forward is torch's) whose finite outputs match the formula
         # on every healthy model: the ones worth measuring in groups.
-        standard = a.kind is not Kind.INSTANCE and not a.overrides_forward
+        standard = a.kind is not Kind.INSTANCE and (not a.overrides_forward or self.tap is not None)
         self.group = group if standard else None
+
+    def hooks(self) -> list[Any]:
+        """Attach the probe (the output hook, and a tapped layer's two input hooks); the
+        handles, to remove."""
+        handles = [self.module.register_forward_hook(self)]
+        if self.tap is not None:
+            handles.append(self.module.register_forward_pre_hook(self._enter))
+            handles.append(self.tap.register_forward_pre_hook(self._at_tap))
+        return handles
+
+    def _enter(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        x = inputs[0] if inputs else None
+        self._input = x.detach() if isinstance(x, Tensor) else None
+
+    def _at_tap(self, tap: nn.Module, inputs: tuple[Any, ...]) -> None:
+        """The tap's input is the normalised value: measured now, before an in-place
+        activation overwrites it. Only once per call of the layer (a shared child, say)."""
+        x, self._input = self._input, None
+        if x is not None and self.measure and inputs:
+            self.tapped_calls += 1
+            self._measure(self.module, (x,), inputs[0])
+
+    @property
+    def measured_at(self) -> str:
+        """Where the output was read: "" the layer's own output, else the tap's input."""
+        return f"input of {self.tap_name}" if self.tapped_calls and not self.output_calls else ""
 
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         try:
             if self.first_call is None:
                 self.first_call = next(self.clock)
-            if self.measure:
+            tapped = self.tap is not None and self._input is None
+            if self.tap is not None and not tapped:  # the tap did not run in this call
+                self._input = None
+                self.output_calls += self.measure
+            if self.measure and not tapped:
                 self._measure(module, inputs, output)
         finally:
             if self.regime == "train":
