@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,8 @@ ROOT = HERE.parent
 # This checkout's bnaudit and the models next to this file, whatever is installed elsewhere.
 sys.path[:0] = [str(ROOT), str(HERE)]
 
-import models  # noqa: E402  (needs the path above)
+import costs  # noqa: E402  (needs the path above)
+import models  # noqa: E402
 
 TARGET_TIME = 1.25  # audit / plain passes
 TARGET_RSS = 1.3  # audit / plain eval forward
@@ -530,6 +532,7 @@ class Results:
     static: dict[str, Any]
     command: str
     elapsed: float = 0.0
+    costs: list[str] = dataclasses.field(default_factory=list)  # costs.render's sections
 
     def render(self) -> str:
         cases = self.cases
@@ -686,6 +689,7 @@ class Results:
             + " to ".join(_spread(self.by_depth["ratios"]))
             + " across the depths",
             "",
+            *self.costs,
             "## Static audit of a 2 GB checkpoint",
             "",
             static_text(self.static),
@@ -808,6 +812,12 @@ def main(argv: list[str] | None = None) -> None:
         log("growth with depth")
         mlp_shape = next(c.shape for c in every if c.name == "mlp400")
         by_depth = growth_with_depth(mlp_shape, max(3, args.repeats // 2), depths)
+        log("recalibration against update_bn")
+        recal = costs.recalibration(sys.modules[__name__], folder, env, args.repeats, args.quick)
+        log(f"{costs.TINY_BATCHES if not args.quick else 50} tiny batches")
+        tiny = costs.tiny_batches(sys.modules[__name__], args.repeats, args.quick)
+        log("cold kernel cache")
+        cold = costs.cold_cache(sys.modules[__name__], folder, env)
         log("static audit")
         static = static_audit(folder, env, args.process_repeats)
         command = " ".join(["python", *check_command(cases[0], folder)[1:]])
@@ -815,6 +825,7 @@ def main(argv: list[str] | None = None) -> None:
     results = Results(
         head, cases, inproc, procs, rss, profiles, growth, by_batches, by_depth, static, command
     )
+    results.costs = costs.render(recal, tiny, cold, met, table, TARGET_TIME)
     results.elapsed = time.perf_counter() - started
     args.out.write_text(results.render() + "\n")
     log(f"wrote {args.out} in {results.elapsed:.0f} s")
@@ -872,5 +883,7 @@ if __name__ == "__main__":
         child_plain(*sys.argv[2:])
     elif len(sys.argv) > 1 and sys.argv[1] == "_rss":
         child_rss(*sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_update_bn":
+        costs.child_update_bn(*sys.argv[2:])
     else:
         main()
