@@ -52,9 +52,9 @@ def recalibration(
     spec = f"{HERE / 'models.py'}:{RECAL_FACTORY}"
     base = [sys.executable, "-m", "bnaudit", "recalibrate", str(ckpt), "--model", spec]
     base += ["--data", str(data), "--force", "-o", str(folder / "recal-out.pt")]
+    swa_cmd = [sys.executable, str(HERE / "bench.py"), "_update_bn", RECAL_FACTORY]
     commands = {
-        "update_bn": [sys.executable, str(HERE / "bench.py"), "_update_bn", RECAL_FACTORY]
-        + [str(ckpt), str(data), str(folder / "swa-out.pt")],
+        "update_bn": [*swa_cmd, str(ckpt), str(data), str(folder / "swa-out.pt")],
         "--no-verify": [*base, "--no-verify"],
         "--verify": [*base, "--verify"],
     }
