@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import datetime
 import importlib
 import io
@@ -45,7 +46,8 @@ ROOT = HERE.parent
 # This checkout's bnaudit and the models next to this file, whatever is installed elsewhere.
 sys.path[:0] = [str(ROOT), str(HERE)]
 
-import models  # noqa: E402  (needs the path above)
+import costs  # noqa: E402  (needs the path above)
+import models  # noqa: E402
 
 TARGET_TIME = 1.25  # audit / plain passes
 TARGET_RSS = 1.3  # audit / plain eval forward
@@ -530,6 +532,7 @@ class Results:
     static: dict[str, Any]
     command: str
     elapsed: float = 0.0
+    costs: list[str] = dataclasses.field(default_factory=list)  # costs.render's sections
 
     def render(self) -> str:
         cases = self.cases
@@ -686,6 +689,7 @@ class Results:
             + " to ".join(_spread(self.by_depth["ratios"]))
             + " across the depths",
             "",
+            *self.costs,
             "## Static audit of a 2 GB checkpoint",
             "",
             static_text(self.static),
@@ -711,34 +715,29 @@ class Results:
 
 
 WHERE_THE_TIME_GOES = """\
-What the hooks do per BN value, since the optimisation (`bnaudit/formulas.py`): the exact
-float64 measurement streams the activation in blocks of 64 Ki values that stay in cache:
-batch mean and variance in two passes (sum, then squared deviations), then the reconstruction
-(x·s + b, |y − ref|, the tolerance, the ratio, two per-channel maxima). That is about 19
-elementwise float64 operations per value and per pass, one of them a division, against the
-two or three a BN layer makes in float32. Before, the hook made a float64 copy of x and of y,
-took a Welford `var_mean` (several times slower than a sum), evaluated `normalize`,
-`mismatch` and `elementwise_tolerance` on whole tensors (about 35 operations, several of them
-allocating a float64 tensor the size of the activation) and counted non-finite values with
-`isfinite` on x and y. Small layers (at most 32 Ki values: the MLP) are now measured side by
-side after each forward pass (`bnaudit/grouped.py`), so the per-call cost of a hook is a copy
-of x and y; that per-layer overhead used to be about a hundred small tensor operations.
+Per BN call, one numba kernel (`bnaudit/fused_kernels.py`) reads x and y once: the float64
+batch mean and M2 per channel (two passes over each channel while it is in cache, compensated
+block sums), then the reconstruction error and its ratio to the tolerance, about 1 ns per
+value on one core against 0.5 (eval) to 2.2 (train) ns for BN itself. Calls with NaN/Inf or
+that miss the formula are measured again on float64 copies and diagnosed. timm-style
+BatchNormAct layers are read at the input of their `drop`/`act` child, where the
+normalisation happens, so they take the same kernel (before, every call of theirs was
+diagnosed on float64 copies: 16.6× on the EfficientNet layout). Small activations (at most
+32 Ki values: the MLP) are copied in the hook and measured side by side after each pass
+(`bnaudit/grouped.py`). Each call's per-channel results are kept and folded into the
+accumulators a block at a time (`bnaudit/rows.py`), not with a few dozen tensor operations
+per call.
 
-So the ratio is about 1 + (hooks ns/value) / (forward ns/value) plus the work after the passes:
-where the forward does much arithmetic per BN value (ResNet's convolutions) the audit is
-cheap, where it does little (depthwise convolutions, a 64-wide Linear) the float64
-measurement is as expensive as the forward or more. What would close the gap is a fused
-kernel (C++, or a compiled graph) reading x and y once per pass and keeping every
-intermediate in registers: the measurement would then cost about what one BN layer costs. In
-eager PyTorch each of the ~19 steps is a separate pass over the block. `torch.compile` of the
-same arithmetic (Inductor, CPU) was tried during development: no faster per value than these
-eager blocks, and 20-25 s of compilation in every new process, which a CI gate pays on every
-run. The other remaining cost is fixed per layer after the passes (medians, drift
-statistics, findings: a few dozen small tensor operations per layer), which matters for the
-MLP's 400 layers and would close by computing the metrics of all layers of one width at once.
-Memory: the audit keeps per-channel accumulators, three float64 blocks of 64 Ki values and,
-for small layers, copies of at most 4 Mi values (twice that while they are measured), so its
-peak does not grow with the batches or the activation size."""
+So the ratio is about 1 + (2/3)·(hooks ns/value)/(forward ns/value) plus the work after the
+passes. The floor is reading x and y once more per call, so the ratio is near 1.03–1.06 where
+BN is a small share of the forward (ResNet's convolutions) and higher where BN's share is large
+(MobileNet's depthwise convolutions, a 64-wide Linear). There is also a fixed Python cost per
+hook call (hook dispatch, the copy-back of the buffers, the kernel call: tens of µs), which
+dominates on tiny batches (the 2,000-batch row). `torch.compile` was tried: no faster, and
+20–25 s of compilation in every process. After the passes there are a few dozen small tensor
+operations per layer (metrics, findings). Memory: per-channel accumulators, the kept rows
+(at most 1 Mi values per layer), and the copies of small activations (at most 4 Mi values), so
+the peak does not grow with the batches or the activation size."""
 
 
 def _spread(values: list[float]) -> list[str]:
@@ -820,6 +819,12 @@ def main(argv: list[str] | None = None) -> None:
         log("growth with depth")
         mlp_shape = next(c.shape for c in every if c.name == "mlp400")
         by_depth = growth_with_depth(mlp_shape, max(3, args.repeats // 2), depths)
+        log("recalibration against update_bn")
+        recal = costs.recalibration(sys.modules[__name__], folder, env, args.repeats, args.quick)
+        log(f"{costs.TINY_BATCHES if not args.quick else 50} tiny batches")
+        tiny = costs.tiny_batches(sys.modules[__name__], args.repeats, args.quick)
+        log("cold kernel cache")
+        cold = costs.cold_cache(sys.modules[__name__], folder, env)
         log("static audit")
         static = static_audit(folder, env, args.process_repeats)
         command = " ".join(["python", *check_command(cases[0], folder)[1:]])
@@ -827,6 +832,7 @@ def main(argv: list[str] | None = None) -> None:
     results = Results(
         head, cases, inproc, procs, rss, profiles, growth, by_batches, by_depth, static, command
     )
+    results.costs = costs.render(recal, tiny, cold, met, table, TARGET_TIME)
     results.elapsed = time.perf_counter() - started
     args.out.write_text(results.render() + "\n" + kept)
     log(f"wrote {args.out} in {results.elapsed:.0f} s")
@@ -884,5 +890,7 @@ if __name__ == "__main__":
         child_plain(*sys.argv[2:])
     elif len(sys.argv) > 1 and sys.argv[1] == "_rss":
         child_rss(*sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_update_bn":
+        costs.child_update_bn(*sys.argv[2:])
     else:
         main()

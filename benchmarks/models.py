@@ -220,6 +220,21 @@ def cnn3d() -> nn.Module:
     return CNN3d()
 
 
+class SmallCNN(nn.Sequential):
+    """A small CNN for the per-batch fixed cost: 3 × (conv → BatchNorm2d → ReLU), a BN1d head."""
+
+    def __init__(self) -> None:
+        layers: list[nn.Module] = []
+        for cin, cout, stride in ((3, 16, 1), (16, 32, 2), (32, 32, 1)):
+            layers += [*conv_bn(cin, cout, 3, stride), nn.ReLU()]
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 16), nn.BatchNorm1d(16)]
+        super().__init__(*layers)
+
+
+def small_cnn() -> nn.Module:
+    return SmallCNN()
+
+
 def bn_layers(model: nn.Module) -> list[_BatchNorm]:
     return [m for m in model.modules() if isinstance(m, _BatchNorm)]
 

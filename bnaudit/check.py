@@ -359,25 +359,44 @@ def _log(log: Any, text: str) -> None:
 
 @dataclass(frozen=True)
 class Recalibrated:
-    before: AuditReport
-    after: AuditReport
+    before: AuditReport | None  # None without the verifying audits (verify=False)
+    after: AuditReport | None
     recalibration: Recalibration
     output: Path
 
 
 def run_recalibrate(
-    s: CheckSettings, output: Path, *, force: bool, layers: tuple[str, ...], log: Any = None
+    s: CheckSettings,
+    output: Path,
+    *,
+    force: bool,
+    layers: tuple[str, ...],
+    log: Any = None,
+    verify: bool = True,
 ) -> Recalibrated:
     """Audit, recalibrate on the sample batches, write the new checkpoint, audit it again.
 
     With labelled batches, a recalibration that lowers the task metric beyond noise
-    (cross-fitted, see bnaudit.evidence) is refused unless `force`."""
+    (cross-fitted, see bnaudit.evidence) is refused unless `force`. `verify=False` skips both
+    audits (and with them that refusal): the statistics pass alone, the cost of update_bn."""
     check_output(s.checkpoint, output, force=force)
     if not s.data:
         raise BnauditError("recalibrate needs sample batches from the data: pass --data")
     p = prepare(s, log)
     if isinstance(p, AuditReport):
         raise BnauditError(f"{s.checkpoint}: recalibrating needs the architecture: pass --model")
+    if not verify:  # one pass over the batches: they are streamed, not kept
+        r = recalibrate(
+            p.model,
+            itertools.islice(p.batches, s.batches),
+            regime=s.regime.value,
+            layers=layers,
+            train_mode=s.train_mode.value,
+            choice=parse_input(s.input),
+        )
+        write_recalibrated(s.checkpoint, output, r, key=s.key)
+        _log(log, f"wrote {output} ({len(r.stats)} layers recalibrated on {r.batches} batches)")
+        return Recalibrated(None, None, r, output)
     batches = list(itertools.islice(p.batches, s.batches))  # used three times
     options = audit_options(s, p)
     before = audit(

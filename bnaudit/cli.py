@@ -411,6 +411,12 @@ def recalibrate(
         help="Replace an existing output file, and write even when the labelled batches show "
         "that recalibration lowers the task metric.",
     ),
+    verify: bool = typer.Option(
+        True,
+        "--verify/--no-verify",
+        help="Audit before and after (and refuse when labelled batches show a lower task "
+        "metric); --no-verify: the statistics pass alone, the cost of update_bn.",
+    ),
     config: Path = typer.Option(None, help="TOML file with a [tool.bnaudit] table."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -436,8 +442,16 @@ def recalibrate(
 
         settings = resolve(cli, config, Path.cwd())
         done = run_recalibrate(
-            settings, output, force=force, layers=tuple(layers or ()), log=sys.stderr
-        )
+            settings, output, force=force, layers=tuple(layers or ()), log=sys.stderr,
+            verify=verify,
+        )  # fmt: skip
+        if done.before is None or done.after is None:  # --no-verify: nothing audited
+            r = done.recalibration
+            sys.stdout.write(
+                f"wrote {output}: {len(r.stats)} layers recalibrated on {r.batches} batches "
+                "(not audited: --no-verify)\n"
+            )
+            return EXIT_OK
         names = list(done.recalibration.stats)
         _out(render_changes(done.before, done.after, names))
         evidence = done.before.impact.evidence if done.before.impact else None

@@ -88,8 +88,7 @@ class Passes:
 def _set_train_mode(model: nn.Module, layers: list[tuple[str, nn.Module]], mode: str) -> None:
     if mode == "all":
         model.train()
-    else:
-        model.eval()
+    else:  # after the eval-mode pass: the model is in eval mode already
         for _, m in layers:
             # Not m.train(): a BN subclass's own children (timm's dropout in BatchNormAct2d)
             # stay in eval mode, so the pass stays deterministic.
@@ -129,7 +128,7 @@ def run_passes(
     budget = options.output_budget_mb * 2**20
     count = 0
     with preserved(model, layers), torch.no_grad():
-        handles = [m.register_forward_hook(p) for (_, m), p in zip(layers, probes, strict=True)]
+        handles = [h for p in probes for h in p.hooks()]
         try:
             for batch in batches:
                 if options.max_batches is not None and count >= options.max_batches:
@@ -139,10 +138,13 @@ def run_passes(
                 for regime in ("eval", "train"):
                     for p in probes:
                         p.regime = regime
-                    if regime == "eval":
-                        model.eval()
-                    else:
+                    if regime == "train":
                         _set_train_mode(model, layers, options.train_mode)
+                    elif options.train_mode == "all" or count == 0:
+                        model.eval()
+                    else:  # only the BN layers left eval mode: a walk of the model costs more
+                        for _, m in layers:
+                            m.training = False
                     watch = folds is not None and count == 0 and regime == "eval"
                     with folds.watching() if watch else contextlib.nullcontext():  # type: ignore[union-attr]
                         out = _forward(model, batch, count, regime)
@@ -158,6 +160,8 @@ def run_passes(
                 if progress is not None:
                     progress(count)
             deferred.finish()
+            for p in probes:
+                p.finish()
         finally:
             for h in handles:
                 h.remove()
@@ -299,6 +303,7 @@ def audit(
             train_diagnosis=p.diagnosis["train"],
             eval_diagnosis=p.diagnosis["eval"],
             regime=options.regime,
+            measured_at=p.measured_at,
         )
         for p in probes
     }

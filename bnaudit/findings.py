@@ -183,6 +183,8 @@ SITUATION_HINTS: dict[str, dict[str, str]] = {
         "what it does instead; fix the forward, or accept it with an ignore entry",
         "variant": "nothing to fix if intended: the normalisation is exact and the formula "
         "checks allowed for what the override adds",
+        "inside": "nothing to fix if intended: the normalisation is exact where it happens, the "
+        "input of the layer's dropout or activation; what those add is not BN",
         "plain": "nothing to fix: the override computes plain BN on these batches, and the "
         "formula checks test what it computes",
         "unchecked": "the layer did not run on the sample batches, so what the override "
@@ -495,6 +497,9 @@ def judge_layer(
             sev, what, situation = Severity.WARN, "and does not compute plain BN", "mismatch"
         elif variant:
             sev, what, situation = Severity.INFO, f"and its output is {variant}", "variant"
+        elif m.measured_at and m.calls:
+            what = f"and computes plain BN before what it adds (measured at the {m.measured_at})"
+            sev, situation = Severity.INFO, "inside"
         elif not m.calls:  # nothing ran: there is no output to speak of
             sev, what, situation = Severity.INFO, "(not run, so not checked)", "unchecked"
         else:

@@ -24,6 +24,7 @@ from torch import Tensor
 from bnaudit import formulas as F
 from bnaudit import fused
 from bnaudit.layers import Kind, LayerAttrs
+from bnaudit.rows import Rows, UpdateCheck
 from bnaudit.statistics import LayerStats
 
 if TYPE_CHECKING:
@@ -35,7 +36,6 @@ SMALL_VALUES = 1 << 15
 # Copies kept before a group is measured even in the middle of a forward pass: memory stays
 # bounded however many small layers a model has.
 PENDING_VALUES = 1 << 22
-
 # The running mean and variance one train-mode call left, and num_batches_tracked (or None).
 Update = tuple[Tensor, Tensor, int | None]
 
@@ -85,6 +85,7 @@ class Deferred:
         """Hand each layer its share of the groups' accumulators."""
         self.flush()
         for group in self.groups.values():
+            group.rows.fold(group.stats)
             for probe, channels in zip(group.probes, group.slices, strict=True):
                 probe.stats.merge(group.stats.channels(channels))
         self.groups.clear()
@@ -167,47 +168,37 @@ class _Group:
                 None if a.num_batches_tracked is None else a.num_batches_tracked + 1 for a in attrs
             ]
         self.stats = LayerStats()
+        check = None
+        if self.update_dtype is not None:
+            check = UpdateCheck(
+                self.running_mean, self.running_var, self.factor, self.eps, self.update_dtype
+            )
+        self.rows = Rows(sum(sizes), check)
 
     def measure(self, calls: list[_Call]) -> None:
-        x = torch.cat([c.x for c in calls], dim=1)
-        y = torch.cat([c.y for c in calls], dim=1)
+        x = torch.cat([c.x for c in calls], dim=1) if len(calls) > 1 else calls[0].x
+        y = torch.cat([c.y for c in calls], dim=1) if len(calls) > 1 else calls[0].y
         running = None if self.uses_batch else (self.running_mean, self.running_var)
         got = fused.measure(x, y, self.weight, self.bias, self.eps, running, y.dtype)
-        mean, var, err, ratio = got.mean, got.var, got.err, got.ratio
         if not (got.finite and got.worst <= 1):
             # Rare: non-finite values, or a layer that misses the formula. One layer at a time
             # gives the exact per-layer counts and diagnoses.
             for c in calls:
                 c.probe.measure_batch(c.x, c.y, self.train, c.update)
             return
-        regime = self.stats.train if self.train else self.stats.eval
-        regime.err_abs.add(err)
-        regime.err_ratio.add(ratio)
-        n = F.values_per_channel(x)
-        regime.add_batch(n, x.shape[0], mean, var)
+        update = None
         if self.update_dtype is not None:
-            self._check_update(calls, mean, var, n)
+            update = self._count_steps(calls)
+        key = (self.train, F.values_per_channel(x), x.shape[0])
+        self.rows.add(self.stats, key, (got.mean, got.var, got.err, got.ratio), update)
 
-    def _check_update(self, calls: list[_Call], mean: Tensor, var: Tensor, n: int) -> None:
+    def _count_steps(self, calls: list[_Call]) -> list[Tensor]:
+        """Count the steps where T did not become T + 1; the running stats the calls left,
+        every layer's mean, then every variance."""
         updates = [c.update for c in calls]
-        assert self.update_dtype is not None and all(u is not None for u in updates)
-        got_mean = torch.cat([u[0] for u in updates if u is not None]).double()
-        got_var = torch.cat([u[1] for u in updates if u is not None]).double()
-        self.stats.update.add(
-            *F.update_residuals(
-                self.running_mean,
-                self.running_var,
-                mean,
-                var,
-                n,
-                self.factor,
-                got_mean,
-                got_var,
-                self.eps,
-                self.update_dtype,
-            )
-        )
+        assert all(u is not None for u in updates)
         for c, expected in zip(calls, self.expected_t, strict=True):
             got = c.update[2] if c.update is not None else None
             if expected is not None and got is not None and got != expected:
                 c.probe.stats.update.count_errors += 1
+        return [u[0] for u in updates if u is not None] + [u[1] for u in updates if u is not None]

@@ -31,6 +31,9 @@ UNKNOWN_MOMENTUM = math.nan
 
 # FrozenBatchNorm (torchvision, detectron2) is a plain module: it is recognised by these buffers.
 _FROZEN_BUFFERS = frozenset({"running_mean", "running_var"})
+# timm's BatchNormAct2d (and SyncBatchNormAct, FrozenBatchNormAct2d) normalise, then call these
+# children in this order: the first one's input is the normalised value.
+ACT_CHILDREN = ("drop", "act")
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,24 @@ def find_bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
                 "or run one forward pass before auditing it"
             )
     return found
+
+
+def act_tap(module: nn.Module) -> tuple[str, nn.Module] | None:
+    """(name, child) whose input is the layer's normalised value, in a BN subclass that applies
+    dropout and an activation after normalising (timm's BatchNormAct2d); None for any other.
+
+    Recognised by its children alone (only `drop` and/or `act`) and a forward of its own: the
+    audit then reads the normalisation where it happens, before what follows it. Whether that
+    input really is the BN formula is measured like any output; a miss is a finding.
+    """
+    kind = layer_kind(module)
+    if kind is None or (kind is not Kind.FROZEN and type(module).forward in _STANDARD_FORWARDS):
+        return None
+    children = dict(module.named_children())
+    if not children or not set(children) <= set(ACT_CHILDREN):
+        return None
+    name = next(n for n in ACT_CHILDREN if n in children)
+    return name, children[name]
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,7 @@ def measure(
     train_diagnosis: Diagnosis | None = None,
     eval_diagnosis: Diagnosis | None = None,
     regime: str = "train",
+    measured_at: str = "",
 ) -> LayerMetrics:
     """All metrics of one layer.
 
@@ -211,6 +212,7 @@ def measure(
         step_shift=_tracked(s.update.mean_step),
         step_log_var=_tracked(s.update.var_step),
         counter_problem=a.counter_problem,
+        measured_at=measured_at,
     )
 
 

@@ -19,7 +19,8 @@ from bnaudit import formulas as F
 from bnaudit import fused
 from bnaudit.explain import Case, Diagnosis
 from bnaudit.grouped import Deferred, Update
-from bnaudit.layers import Kind, LayerAttrs, read_counter
+from bnaudit.layers import Kind, LayerAttrs, act_tap, read_counter
+from bnaudit.rows import Rows, UpdateCheck
 from bnaudit.statistics import LayerStats, RegimeStats
 
 
@@ -54,16 +55,64 @@ class Probe:
         self.nonfinite_inputs = 0
         self.nonfinite_outputs = 0
         self.checks_update = a.kind is not Kind.FROZEN and a.has_running_stats
+        # A BatchNormAct-style layer is measured at the input of its first child (`tap`): the
+        # normalisation there, before dropout and the activation (`bnaudit.layers.act_tap`).
+        found = act_tap(module)
+        self.tap_name, self.tap = found if found is not None else ("", None)
+        self._input: Tensor | None = None  # this call's input, while a tapped call runs
+        self.tapped_calls = 0  # calls measured at the tap
+        self.output_calls = 0  # calls of a tapped layer whose tap did not run (read at the output)
+        check = None
+        if self.checks_update:
+            assert a.running_mean is not None and a.running_var is not None
+            factor = F.update_factor(a.momentum, a.num_batches_tracked or 0)
+            dtype = a.buffer_dtype or a.dtype
+            check = UpdateCheck(a.running_mean, a.running_var, factor, a.eps, dtype)
+        self.rows = Rows(a.num_features, check)  # the fast path's results, folded in blocks
         # Standard BN layers (their forward is torch's) whose finite outputs match the formula
         # on every healthy model: the ones worth measuring in groups.
-        standard = a.kind is not Kind.INSTANCE and not a.overrides_forward
+        standard = a.kind is not Kind.INSTANCE and (not a.overrides_forward or self.tap is not None)
         self.group = group if standard else None
+
+    def hooks(self) -> list[Any]:
+        """Attach the probe (the output hook, and a tapped layer's two input hooks); the
+        handles, to remove."""
+        handles = [self.module.register_forward_hook(self)]
+        if self.tap is not None:
+            handles.append(self.module.register_forward_pre_hook(self._enter))
+            handles.append(self.tap.register_forward_pre_hook(self._at_tap))
+        return handles
+
+    def _enter(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        x = inputs[0] if inputs else None
+        self._input = x.detach() if isinstance(x, Tensor) else None
+
+    def _at_tap(self, tap: nn.Module, inputs: tuple[Any, ...]) -> None:
+        """The tap's input is the normalised value: measured now, before an in-place
+        activation overwrites it. Only once per call of the layer (a shared child, say)."""
+        x, self._input = self._input, None
+        if x is not None and self.measure and inputs:
+            self.tapped_calls += 1
+            self._measure(self.module, (x,), inputs[0])
+
+    def finish(self) -> None:
+        """Fold the kept results into `stats` (after the passes)."""
+        self.rows.fold(self.stats)
+
+    @property
+    def measured_at(self) -> str:
+        """Where the output was read: "" the layer's own output, else the tap's input."""
+        return f"input of {self.tap_name}" if self.tapped_calls and not self.output_calls else ""
 
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         try:
             if self.first_call is None:
                 self.first_call = next(self.clock)
-            if self.measure:
+            tapped = self.tap is not None and self._input is None
+            if self.tap is not None and not tapped:  # the tap did not run in this call
+                self._input = None
+                self.output_calls += self.measure
+            if self.measure and not tapped:
                 self._measure(module, inputs, output)
         finally:
             if self.regime == "train":
@@ -81,7 +130,8 @@ class Probe:
         later = (
             self.group is not None and x.shape[1] == self.attrs.num_features and self.group.takes(x)
         )
-        update = self._updated(copy=later) if train and self.checks_update else None
+        # Copies: the fast path keeps them until its rows are folded.
+        update = self._updated() if train and self.checks_update else None
         if later:
             assert self.group is not None
             # Copies: the forward goes on and may change these tensors in place (a ReLU).
@@ -89,12 +139,10 @@ class Probe:
         else:
             self.measure_batch(x, y, train, update)
 
-    def _updated(self, copy: bool) -> Update:
-        """The running stats (and T) this train-mode call left, before they are put back."""
+    def _updated(self) -> Update:
+        """The running stats (and T) this train-mode call left (copies: they are put back)."""
         m = self.module
-        mean, var = m.running_mean, m.running_var
-        if copy:
-            mean, var = mean.clone(), var.clone()
+        mean, var = m.running_mean.clone(), m.running_var.clone()
         # A float counter (a module converted with .type()) may hold NaN: no count to compare.
         return mean, var, read_counter(getattr(m, "num_batches_tracked", None))[0]
 
@@ -120,20 +168,22 @@ class Probe:
         got = fused.measure(x, y, a.weight, a.bias, a.eps, running, y.dtype)  # type: ignore[arg-type]
         if not got.finite:
             return False
-        mean, var, err, ratio, worst = got.mean, got.var, got.err, got.ratio, got.worst
+        mean, var = got.mean, got.var
         ref_mean, ref_var = (mean, var) if running is None else running
-        regime = self.stats.train if train else self.stats.eval
-        regime.err_abs.add(err)
-        regime.err_ratio.add(ratio)
         n = F.values_per_channel(x)
-        if not worst <= 1:  # this batch misses the formula: why?
+        if not got.worst <= 1:  # this batch misses the formula: why?
             self._diagnose(
                 x.double(), y.double(), ref_mean, ref_var, mean, var, n, uses_batch, y.dtype
             )
-        regime.add_batch(n, x.shape[0], mean, var)
         # Finite inputs and outputs: nothing to add to the non-finite counts.
         if update is not None:
-            self.check_update(mean, var, n, update)
+            self._count_step(update)
+        self.rows.add(
+            self.stats,
+            (train, n, x.shape[0]),
+            (mean, var, got.err, got.ratio),
+            None if update is None else [update[0], update[1]],
+        )
         return True
 
     def _measure_general(self, x: Tensor, y: Tensor, train: bool, update: Update | None) -> None:
@@ -199,7 +249,7 @@ class Probe:
         t_before = a.num_batches_tracked or 0
         instance = a.kind is Kind.INSTANCE
         factor = F.update_factor(a.momentum, t_before, instance=instance)
-        got_mean, got_var, got_t = update
+        got_mean, got_var, _ = update
         self.stats.update.add(
             *F.update_residuals(
                 a.running_mean,
@@ -214,7 +264,13 @@ class Probe:
                 got_mean.dtype,
             )
         )
-        expected_t = t_before + (0 if instance else 1)
+        self._count_step(update)
+
+    def _count_step(self, update: Update) -> None:
+        """Count a train step where num_batches_tracked did not become T + 1 (InstanceNorm: T)."""
+        a = self.attrs
+        expected_t = (a.num_batches_tracked or 0) + (0 if a.kind is Kind.INSTANCE else 1)
+        got_t = update[2]
         if a.num_batches_tracked is not None and got_t is not None and got_t != expected_t:
             self.stats.update.count_errors += 1
 

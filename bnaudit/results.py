@@ -159,6 +159,9 @@ class LayerMetrics:
     fold_int8_levels: float = math.nan  # median output channel, int8 per-tensor
     # why num_batches_tracked is not a count (then num_batches_tracked is None); "" when it is
     counter_problem: str = ""
+    # where the output was read: "" the layer's own; "input of drop": a BatchNormAct's
+    # normalisation, before its dropout and activation (bnaudit.layers.act_tap)
+    measured_at: str = ""
 
     @classmethod
     def unmeasured(cls, why: str, **known: object) -> LayerMetrics:

@@ -38,6 +38,13 @@ class Moments:
         """Merge one observation per channel (e.g. one batch's mean)."""
         self.add(1.0, value, torch.zeros_like(value, dtype=torch.float64))
 
+    def add_values(self, values: Tensor) -> None:
+        """Merge K observations per channel at once ([K, C]): the same as K `add_value` calls
+        (two-pass moments of the K, then one merge), at the cost of one."""
+        values = values.double()
+        mean = values.mean(0)
+        self.add(float(values.shape[0]), mean, (values - mean).square().sum(0))
+
     def merge(self, other: Moments) -> None:
         if other.mean is not None and other.m2 is not None:
             self.add(other.count, other.mean, other.m2)
@@ -112,6 +119,22 @@ class RegimeStats:
         count, p_mean, p_var = pooled if pooled is not None else (n, mean, var_biased)
         self.population.add(count, p_mean.double(), p_var.double() * count)
         self.calls += 1
+        self.min_n = _min_seen(self.min_n, n)
+        self.min_batch = _min_seen(self.min_batch, batch)
+
+    def add_batches(self, n: int, batch: int, means: Tensor, vars_biased: Tensor) -> None:
+        """K batches of one shape at once (rows of [K, C]): the same as K `add_batch` calls."""
+        k = means.shape[0]
+        means, vars_biased = means.double(), vars_biased.double()
+        self.batch_means.add_values(means)
+        self.biased_vars.add_values(vars_biased)
+        if n > 1:
+            self.batch_vars.add_values(vars_biased * (n / (n - 1)))
+        # Every value of the K batches pooled: Chan's merge of K groups of n values.
+        pooled = means.mean(0)
+        m2 = n * (vars_biased.sum(0) + (means - pooled).square().sum(0))
+        self.population.add(k * n, pooled, m2)
+        self.calls += k
         self.min_n = _min_seen(self.min_n, n)
         self.min_batch = _min_seen(self.min_batch, batch)
 

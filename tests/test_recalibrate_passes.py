@@ -71,3 +71,33 @@ def test_train_regime_equals_update_bn_and_streams_the_batches() -> None:
         bn = reference.get_submodule(name)
         torch.testing.assert_close(mean, bn.running_mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(var, bn.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_no_verify_writes_the_statistics_of_one_pass_without_auditing(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`recalibrate --no-verify`: the same checkpoint as with the audits, and no audit run."""
+    from typer.testing import CliRunner
+
+    from bnaudit import check
+    from bnaudit.cli import app
+    from bnaudit.demo import make_demo
+
+    ckpt, data = make_demo(tmp_path / "demo", calib_batches=4)
+    common = ["recalibrate", str(ckpt), "--model", "bnaudit.demo:build_model", "--data", str(data)]
+    verified = CliRunner().invoke(app, [*common, "-o", str(tmp_path / "a.pt")])
+    assert verified.exit_code == 0, verified.output
+    audits = [0]
+    real = check.audit
+
+    def counting(*args, **kwargs):
+        audits[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(check, "audit", counting)
+    quick = CliRunner().invoke(app, [*common, "--no-verify", "-o", str(tmp_path / "b.pt")])
+    assert quick.exit_code == 0, quick.output
+    assert audits[0] == 0 and "not audited: --no-verify" in quick.stdout
+    a = torch.load(tmp_path / "a.pt", weights_only=True)
+    b = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -239,11 +239,13 @@ def test_bn_act_is_a_variant_not_a_failure(act: nn.Module, name: str) -> None:
     for layer in ("norm1", "norm2"):
         found = report.layer(layer).findings
         assert [(f.code, f.severity) for f in found] == [("nonstandard-forward", Severity.INFO)]
-        assert f"BN followed by {name}" in found[0].message
+        assert "plain BN before what it adds (measured at the input of drop)" in found[0].message
         assert "BatchNormAct2d" in found[0].message
         m = report.layer(layer).metrics
-        assert m.recon_train_explanation_key == f"act:{name}"
-        assert m.recon_train_explanation_ratio < 1 and m.recon_eval_explanation_ratio < 1
+        # Read where the normalisation happens: nothing to explain.
+        assert m.measured_at == "input of drop"
+        assert m.recon_train_ratio < 1 and m.recon_eval_ratio < 1
+        assert m.recon_train_explanation_key == "" == m.recon_eval_explanation_key
     stale = audit(stale_first(model), images())
     assert "stale-stats" in codes_on(stale, "norm1")
 
@@ -356,6 +358,23 @@ def test_each_mistake_is_diagnosed(mistake: str) -> None:
     assert "it matches" in message and getattr(m, f"recon_{regime}_explanation") in message
 
 
+class InlineSiLU(nn.BatchNorm2d):
+    """An activation applied inside the forward, not by a child module: only its output can
+    be read, so the activation must be diagnosed."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.silu(super().forward(x))
+
+
+def test_inline_activation_is_diagnosed() -> None:
+    torch.manual_seed(0)
+    report = audit(calibrated(ConvNet(InlineSiLU), batches=30), images(count=2))
+    m = report.layer("norm1").metrics
+    assert m.measured_at == "" and m.recon_train_explanation_key == "act:silu"
+    (found,) = report.layer("norm1").findings
+    assert found.code == "nonstandard-forward" and "BN followed by silu" in found.message
+
+
 def test_bn_act_diagnosis_settles_after_the_first_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     """Once one hypothesis alone explains a layer, later batches test only it: same report as
     the full diagnosis on every batch, at a fraction of the hypotheses evaluated."""
@@ -363,7 +382,7 @@ def test_bn_act_diagnosis_settles_after_the_first_batch(monkeypatch: pytest.Monk
     from tests.test_fast_paths import assert_same_report
 
     torch.manual_seed(0)
-    model = calibrated(ConvNet(lambda c: BatchNormAct2d(c, nn.SiLU())), batches=30)
+    model = calibrated(ConvNet(InlineSiLU), batches=30)
     evaluated = [0]
     errors = explain._errors
 
