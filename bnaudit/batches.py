@@ -204,8 +204,10 @@ def synthetic_batches(shape: tuple[int, ...], count: int, seed: int) -> Iterator
         yield torch.randn(shape, generator=gen)
 
 
-def load_batches(spec: str, batch_size: int) -> Iterable[Any]:
-    """Read --data: .pt/.pth, .npy, .npz, or module:function returning an iterable of batches."""
+def load_batches(spec: str, batch_size: int, call: dict[str, Any] | None = None) -> Iterable[Any]:
+    """Read --data: .pt/.pth, .npy, .npz, or module:function returning an iterable of batches.
+
+    `call`: keyword arguments for the function (a rank's shard, `bnaudit.distributed`)."""
     if batch_size < 1:
         raise DataError(f"--batch-size must be at least 1, got {batch_size}")
     path = Path(spec)
@@ -214,7 +216,7 @@ def load_batches(spec: str, batch_size: int) -> Iterable[Any]:
     if ":" in spec:
         try:
             fn = import_object(spec, what="--data")
-            batches = fn()
+            batches = fn(**(call or {}))
         except BnauditError as exc:
             raise DataError(str(exc)) from exc
         except Exception as exc:

@@ -12,7 +12,7 @@ import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -38,12 +38,15 @@ from bnaudit.impact import OutputDiff
 from bnaudit.junit import render_junit
 from bnaudit.layers import find_bn_layers, preserved
 from bnaudit.loading import Checkpoint, build_model, load_checkpoint, load_into
-from bnaudit.recalibrate import Recalibration, recalibrate
+from bnaudit.recalibrate import Recalibration, apply, recalibrate
 from bnaudit.report import Format, check_writable, render, write_atomic
 from bnaudit.results import AuditReport
 from bnaudit.saving import atomic, check_output, write_recalibrated
 from bnaudit.specs import import_object
 from bnaudit.static import audit_state_dict
+
+if TYPE_CHECKING:
+    from bnaudit.distributed import Ranks
 
 SYNTHETIC_BATCHES = 4  # synthetic batches when --batches is not given
 
@@ -92,8 +95,11 @@ class Prepared:
     notes: tuple[str, ...] = ()  # what loading into the model stripped or converted
 
 
-def prepare(s: CheckSettings, log: Any = None) -> Prepared | AuditReport:
-    """Load the checkpoint into the model on its device and open the batches.
+def prepare(
+    s: CheckSettings, log: Any = None, ranks: Ranks | None = None
+) -> Prepared | AuditReport:
+    """Load the checkpoint into the model on its device and open the batches (with `ranks`,
+    this rank's shard of them).
 
     Without a model (a bare state dict and no --model), the static audit is all there is to
     do: its report comes back instead.
@@ -105,7 +111,7 @@ def prepare(s: CheckSettings, log: Any = None) -> Prepared | AuditReport:
         return _static(s, ckpt, log)
     model, notes = _model(s, ckpt)
     model.to(device)
-    batches, synthetic = _batches(s)
+    batches, synthetic = _batches(s, ranks)
     what = f"pickled module, {ckpt.source}" if ckpt.module is not None else ckpt.source
     _log(log, f"auditing {s.checkpoint} ({what}) on {device}")
     return Prepared(ckpt, model, batches, synthetic, notes)
@@ -141,8 +147,12 @@ def run_check(
     s: CheckSettings,
     log: Any = None,
     progress: Callable[[int, int | None], None] | None = None,
+    ranks: Ranks | None = None,
 ) -> AuditReport:
     """Everything `bnaudit check` does before rendering; raises BnauditError subclasses.
+
+    Under torchrun (`ranks`, whose `settings` these are), this rank audits its shard and the
+    report is the merged one.
 
     The report comes back judged: ignores applied, then the baseline (written first when
     `write_baseline` is set, so that the run is judged against what it wrote). `progress`, when
@@ -151,7 +161,7 @@ def run_check(
     check_outputs(s)  # fail before the audit, not after it
     # A broken baseline fails before the audit too.
     baseline = read_baseline(s.baseline) if s.baseline and not s.write_baseline else None
-    p = prepare(s, log)
+    p = prepare(s, log, ranks)
     if isinstance(p, AuditReport):  # no model: the static audit
         return judge(p, s, baseline)
     report = audit(
@@ -161,6 +171,7 @@ def run_check(
         checkpoint=str(s.checkpoint),
         sha256=p.checkpoint.sha256,
         progress=_per_batch(progress, _batch_count(p.batches, s.batches)),
+        ranks=ranks,
     )
     report = dataclasses.replace(report, notes=(*p.checkpoint.notes, *p.notes, *report.notes))
     return judge(report, s, baseline)
@@ -264,14 +275,17 @@ def _model(s: CheckSettings, ckpt: Checkpoint) -> tuple[nn.Module, tuple[str, ..
     return model, notes
 
 
-def _batches(s: CheckSettings) -> tuple[Iterable[Any], bool]:
+def _batches(s: CheckSettings, ranks: Ranks | None = None) -> tuple[Iterable[Any], bool]:
     if s.data and s.input_shape:
         raise BnauditError("give either --data or --input-shape, not both")
     if s.data:
+        if ranks is not None:
+            return ranks.load(s.data, s.batch_size, s.batches), False
         return load_batches(s.data, s.batch_size), False
     if s.input_shape:
         count = s.batches if s.batches is not None else SYNTHETIC_BATCHES
-        return synthetic_batches(parse_shape(s.input_shape), count, s.seed), True
+        synthetic = synthetic_batches(parse_shape(s.input_shape), count, s.seed)
+        return (synthetic if ranks is None else ranks.shard(synthetic, count)), True
     return [], False
 
 
@@ -299,22 +313,36 @@ class Recalibrated:
 
 
 def run_recalibrate(
-    s: CheckSettings, output: Path, *, force: bool, layers: tuple[str, ...], log: Any = None
+    s: CheckSettings,
+    output: Path,
+    *,
+    force: bool,
+    layers: tuple[str, ...],
+    log: Any = None,
+    ranks: Ranks | None = None,
 ) -> Recalibrated:
     """Audit, recalibrate on the sample batches, write the new checkpoint, audit it again.
 
     With labelled batches, a recalibration that lowers the task metric beyond noise
-    (cross-fitted, see bnaudit.evidence) is refused unless `force`."""
-    check_output(s.checkpoint, output, force=force)
+    (cross-fitted, see bnaudit.evidence) is refused unless `force`. Under torchrun (`ranks`)
+    every rank works on its shard, the statistics are merged, and rank 0 writes."""
+    leader = ranks is None or ranks.leader
+    if leader:
+        check_output(s.checkpoint, output, force=force)
     if not s.data:
         raise BnauditError("recalibrate needs sample batches from the data: pass --data")
-    p = prepare(s, log)
+    p = prepare(s, log, ranks)
     if isinstance(p, AuditReport):
         raise BnauditError(f"{s.checkpoint}: recalibrating needs the architecture: pass --model")
     batches = list(itertools.islice(p.batches, s.batches))  # used three times
     options = audit_options(s, p)
     before = audit(
-        p.model, batches, options=options, checkpoint=str(s.checkpoint), sha256=p.checkpoint.sha256
+        p.model,
+        batches,
+        options=options,
+        checkpoint=str(s.checkpoint),
+        sha256=p.checkpoint.sha256,
+        ranks=ranks,
     )
     evidence = before.impact.evidence if before.impact else None
     if evidence is not None and evidence.worse and not force:
@@ -331,14 +359,24 @@ def run_recalibrate(
         layers=layers,
         train_mode=s.train_mode.value,
         choice=parse_input(s.input),
+        across=ranks,
     )
-    write_recalibrated(s.checkpoint, output, r, key=s.key)
-    _log(log, f"wrote {output} ({len(r.stats)} layers recalibrated on {r.batches} batches)")
     again = dataclasses.replace(s, checkpoint=output)
-    q = prepare(again, None)
-    assert isinstance(q, Prepared)  # the same architecture as the input
+    if leader:
+        write_recalibrated(s.checkpoint, output, r, key=s.key)
+        _log(log, f"wrote {output} ({len(r.stats)} layers recalibrated on {r.batches} batches)")
+        q = prepare(again, None)
+        assert isinstance(q, Prepared)  # the same architecture as the input
+        model, sha256 = q.model, q.checkpoint.sha256
+    else:  # the statistics rank 0 wrote, without reading its file (it may be on another node)
+        apply(p.model, r)
+        model, sha256 = p.model, None
+    if ranks is not None:
+        ranks.exchange(
+            "checkpoint written", None
+        )  # the write succeeded, or every rank stops with its error
     after = audit(
-        q.model, batches, options=options, checkpoint=str(output), sha256=q.checkpoint.sha256
+        model, batches, options=options, checkpoint=str(output), sha256=sha256, ranks=ranks
     )
     return Recalibrated(before, judge(after, again), r, output)
 

@@ -368,13 +368,30 @@ def recalibrate(
     }
 
     def run() -> int:
+        from bnaudit import distributed
+
+        with distributed.session() as ranks:
+            code = run_rank(ranks)
+            return code if ranks is None else ranks.agree(code)
+
+    def run_rank(ranks: Any) -> int:
         from bnaudit.check import run_recalibrate
         from bnaudit.report import render_changes
 
         settings = resolve(cli, config, Path.cwd())
+        leader = ranks is None or ranks.leader
+        if ranks is not None:
+            settings = ranks.settings(settings)
         done = run_recalibrate(
-            settings, output, force=force, layers=tuple(layers or ()), log=sys.stderr
+            settings,
+            output,
+            force=force,
+            layers=tuple(layers or ()),
+            log=sys.stderr if leader else None,
+            ranks=ranks,
         )
+        if not leader:  # rank 0 wrote the checkpoint and prints the changes
+            return EXIT_OK if done.after.passed else EXIT_FINDINGS
         names = list(done.recalibration.stats)
         sys.stdout.write(render_changes(done.before, done.after, names))
         evidence = done.before.impact.evidence if done.before.impact else None
@@ -457,15 +474,29 @@ def _show(cli: dict[str, Any], config: Path | None, layer: str) -> int:
 def _check(cli: dict[str, Any], config: Path | None, quiet: bool) -> int:
     if isinstance(cli.get("checkpoint"), Path):
         digest.prefetch(cli["checkpoint"])  # hashes while torch imports
+    from bnaudit import distributed
+
+    # Under torchrun every rank runs this; rank 0 alone writes reports and stdout, and every
+    # rank returns rank 0's exit code, or 2 with the message of a rank that failed.
+    with distributed.session() as ranks:
+        code = _check_rank(cli, config, quiet, ranks)
+        return code if ranks is None else ranks.agree(code)
+
+
+def _check_rank(cli: dict[str, Any], config: Path | None, quiet: bool, ranks: Any) -> int:
     from bnaudit import annotations
     from bnaudit.check import run_check, write_reports
     from bnaudit.report import render, summary_line
     from bnaudit.terminal import Progress, color_enabled, is_terminal
 
     settings = resolve(cli, config, Path.cwd())
+    follower = ranks is not None and not ranks.leader
+    if ranks is not None:
+        settings = ranks.settings(settings)  # its device; no report files but on rank 0
+        quiet = quiet or follower
     bar = Progress(sys.stderr) if not quiet and is_terminal(sys.stderr) else None
     try:
-        report = run_check(settings, log=None if quiet else sys.stderr, progress=bar)
+        report = run_check(settings, log=None if quiet else sys.stderr, progress=bar, ranks=ranks)
     except NothingToAudit as exc:
         typer.echo(f"bnaudit: nothing to audit: {exc}", err=True)
         return EXIT_NOTHING
@@ -473,6 +504,8 @@ def _check(cli: dict[str, Any], config: Path | None, quiet: bool) -> int:
         if bar is not None:
             bar.close()
     write_reports(report, settings)
+    if follower:  # rank 0 prints the report
+        return EXIT_OK if report.passed else EXIT_FINDINGS
     color = color_enabled(sys.stdout, os.environ)
     text = (
         summary_line(report, color) + "\n"
