@@ -1,4 +1,4 @@
-"""The audit on torch.distributed (torchrun): shards, exact merges, one verdict for every rank.
+"""The audit under torchrun: shards, exact merges, one verdict for every rank.
 
 Under `torchrun`, every rank audits its share of the batches (batch i goes to rank i mod world,
 unless the data shards itself), and what the hooks accumulated is merged exactly across ranks
@@ -11,8 +11,6 @@ fails sends its error in place of its payload at its next exchange, which the ot
 waiting in, so every rank stops with that message instead of waiting for a collective that
 never comes. A rank that dies outright is caught by the process group's timeout (and by
 torchrun, which stops the other workers).
-
-`compare_ranks` is for training jobs: how far the BN buffers of the ranks have drifted apart.
 """
 
 from __future__ import annotations
