@@ -38,6 +38,8 @@ from bnaudit.impact import OutputDiff
 from bnaudit.junit import render_junit
 from bnaudit.layers import find_bn_layers, preserved
 from bnaudit.loading import Checkpoint, build_model, load_checkpoint, load_into
+from bnaudit.precision import autocast_forward
+from bnaudit.precision import note as precision_note
 from bnaudit.recalibrate import Recalibration, apply, recalibrate
 from bnaudit.report import Format, check_writable, render, write_atomic
 from bnaudit.results import AuditReport
@@ -164,17 +166,36 @@ def run_check(
     p = prepare(s, log, ranks)
     if isinstance(p, AuditReport):  # no model: the static audit
         return judge(p, s, baseline)
-    report = audit(
-        p.model,
-        p.batches,
-        options=audit_options(s, p),
-        checkpoint=str(s.checkpoint),
-        sha256=p.checkpoint.sha256,
-        progress=_per_batch(progress, _batch_count(p.batches, s.batches)),
-        ranks=ranks,
-    )
-    report = dataclasses.replace(report, notes=(*p.checkpoint.notes, *p.notes, *report.notes))
+    device = _device(s.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with autocast_forward(p.model, s.autocast, device):
+        report = audit(
+            p.model,
+            p.batches,
+            options=audit_options(s, p),
+            checkpoint=str(s.checkpoint),
+            sha256=p.checkpoint.sha256,
+            progress=_per_batch(progress, _batch_count(p.batches, s.batches)),
+            ranks=ranks,
+        )
+    notes = [*p.checkpoint.notes, *p.notes, *report.notes, *_run_notes(s, device, ranks)]
+    report = dataclasses.replace(report, notes=tuple(notes))
     return judge(report, s, baseline)
+
+
+def _run_notes(s: CheckSettings, device: torch.device, ranks: Ranks | None) -> list[str]:
+    """How the audit ran: under autocast, on how many ranks, and its peak GPU memory."""
+    notes = [precision_note(s.autocast, device)] if s.autocast.dtype is not None else []
+    if ranks is not None:
+        notes.append(
+            f"audited on {ranks.world} ranks (torch.distributed): each ran its shard of the "
+            "batches, the accumulators were merged exactly"
+        )
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        notes.append(f"peak GPU memory on {device}: {peak:.0f} MiB (rank 0's when distributed)")
+    return notes
 
 
 def judge(report: AuditReport, s: CheckSettings, baseline: Baseline | None = None) -> AuditReport:
@@ -336,14 +357,16 @@ def run_recalibrate(
         raise BnauditError(f"{s.checkpoint}: recalibrating needs the architecture: pass --model")
     batches = list(itertools.islice(p.batches, s.batches))  # used three times
     options = audit_options(s, p)
-    before = audit(
-        p.model,
-        batches,
-        options=options,
-        checkpoint=str(s.checkpoint),
-        sha256=p.checkpoint.sha256,
-        ranks=ranks,
-    )
+    device = _device(s.device)
+    with autocast_forward(p.model, s.autocast, device):
+        before = audit(
+            p.model,
+            batches,
+            options=options,
+            checkpoint=str(s.checkpoint),
+            sha256=p.checkpoint.sha256,
+            ranks=ranks,
+        )
     evidence = before.impact.evidence if before.impact else None
     if evidence is not None and evidence.worse and not force:
         raise BnauditError(
@@ -352,15 +375,16 @@ def run_recalibrate(
             "to these batches, which may not be the training distribution; recalibrate on "
             "data drawn like the training data, or pass --force to write anyway"
         )
-    r = recalibrate(
-        p.model,
-        batches,
-        regime=s.regime.value,
-        layers=layers,
-        train_mode=s.train_mode.value,
-        choice=parse_input(s.input),
-        across=ranks,
-    )
+    with autocast_forward(p.model, s.autocast, device):
+        r = recalibrate(
+            p.model,
+            batches,
+            regime=s.regime.value,
+            layers=layers,
+            train_mode=s.train_mode.value,
+            choice=parse_input(s.input),
+            across=ranks,
+        )
     again = dataclasses.replace(s, checkpoint=output)
     if leader:
         write_recalibrated(s.checkpoint, output, r, key=s.key)
@@ -375,9 +399,10 @@ def run_recalibrate(
         ranks.exchange(
             "checkpoint written", None
         )  # the write succeeded, or every rank stops with its error
-    after = audit(
-        model, batches, options=options, checkpoint=str(output), sha256=sha256, ranks=ranks
-    )
+    with autocast_forward(model, s.autocast, device):
+        after = audit(
+            model, batches, options=options, checkpoint=str(output), sha256=sha256, ranks=ranks
+        )
     return Recalibrated(before, judge(after, again), r, output)
 
 

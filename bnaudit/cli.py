@@ -21,6 +21,7 @@ from bnaudit import __version__, digest
 from bnaudit.annotations import GitHub
 from bnaudit.config import Regime, TrainMode, resolve
 from bnaudit.errors import BnauditError, NothingToAudit
+from bnaudit.precision import Autocast
 from bnaudit.report import Format
 from bnaudit.results import FailOn
 
@@ -114,7 +115,17 @@ def check(
         "[default: 32]; use the training batch size where known.",
     ),
     batches: int = typer.Option(None, rich_help_panel=_I, help="Use at most this many batches."),
-    device: str = typer.Option(None, rich_help_panel=_I, help="Device [default: cpu]."),
+    device: str = typer.Option(
+        None,
+        rich_help_panel=_I,
+        help="Device: cpu, cuda, cuda:1, ... (under torchrun, cuda is cuda:LOCAL_RANK) "
+        "[default: cpu].",
+    ),
+    autocast: Autocast = typer.Option(
+        None,
+        rich_help_panel=_I,
+        help="Run the forward under torch.autocast in this dtype, as deployed [default: off].",
+    ),
     seed: int = typer.Option(None, rich_help_panel=_I, help="Random seed [default: 0]."),
     train_mode: TrainMode = typer.Option(
         None,
@@ -342,6 +353,9 @@ def recalibrate(
     batches: int = typer.Option(None, help="Use at most this many batches."),
     key: str = typer.Option(None, help="Which state dict of the checkpoint, as for check."),
     device: str = typer.Option(None, help="Device [default: cpu]."),
+    autocast: Autocast = typer.Option(
+        None, help="Run the forward under torch.autocast, as for check [default: off]."
+    ),
     seed: int = typer.Option(None, help="Random seed [default: 0]."),
     force: bool = typer.Option(
         False,
@@ -364,6 +378,7 @@ def recalibrate(
         "batches": batches,
         "key": key,
         "device": device,
+        "autocast": autocast,
         "seed": seed,
     }
 

@@ -269,3 +269,50 @@ def test_compare_ranks_flags_the_outlier_rank_and_passes_identical_ranks(tmp_pat
     assert codes == ["rank-drift"] and outlier == 2 and spread == 1
     # Rank 2 is 0.5 sds off; the merged mean is a third of the way to it.
     assert 0.25 < shift < 0.4 and 0.1 < saved_shift < 0.2
+
+
+# -- without processes: sharding, the environment, autocast -----------------------------------
+
+
+def test_batches_go_round_robin_and_caps_count_globally() -> None:
+    from bnaudit.distributed import Ranks
+
+    ranks = [Ranks(rank, 3) for rank in range(3)]
+    assert [list(r.shard(range(8))) for r in ranks] == [[0, 3, 6], [1, 4, 7], [2, 5]]
+    assert [list(r.shard(range(8), cap=4)) for r in ranks] == [[0, 3], [1], [2]]
+    assert [r.share(4) for r in ranks] == [2, 1, 1] and ranks[0].share(None) is None
+    assert ranks[0].device("cuda") == "cuda:0" and Ranks(1, 2, 1).device("cuda") == "cuda:1"
+    assert Ranks(1, 2, 1).device("cuda:0") == "cuda:0"  # an explicit index is kept
+
+
+def test_torchrun_environment_is_read_and_checked(monkeypatch) -> None:
+    from bnaudit.distributed import ranks
+    from bnaudit.errors import BnauditError
+
+    assert ranks.from_env({}) is None
+    assert ranks.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}) == (1, 2, 0)
+    with pytest.raises(BnauditError, match="RANK=2 is not below WORLD_SIZE=2"):
+        ranks.from_env({"RANK": "2", "WORLD_SIZE": "2"})
+    monkeypatch.setenv(ranks.TIMEOUT_ENV, "-1")
+    with pytest.raises(BnauditError, match="positive number of seconds"):
+        ranks._timeout()
+
+
+def test_autocast_bf16_measures_each_bn_in_the_dtype_it_ran_in() -> None:
+    from bnaudit.engine import audit
+    from bnaudit.precision import Autocast, autocast_forward
+
+    torch.manual_seed(0)
+    model = nets.build_mlp()
+    nets.calibrate(model, nets.mlp_data(40 * BATCH, seed=1), BATCH)
+    model.eval()
+    batches = list(nets.mlp_data(4 * BATCH, seed=3).split(BATCH))
+    plain = audit(model, batches, impact=False)
+    with autocast_forward(model, Autocast.BF16, torch.device("cpu")):
+        mixed = audit(model, batches, impact=False)
+    assert "forward" not in model.__dict__  # the model's own forward is back
+    for p, m in zip(plain.layers, mixed.layers, strict=True):
+        # bfloat16 errors: far beyond float32's tolerance, within bfloat16's.
+        assert m.metrics.recon_train_max_err > 1000 * p.metrics.recon_train_max_err
+        assert 0 < m.metrics.recon_train_ratio <= 1 and 0 < m.metrics.recon_eval_ratio <= 1
+    assert [f.code for f in mixed.findings] == [f.code for f in plain.findings]
