@@ -223,7 +223,7 @@ def _drift_worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        from bnaudit.distributed import compare_ranks
+        from bnaudit.distributed import compare_ranks, write_merged
 
         torch.manual_seed(0)
         model = DDP(nets.build_mlp(depth=2))  # names: module.1, ...; no forward, no broadcast
@@ -235,6 +235,8 @@ def _drift_worker(rank: int, world: int, port: int, out: str) -> None:
                 bn.running_mean += 0.5 * bn.running_var.sqrt()
             bn.num_batches_tracked += int(rank == 2)
         results["drifted"] = compare_ranks(model)
+        write_merged(model, results["drifted"])
+        results["written"] = compare_ranks(model)
         summary = {
             key: [
                 [d.name, d.shift, d.log_var, d.counter_spread, d.outlier, d.saved_shift]
@@ -269,6 +271,9 @@ def test_compare_ranks_flags_the_outlier_rank_and_passes_identical_ranks(tmp_pat
     assert codes == ["rank-drift"] and outlier == 2 and spread == 1
     # Rank 2 is 0.5 sds off; the merged mean is a third of the way to it.
     assert 0.25 < shift < 0.4 and 0.1 < saved_shift < 0.2
+    # After write_merged every rank holds the merged statistics; the counters still differ.
+    written = results[0]["written"][1]
+    assert written[1:5] == [0.0, 0.0, 1, 2] and written[6:] == ["rank-drift"]
 
 
 # -- without processes: sharding, the environment, autocast -----------------------------------

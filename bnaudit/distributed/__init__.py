@@ -1,6 +1,12 @@
 """bnaudit on torch.distributed: the audit under torchrun (`ranks`), cross-rank drift (`drift`)."""
 
-from bnaudit.distributed.drift import DriftMonitor, LayerDrift, RankDrift, compare_ranks
+from bnaudit.distributed.drift import (
+    DriftMonitor,
+    LayerDrift,
+    RankDrift,
+    compare_ranks,
+    write_merged,
+)
 from bnaudit.distributed.ranks import RankFailed, Ranks, join, session
 
 __all__ = [
@@ -12,4 +18,5 @@ __all__ = [
     "compare_ranks",
     "join",
     "session",
+    "write_merged",
 ]

@@ -161,12 +161,16 @@ def _layer_drift(
     zero = means.new_zeros(())
     spread = (counters.max() - counters.min()).double() if counters is not None else zero
     # The outlier is judged against the median of the ranks, so one drifted rank does not
-    # drag the centre towards itself.
+    # drag the centre towards itself; by its counter when the statistics agree.
     centre_mean, centre_var = means.quantile(0.5, dim=0), variances.quantile(0.5, dim=0)
     far = torch.maximum(
         ((means - centre_mean).abs() / (centre_var + eps).sqrt()).amax(1),
         ((variances + eps) / (centre_var + eps)).log().abs().amax(1),
     )
+    if counters is not None:
+        steps = counters.double().reshape(-1)
+        off_count = (steps - steps.quantile(0.5)).abs()
+        far = torch.where(far.amax() > 0, far, off_count)
     row = torch.stack(
         [
             shift.amax(), log_var.amax(), spread, far.argmax().double(),
@@ -227,3 +231,13 @@ class DriftMonitor:
         if not drift.passed and self.on_drift is not None:
             self.on_drift(drift, step)
         return drift
+
+
+def write_merged(model: nn.Module, drift: RankDrift) -> None:
+    """Copy the merged statistics into `model`'s BN buffers (the caller's model, meant to
+    change: on rank 0 before saving, say); `num_batches_tracked` is left as it is."""
+    modules = {_name(n): m for n, m in find_bn_layers(model)}
+    with torch.no_grad():
+        for name, (mean, var) in drift.merged.items():
+            modules[name].running_mean.copy_(mean)
+            modules[name].running_var.copy_(var)
