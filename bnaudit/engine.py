@@ -313,6 +313,8 @@ def audit(
         try:
             impact = _impact(model, passes, metrics, options, notes, ranks)
         except (RuntimeError, ValueError, TypeError) as exc:
+            if ranks is not None:  # the other ranks wait for this one's comparison: stop them
+                raise DataError(f"output impact: the forward failed ({describe(exc)})") from exc
             # e.g. quantization observers fed the stored non-finite statistics
             notes.append(f"output impact not measured: the forward failed ({describe(exc)})")
     for name, change in impact.per_layer.items() if impact else ():

@@ -109,13 +109,13 @@ class Ranks:
         return f"cuda:{self.local_rank}" if spec == "cuda" else spec
 
     def settings(self, s: CheckSettings) -> CheckSettings:
-        """This rank's settings: its device; rank 0 alone writes reports and baselines."""
+        """This rank's settings: its device; rank 0 alone writes reports and baselines, and
+        reads the baseline (the gate's verdict is rank 0's)."""
         s = dataclasses.replace(s, device=self.device(s.device))
         if self.leader:
             return s
-        return dataclasses.replace(
-            s, markdown=None, csv=None, json=None, html=None, junit=None, write_baseline=None
-        )
+        files = ("markdown", "csv", "json", "html", "junit", "baseline", "write_baseline")
+        return dataclasses.replace(s, **dict.fromkeys(files))
 
     def shard(self, batches: Iterable[Any], cap: int | None = None) -> Iterator[Any]:
         """Batch i of the first `cap` goes to rank i mod world."""
