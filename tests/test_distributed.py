@@ -175,6 +175,8 @@ def test_torchrun_check_equals_the_single_process_report(files, tmp_path) -> Non
     assert (STALE, "stale-stats", "fail") in _findings(want)
     assert _findings(got) == _findings(want)
     assert got["summary"]["batches"] == BATCHES
+    ran_on = got["summary"]["notes"].pop()  # the one note a single process does not have
+    assert ran_on.startswith("audited on 2 ranks (torch.distributed)")
     assert_same_report(got, want)
 
 
