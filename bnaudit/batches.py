@@ -225,10 +225,12 @@ def load_batches(
     preprocess: Preprocess = DEFAULTS,
     max_images: int | None = DEFAULT_MAX_IMAGES,
     seed: int = 0,
+    call: dict[str, Any] | None = None,
 ) -> Iterable[Any]:
     """Read --data: a folder of images, .pt/.pth, .npy, .npz, or module:function returning an
     iterable of batches. Images are `preprocess`ed; a folder of more than `max_images` is
-    sampled down to that many with `seed`."""
+    sampled down to that many with `seed`.
+    `call`: keyword arguments for the function (a rank's shard, `bnaudit.distributed`)."""
     if batch_size < 1:
         raise DataError(f"--batch-size must be at least 1, got {batch_size}")
     path = Path(spec)
@@ -240,7 +242,7 @@ def load_batches(
     if ":" in spec:
         try:
             fn = import_object(spec, what="--data")
-            batches = fn()
+            batches = fn(**(call or {}))
         except BnauditError as exc:
             raise DataError(str(exc)) from exc
         except Exception as exc:

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -42,7 +42,9 @@ from bnaudit.junit import render_junit
 from bnaudit.layers import find_bn_layers, preserved
 from bnaudit.limits import DEFAULT_MAX_BATCHES
 from bnaudit.loading import Checkpoint, load_checkpoint, load_into
-from bnaudit.recalibrate import Recalibration, recalibrate
+from bnaudit.precision import autocast_forward
+from bnaudit.precision import note as precision_note
+from bnaudit.recalibrate import Recalibration, apply, recalibrate
 from bnaudit.registry import build_model, registry_of, timm_data_config
 from bnaudit.report import Format, check_writable, render
 from bnaudit.results import AuditReport
@@ -51,6 +53,9 @@ from bnaudit.specs import import_object
 from bnaudit.static import audit_state_dict
 from bnaudit.untrusted import clean, plain
 from bnaudit.writing import text_writer, write_set
+
+if TYPE_CHECKING:
+    from bnaudit.distributed import Ranks
 
 SYNTHETIC_BATCHES = 4  # synthetic batches when --batches is not given
 
@@ -99,8 +104,11 @@ class Prepared:
     notes: tuple[str, ...] = ()  # what loading into the model stripped or converted
 
 
-def prepare(s: CheckSettings, log: Any = None) -> Prepared | AuditReport:
-    """Load the checkpoint into the model on its device and open the batches.
+def prepare(
+    s: CheckSettings, log: Any = None, ranks: Ranks | None = None
+) -> Prepared | AuditReport:
+    """Load the checkpoint into the model on its device and open the batches (with `ranks`,
+    this rank's shard of them).
 
     Without a model (a bare state dict and no --model), the static audit is all there is to
     do: its report comes back instead.
@@ -116,7 +124,7 @@ def prepare(s: CheckSettings, log: Any = None) -> Prepared | AuditReport:
         return _static(s, ckpt, log)
     model, notes = _model(s, ckpt)
     model.to(device)
-    batches, synthetic = _batches(s, model)
+    batches, synthetic = _batches(s, model, ranks)
     if isinstance(batches, ImageFolder):
         notes = (*notes, _images_note(s, batches))
         _log(log, notes[-1])
@@ -160,8 +168,12 @@ def run_check(
     s: CheckSettings,
     log: Any = None,
     progress: ProgressFn | None = None,
+    ranks: Ranks | None = None,
 ) -> AuditReport:
     """Everything `bnaudit check` does before rendering; raises BnauditError subclasses.
+
+    Under torchrun (`ranks`, whose `settings` these are), this rank audits its shard and the
+    report is the merged one.
 
     The report comes back judged: ignores applied, then the baseline (written first when
     `write_baseline` is set, so that the run is judged against what it wrote). `progress`, when
@@ -170,20 +182,40 @@ def run_check(
     check_outputs(s)  # fail before the audit, not after it
     # A broken baseline fails before the audit too.
     baseline = read_baseline(s.baseline) if s.baseline and not s.write_baseline else None
-    p = prepare(s, log)
+    p = prepare(s, log, ranks)
     if isinstance(p, AuditReport):  # no model: the static audit
         return judge(p, s, baseline)
-    report = audit(
-        p.model,
-        p.batches,
-        options=audit_options(s, p),
-        checkpoint=clean(str(s.checkpoint)),
-        sha256=p.checkpoint.sha256,
-        progress=_per_batch(progress, _batch_count(p.batches, s.batches)),
-        impact_progress=_per_impact_batch(progress),
-    )
-    report = dataclasses.replace(report, notes=(*p.checkpoint.notes, *p.notes, *report.notes))
+    device = _device(s.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with autocast_forward(p.model, s.autocast, device):
+        report = audit(
+            p.model,
+            p.batches,
+            options=audit_options(s, p),
+            checkpoint=clean(str(s.checkpoint)),
+            sha256=p.checkpoint.sha256,
+            progress=_per_batch(progress, _batch_count(p.batches, s.batches)),
+            impact_progress=_per_impact_batch(progress),
+            ranks=ranks,
+        )
+    notes = [*p.checkpoint.notes, *p.notes, *report.notes, *_run_notes(s, device, ranks)]
+    report = dataclasses.replace(report, notes=tuple(notes))
     return judge(report, s, baseline)
+
+
+def _run_notes(s: CheckSettings, device: torch.device, ranks: Ranks | None) -> list[str]:
+    """How the audit ran: under autocast, on how many ranks, and its peak GPU memory."""
+    notes = [precision_note(s.autocast, device)] if s.autocast.dtype is not None else []
+    if ranks is not None:
+        notes.append(
+            f"audited on {ranks.world} ranks (torch.distributed): each ran its shard of the "
+            "batches, the accumulators were merged exactly"
+        )
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        notes.append(f"peak GPU memory on {device}: {peak:.0f} MiB (rank 0's when distributed)")
+    return notes
 
 
 def judge(report: AuditReport, s: CheckSettings, baseline: Baseline | None = None) -> AuditReport:
@@ -285,7 +317,9 @@ def _model(s: CheckSettings, ckpt: Checkpoint) -> tuple[nn.Module, tuple[str, ..
     return model, notes
 
 
-def _batches(s: CheckSettings, model: nn.Module) -> tuple[Iterable[Any], bool]:
+def _batches(
+    s: CheckSettings, model: nn.Module, ranks: Ranks | None = None
+) -> tuple[Iterable[Any], bool]:
     if s.data and s.input_shape:
         raise BnauditError("give either --data or --input-shape, not both")
     if s.data:
@@ -296,6 +330,8 @@ def _batches(s: CheckSettings, model: nn.Module) -> tuple[Iterable[Any], bool]:
                 f"--data {s.data}: --image-size, --mean and --std preprocess a folder of "
                 "images; batches from a file or a function are used as they are"
             )
+        if ranks is not None:
+            return ranks.load(s.data, s.batch_size, s.batches), False
         batches = load_batches(s.data, s.batch_size)
         count = len(batches) if isinstance(batches, list) else None
         if s.batches is None and count is not None and count > DEFAULT_MAX_BATCHES:
@@ -308,7 +344,8 @@ def _batches(s: CheckSettings, model: nn.Module) -> tuple[Iterable[Any], bool]:
         return batches, False
     if s.input_shape:
         count = s.batches if s.batches is not None else SYNTHETIC_BATCHES
-        return synthetic_batches(parse_shape(s.input_shape), count, s.seed), True
+        synthetic = synthetic_batches(parse_shape(s.input_shape), count, s.seed)
+        return (synthetic if ranks is None else ranks.shard(synthetic, count)), True
     return [], False
 
 
@@ -373,16 +410,21 @@ def run_recalibrate(
     layers: tuple[str, ...],
     log: Any = None,
     verify: bool = True,
+    ranks: Ranks | None = None,
 ) -> Recalibrated:
     """Audit, recalibrate on the sample batches, write the new checkpoint, audit it again.
 
     With labelled batches, a recalibration that lowers the task metric beyond noise
     (cross-fitted, see bnaudit.evidence) is refused unless `force`. `verify=False` skips both
-    audits (and with them that refusal): the statistics pass alone, the cost of update_bn."""
-    check_output(s.checkpoint, output, force=force)
+    audits (and with them that refusal): the statistics pass alone, the cost of update_bn.
+    Under torchrun (`ranks`) every rank works on its shard, the statistics are merged, and
+    rank 0 writes."""
+    leader = ranks is None or ranks.leader
+    if leader:
+        check_output(s.checkpoint, output, force=force)
     if not s.data:
         raise BnauditError("recalibrate needs sample batches from the data: pass --data")
-    p = prepare(s, log)
+    p = prepare(s, log, ranks)
     if isinstance(p, AuditReport):
         raise BnauditError(f"{s.checkpoint}: recalibrating needs the architecture: pass --model")
     if not verify:  # one pass over the batches: they are streamed, not kept
@@ -393,19 +435,24 @@ def run_recalibrate(
             layers=layers,
             train_mode=s.train_mode.value,
             choice=parse_input(s.input),
+            across=ranks,
         )
-        write_recalibrated(s.checkpoint, output, r, key=s.key)
-        _log(log, f"wrote {output} ({len(r.stats)} layers recalibrated on {r.batches} batches)")
+        if leader:
+            write_recalibrated(s.checkpoint, output, r, key=s.key)
+            _log(log, f"wrote {output} ({len(r.stats)} layers recalibrated on {r.batches} batches)")
         return Recalibrated(None, None, r, output)
     batches = list(itertools.islice(p.batches, s.batches))  # used three times
     options = audit_options(s, p)
-    before = audit(
-        p.model,
-        batches,
-        options=options,
-        checkpoint=clean(str(s.checkpoint)),
-        sha256=p.checkpoint.sha256,
-    )
+    device = _device(s.device)
+    with autocast_forward(p.model, s.autocast, device):
+        before = audit(
+            p.model,
+            batches,
+            options=options,
+            checkpoint=clean(str(s.checkpoint)),
+            sha256=p.checkpoint.sha256,
+            ranks=ranks,
+        )
     evidence = before.impact.evidence if before.impact else None
     if evidence is not None and evidence.worse and not force:
         raise BnauditError(
@@ -414,22 +461,39 @@ def run_recalibrate(
             "to these batches, which may not be the training distribution; recalibrate on "
             "data drawn like the training data, or pass --force to write anyway"
         )
-    r = recalibrate(
-        p.model,
-        batches,
-        regime=s.regime.value,
-        layers=layers,
-        train_mode=s.train_mode.value,
-        choice=parse_input(s.input),
-    )
-    write_recalibrated(s.checkpoint, output, r, key=s.key)
-    _log(log, f"wrote {output} ({len(r.stats)} layers recalibrated on {r.batches} batches)")
+    with autocast_forward(p.model, s.autocast, device):
+        r = recalibrate(
+            p.model,
+            batches,
+            regime=s.regime.value,
+            layers=layers,
+            train_mode=s.train_mode.value,
+            choice=parse_input(s.input),
+            across=ranks,
+        )
     again = dataclasses.replace(s, checkpoint=output)
-    q = prepare(again, None)
-    assert isinstance(q, Prepared)  # the same architecture as the input
-    after = audit(
-        q.model, batches, options=options, checkpoint=clean(str(output)), sha256=q.checkpoint.sha256
-    )
+    if leader:
+        write_recalibrated(s.checkpoint, output, r, key=s.key)
+        _log(log, f"wrote {output} ({len(r.stats)} layers recalibrated on {r.batches} batches)")
+        q = prepare(again, None)
+        assert isinstance(q, Prepared)  # the same architecture as the input
+        model, sha256 = q.model, q.checkpoint.sha256
+    else:  # the statistics rank 0 wrote, without reading its file (it may be on another node)
+        apply(p.model, r)
+        model, sha256 = p.model, None
+    if ranks is not None:
+        ranks.exchange(
+            "checkpoint written", None
+        )  # the write succeeded, or every rank stops with its error
+    with autocast_forward(model, s.autocast, device):
+        after = audit(
+            model,
+            batches,
+            options=options,
+            checkpoint=clean(str(output)),
+            sha256=sha256,
+            ranks=ranks,
+        )
     return Recalibrated(before, judge(after, again), r, output)
 
 

@@ -23,6 +23,7 @@ from bnaudit import __version__, digest
 from bnaudit.annotations import GitHub
 from bnaudit.config import Regime, TrainMode, resolve
 from bnaudit.errors import BnauditError, NothingToAudit, ReportError
+from bnaudit.precision import Autocast
 from bnaudit.report import Format
 from bnaudit.results import FailOn
 from bnaudit.table import DEFAULT_WIDTH
@@ -153,7 +154,17 @@ def check(
     batches: int = typer.Option(
         None, rich_help_panel=_I, help="Use at most this many batches [default: all]."
     ),
-    device: str = typer.Option(None, rich_help_panel=_I, help="Device [default: cpu]."),
+    device: str = typer.Option(
+        None,
+        rich_help_panel=_I,
+        help="Device: cpu, cuda, cuda:1, ... (under torchrun, cuda is cuda:LOCAL_RANK) "
+        "[default: cpu].",
+    ),
+    autocast: Autocast = typer.Option(
+        None,
+        rich_help_panel=_I,
+        help="Run the forward under torch.autocast in this dtype, as deployed [default: off].",
+    ),
     seed: int = typer.Option(None, rich_help_panel=_I, help="Random seed [default: 0]."),
     train_mode: TrainMode = typer.Option(
         None,
@@ -404,6 +415,9 @@ def recalibrate(
     batches: int = typer.Option(None, help="Use at most this many batches."),
     key: str = typer.Option(None, help="Which state dict of the checkpoint, as for check."),
     device: str = typer.Option(None, help="Device [default: cpu]."),
+    autocast: Autocast = typer.Option(
+        None, help="Run the forward under torch.autocast, as for check [default: off]."
+    ),
     seed: int = typer.Option(None, help="Random seed [default: 0]."),
     force: bool = typer.Option(
         False,
@@ -433,18 +447,31 @@ def recalibrate(
         "batches": batches,
         "key": key,
         "device": device,
+        "autocast": autocast,
         "seed": seed,
     }
 
     def run() -> int:
+        from bnaudit import distributed
+
+        with distributed.session() as ranks:
+            code = run_rank(ranks)
+            return code if ranks is None else ranks.agree(code)
+
+    def run_rank(ranks: Any) -> int:
         from bnaudit.check import run_recalibrate
         from bnaudit.report import render_changes
 
         settings = resolve(cli, config, Path.cwd())
+        leader = ranks is None or ranks.leader
+        if ranks is not None:
+            settings = ranks.settings(settings)
         done = run_recalibrate(
-            settings, output, force=force, layers=tuple(layers or ()), log=sys.stderr,
-            verify=verify,
+            settings, output, force=force, layers=tuple(layers or ()),
+            log=sys.stderr if leader else None, verify=verify, ranks=ranks,
         )  # fmt: skip
+        if not leader:  # rank 0 wrote the checkpoint and prints the changes
+            return EXIT_OK if done.after is None or done.after.passed else EXIT_FINDINGS
         if done.before is None or done.after is None:  # --no-verify: nothing audited
             r = done.recalibration
             sys.stdout.write(
@@ -622,15 +649,37 @@ def _check(
 ) -> int:
     if isinstance(cli.get("checkpoint"), Path):
         digest.prefetch(cli["checkpoint"])  # hashes while torch imports
+    from bnaudit import distributed
+
+    # Under torchrun every rank runs this; rank 0 alone writes reports and stdout, and every
+    # rank returns rank 0's exit code, or 2 with the message of a rank that failed.
+    with distributed.session() as ranks:
+        code = _check_rank(cli, config, quiet, ranks, width=width, verbose=verbose)
+        return code if ranks is None else ranks.agree(code)
+
+
+def _check_rank(
+    cli: dict[str, Any],
+    config: Path | None,
+    quiet: bool,
+    ranks: Any,
+    *,
+    width: int | None,
+    verbose: bool,
+) -> int:
     from bnaudit import annotations
     from bnaudit.check import run_check, write_reports
     from bnaudit.report import render, summary_line
     from bnaudit.terminal import Progress, color_enabled, is_terminal
 
     settings = resolve(cli, config, Path.cwd())
+    follower = ranks is not None and not ranks.leader
+    if ranks is not None:
+        settings = ranks.settings(settings)  # its device; no report files but on rank 0
+        quiet = quiet or follower
     bar = Progress(sys.stderr) if not quiet and is_terminal(sys.stderr) else None
     try:
-        report = run_check(settings, log=None if quiet else sys.stderr, progress=bar)
+        report = run_check(settings, log=None if quiet else sys.stderr, progress=bar, ranks=ranks)
     except NothingToAudit as exc:
         _error(f"bnaudit: nothing to audit: {exc}")
         return EXIT_NOTHING
@@ -638,6 +687,8 @@ def _check(
         if bar is not None:
             bar.close()
     write_reports(report, settings)
+    if follower:  # rank 0 prints the report
+        return EXIT_OK if report.passed else EXIT_FINDINGS
     color = color_enabled(sys.stdout, os.environ)
     text = (
         summary_line(report, color) + "\n"

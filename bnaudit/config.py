@@ -22,6 +22,7 @@ from bnaudit.baseline import DEFAULT_MARGIN
 from bnaudit.errors import ConfigError
 from bnaudit.findings import Thresholds
 from bnaudit.ignores import Ignore, parse_ignores
+from bnaudit.precision import Autocast
 from bnaudit.report import Format
 from bnaudit.results import FailOn
 
@@ -62,6 +63,7 @@ class CheckSettings:
     batch_size: int = 32
     batches: int | None = None
     device: str = "cpu"
+    autocast: Autocast = Autocast.OFF  # the forward under torch.autocast (bnaudit.precision)
     seed: int = 0
     train_mode: TrainMode = TrainMode.BN
     trust: bool = False
@@ -102,6 +104,7 @@ _ENUMS: dict[str, type[enum.Enum]] = {
     "train_mode": TrainMode,
     "regime": Regime,
     "github": GitHub,
+    "autocast": Autocast,
 }
 _KINDS = {
     "batch_size": "int",

@@ -15,7 +15,7 @@ import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +36,13 @@ from bnaudit.findings import (
 )
 from bnaudit.fold import FoldWatch
 from bnaudit.grouped import Deferred
-from bnaudit.impact import OutputImpact, compare_outputs, eval_regime_stats, like_buffer
+from bnaudit.impact import (
+    Across,
+    OutputImpact,
+    compare_outputs,
+    eval_regime_stats,
+    like_buffer,
+)
 from bnaudit.layers import (
     Kind,
     counter_notes,
@@ -47,6 +53,9 @@ from bnaudit.metrics import measure
 from bnaudit.probe import Probe
 from bnaudit.results import AuditReport, FailOn, LayerResult
 from bnaudit.static import NO_BATCH_CODES
+
+if TYPE_CHECKING:
+    from bnaudit.distributed import Ranks
 
 
 @dataclass(frozen=True)
@@ -258,6 +267,7 @@ def audit(
     sha256: str | None = None,
     progress: Callable[[int], None] | None = None,
     impact_progress: Callable[[int, int, int], None] | None = None,
+    ranks: Ranks | None = None,
     **overrides: Any,
 ) -> AuditReport:
     """Audit every BN layer of `model` on `batches`; the model is left exactly as it was.
@@ -272,15 +282,20 @@ def audit(
         progress: called with the number of batches done after each batch.
         impact_progress: called during the output-impact passes over the batches, after
             each batch, with the pass (from 1), the batches done in it and their number.
+        ranks: under torchrun, this rank's place: `batches` are its shard, and what every
+            rank measured is merged before judging (`bnaudit.distributed`).
     """
     options = _with_overrides(options or AuditOptions(), overrides)
     t = options.thresholds
     notes: list[str] = []
     folds = None
-    if options.fold:
+    # The fold check reads the first batch, which is rank 0's.
+    if options.fold and (ranks is None or ranks.leader):
         find_bn_layers(model)  # refuses an unmaterialised model before tracing touches it
         folds = FoldWatch(model)
     passes = run_passes(model, batches, options, progress, folds)
+    if ranks is not None:
+        passes = ranks.merge_passes(passes)
     probes, count = passes.probes, passes.count
     if impact_progress is not None:
         ticking = Ticking(passes.batches, count, impact_progress)
@@ -324,8 +339,10 @@ def audit(
     impact = None
     if options.impact and count and not options.synthetic_data:
         try:
-            impact = _impact(model, passes, metrics, options, notes)
+            impact = _impact(model, passes, metrics, options, notes, ranks)
         except (RuntimeError, ValueError, TypeError) as exc:
+            if ranks is not None:  # the other ranks wait for this one's comparison: stop them
+                raise DataError(f"output impact: the forward failed ({describe(exc)})") from exc
             # e.g. quantization observers fed the stored non-finite statistics
             notes.append(f"output impact not measured: the forward failed ({describe(exc)})")
     for name, change in impact.per_layer.items() if impact else ():
@@ -374,7 +391,7 @@ def audit(
 
 
 def recalibrated_stats(
-    passes: Passes, regime: str, model: nn.Module
+    passes: Passes, regime: str, model: nn.Module, across: Across | None = None
 ) -> tuple[dict[str, tuple[Tensor, Tensor]], int]:
     """Precise statistics per recalibrable layer (see bnaudit.impact for the choice)."""
     train = {
@@ -395,20 +412,27 @@ def recalibrated_stats(
         for n in train
     }
     # Every level needs one pass; the +1 confirms nothing moves any more.
-    return eval_regime_stats(model, passes.batches, passes.layers, start, len(start) + 1)
+    return eval_regime_stats(model, passes.batches, passes.layers, start, len(start) + 1, across)
 
 
 def _impact(
-    model: nn.Module, passes: Passes, metrics: dict, options: AuditOptions, notes: list[str]
+    model: nn.Module,
+    passes: Passes,
+    metrics: dict,
+    options: AuditOptions,
+    notes: list[str],
+    across: Across | None = None,
 ) -> OutputImpact:
     """The output change from recalibrated statistics, and with labels the task metric's;
     what it cannot measure, and what the metric says, goes to `notes`."""
     t = options.thresholds
     layers = [(n, m) for n, m in passes.layers.items()]
     with preserved(model, layers), torch.no_grad():
-        stats, level_passes = recalibrated_stats(passes, options.regime, model)
+        stats, level_passes = recalibrated_stats(passes, options.regime, model, across)
         cost = level_passes * passes.count
         diff, used = compare_outputs(model, passes.batches, passes.layers, stats, passes.outputs)
+        if across is not None:
+            diff, used = across.diff(diff, used)
         cost += used
         per_layer: dict[str, float] = {}
         if options.attribution:
@@ -420,9 +444,16 @@ def _impact(
                 alone, used = compare_outputs(
                     model, passes.batches, passes.layers, {name: stats[name]}, passes.outputs
                 )
+                if across is not None:
+                    alone, used = across.diff(alone, used)
                 per_layer[name] = alone.rel_l2
                 cost += used
-        evidence = _evidence(model, passes, list(stats), options, notes)
+        if across is None:
+            evidence = _evidence(model, passes, list(stats), options, notes)
+        else:  # cross-fitting pairs batches, which the ranks split between them
+            evidence = None
+            if options.metric is not None or any(c.labels is not None for c in passes.batches):
+                notes.append("task-metric evidence not measured: not supported under torchrun")
         cost += evidence.forward_passes if evidence else 0
     return OutputImpact(
         regime=options.regime,

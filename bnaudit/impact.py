@@ -19,7 +19,7 @@ import contextlib
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,18 @@ if TYPE_CHECKING:
     from bnaudit.evidence import Evidence
 
 Stats = dict[str, tuple[Tensor, Tensor]]  # layer name → (running_mean, running_var)
+InputMoments = dict[str, tuple[Moments, Moments]]  # layer name → (batch means, batch variances)
+
+
+class Across(Protocol):
+    """Merges what this process measured with what the other processes of a job measured
+    (`bnaudit.distributed.Ranks`); every process gets the same merged values back."""
+
+    def moments(self, moments: InputMoments) -> InputMoments: ...
+
+    def diff(self, diff: OutputDiff, passes: int) -> tuple[OutputDiff, int]: ...
+
+    def total(self, count: int) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -141,10 +153,12 @@ def eval_regime_stats(
     layers: dict[str, nn.Module],
     start: Stats,
     max_passes: int,
+    across: Across | None = None,
 ) -> tuple[Stats, int]:
     """Recalibrate from eval-mode inputs, level by level, until nothing changes.
 
-    Returns the statistics and the number of passes over the batches it took.
+    Returns the statistics and the number of passes over the batches it took. With `across`,
+    each level's moments are merged over the job's processes before the next level.
     """
     current = dict(start)
     for done in range(1, max_passes + 1):
@@ -162,6 +176,8 @@ def eval_regime_stats(
         finally:
             for h in handles:
                 h.remove()
+        if across is not None:
+            moments = across.moments(moments)
         new = {
             name: (
                 like_buffer(m.mean, layers[name].running_mean),
@@ -196,12 +212,13 @@ def precise_stats(
     names: Sequence[str],
     regime: str,
     train_mode: str = "bn",
+    across: Across | None = None,
 ) -> tuple[Stats, int]:
     """Precise statistics of `names` on these batches, and the passes it took: train regime,
     one train-mode pass (only the BN layers in train mode, or the whole model with
     `train_mode="all"`; statistics only), which may stream the batches; eval regime, the
     level-by-level eval passes of `impact.eval_regime_stats` over a list of them. The model is
-    left as it was."""
+    left as it was. With `across`, the moments are merged over the job's processes."""
     bn = list(layers.items())
     if regime == "eval":
         # Level by level from the stored statistics: pass p settles the layers p BN deep,
@@ -209,7 +226,7 @@ def precise_stats(
         start = {n: (layers[n].running_mean.clone(), layers[n].running_var.clone()) for n in names}
         calls = list(calls)
         with preserved(model, bn), torch.no_grad():
-            stats, levels = eval_regime_stats(model, calls, layers, start, len(start) + 1)
+            stats, levels = eval_regime_stats(model, calls, layers, start, len(start) + 1, across)
         return stats, levels * len(calls)
     moments = {n: (Moments(), Moments()) for n in names}
     count = 0
@@ -231,6 +248,8 @@ def precise_stats(
         finally:
             for h in handles:
                 h.remove()
+    if across is not None:
+        moments = across.moments(moments)
     stats = {
         n: (like_buffer(m.mean, layers[n].running_mean), like_buffer(v.mean, layers[n].running_var))
         for n, (m, v) in moments.items()

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from bnaudit.batches import InputChoice
 from bnaudit.engine import Moved
 from bnaudit.errors import BnauditError, NothingToAudit
-from bnaudit.impact import precise_stats
+from bnaudit.impact import Across, precise_stats
 from bnaudit.layers import Kind, find_bn_layers, layer_kind
 
 
@@ -39,6 +39,7 @@ def recalibrate(
     max_batches: int | None = None,
     train_mode: str = "bn",
     choice: InputChoice = None,
+    across: Across | None = None,
 ) -> Recalibration:
     """Precise statistics for every BN layer (or those matching the `layers` globs).
 
@@ -46,6 +47,8 @@ def recalibrate(
     torch.optim.swa_utils.update_bn (the batches are streamed, not kept). Eval regime: the
     level-by-level eval passes of `bnaudit.impact.eval_regime_stats`. num_batches_tracked
     becomes the number of batches averaged, as after update_bn, the same kind of average.
+    With `across` (torchrun ranks, `bnaudit.distributed`), `batches` are this process's shard
+    and the statistics, counts and passes are those of all of them.
     """
     found = find_bn_layers(model)
     if not found:
@@ -66,19 +69,20 @@ def recalibrate(
         names = [n for n in names if _matches(n, layers)]
     calls = Moved(model, batches, max_batches, choice)
     counted = _Counting(calls)
-    stats, passes = precise_stats(model, counted, modules, names, regime, train_mode)
-    if counted.count == 0:
+    stats, passes = precise_stats(model, counted, modules, names, regime, train_mode, across)
+    count = counted.count
+    if across is not None:
+        count, passes = across.total(count), across.total(passes)
+    if count == 0:
         raise BnauditError("recalibration needs sample batches: none was given")
     if layers:
         stats = {n: v for n, v in stats.items() if _matches(n, layers)}
         if not stats:
             raise BnauditError(f"--layers {' '.join(layers)}: no BatchNorm layer matches")
     counts = {
-        n: counted.count
-        for n in stats
-        if getattr(modules[n], "num_batches_tracked", None) is not None
+        n: count for n in stats if getattr(modules[n], "num_batches_tracked", None) is not None
     }
-    return Recalibration(stats, counts, regime, counted.count, passes)
+    return Recalibration(stats, counts, regime, count, passes)
 
 
 def _matches(name: str, globs: tuple[str, ...]) -> bool:
