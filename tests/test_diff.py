@@ -34,6 +34,7 @@ BN = ("stem.1", "block1.1", "block2.1", "head.2")
 BACKBONE = ("stem.1", "block1.1")
 README = Path(__file__).resolve().parents[1] / "README.md"
 DOC = Path(__file__).resolve().parents[1] / "docs" / "diff.md"
+FINDINGS = DOC.parent / "findings.md"
 
 
 class Net(nn.Module):
@@ -570,15 +571,17 @@ def test_the_api_neither_changes_its_inputs_nor_the_model(base: nn.Module) -> No
 
 def test_diff_codes_are_documented_with_the_others() -> None:
     assert set(DIFF_CODES) == set(DIFF_HINTS) | set(DIFF_SITUATION_HINTS)
-    readme, doc = README.read_text(), DOC.read_text()
+    readme, doc, table = README.read_text(), DOC.read_text(), FINDINGS.read_text()
     for code in DIFF_CODES:
-        assert f"| `{code}` |" in readme, code
+        assert f"| `{code}` |" in table, code
         assert f"`{code}`" in doc, code
     assert "bnaudit diff" in readme and "docs/diff.md" in readme
 
 
-def test_the_readme_example_is_real_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The README's example, made again as the README says, prints every line it shows."""
+def test_the_documented_example_is_real_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/diff.md's example, made again as it says, prints every line it shows."""
     from bnaudit import demo
 
     torch.manual_seed(0)
@@ -589,7 +592,7 @@ def test_the_readme_example_is_real_output(tmp_path: Path, monkeypatch: pytest.M
     torch.save(model.state_dict(), tmp_path / "finetuned.pt")
     monkeypatch.chdir(tmp_path)
     command = "bnaudit diff epoch10.pt finetuned.pt --model bnaudit.demo:build_model"
-    text = README.read_text()
+    text = DOC.read_text()
     start = text.index(f"$ {command}\n") + len(command) + 3
     shown = text[start : text.index("```", start)].splitlines()
     result = invoke(*command.split()[1:], env={"COLUMNS": "100"})
