@@ -78,7 +78,14 @@ def calibrate(model: nn.Module, images: Tensor, batch_size: int) -> None:
     initial values (mean 0, variance 1) to fade, which took the demo minutes on a busy CPU;
     the cumulative average is exact after any number. Each BN's momentum is put back after.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    # A QAT ConvBn scales its conv by the running variance while it learns it, so early
+    # batches are normalised with wrong statistics: those keep the EMA, which forgets them.
+    fused = {id(m.bn) for m in model.modules() if hasattr(m, "freeze_bn_stats")}
+    bns = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in fused
+    ]
     momenta = [bn.momentum for bn in bns]
     was_training = model.training
     model.train()

@@ -22,7 +22,8 @@ from bnaudit.config import CheckSettings
 from bnaudit.diff import DiffReport, diff
 from bnaudit.diff_report import render_csv, render_html, render_json, render_markdown
 from bnaudit.errors import ReportError
-from bnaudit.loading import Checkpoint, build_model, load_checkpoint, load_into
+from bnaudit.loading import Checkpoint, load_checkpoint, load_into
+from bnaudit.registry import build_model
 from bnaudit.report import check_writable, write_atomic
 
 

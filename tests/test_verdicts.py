@@ -381,6 +381,8 @@ SITUATIONS: list[tuple[str, str, dict[str, Any], dict[str, Any], tuple[str, ...]
     ("nonstandard-forward", "variant", explained("train", "act:silu"),
      {"overrides_forward": True}, ("nothing to fix",), ()),
     ("nonstandard-forward", "plain", {}, {"overrides_forward": True}, ("plain BN",), ()),
+    ("nonstandard-forward", "inside", {"measured_at": "input of act"},
+     {"overrides_forward": True}, ("where it happens",), ("plain BN",)),
     ("nonstandard-forward", "unchecked", {"calls": 0}, {"overrides_forward": True},
      ("did not run",), ("plain BN",)),
     ("stale-stats", "stale", STALE, {}, ("relative to these batches", "update_bn"),
