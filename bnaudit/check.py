@@ -78,7 +78,12 @@ def report_files(s: CheckSettings) -> list[tuple[str, Path, Renderer]]:
 def check_outputs(s: CheckSettings) -> None:
     """Refuse, before the audit, an output over an input, in a missing folder, or given twice."""
     inputs = [s.checkpoint, *_input_files(s)]
-    outputs = [(option, path) for option, path, _ in report_files(s)]
+    refuse_clashes([(option, path) for option, path, _ in report_files(s)], inputs, s)
+
+
+def refuse_clashes(outputs: list[tuple[str, Path]], inputs: list[Path], s: CheckSettings) -> None:
+    """Refuse an output over an input or the baseline read, in a missing folder, or given twice
+    (`outputs`: option and path of each report; --write-baseline is added here)."""
     for _, path in outputs:
         check_writable(path, [*inputs, *([s.baseline] if s.baseline else [])])
     if s.write_baseline:

@@ -17,14 +17,13 @@ from typing import Any
 from torch import nn
 
 from bnaudit.baseline import from_report, read_baseline, render_baseline
-from bnaudit.check import judge
+from bnaudit.check import judge, refuse_clashes
 from bnaudit.config import CheckSettings
 from bnaudit.diff import DiffReport, diff
 from bnaudit.diff_report import render_csv, render_html, render_json, render_markdown
-from bnaudit.errors import ReportError
 from bnaudit.loading import Checkpoint, load_checkpoint, load_into
 from bnaudit.registry import build_model
-from bnaudit.report import check_writable, write_atomic
+from bnaudit.report import write_atomic
 
 
 @dataclass(frozen=True)
@@ -54,18 +53,7 @@ def check_outputs(s: CheckSettings, d: DiffSettings) -> None:
     inputs = [s.checkpoint, d.new, *([s.config_file] if s.config_file else [])]
     if s.model and ":" in s.model and Path(s.model.rpartition(":")[0]).is_file():
         inputs.append(Path(s.model.rpartition(":")[0]))
-    outputs = [(option, path) for option, path, _ in report_files(s)]
-    for _, path in outputs:
-        check_writable(path, [*inputs, *([s.baseline] if s.baseline else [])])
-    if s.write_baseline:
-        check_writable(s.write_baseline, inputs)
-        outputs.append(("--write-baseline", s.write_baseline))
-    seen: dict[Path, str] = {}
-    for option, path in outputs:
-        key = path.resolve()
-        if key in seen:
-            raise ReportError(f"{path}: given to both {seen[key]} and {option}; use two files")
-        seen[key] = option
+    refuse_clashes([(option, path) for option, path, _ in report_files(s)], inputs, s)
 
 
 def run_diff(s: CheckSettings, d: DiffSettings, log: Any = None) -> DiffReport:
