@@ -179,7 +179,7 @@ def _header(report: AuditReport) -> list[str]:
         + f" (fail on: {report.fail_on.value})",
     ]
     if report.checkpoint:
-        sha = f" (sha256 {report.sha256[:12]})" if report.sha256 else ""
+        sha = f" (sha256 {report.sha256[:12]})" if report.sha256 else " (sha256 not computed)"
         lines.insert(2, f"- checkpoint: {md(report.checkpoint)}{sha}")
     status = report.status_counts()
     waived = {k: v for k, v in status.items() if v and k in ("ignored", "baselined")}

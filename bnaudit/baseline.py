@@ -54,6 +54,8 @@ class BaselineEntry:
 class Baseline:
     entries: tuple[BaselineEntry, ...]
     checkpoint: str | None = None  # the checkpoint it was written from (information only)
+    sha256: str | None = None  # that checkpoint's SHA-256 (information only)
+    sha256_note: str | None = None  # why sha256 is None: "not computed: …"
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ def from_report(report: AuditReport) -> Baseline:
         for f in report.findings
         if recorded(f)
     )
-    return Baseline(entries, report.checkpoint)
+    return Baseline(entries, report.checkpoint, report.sha256, report.sha256_note)
 
 
 def render_baseline(baseline: Baseline) -> str:
@@ -85,6 +87,8 @@ def render_baseline(baseline: Baseline) -> str:
         "bnaudit_baseline": FORMAT,
         "bnaudit_version": __version__,
         "checkpoint": baseline.checkpoint,
+        "sha256": baseline.sha256,
+        "sha256_note": baseline.sha256_note,
         "findings": [
             {
                 "layer": e.layer,
@@ -124,11 +128,17 @@ def read_baseline(path: Path) -> Baseline:
     findings = doc.get("findings")
     if not isinstance(findings, list):
         raise BaselineError(f"{path}: 'findings' must be a list")
-    checkpoint = doc.get("checkpoint")
+    # Information only: a value that is no string (or a baseline older than the key) is None.
+    info = {k: v if isinstance(v := doc.get(k), str) else None for k in _INFO}
     return Baseline(
         tuple(_entry(item, f"{path}: findings[{i}]") for i, item in enumerate(findings)),
-        checkpoint if isinstance(checkpoint, str) else None,
+        info["checkpoint"],
+        info["sha256"],
+        info["sha256_note"],
     )
+
+
+_INFO = ("checkpoint", "sha256", "sha256_note")
 
 
 def _entry(item: Any, where: str) -> BaselineEntry:

@@ -31,6 +31,7 @@ from bnaudit.batches import (
 )
 from bnaudit.config import CheckSettings
 from bnaudit.dataflow import METHOD, Pairs
+from bnaudit.digest import skipped
 from bnaudit.engine import AuditOptions, audit
 from bnaudit.errors import BnauditError, ReportError
 from bnaudit.fold import check_folds, fold_model
@@ -110,10 +111,10 @@ class Prepared:
 
 
 def prepare(
-    s: CheckSettings, log: Any = None, ranks: Ranks | None = None
+    s: CheckSettings, log: Any = None, ranks: Ranks | None = None, *, hashed: bool = True
 ) -> Prepared | AuditReport:
     """Load the checkpoint into the model on its device and open the batches (with `ranks`,
-    this rank's shard of them).
+    this rank's shard of them); `hashed=False` leaves the checkpoint's SHA-256 out.
 
     Without a model (a bare state dict and no --model), the static audit is all there is to
     do: its report comes back instead.
@@ -124,7 +125,7 @@ def prepare(
             f"--model-arg {s.model_args[0]}: arguments for the --model factory need --model"
         )
     torch.manual_seed(s.seed)
-    ckpt = load_checkpoint(s.checkpoint, trust=s.trust, key=s.key)
+    ckpt = load_checkpoint(s.checkpoint, trust=s.trust, key=s.key, hashed=hashed)
     if s.model is None and ckpt.module is None:
         return _static(s, ckpt, log)
     model, notes = _model(s, ckpt)
@@ -187,9 +188,10 @@ def run_check(
     check_outputs(s)  # fail before the audit, not after it
     # A broken baseline fails before the audit too.
     baseline = read_baseline(s.baseline) if s.baseline and not s.write_baseline else None
-    p = prepare(s, log, ranks)
+    unhashed = skipped(s, os.environ)  # why the SHA-256 is left out, None when it is not
+    p = prepare(s, log, ranks, hashed=unhashed is None)
     if isinstance(p, AuditReport):  # no model: the static audit
-        return judge(p, s, baseline)
+        return judge(dataclasses.replace(p, sha256_skipped=unhashed), s, baseline)
     device = _device(s.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -205,7 +207,7 @@ def run_check(
             ranks=ranks,
         )
     notes = [*p.checkpoint.notes, *p.notes, *report.notes, *_run_notes(s, device, ranks)]
-    report = dataclasses.replace(report, notes=tuple(notes))
+    report = dataclasses.replace(report, notes=tuple(notes), sha256_skipped=unhashed)
     return judge(report, s, baseline)
 
 

@@ -178,6 +178,13 @@ def check(
         help="Allow pickled objects (a whole nn.Module), TorchScript and torch.export files: "
         "this RUNS CODE from the file.",
     ),
+    hash_file: bool = typer.Option(
+        None,
+        "--hash/--no-hash",
+        rich_help_panel=_R,
+        help="Compute the checkpoint's SHA-256 for the reports [default: when a report file, "
+        "--format other than table, --model or GitHub Actions needs it].",
+    ),
     fmt: Format = typer.Option(
         None, "--format", "-f", rich_help_panel=_R, help="What goes to stdout [default: table]."
     ),
@@ -323,6 +330,7 @@ def _cli_settings(params: dict[str, Any]) -> dict[str, Any]:
         cli.pop(key, None)
     cli["format"] = cli.pop("fmt")
     cli["json"] = cli.pop("json_path")
+    cli["hash"] = cli.pop("hash_file")
     cli["trust"] = cli["trust"] or None
     cli["model_args"] = tuple(cli.pop("model_arg") or ()) or None
     return cli
@@ -648,7 +656,9 @@ def _check(
     cli: dict[str, Any], config: Path | None, quiet: bool, *, width: int | None, verbose: bool
 ) -> int:
     if isinstance(cli.get("checkpoint"), Path):
-        digest.prefetch(cli["checkpoint"])  # hashes while torch imports
+        settings = resolve(cli, config, Path.cwd())  # no torch yet: it imports in run_check
+        if digest.skipped(settings, os.environ) is None:
+            digest.prefetch(settings.checkpoint)  # hashes while torch imports
     from bnaudit import distributed
 
     # Under torchrun every rank runs this; rank 0 alone writes reports and stdout, and every

@@ -67,6 +67,7 @@ class CheckSettings:
     seed: int = 0
     train_mode: TrainMode = TrainMode.BN
     trust: bool = False
+    hash: bool | None = None  # the checkpoint's SHA-256; None: when a report needs it (digest)
     format: Format = Format.TABLE
     markdown: Path | None = None
     csv: Path | None = None
@@ -115,6 +116,7 @@ _KINDS = {
     "baseline_margin": "float",
     "impact": "bool",
     "attribution": "bool",
+    "hash": "bool",
 }
 
 

@@ -385,7 +385,7 @@ def _findings(i: int, r: LayerResult) -> str:
 def _summary(report: AuditReport) -> str:
     facts = [
         ("checkpoint", report.checkpoint or "-"),
-        ("sha256", report.sha256 or "-"),
+        ("sha256", report.sha256 or report.sha256_note or "-"),
         ("layers", str(len(report.layers))),
         ("batches", f"{report.batches} ({report.forward_passes} forward passes)"),
         ("fail on", report.fail_on.value),

@@ -70,6 +70,8 @@ def render_junit(report: AuditReport) -> str:
         ("bnaudit_version", __version__),
         ("checkpoint", report.checkpoint),
         ("sha256", report.sha256),
+        # why a checkpoint has no sha256; absent when it has one
+        ("sha256_note", report.sha256_note if report.checkpoint else None),
         ("verdict", report.verdict),
         ("fail_on", report.fail_on.value),
         ("batches", str(report.batches)),

@@ -41,7 +41,7 @@ _SHOWN = 8  # keys listed in an error message before "and N more"
 @dataclass(frozen=True)
 class Checkpoint:
     path: Path
-    sha256: str
+    sha256: str | None  # None: not computed (load_checkpoint(hashed=False))
     kind: Kind = Kind.TORCH_ZIP
     state_dict: dict[str, Tensor] | None = None
     module: nn.Module | None = None  # a whole pickled module, loaded with trust=True
@@ -103,7 +103,9 @@ def release_mapped_pages(path: Path) -> None:
         return  # an optimisation of memory only
 
 
-def load_checkpoint(path: Path, *, trust: bool = False, key: str | None = None) -> Checkpoint:
+def load_checkpoint(
+    path: Path, *, trust: bool = False, key: str | None = None, hashed: bool = True
+) -> Checkpoint:
     """Read a checkpoint on the CPU, whatever device it was saved from.
 
     Args:
@@ -112,6 +114,7 @@ def load_checkpoint(path: Path, *, trust: bool = False, key: str | None = None) 
         key: which state dict to take from a checkpoint dict (`state_dict_ema`, nested with
             dots: `ema.module`), or a key prefix within a flat state dict; None: the first of
             STATE_DICT_KEYS, then EMA_KEYS.
+        hashed: compute the file's SHA-256 (it reads the whole file); False leaves it None.
     """
     problem = input_problem(path)
     if problem:
@@ -124,7 +127,7 @@ def load_checkpoint(path: Path, *, trust: bool = False, key: str | None = None) 
                 "it runs that code. Rerun with --trust if you trust its source, or save a state "
                 "dict instead (torch.save(model.state_dict(), path))"
             )
-        sha = sha256_file(path)
+        sha = sha256_file(path) if hashed else None
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read it ({describe(exc)})") from exc
     if kind is Kind.SAFETENSORS:
@@ -152,7 +155,12 @@ def load_checkpoint(path: Path, *, trust: bool = False, key: str | None = None) 
 
 
 def _from_pickle(
-    path: Path, sha: str, kind: Kind, archive: ZipArchive | None, trust: bool, key: str | None
+    path: Path,
+    sha: str | None,
+    kind: Kind,
+    archive: ZipArchive | None,
+    trust: bool,
+    key: str | None,
 ) -> Checkpoint:
     if archive is not None:  # data.pkl is checked before a byte of it is unpickled
         archive.verify(archive.metadata_records)
@@ -335,7 +343,7 @@ def _torch_cause(exc: BaseException) -> str:
     return cause if len(cause) <= 160 else cause[:157] + "..."
 
 
-def _from_safetensors(path: Path, sha: str, key: str | None) -> Checkpoint:
+def _from_safetensors(path: Path, sha: str | None, key: str | None) -> Checkpoint:
     from safetensors import safe_open
 
     header = safetensors_header(path)

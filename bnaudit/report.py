@@ -119,7 +119,9 @@ def _summary_lines(report: AuditReport, color: bool = False) -> list[str]:
         "verdicts: " + ", ".join(f"{k} {v}" for k, v in counts.items()),
     ]
     if report.checkpoint:
-        lines.insert(0, f"checkpoint: {printable(report.checkpoint)} (sha256 {report.sha256})")
+        lines.insert(
+            0, f"checkpoint: {printable(report.checkpoint)} (sha256 {sha256_text(report)})"
+        )
     worst = sorted(
         (r for r in report.layers if r.severity >= Severity.WARN), key=lambda r: -r.severity
     )[:_WORST_SHOWN]
@@ -260,9 +262,10 @@ def _context_lines(report: AuditReport, width: int | None, verbose: bool) -> lis
     impact, baseline, notes; wrapped to `width`."""
     lines = []
     if report.checkpoint:
-        full = verbose or width is None or report.sha256 is None
-        sha = report.sha256 if full else report.sha256[:12] + "…"  # type: ignore[index]
-        lines.append(f"checkpoint: {printable(report.checkpoint)} (sha256 {sha})")
+        short = not (verbose or width is None)
+        lines.append(
+            f"checkpoint: {printable(report.checkpoint)} (sha256 {sha256_text(report, short)})"
+        )
     lines.append(
         f"bnaudit {__version__}: {report.batches} batches, {report.forward_passes} forward passes"
     )
@@ -331,8 +334,18 @@ def render_markdown(report: AuditReport) -> str:
     return "\n".join(parts) + "\n"
 
 
+def sha256_text(report: AuditReport, short: bool = False) -> str:
+    """The checkpoint's SHA-256 as the reports show it (`short`: 12 digits and "…"), or, where
+    it was not computed, why: never an empty string that could pass for a value."""
+    if report.sha256 is None:
+        return report.sha256_note or "not computed"
+    return report.sha256[:12] + "…" if short else report.sha256
+
+
 def render_csv(report: AuditReport) -> str:
-    return report.to_frame().to_csv(index=False)
+    frame = report.to_frame()
+    frame["sha256"] = sha256_text(report)  # the file's provenance on every row
+    return frame.to_csv(index=False)
 
 
 def report_dict(report: AuditReport) -> dict[str, Any]:
@@ -341,6 +354,7 @@ def report_dict(report: AuditReport) -> dict[str, Any]:
             "bnaudit_version": __version__,
             "checkpoint": report.checkpoint,
             "sha256": report.sha256,
+            "sha256_note": report.sha256_note,  # null when sha256 holds the hash
             "summary": {
                 "verdict": report.verdict,
                 "fail_on": report.fail_on.value,

@@ -218,6 +218,7 @@ class AuditReport:
     notes: tuple[str, ...] = ()
     checkpoint: str | None = None
     sha256: str | None = None
+    sha256_skipped: str | None = None  # why `check` did not compute sha256: "not computed: …"
     thresholds: dict[str, float] = field(default_factory=dict)
     impact: OutputImpact | None = None
     model_findings: tuple[Finding, ...] = ()  # about the whole model (layer MODEL)
@@ -230,6 +231,16 @@ class AuditReport:
     @property
     def findings(self) -> list[Finding]:
         return [*self.model_findings, *(f for layer in self.layers for f in layer.findings)]
+
+    @property
+    def sha256_note(self) -> str | None:
+        """What a report says in place of `sha256` when there is none ("not computed: …");
+        None when `sha256` holds the hash."""
+        if self.sha256 is not None:
+            return None
+        if self.sha256_skipped:
+            return self.sha256_skipped
+        return "not computed" + ("" if self.checkpoint else ": no checkpoint file was audited")
 
     @property
     def failing(self) -> list[Finding]:
