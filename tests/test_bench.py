@@ -96,3 +96,17 @@ def test_a_rerun_keeps_the_figures_measured_by_hand(bench, tmp_path: Path) -> No
     results.write_text("# bnaudit benchmark\n\ngenerated\n\n" + hand)
     assert bench.kept_by_hand(results) == "\n" + hand
     assert bench.kept_by_hand(Path(__file__).parent.parent / "benchmarks" / "RESULTS.md")
+
+
+def test_parse_size(bench) -> None:
+    assert bench.parse_size("200M") == 200 << 20
+    assert bench.parse_size("2G") == 2 << 30
+    assert bench.parse_size("1.5g") == 3 << 29
+    assert bench.parse_size("4096") == 4096
+
+
+def test_static_runs_the_quick_look_without_a_report(bench) -> None:
+    # The targets are for the table alone (no hash); the gate's run writes the report it hashes.
+    assert bench.STATIC_RUNS["table (no hash)"] == []
+    assert "--json" in bench.STATIC_RUNS["--json (hashed)"]
+    assert "--no-hash" not in bench.STATIC_RUNS["--json (hashed)"]
