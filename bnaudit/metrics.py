@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -48,81 +47,82 @@ def drift(r: RegimeStats, a: LayerAttrs, t: Thresholds) -> Drift:
         return Drift()
     assert a.running_mean is not None and a.running_var is not None  # has_running_stats
     k = r.batch_means.count
+    run_var = a.running_var.clamp_min(0) + a.eps
+    diff = (r.batch_means.mean - a.running_mean).abs()
+    shift = diff / run_var.sqrt()
+    var = r.batch_vars.mean
+    log_var = ((var + a.eps) / run_var).log()
+    rows = [shift, log_var]
     v_mean, v_var = r.batch_means.variance(), r.batch_vars.variance()
-    # float64 arrays (LayerAttrs and the accumulators are float64): see _arrays.
-    run_mean, run_var, mean, var = _arrays(
-        a.running_mean, a.running_var, r.batch_means.mean, r.batch_vars.mean
-    )
-    with np.errstate(all="ignore"):  # inf and NaN are figures here, as they are in torch
-        run_var = np.maximum(run_var, 0.0) + a.eps
-        diff = np.abs(mean - run_mean)
-        shift = diff / _sqrt(run_var)
-        log_var = _log((var + a.eps) / run_var)
-        finite = bool(np.isfinite(shift).all() and np.isfinite(log_var).all())
-        fraction = p = NAN
-        if finite and v_mean is not None and v_var is not None:
-            v_mean_n, v_var_n = _arrays(v_mean, v_var)
-            nbt = a.num_batches_tracked or 0
-            sd_mean = _sqrt(v_mean_n / k + F.ema_jitter_var(v_mean_n, a.momentum, nbt))
-            sd_log_var = _sqrt(v_var_n / k + F.ema_jitter_var(v_var_n, a.momentum, nbt)) / (
-                var + a.eps
-            )
-            size = np.abs(log_var)
-            off_mean = (shift > t.stale_shift) & (diff > t.stale_z * sd_mean)
-            off_var = (size > t.stale_log_var) & (size > t.stale_z * sd_log_var)
-            off = int((off_mean | off_var).sum())
-            fraction = off / a.num_features
-            p = S.noise_p(off, a.num_features, _batches(r), t.stale_z)
-        badness = np.maximum(shift / t.stale_shift, np.abs(log_var) / t.stale_log_var)
+    if v_mean is not None and v_var is not None:
+        nbt = a.num_batches_tracked or 0
+        sd_mean = (v_mean / k + F.ema_jitter_var(v_mean, a.momentum, nbt)).sqrt()
+        sd_log_var = (v_var / k + F.ema_jitter_var(v_var, a.momentum, nbt)).sqrt() / (var + a.eps)
+        rows += [diff, sd_mean, sd_log_var]
+    # One copy out per layer; the comparisons and reductions run on Python floats. As torch
+    # operations they were ~30 of ~5 µs dispatch each on a few channels (measure was 18 % of
+    # the plain passes on a 400-layer BatchNorm1d MLP). They are exact (comparisons, quotients,
+    # max, order statistics), so every figure keeps its bits; log and sqrt stay torch's (numpy's
+    # sqrt differs from torch's vectorised one in the last place). tests/test_metrics_exact.py
+    # holds the torch formulation and compares.
+    values = torch.stack(rows).tolist()
+    shifts, log_vars = values[0], values[1]
+    finite = all(map(math.isfinite, shifts)) and all(map(math.isfinite, log_vars))
+    fraction = p = NAN
+    if finite and len(values) == 5:
+        ts, tl, z, off = t.stale_shift, t.stale_log_var, t.stale_z, 0
+        for s_c, v_c, d_c, sm_c, sv_c in zip(*values, strict=True):
+            size = abs(v_c)
+            if (s_c > ts and d_c > z * sm_c) or (size > tl and size > z * sv_c):
+                off += 1
+        fraction = off / a.num_features
+        p = S.noise_p(off, a.num_features, _batches(r), t.stale_z)
     return Drift(
-        shift_max=_np_max(shift),
-        shift_median=_np_median(shift),
-        log_var_max=float(log_var[_first_argmax(np.abs(log_var))]),
-        log_var_median=_np_median(log_var),
+        shift_max=_list_max(shifts, finite),
+        shift_median=_list_median(shifts, finite),
+        log_var_max=log_vars[_first_argmax([abs(v) for v in log_vars], finite)],
+        log_var_median=_list_median(log_vars, finite),
         fraction=fraction,
         p=p,
-        channel=_first_argmax(badness),
+        channel=_first_argmax(_badness(shifts, log_vars, t, finite), finite),
         finite=finite,
     )
 
 
-# The per-layer figures are reductions of a few vectors of C values. In torch each operation
-# costs ~5 µs of dispatch whatever C, and a layer took ~80 of them (18 % of the plain passes on
-# a 400-layer BatchNorm1d MLP); numpy takes ~1 µs. The same IEEE float64 operations (+ − × ÷,
-# abs, max, comparisons, order statistics) give the same bits in either library; torch's log,
-# sqrt, exp and rsqrt are not numpy's, so they stay in torch (_log, _sqrt, amplification).
-def _arrays(*tensors: Tensor) -> list[np.ndarray]:
-    return [t.numpy(force=True) for t in tensors]  # force: detach and copy from a GPU
+def _badness(shifts: list[float], log_vars: list[float], t: Thresholds, finite: bool):
+    """torch.maximum(shift / stale_shift, |log var| / stale_log_var), NaN propagating."""
+    ts, tl = t.stale_shift, t.stale_log_var
+    out = []
+    for s, v in zip(shifts, log_vars, strict=True):
+        a, b = s / ts, abs(v) / tl
+        out.append(NAN if not finite and (a != a or b != b) else (a if a >= b else b))
+    return out
 
 
-def _log(values: np.ndarray) -> np.ndarray:
-    """torch.log, bit for bit (numpy's may differ in the last place)."""
-    return torch.from_numpy(values).log().numpy()
-
-
-def _sqrt(values: np.ndarray) -> np.ndarray:
-    """torch.sqrt, bit for bit: torch's vectorised float64 sqrt is not numpy's correctly
-    rounded one (they differ in the last place on some values)."""
-    return torch.from_numpy(values).sqrt().numpy()
-
-
-def _np_max(values: np.ndarray) -> float:
+def _list_max(values: list[float], finite: bool) -> float:
     """torch.max: NaN if any value is NaN."""
-    return float(values.max()) if values.size else NAN  # numpy's max propagates NaN too
-
-
-def _np_median(values: np.ndarray) -> float:
-    """torch.median: the lower of the two middle values, NaN if any value is NaN."""
-    if np.isnan(values).any():
+    if not values:
         return NAN
-    middle = (values.size - 1) // 2
-    return float(np.partition(values, middle)[middle])
+    return NAN if not finite and any(v != v for v in values) else max(values)
 
 
-def _first_argmax(values: np.ndarray) -> int:
+def _list_median(values: list[float], finite: bool) -> float:
+    """torch.median: the lower of the two middle values, NaN if any value is NaN."""
+    if not finite and any(v != v for v in values):
+        return NAN
+    return sorted(values)[(len(values) - 1) // 2]
+
+
+def _first_argmax(values: list[float], finite: bool) -> int:
     """torch's argmax of nan_to_num(values, nan=inf): the first of the largest, where NaN
     counts as inf and inf as the largest finite float (nan_to_num's posinf)."""
-    return int(np.argmax(np.nan_to_num(values, nan=np.inf)))
+    if not finite:
+        big = 1.7976931348623157e308
+        values = [
+            math.inf if v != v else big if v == math.inf else -big if v == -math.inf else v
+            for v in values
+        ]
+    return max(range(len(values)), key=values.__getitem__)
 
 
 def judged(r: RegimeStats, a: LayerAttrs, d: Drift, t: Thresholds, synthetic: bool) -> str:
@@ -181,13 +181,10 @@ def measure(
     observed = NAN
     if a.has_running_stats:
         assert a.running_var is not None
-        (running_var,) = _arrays(a.running_var)
+        run_sd = (a.running_var.clamp_min(0) + a.eps).sqrt()
         v_mean = s.train.batch_means.variance()
         if v_mean is not None:
-            with np.errstate(all="ignore"):
-                run_sd = _sqrt(np.maximum(running_var, 0.0) + a.eps)
-                jitter_sd = _sqrt(F.ema_jitter_var(_arrays(v_mean)[0], a.momentum, nbt))
-                jitter = _np_median(jitter_sd / run_sd)
+            jitter = float((F.ema_jitter_var(v_mean, a.momentum, nbt).sqrt() / run_sd).median())
         if s.train.biased_vars.mean is not None:
             ratio = a.running_var / s.train.biased_vars.mean
             observed = float(ratio.log().median().exp()) if bool((ratio > 0).all()) else NAN
@@ -277,7 +274,7 @@ def _explanation(d: Diagnosis | None) -> Explanation:
 
 
 def _tracked(t: MaxTracker) -> float:
-    return NAN if t.value is None else _np_max(_arrays(t.value)[0])
+    return NAN if t.value is None else _max(t.value)
 
 
 def _max(t: Tensor) -> float:
@@ -286,16 +283,24 @@ def _max(t: Tensor) -> float:
 
 
 def _count(t: Tensor | None, predicate) -> int:
-    return 0 if t is None else int(predicate(_arrays(t)[0]).sum())
+    return 0 if t is None else int(predicate(t).sum())
 
 
 def _count_nonfinite(a: LayerAttrs) -> int:
     tensors = [t for t in (a.weight, a.bias, a.running_mean, a.running_var) if t is not None]
-    return sum(int((~np.isfinite(v)).sum()) for v in _arrays(*tensors))
+    if _all_finite(*tensors):
+        return 0
+    return sum(int((~torch.isfinite(t)).sum()) for t in tensors)
+
+
+def _all_finite(*tensors: Tensor) -> bool:
+    """No NaN or Inf anywhere. A sum is finite exactly then, unless it overflows: only then is
+    each value checked (isfinite costs several operations, a sum one)."""
+    total = float(torch.stack([t.sum() for t in tensors]).sum()) if tensors else 0.0
+    return math.isfinite(total) or all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _initial(a: LayerAttrs) -> bool:
     if a.running_mean is None or a.running_var is None:
         return False
-    mean, var = _arrays(a.running_mean, a.running_var)
-    return bool((mean == 0).all() and (var == 1).all())
+    return bool((a.running_mean == 0).all() and (a.running_var == 1).all())

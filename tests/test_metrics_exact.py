@@ -1,7 +1,7 @@
-"""`metrics.measure` computes its per-layer reductions in numpy (one copy out of torch per
-vector, ~1 µs per operation instead of torch's ~5 µs of dispatch): every figure must be the same
-bits as the torch formulation it replaced, kept here as the reference, on many layers (widths,
-NaN/Inf, zero and negative variances, momentum None or not, one batch or many).
+"""`metrics.drift` runs its comparisons and reductions on Python floats (one copy out of torch
+per layer, instead of ~30 tensor operations of ~5 µs dispatch each): every figure must be the
+same bits as the torch formulation it replaced, kept here as the reference, on many layers
+(widths, NaN/Inf, zero and negative variances, momentum None or not, one batch or many).
 """
 
 from __future__ import annotations
