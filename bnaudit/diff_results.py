@@ -120,6 +120,16 @@ class DiffReport:
         return None if self.base is None else f"{self.base} -> {self.new}"
 
     @property
+    def sha256(self) -> None:
+        """A baseline written from this report records no single file's SHA-256..."""
+        return None
+
+    @property
+    def sha256_note(self) -> str:
+        """...and says why."""
+        return "not recorded: a diff covers two checkpoints; its report has both SHA-256s"
+
+    @property
     def findings(self) -> list[Finding]:
         return [*self.model_findings, *(f for layer in self.layers for f in layer.findings)]
 

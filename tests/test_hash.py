@@ -236,3 +236,16 @@ def test_an_older_baseline_without_the_keys_reads(tmp_path: Path) -> None:
 )
 def test_skipped(settings: dict[str, Any], environ: dict[str, str], why: str | None) -> None:
     assert digest.skipped(CheckSettings(Path("c.pt"), **settings), environ) == why
+
+
+def test_a_diff_baseline_says_why_it_has_no_sha256(ckpt: Path, tmp_path: Path) -> None:
+    new = tmp_path / "new.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["1.running_mean"] += 1.0
+    torch.save(state, new)
+    baseline = tmp_path / "b.json"
+    result = invoke("diff", ckpt, new, "--write-baseline", baseline)
+    assert result.exit_code == 0, result.output
+    written = json.loads(baseline.read_text())
+    assert written["sha256"] is None
+    assert written["sha256_note"].startswith("not recorded: a diff covers two checkpoints")
