@@ -169,23 +169,10 @@ def _inner_squares(x, mean, part):
 
 
 @njit(fastmath=FAST, **OPTIONS)
-def _inner_error(x, y, scale, shift, floor, rtol, emax, rmax, esum):
-    for p in range(x.shape[0]):
-        xr, yr = x[p], y[p]
-        for c in range(xr.size):
-            xs = xr[c] * scale[c]
-            ref = xs + shift[c]
-            e = abs(yr[c] - ref)
-            tol = floor[c] + rtol * (abs(ref) + abs(xs))
-            emax[c] = _maxnum(emax[c], e)
-            rmax[c] = _maxnum(rmax[c], e / tol)
-            esum[c] += e
-
-
-@njit(fastmath=FAST, **OPTIONS)
-def _inner_error_moved(x, y, scale, shift, floor, rtol, emax, rmax, esum, centre, slope):
-    """`_inner_error` with the allowance for torch's rounded batch statistics: the tolerance
-    grows by slope·|ref − β| (`formulas.stat_rounding`; the floor holds the mean's part)."""
+def _inner_error(x, y, scale, shift, floor, rtol, emax, rmax, esum, centre, slope):
+    """The errors of [P, C] values; the tolerance includes slope·|ref − β| = slope·|x·s + centre|,
+    the allowance for torch's rounded batch statistics (`formulas.stat_rounding`; the floor
+    holds the mean's part), zero where there is none."""
     for p in range(x.shape[0]):
         xr, yr = x[p], y[p]
         for c in range(xr.size):
@@ -233,6 +220,7 @@ def measure_inner(x, y, weight, bias, eps, rmean, rvar, batch_stats, rtol, atol,
         else:
             mu, v = rmean[c], rvar[c]
         scale[c], shift[c], floor[c] = _params(mu, v, eps[c], weight[c], bias[c], rtol, atol)
+        centre[c], slope[c] = 0.0, 0.0
         if batch_stats and u > 0:
             d_mean = rows * u * np.sqrt(v + mu * mu)
             floor[c] += abs(scale[c]) * d_mean
@@ -241,10 +229,7 @@ def measure_inner(x, y, weight, bias, eps, rmean, rvar, batch_stats, rtol, atol,
     emax[:] = 0.0
     rmax[:] = 0.0
     esum[:] = 0.0
-    if batch_stats and u > 0:
-        _inner_error_moved(x, y, scale, shift, floor, rtol, emax, rmax, esum, centre, slope)
-    else:
-        _inner_error(x, y, scale, shift, floor, rtol, emax, rmax, esum)
+    _inner_error(x, y, scale, shift, floor, rtol, emax, rmax, esum, centre, slope)
     esum_all = 0.0
     worst = 0.0
     for c in range(channels):
