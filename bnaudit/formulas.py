@@ -272,10 +272,8 @@ def elementwise_tolerance(
     tol = atol + rtol * (ref.abs() + spread)
     if rounding is not None:
         d_mean, d_var = rounding
-        tol = tol + channel_view(scale * d_mean, nd)
-        tol = tol + channel_view(scale * d_var / (2 * (var + eps)), nd) * (
-            x - channel_view(mean, nd)
-        ).abs()
+        slope = channel_view(scale * d_var / (2 * (var + eps)), nd)  # per unit of |x − μ|
+        tol = tol + channel_view(scale * d_mean, nd) + slope * (x - channel_view(mean, nd)).abs()
     return tol
 
 

@@ -66,9 +66,7 @@ def measure(
     ref_mean, ref_var = (mean, var) if running is None else running
     u = F.sum_roundoff(x) if running is None else 0.0
     rounding = F.stat_rounding(F.values_per_channel(x), mean, var, u) if u else None
-    err, ratio = F.reconstruction_error(
-        x, y, ref_mean, ref_var, weight, bias, eps, dtype, rounding
-    )
+    err, ratio = F.reconstruction_error(x, y, ref_mean, ref_var, weight, bias, eps, dtype, rounding)
     # One synchronisation: is everything finite, and how far is the worst value?
     probe, worst = torch.stack((mean.sum() + var.sum() + err.sum(), ratio.amax())).tolist()
     return Measured(mean, var, err, ratio, math.isfinite(probe), worst)

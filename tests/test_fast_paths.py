@@ -110,9 +110,7 @@ def test_reconstruction_error_is_the_float64_measurement(case: Case) -> None:
     n, u = F.values_per_channel(x), 2.0**-24 * (case.seed % 2)
     rounding = F.stat_rounding(n, mean, var, u) if u else None
     with blocks_of(case.block, case.short_inner):
-        err, ratio = F.reconstruction_error(
-            x, y, mean, var, weight, bias, 1e-5, y.dtype, rounding
-        )
+        err, ratio = F.reconstruction_error(x, y, mean, var, weight, bias, 1e-5, y.dtype, rounding)
     x64, y64 = x.double(), y.double()
     ref = F.normalize(x64, mean, var, weight, bias, 1e-5)
     want = F.mismatch(y64, ref)
