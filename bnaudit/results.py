@@ -6,7 +6,7 @@ import dataclasses
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -202,30 +202,16 @@ class LayerResult:
         return tuple(f for f in self.findings if not f.counts)
 
 
-@dataclass(frozen=True)
-class AuditReport:
-    """The whole audit. `bool(report)` is `report.passed`.
+class Gated:
+    """What makes a report a gate: its findings, those that fail at `fail_on`, the verdict.
 
-    `findings` lists every finding, waived ones included; `passed` and the layer verdicts only
-    consider the findings that count (`Finding.counts`).
+    For the frozen dataclasses `AuditReport` and `DiffReport`, which provide `layers` (each
+    with `findings` and a `verdict`), `model_findings` and `fail_on`.
     """
 
-    layers: tuple[LayerResult, ...]
-    fail_on: FailOn = FailOn.FAIL
-    batches: int = 0
-    forward_passes: int = 0
-    synthetic_data: bool = False
-    notes: tuple[str, ...] = ()
-    checkpoint: str | None = None
-    sha256: str | None = None
-    thresholds: dict[str, float] = field(default_factory=dict)
-    impact: OutputImpact | None = None
-    model_findings: tuple[Finding, ...] = ()  # about the whole model (layer MODEL)
-    baseline: BaselineCheck | None = None  # set when a baseline judged the findings
-    # The finding codes judged when not all were (a static audit, or no batch), and what the
-    # others need ("--model and --data"); None: every check ran.
-    checks_run: tuple[str, ...] | None = None
-    checks_need: str = ""
+    layers: tuple[Any, ...]
+    model_findings: tuple[Finding, ...]
+    fail_on: FailOn
 
     @property
     def findings(self) -> list[Finding]:
@@ -253,6 +239,32 @@ class AuditReport:
         for layer in self.layers:
             out[layer.verdict] += 1
         return out
+
+
+@dataclass(frozen=True)
+class AuditReport(Gated):
+    """The whole audit. `bool(report)` is `report.passed`.
+
+    `findings` lists every finding, waived ones included; `passed` and the layer verdicts only
+    consider the findings that count (`Finding.counts`).
+    """
+
+    layers: tuple[LayerResult, ...]
+    fail_on: FailOn = FailOn.FAIL
+    batches: int = 0
+    forward_passes: int = 0
+    synthetic_data: bool = False
+    notes: tuple[str, ...] = ()
+    checkpoint: str | None = None
+    sha256: str | None = None
+    thresholds: dict[str, float] = field(default_factory=dict)
+    impact: OutputImpact | None = None
+    model_findings: tuple[Finding, ...] = ()  # about the whole model (layer MODEL)
+    baseline: BaselineCheck | None = None  # set when a baseline judged the findings
+    # The finding codes judged when not all were (a static audit, or no batch), and what the
+    # others need ("--model and --data"); None: every check ran.
+    checks_run: tuple[str, ...] | None = None
+    checks_need: str = ""
 
     def status_counts(self) -> dict[str, int]:
         """Findings by status, every status present (zero counts included)."""
