@@ -88,11 +88,6 @@ def _partial(report: AuditReport) -> str:
     )
 
 
-def summary_text(report: AuditReport, color: bool = False) -> str:
-    """The summary under the terminal table: verdict, counts, worst layers, notes."""
-    return "\n".join(_summary_lines(report, color)) + "\n"
-
-
 def _gate(report: AuditReport) -> str:
     failing = report.failing
     if failing:

@@ -285,16 +285,21 @@ class AuditReport(Gated):
             f"({counts or 'none'}), {gate}, {self.batches} batches{synthetic}{where}>"
         )
 
-    def summary(self) -> str:
-        """The summary the terminal shows under the table: verdict, counts, worst layers and
-        notes, as plain text."""
-        from bnaudit.report import summary_text
+    def summary(self, *, width: int | None = 80, verbose: bool = False) -> str:
+        """What `bnaudit check` prints for this report, as plain text: the table fitted to
+        `width` columns (None: every column, as `--wide`) and its legend, what the audit ran
+        on, the findings grouped by code (`verbose`: one per layer with its message, as
+        `--verbose`), and the verdict as the last line."""
+        from bnaudit.report import render_table
 
-        return summary_text(self)
+        return render_table(self, width=width, verbose=verbose)
 
-    def render(self, format: str = "table") -> str:
-        """The whole report as `bnaudit check --format` prints it: "table" (the terminal
-        text, no colour), "markdown", "csv" or "json" (a `bnaudit.report.Format` too)."""
+    def render(
+        self, format: str = "table", *, width: int | None = 80, verbose: bool = False
+    ) -> str:
+        """The whole report as `bnaudit check --format` prints it: "table" (`summary()`: the
+        terminal text, no colour; `width` and `verbose` apply to it alone), "markdown", "csv"
+        or "json" (a `bnaudit.report.Format` too)."""
         from bnaudit.report import Format, render
 
         try:
@@ -302,7 +307,7 @@ class AuditReport(Gated):
         except ValueError:
             choices = ", ".join(f.value for f in Format)
             raise ValueError(f"format {format!r}: choose one of {choices}") from None
-        return render(self, fmt)
+        return render(self, fmt, width=width, verbose=verbose)
 
     def layer(self, name: str) -> LayerResult:
         for result in self.layers:
