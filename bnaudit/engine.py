@@ -224,7 +224,8 @@ def _nbytes(out: Any) -> int:
 def _forward(model: nn.Module, batch: Any, index: int, regime: str) -> Any:
     try:
         return call_model(model, batch)
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+    # AssertionError: forwards check their input shapes with assert (timm's patch embedding).
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
         hint = ""
         if "more than 1 value per channel" in str(exc):
             hint = (

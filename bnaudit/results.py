@@ -17,6 +17,11 @@ if TYPE_CHECKING:
 MODEL = "<model>"  # the layer name of findings about the whole model
 
 
+def counted(n: int, one: str, many: str | None = None) -> str:
+    """'1 batch', '3 batches': a count with its noun in the right number."""
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
 class Severity(enum.IntEnum):
     OK = 0
     INFO = 1
@@ -281,8 +286,9 @@ class AuditReport(Gated):
         where = f", checkpoint={self.checkpoint!r}" if self.checkpoint else ""
         synthetic = " (synthetic)" if self.synthetic_data else ""
         return (
-            f"<AuditReport {self.verdict.upper()}: {len(self.layers)} BN layers "
-            f"({counts or 'none'}), {gate}, {self.batches} batches{synthetic}{where}>"
+            f"<AuditReport {self.verdict.upper()}: {counted(len(self.layers), 'BN layer')} "
+            f"({counts or 'none'}), {gate}, {counted(self.batches, 'batch', 'batches')}"
+            f"{synthetic}{where}>"
         )
 
     def summary(self, *, width: int | None = 80, verbose: bool = False) -> str:

@@ -86,4 +86,4 @@ def test_a_factory_with_lazy_modules_loads_its_checkpoint(tmp_path: Path) -> Non
     result = CliRunner().invoke(app, [*args, "--data", str(tmp_path / "d.pt")])
     assert result.exit_code in (0, 1), result.output
     assert "internal error" not in result.output and "shape mismatch" not in result.output
-    assert result.stdout.splitlines()[-1].endswith("1 BN layers: 1 fail")  # init stats: audited
+    assert result.stdout.splitlines()[-1].endswith("1 BN layer: 1 fail")  # init stats: audited
