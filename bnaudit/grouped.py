@@ -189,7 +189,8 @@ class _Group:
         update = None
         if self.update_dtype is not None:
             update = self._count_steps(calls)
-        key = (self.train, F.values_per_channel(x), x.shape[0])
+        u = max(F.sum_roundoff(c.x) for c in calls)
+        key = (self.train, F.values_per_channel(x), x.shape[0], u)
         self.rows.add(self.stats, key, (got.mean, got.var, got.err, got.ratio), update)
 
     def _count_steps(self, calls: list[_Call]) -> list[Tensor]:

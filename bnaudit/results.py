@@ -6,7 +6,7 @@ import dataclasses
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -15,6 +15,11 @@ if TYPE_CHECKING:
     from bnaudit.impact import OutputImpact
 
 MODEL = "<model>"  # the layer name of findings about the whole model
+
+
+def counted(n: int, one: str, many: str | None = None) -> str:
+    """'1 batch', '3 batches': a count with its noun in the right number."""
+    return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
 class Severity(enum.IntEnum):
@@ -202,8 +207,47 @@ class LayerResult:
         return tuple(f for f in self.findings if not f.counts)
 
 
+class Gated:
+    """What makes a report a gate: its findings, those that fail at `fail_on`, the verdict.
+
+    For the frozen dataclasses `AuditReport` and `DiffReport`, which provide `layers` (each
+    with `findings` and a `verdict`), `model_findings` and `fail_on`.
+    """
+
+    layers: tuple[Any, ...]
+    model_findings: tuple[Finding, ...]
+    fail_on: FailOn
+
+    @property
+    def findings(self) -> list[Finding]:
+        return [*self.model_findings, *(f for layer in self.layers for f in layer.findings)]
+
+    @property
+    def failing(self) -> list[Finding]:
+        """The findings that make the gate fail: they count and are at or above `fail_on`."""
+        return [f for f in self.findings if f.counts and self.fail_on.fails(f.severity)]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failing
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    @property
+    def verdict(self) -> str:
+        return "pass" if self.passed else "fail"
+
+    def counts(self) -> dict[str, int]:
+        """Layers by verdict, every verdict present (zero counts included)."""
+        out = {s.label: 0 for s in Severity}
+        for layer in self.layers:
+            out[layer.verdict] += 1
+        return out
+
+
 @dataclass(frozen=True)
-class AuditReport:
+class AuditReport(Gated):
     """The whole audit. `bool(report)` is `report.passed`.
 
     `findings` lists every finding, waived ones included; `passed` and the layer verdicts only
@@ -229,10 +273,6 @@ class AuditReport:
     checks_need: str = ""
 
     @property
-    def findings(self) -> list[Finding]:
-        return [*self.model_findings, *(f for layer in self.layers for f in layer.findings)]
-
-    @property
     def sha256_note(self) -> str | None:
         """What a report says in place of `sha256` when there is none ("not computed: …");
         None when `sha256` holds the hash."""
@@ -241,29 +281,6 @@ class AuditReport:
         if self.sha256_skipped:
             return self.sha256_skipped
         return "not computed" + ("" if self.checkpoint else ": no checkpoint file was audited")
-
-    @property
-    def failing(self) -> list[Finding]:
-        """The findings that make the gate fail: they count and are at or above `fail_on`."""
-        return [f for f in self.findings if f.counts and self.fail_on.fails(f.severity)]
-
-    @property
-    def passed(self) -> bool:
-        return not self.failing
-
-    def __bool__(self) -> bool:
-        return self.passed
-
-    @property
-    def verdict(self) -> str:
-        return "pass" if self.passed else "fail"
-
-    def counts(self) -> dict[str, int]:
-        """Layers by verdict, every verdict present (zero counts included)."""
-        out = {s.label: 0 for s in Severity}
-        for layer in self.layers:
-            out[layer.verdict] += 1
-        return out
 
     def status_counts(self) -> dict[str, int]:
         """Findings by status, every status present (zero counts included)."""
@@ -280,20 +297,26 @@ class AuditReport:
         where = f", checkpoint={self.checkpoint!r}" if self.checkpoint else ""
         synthetic = " (synthetic)" if self.synthetic_data else ""
         return (
-            f"<AuditReport {self.verdict.upper()}: {len(self.layers)} BN layers "
-            f"({counts or 'none'}), {gate}, {self.batches} batches{synthetic}{where}>"
+            f"<AuditReport {self.verdict.upper()}: {counted(len(self.layers), 'BN layer')} "
+            f"({counts or 'none'}), {gate}, {counted(self.batches, 'batch', 'batches')}"
+            f"{synthetic}{where}>"
         )
 
-    def summary(self) -> str:
-        """The summary the terminal shows under the table: verdict, counts, worst layers and
-        notes, as plain text."""
-        from bnaudit.report import summary_text
+    def summary(self, *, width: int | None = 80, verbose: bool = False) -> str:
+        """What `bnaudit check` prints for this report, as plain text: the table fitted to
+        `width` columns (None: every column, as `--wide`) and its legend, what the audit ran
+        on, the findings grouped by code (`verbose`: one per layer with its message, as
+        `--verbose`), and the verdict as the last line."""
+        from bnaudit.report import render_table
 
-        return summary_text(self)
+        return render_table(self, width=width, verbose=verbose)
 
-    def render(self, format: str = "table") -> str:
-        """The whole report as `bnaudit check --format` prints it: "table" (the terminal
-        text, no colour), "markdown", "csv" or "json" (a `bnaudit.report.Format` too)."""
+    def render(
+        self, format: str = "table", *, width: int | None = 80, verbose: bool = False
+    ) -> str:
+        """The whole report as `bnaudit check --format` prints it: "table" (`summary()`: the
+        terminal text, no colour; `width` and `verbose` apply to it alone), "markdown", "csv"
+        or "json" (a `bnaudit.report.Format` too)."""
         from bnaudit.report import Format, render
 
         try:
@@ -301,7 +324,7 @@ class AuditReport:
         except ValueError:
             choices = ", ".join(f.value for f in Format)
             raise ValueError(f"format {format!r}: choose one of {choices}") from None
-        return render(self, fmt)
+        return render(self, fmt, width=width, verbose=verbose)
 
     def layer(self, name: str) -> LayerResult:
         for result in self.layers:
