@@ -82,7 +82,7 @@ def test_a_static_look_at_the_table_does_not_hash(ckpt: Path, hashes: list[Path]
     result = invoke("check", ckpt, "--wide")
     assert result.exit_code == 1, result.output
     assert hashes == []
-    assert digest._pending == {}  # no thread started either
+    assert ckpt.resolve() not in digest._pending  # no thread started either (others may run)
     assert f"checkpoint: {ckpt} (sha256 {QUICK}; --hash computes it)" in result.stdout
     assert file_sha(ckpt)[:12] not in result.stdout
 
