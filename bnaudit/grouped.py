@@ -22,7 +22,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -51,7 +51,7 @@ Update = tuple[Tensor, Tensor, int | None]
 _Attributes = tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Call:
     probe: Probe
     train: bool  # the train-mode pass, else the eval-mode one
@@ -69,7 +69,9 @@ class Deferred:
         self.groups: dict[tuple[Any, ...], _Group] = {}
         # Per group, the passes kept for one kernel call, and their values.
         self.blocks: dict[tuple[Any, ...], _Block] = {}
-        self.last: dict[bool, tuple[Any, ...]] = {}  # per regime, the groups of its last pass
+        # Per regime, how its last pass's calls were grouped (`_Plan`): the next pass is
+        # usually the same, and then joins the blocks without grouping its calls again.
+        self.plans: dict[bool, _Plan] = {}
 
     @staticmethod
     def takes(x: Tensor) -> bool:
@@ -90,18 +92,21 @@ class Deferred:
         are measured in the order they ran.
         """
         calls, self.calls = self.calls, []
-        passes = self._by_group(calls)
-        if not passes:
+        if not calls:
             return
         train = calls[0].train
-        keys = tuple(passes)
-        if self.last.get(train, keys) != keys:
-            self._measure_blocks()
-        self.last[train] = keys
-        for key, same in passes.items():
-            block = self.blocks.setdefault(key, _Block())
-            block.passes.append(same)
-            block.values += sum(2 * c.x.numel() for c in same)
+        plan = self.plans.get(train)
+        if plan is None or plan.signature != _signature(calls):
+            plan = self._plan(calls)
+            if self.plans.get(train, plan).keys() != plan.keys():
+                self._measure_blocks()
+            self.plans[train] = plan
+        for key, (positions, values) in plan.groups.items():
+            block = self.blocks.get(key)
+            if block is None:
+                block = self.blocks[key] = _Block()
+            block.passes.append([calls[i] for i in positions])
+            block.values += values
             if block.values > BLOCK_VALUES:
                 self._measure_block(key)
 
@@ -111,7 +116,7 @@ class Deferred:
         self._measure_blocks()
         for key, same in self._by_group(calls).items():
             self.groups[key].measure([same])
-        self.last.clear()
+        self.plans.clear()
         self.values = 0
 
     def finish(self) -> None:
@@ -136,6 +141,13 @@ class Deferred:
             out[key] = same
         return out
 
+    def _plan(self, calls: list[_Call]) -> _Plan:
+        groups = {}
+        positions = {id(c): i for i, c in enumerate(calls)}
+        for key, same in self._by_group(calls).items():
+            groups[key] = ([positions[id(c)] for c in same], sum(2 * c.x.numel() for c in same))
+        return _Plan(_signature(calls), groups)
+
     def _measure_blocks(self) -> None:
         for key in list(self.blocks):
             self._measure_block(key)
@@ -146,6 +158,22 @@ class Deferred:
         self.groups[key].measure(block.passes)
 
 
+def _signature(calls: list[_Call]) -> tuple[Any, ...]:
+    """What decides one pass's groups, compared to reuse the last pass's."""
+    return tuple((id(c.probe), c.x.shape, c.x.dtype, c.y.dtype, c.update is None) for c in calls)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One pass's calls grouped: per group, the calls' positions in the pass and their values."""
+
+    signature: tuple[Any, ...]
+    groups: dict[tuple[Any, ...], tuple[list[int], int]]
+
+    def keys(self) -> tuple[tuple[Any, ...], ...]:
+        return tuple(self.groups)
+
+
 @dataclass
 class _Block:
     """Consecutive passes' calls of one group, kept to be measured in one kernel call."""
@@ -154,9 +182,9 @@ class _Block:
     values: int = 0
 
 
-@dataclass(frozen=True)
-class _Kind:
-    """What calls measured together share: regime, statistics, batch shape, dtypes, device."""
+class _Kind(NamedTuple):
+    """What calls measured together share: regime, statistics, batch shape, dtypes, device.
+    (A tuple: it is made and hashed for every call.)"""
 
     train: bool
     uses_batch: bool  # the output normalises with batch statistics, else running ones
