@@ -36,9 +36,10 @@ from bnaudit.statistics import LayerStats
 if TYPE_CHECKING:
     from bnaudit.probe import Probe
 
-# Activations of at most this many values are measured in groups; above it the arithmetic
-# dominates and a layer is measured in its own hook.
-SMALL_VALUES = 1 << 15
+# Activations of at most this many values are measured in groups; above it a layer is measured
+# in its own hook, while x and y are in cache: keeping copies of them (a write, and a read from
+# memory) then costs more than a kernel call with prepared arguments (`fused.Prepared`).
+SMALL_VALUES = 1 << 13
 # Copies kept before a group is measured even in the middle of a forward pass: memory stays
 # bounded however many small layers a model has.
 PENDING_VALUES = 1 << 22
@@ -313,6 +314,7 @@ class _Group:
             if expected is not None and got is not None and got != expected:
                 c.probe.stats.update.count_errors += 1
         return [u[0] for u in updates if u is not None] + [u[1] for u in updates if u is not None]
+
 
 def _alone(c: _Call) -> None:
     """One call measured by its own probe, in the regime it ran in: the diagnosis is kept per

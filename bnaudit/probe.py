@@ -72,6 +72,8 @@ class Probe:
             dtype = a.buffer_dtype or a.dtype
             check = UpdateCheck(a.running_mean, a.running_var, factor, a.eps, dtype)
         self.rows = Rows(a.num_features, check)  # the fast path's results, folded in blocks
+        running = (a.running_mean, a.running_var) if a.has_running_stats else None
+        self.kernel = fused.Prepared(a.weight, a.bias, a.eps, running, a.num_features)  # type: ignore[arg-type]
         # Standard BN layers (their forward is torch's) whose finite outputs match the formula
         # on every healthy model: the ones worth measuring in groups.
         standard = a.kind is not Kind.INSTANCE and (not a.overrides_forward or self.tap is not None)
@@ -183,7 +185,7 @@ class Probe:
             return False
         uses_batch = a.kind is not Kind.FROZEN and (train or not a.has_running_stats)
         running = None if uses_batch else (a.running_mean, a.running_var)
-        got = fused.measure(x, y, a.weight, a.bias, a.eps, running, y.dtype)  # type: ignore[arg-type]
+        got = self.kernel.measure(x, y, running, y.dtype)  # type: ignore[arg-type]
         if not got.finite:
             return False
         mean, var = got.mean, got.var
