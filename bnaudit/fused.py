@@ -284,3 +284,29 @@ class Prepared:
             )  # fmt: skip
         mean, var, err, ratio = torch.from_numpy(out).unbind(0)
         return Measured(mean, var, err, ratio, math.isfinite(probe), worst)
+
+    def moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """`moments(x)`: the per-channel float64 batch mean and biased variance of `x`."""
+        if not self.ready or not x.is_cpu or x.dtype not in KERNEL_DTYPES or x.dim() < 2:
+            return moments(x)
+        b, c = x.shape[0], x.shape[1]
+        layout = _layout(x)
+        if c != self.channels or not x.numel() or layout is None:
+            return moments(x)
+        xs = x.view(-1).numpy() if x.dtype is torch.float32 and layout == "rows" else _flat(x)
+        w = self.args[0]
+        out = np.empty((4, c))
+        rtol, atol = F.tolerance(torch.float32)
+        if layout == "rows":
+            inner = x.numel() // (b * c)
+            self.kernels.measure_rows(
+                xs, xs[:0], b, c, inner, *self.args, w, w, True, rtol, atol, out
+            )
+        else:
+            shape = (x.numel() // c, c)
+            self.kernels.measure_inner(
+                xs.reshape(shape), xs[:0].reshape((0, c)), *self.args, w, w, True, rtol, atol,
+                out, np.empty((7, c)),
+            )  # fmt: skip
+        mean, var = torch.from_numpy(out[:2]).unbind(0)
+        return mean, var

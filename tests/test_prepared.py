@@ -49,3 +49,13 @@ def test_prepared_hands_other_calls_to_measure() -> None:
         fused.Prepared(None, None, 1e-5, None, 4)._kernel(call.x, call.y, None, call.y.dtype)
         is None
     )
+
+
+@needs_numba
+@SETTINGS
+@given(case=cases())
+def test_prepared_moments_are_moments(case: Case) -> None:
+    x = make(case).x
+    got, want = fused.Prepared(None, None, 0.0, None, x.shape[1]).moments(x), fused.moments(x)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
