@@ -217,9 +217,9 @@ class Prepared:
         self.weight, self.bias, self.eps, self.running = weight, bias, eps, running
         self.channels = channels
         cpu = all(t is None or t.device.type == "cpu" for t in (weight, bias, *(running or ())))
-        self.kernels = kernels()  # read once: BNAUDIT_KERNEL is looked up in os.environ
-        self.ready = cpu and self.kernels is not None
-        self.ready &= not (isinstance(eps, Tensor) and eps.device.type != "cpu")
+        self.ready = cpu and not (isinstance(eps, Tensor) and eps.device.type != "cpu")
+        # Loaded at the first CPU call, then kept: BNAUDIT_KERNEL is looked up in os.environ.
+        self._kernels: ModuleType | object | None = _UNLOADED
         if self.ready:
             w = _per_channel(weight, channels, 1.0)
             self.args = (w, _per_channel(bias, channels, 0.0), _per_channel(eps, channels, 0.0))
@@ -261,9 +261,9 @@ class Prepared:
         if y.shape != shape or x.stride() != y.stride():
             return None
         layout = _layout(x)
-        if layout is None:
+        k = self._loaded()
+        if layout is None or k is None:
             return None
-        k = self.kernels
         if x.dtype is torch.float32 and y.dtype is torch.float32 and layout == "rows":
             xs, ys = x.view(-1).numpy(), y.view(-1).numpy()  # contiguous: _flat's view
         else:
@@ -285,13 +285,19 @@ class Prepared:
         mean, var, err, ratio = torch.from_numpy(out).unbind(0)
         return Measured(mean, var, err, ratio, math.isfinite(probe), worst)
 
+    def _loaded(self) -> ModuleType | None:
+        if self._kernels is _UNLOADED:
+            self._kernels = kernels()
+        return self._kernels  # type: ignore[return-value]
+
     def moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """`moments(x)`: the per-channel float64 batch mean and biased variance of `x`."""
         if not self.ready or not x.is_cpu or x.dtype not in KERNEL_DTYPES or x.dim() < 2:
             return moments(x)
         b, c = x.shape[0], x.shape[1]
         layout = _layout(x)
-        if c != self.channels or not x.numel() or layout is None:
+        k = self._loaded()
+        if c != self.channels or not x.numel() or layout is None or k is None:
             return moments(x)
         xs = x.view(-1).numpy() if x.dtype is torch.float32 and layout == "rows" else _flat(x)
         w = self.args[0]
@@ -299,12 +305,10 @@ class Prepared:
         rtol, atol = F.tolerance(torch.float32)
         if layout == "rows":
             inner = x.numel() // (b * c)
-            self.kernels.measure_rows(
-                xs, xs[:0], b, c, inner, *self.args, w, w, True, rtol, atol, out
-            )
+            k.measure_rows(xs, xs[:0], b, c, inner, *self.args, w, w, True, rtol, atol, out)
         else:
             shape = (x.numel() // c, c)
-            self.kernels.measure_inner(
+            k.measure_inner(
                 xs.reshape(shape), xs[:0].reshape((0, c)), *self.args, w, w, True, rtol, atol,
                 out, np.empty((7, c)),
             )  # fmt: skip
