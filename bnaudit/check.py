@@ -44,6 +44,7 @@ from bnaudit.limits import DEFAULT_MAX_BATCHES
 from bnaudit.loading import Checkpoint, load_checkpoint, load_into
 from bnaudit.precision import autocast_forward
 from bnaudit.precision import note as precision_note
+from bnaudit.progress import ProgressFn
 from bnaudit.recalibrate import Recalibration, apply, recalibrate
 from bnaudit.registry import build_model, registry_of, timm_data_config
 from bnaudit.report import Format, check_writable, render
@@ -164,11 +165,6 @@ def _metric(spec: str | None) -> Callable[..., float] | None:
     return fn
 
 
-# A progress callback: (batches done, batches in the pass or None when unknown, the stage:
-# "audit", or "output impact, pass 2" for the passes that measure recalibration's effect).
-ProgressFn = Callable[[int, int | None, str], None]
-
-
 def run_check(
     s: CheckSettings,
     log: Any = None,
@@ -182,7 +178,7 @@ def run_check(
 
     The report comes back judged: ignores applied, then the baseline (written first when
     `write_baseline` is set, so that the run is judged against what it wrote). `progress`, when
-    given, is called after each batch of every pass (see `ProgressFn`).
+    given, is called after each batch of every pass, with its stage (`bnaudit.progress`).
     """
     check_outputs(s)  # fail before the audit, not after it
     # A broken baseline fails before the audit too.
@@ -200,8 +196,7 @@ def run_check(
             options=audit_options(s, p),
             checkpoint=clean(str(s.checkpoint)),
             sha256=p.checkpoint.sha256,
-            progress=_per_batch(progress, _batch_count(p.batches, s.batches)),
-            impact_progress=_per_impact_batch(progress),
+            progress=progress,
             ranks=ranks,
         )
     notes = [*p.checkpoint.notes, *p.notes, *report.notes, *_run_notes(s, device, ranks)]
@@ -236,26 +231,6 @@ def judge(report: AuditReport, s: CheckSettings, baseline: Baseline | None = Non
     return apply_baseline(
         report, baseline, path=str(path), margin=s.baseline_margin, written=is_new
     )
-
-
-def _per_batch(progress: ProgressFn | None, total: int | None) -> Callable[[int], None] | None:
-    if progress is None:
-        return None
-    return lambda done: progress(done, total, "audit")
-
-
-def _per_impact_batch(progress: ProgressFn | None) -> Callable[[int, int, int], None] | None:
-    if progress is None:
-        return None
-    return lambda k, done, total: progress(done, total, f"output impact, pass {k}")
-
-
-def _batch_count(batches: Iterable[Any], cap: int | None) -> int | None:
-    try:
-        n = len(batches)  # type: ignore[arg-type]
-    except TypeError:
-        return cap
-    return n if cap is None else min(n, cap)
 
 
 def _input_files(s: CheckSettings) -> list[Path]:

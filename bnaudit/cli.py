@@ -94,8 +94,9 @@ def check(
     model_arg: list[str] = typer.Option(
         None,
         "--model-arg",
+        metavar="NAME=VALUE",
         rich_help_panel=_I,
-        help="NAME=VALUE keyword argument of the --model factory, VALUE a Python literal "
+        help="Keyword argument of the --model factory, VALUE a Python literal "
         "(repeatable), e.g. --model-arg num_classes=10.",
     ),
     data: str = typer.Option(
@@ -360,26 +361,41 @@ def _show_config(cli: dict[str, Any], config: Path | None) -> int:
     return EXIT_OK
 
 
+# Options that show, recalibrate, fold and diff declare alike (check has its own, longer help).
+_CHECKPOINT = typer.Argument(..., help="Checkpoint (only read).", show_default=False)
+_MODEL = typer.Option(None, "--model", "-m", help="Architecture, as for check.")
+_MODEL_ARG = typer.Option(
+    None,
+    "--model-arg",
+    metavar="NAME=VALUE",
+    help="Argument of the --model factory, as for check (repeatable).",
+)
+_INPUT = typer.Option(None, "--input", help="Input element or key of a batch, as for check.")
+_BATCH_SIZE = typer.Option(None, help="Split a data tensor into batches of this size.")
+_BATCHES = typer.Option(None, help="Use at most this many batches.")
+_KEY = typer.Option(None, help="Which state dict of the checkpoint, as for check.")
+_DEVICE = typer.Option(None, help="Device [default: cpu].")
+_SEED = typer.Option(None, help="Random seed [default: 0].")
+_CONFIG = typer.Option(None, help="TOML file with a [tool.bnaudit] table.")
+_DEBUG = typer.Option(False, "--debug", help="Show tracebacks.")
+
+
 @app.command()
 def show(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint (only read).", show_default=False),
+    checkpoint: Path = _CHECKPOINT,
     layer: str = typer.Option(..., "--layer", "-l", help="Qualified name, e.g. layer1.0.bn1."),
-    model: str = typer.Option(None, "--model", "-m", help="Architecture, as for check."),
-    model_arg: list[str] = typer.Option(
-        None, "--model-arg", help="NAME=VALUE argument of the --model factory, as for check."
-    ),
+    model: str = _MODEL,
+    model_arg: list[str] = _MODEL_ARG,
     data: str = typer.Option(None, "--data", "-d", help="Sample batches: measure the errors."),
-    input: str = typer.Option(
-        None, "--input", help="Input element or key of a batch, as for check."
-    ),
+    input: str = _INPUT,
     input_shape: str = typer.Option(None, help="Synthetic batches of this shape."),
-    batch_size: int = typer.Option(None, help="Split a data tensor into batches of this size."),
-    batches: int = typer.Option(None, help="Use at most this many batches."),
-    device: str = typer.Option(None, help="Device [default: cpu]."),
-    seed: int = typer.Option(None, help="Random seed [default: 0]."),
+    batch_size: int = _BATCH_SIZE,
+    batches: int = _BATCHES,
+    device: str = _DEVICE,
+    seed: int = _SEED,
     trust: bool = typer.Option(False, "--trust", help="Allow a pickled nn.Module (runs code)."),
-    config: Path = typer.Option(None, help="TOML file with a [tool.bnaudit] table."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    config: Path = _CONFIG,
+    debug: bool = _DEBUG,
 ) -> None:
     """Explain one layer: attributes, exact train/eval formulas, runnable code, errors."""
     cli = dict(locals())
@@ -392,16 +408,12 @@ def show(
 
 @app.command()
 def recalibrate(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint (only read).", show_default=False),
+    checkpoint: Path = _CHECKPOINT,
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the new checkpoint."),
-    model: str = typer.Option(None, "--model", "-m", help="Architecture, as for check."),
-    model_arg: list[str] = typer.Option(
-        None, "--model-arg", help="NAME=VALUE argument of the --model factory, as for check."
-    ),
+    model: str = _MODEL,
+    model_arg: list[str] = _MODEL_ARG,
     data: str = typer.Option(None, "--data", "-d", help="Sample batches to recalibrate on."),
-    input: str = typer.Option(
-        None, "--input", help="Input element or key of a batch, as for check."
-    ),
+    input: str = _INPUT,
     metric: str = typer.Option(
         None, "--metric", help="Task metric for labelled batches, as for check [default: top-1]."
     ),
@@ -409,16 +421,19 @@ def recalibrate(
         None, help="Statistics of train-mode inputs, or of eval-mode inputs [default: train]."
     ),
     layers: list[str] = typer.Option(
-        None, "--layers", help="Only layers matching this glob (repeatable) [default: all]."
+        None,
+        "--layers",
+        metavar="GLOB",
+        help="Only layers matching this glob (repeatable) [default: all].",
     ),
-    batch_size: int = typer.Option(None, help="Split a data tensor into batches of this size."),
-    batches: int = typer.Option(None, help="Use at most this many batches."),
-    key: str = typer.Option(None, help="Which state dict of the checkpoint, as for check."),
-    device: str = typer.Option(None, help="Device [default: cpu]."),
+    batch_size: int = _BATCH_SIZE,
+    batches: int = _BATCHES,
+    key: str = _KEY,
+    device: str = _DEVICE,
     autocast: Autocast = typer.Option(
         None, help="Run the forward under torch.autocast, as for check [default: off]."
     ),
-    seed: int = typer.Option(None, help="Random seed [default: 0]."),
+    seed: int = _SEED,
     force: bool = typer.Option(
         False,
         "--force",
@@ -431,8 +446,8 @@ def recalibrate(
         help="Audit before and after (and refuse when labelled batches show a lower task "
         "metric); --no-verify: the statistics pass alone, the cost of update_bn.",
     ),
-    config: Path = typer.Option(None, help="TOML file with a [tool.bnaudit] table."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    config: Path = _CONFIG,
+    debug: bool = _DEBUG,
 ) -> None:
     """Write a copy of the checkpoint with precise BN statistics, then audit it."""
     cli = {
@@ -491,25 +506,21 @@ def recalibrate(
 
 @app.command()
 def fold(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint (only read).", show_default=False),
+    checkpoint: Path = _CHECKPOINT,
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the folded model."),
-    model: str = typer.Option(None, "--model", "-m", help="Architecture, as for check."),
-    model_arg: list[str] = typer.Option(
-        None, "--model-arg", help="NAME=VALUE argument of the --model factory, as for check."
-    ),
+    model: str = _MODEL,
+    model_arg: list[str] = _MODEL_ARG,
     data: str = typer.Option(None, "--data", "-d", help="Batches to check the folded model on."),
-    input: str = typer.Option(
-        None, "--input", help="Input element or key of a batch, as for check."
-    ),
+    input: str = _INPUT,
     input_shape: str = typer.Option(None, help="Synthetic batches of this shape instead."),
-    batch_size: int = typer.Option(None, help="Split a data tensor into batches of this size."),
-    batches: int = typer.Option(None, help="Use at most this many batches."),
-    key: str = typer.Option(None, help="Which state dict of the checkpoint, as for check."),
-    device: str = typer.Option(None, help="Device [default: cpu]."),
-    seed: int = typer.Option(None, help="Random seed [default: 0]."),
+    batch_size: int = _BATCH_SIZE,
+    batches: int = _BATCHES,
+    key: str = _KEY,
+    device: str = _DEVICE,
+    seed: int = _SEED,
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
-    config: Path = typer.Option(None, help="TOML file with a [tool.bnaudit] table."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    config: Path = _CONFIG,
+    debug: bool = _DEBUG,
 ) -> None:
     """Fold every conv/linear -> BN pair; check the folded output before writing it."""
     cli = {
@@ -575,8 +586,8 @@ def diff(
     baseline: Path = typer.Option(None, help="Fail only on findings new or worse than this."),
     write_baseline: Path = typer.Option(None, help="Record the findings in this baseline."),
     baseline_margin: float = typer.Option(None, help="Baseline value margin (default: 0.1)."),
-    config: Path = typer.Option(None, help="TOML file with a tool.bnaudit table."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    config: Path = _CONFIG,
+    debug: bool = _DEBUG,
 ) -> None:
     """What changed in the BatchNorm state between two checkpoints, without data."""
     cli = {

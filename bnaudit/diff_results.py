@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from bnaudit.results import FailOn, Finding, Severity, Status
+from bnaudit.results import FailOn, Finding, Gated, Severity, Status
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -96,7 +96,7 @@ class LayerDiff:
 
 
 @dataclass(frozen=True)
-class DiffReport:
+class DiffReport(Gated):
     """The comparison of BASE and NEW. `bool(report)` is `report.passed`.
 
     As in `AuditReport`, `findings` lists every finding, waived ones included; `passed` and the
@@ -118,32 +118,6 @@ class DiffReport:
     def checkpoint(self) -> str | None:
         """What a baseline written from this report records as its checkpoint."""
         return None if self.base is None else f"{self.base} -> {self.new}"
-
-    @property
-    def findings(self) -> list[Finding]:
-        return [*self.model_findings, *(f for layer in self.layers for f in layer.findings)]
-
-    @property
-    def failing(self) -> list[Finding]:
-        return [f for f in self.findings if f.counts and self.fail_on.fails(f.severity)]
-
-    @property
-    def passed(self) -> bool:
-        return not self.failing
-
-    def __bool__(self) -> bool:
-        return self.passed
-
-    @property
-    def verdict(self) -> str:
-        return "pass" if self.passed else "fail"
-
-    def counts(self) -> dict[str, int]:
-        """Layers by verdict, every verdict present."""
-        out = {s.label: 0 for s in Severity}
-        for layer in self.layers:
-            out[layer.verdict] += 1
-        return out
 
     def changes(self) -> dict[str, int]:
         """Layers by how they changed (CHANGES), every kind present."""

@@ -51,6 +51,7 @@ from bnaudit.layers import (
 )
 from bnaudit.metrics import measure
 from bnaudit.probe import Probe
+from bnaudit.progress import AUDIT, ProgressFn, Ticking, batch_count, impact_stage, one_stage
 from bnaudit.results import AuditReport, FailOn, LayerResult
 from bnaudit.static import NO_BATCH_CODES
 
@@ -198,22 +199,6 @@ def _replayable(batches: Iterable[Any]) -> bool:
     return True
 
 
-class Ticking:
-    """Iterate `count` batches as often as asked, calling `tick(pass, done, count)` after
-    each batch (the progress of the output-impact passes)."""
-
-    def __init__(
-        self, batches: Iterable[Any], count: int, tick: Callable[[int, int, int], None]
-    ) -> None:
-        self.batches, self.count, self.tick, self.passes = batches, count, tick, 0
-
-    def __iter__(self) -> Iterator[Any]:
-        self.passes += 1
-        for done, batch in enumerate(self.batches, 1):
-            yield batch
-            self.tick(self.passes, done, self.count)
-
-
 class Moved:
     """Iterate `batches` again: the first `count`, each moved to the model's device and dtype."""
 
@@ -239,7 +224,8 @@ def _nbytes(out: Any) -> int:
 def _forward(model: nn.Module, batch: Any, index: int, regime: str) -> Any:
     try:
         return call_model(model, batch)
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+    # AssertionError: forwards check their input shapes with assert (timm's patch embedding).
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
         hint = ""
         if "more than 1 value per channel" in str(exc):
             hint = (
@@ -265,8 +251,7 @@ def audit(
     options: AuditOptions | None = None,
     checkpoint: str | None = None,
     sha256: str | None = None,
-    progress: Callable[[int], None] | None = None,
-    impact_progress: Callable[[int, int, int], None] | None = None,
+    progress: ProgressFn | None = None,
     ranks: Ranks | None = None,
     **overrides: Any,
 ) -> AuditReport:
@@ -279,9 +264,9 @@ def audit(
             labels beside the input make the task metric evidence (`bnaudit.evidence`).
         options: how to run and judge; keyword overrides take `AuditOptions` fields
             (train_mode, fail_on, max_batches, synthetic_data) or `Thresholds` fields.
-        progress: called with the number of batches done after each batch.
-        impact_progress: called during the output-impact passes over the batches, after
-            each batch, with the pass (from 1), the batches done in it and their number.
+        progress: called after each batch of every pass with the batches done in the pass,
+            their number (None when unknown) and the pass's stage: "audit", "output impact,
+            pass K", "task metric, ..." (`bnaudit.progress`).
         ranks: under torchrun, this rank's place: `batches` are its shard, and what every
             rank measured is merged before judging (`bnaudit.distributed`).
     """
@@ -293,13 +278,11 @@ def audit(
     if options.fold and (ranks is None or ranks.leader):
         find_bn_layers(model)  # refuses an unmaterialised model before tracing touches it
         folds = FoldWatch(model)
-    passes = run_passes(model, batches, options, progress, folds)
+    per_batch = one_stage(progress, batch_count(batches, options.max_batches), AUDIT)
+    passes = run_passes(model, batches, options, per_batch, folds)
     if ranks is not None:
         passes = ranks.merge_passes(passes)
     probes, count = passes.probes, passes.count
-    if impact_progress is not None:
-        ticking = Ticking(passes.batches, count, impact_progress)
-        passes = dataclasses.replace(passes, batches=ticking)
     if passes.feed:
         notes.append(f"batches feed the model as {passes.feed} (--input to choose)")
     notes += counter_notes(
@@ -339,7 +322,7 @@ def audit(
     impact = None
     if options.impact and count and not options.synthetic_data:
         try:
-            impact = _impact(model, passes, metrics, options, notes, ranks)
+            impact = _impact(model, passes, metrics, options, notes, ranks, progress)
         except (RuntimeError, ValueError, TypeError) as exc:
             if ranks is not None:  # the other ranks wait for this one's comparison: stop them
                 raise DataError(f"output impact: the forward failed ({describe(exc)})") from exc
@@ -422,10 +405,15 @@ def _impact(
     options: AuditOptions,
     notes: list[str],
     across: Across | None = None,
+    progress: ProgressFn | None = None,
 ) -> OutputImpact:
     """The output change from recalibrated statistics, and with labels the task metric's;
     what it cannot measure, and what the metric says, goes to `notes`."""
     t = options.thresholds
+    plain = passes  # the task metric's passes tick under their own stage names
+    if progress is not None:
+        ticked = Ticking(passes.batches, passes.count, progress, impact_stage)
+        passes = dataclasses.replace(passes, batches=ticked)
     layers = [(n, m) for n, m in passes.layers.items()]
     with preserved(model, layers), torch.no_grad():
         stats, level_passes = recalibrated_stats(passes, options.regime, model, across)
@@ -449,10 +437,10 @@ def _impact(
                 per_layer[name] = alone.rel_l2
                 cost += used
         if across is None:
-            evidence = _evidence(model, passes, list(stats), options, notes)
+            evidence = _evidence(model, plain, list(stats), options, notes, progress)
         else:  # cross-fitting pairs batches, which the ranks split between them
             evidence = None
-            if options.metric is not None or any(c.labels is not None for c in passes.batches):
+            if options.metric is not None or any(c.labels is not None for c in plain.batches):
                 notes.append("task-metric evidence not measured: not supported under torchrun")
         cost += evidence.forward_passes if evidence else 0
     return OutputImpact(
@@ -468,7 +456,12 @@ def _impact(
 
 
 def _evidence(
-    model: nn.Module, passes: Passes, names: list[str], options: AuditOptions, notes: list[str]
+    model: nn.Module,
+    passes: Passes,
+    names: list[str],
+    options: AuditOptions,
+    notes: list[str],
+    progress: ProgressFn | None = None,
 ) -> Evidence | None:
     """The task metric with stored and cross-fitted recalibrated statistics, when the batches
     carry labels; None (with a note saying why, where it would be expected) otherwise."""
@@ -503,6 +496,7 @@ def _evidence(
         regime=options.regime,
         metric=metric,
         metric_name=name,
+        progress=progress,
     )
     if evidence.worse:
         notes.append(

@@ -25,9 +25,11 @@ from torch import Tensor, nn
 from bnaudit.batches import Call, call_model
 from bnaudit.containers import tensors
 from bnaudit.impact import precise_stats, statistics, stored_output
+from bnaudit.progress import ProgressFn, ticking
 
 Metric = Callable[[Any, Tensor], float]
 TOP1 = "top-1 accuracy"
+STAGE = "task metric"  # the progress stages of its passes: "task metric, fit half 1", ...
 # Two-sided 95 %: a difference is "beyond noise" when its interval excludes zero.
 Z_95 = 1.96
 
@@ -122,24 +124,27 @@ def measure(
     regime: str,
     metric: Metric,
     metric_name: str,
+    progress: ProgressFn | None = None,
 ) -> Evidence:
     """Score every batch with the stored statistics and with statistics recalibrated on the
-    other half of the batches; `names` are the layers to recalibrate."""
+    other half of the batches; `names` are the layers to recalibrate. `progress` is called
+    after each batch of each of these passes (`bnaudit.progress`), stages "task metric, ..."."""
     passes = 0
     stored: list[float] = []
     model.eval()
-    for i, c in enumerate(calls):
+    for i, c in enumerate(ticking(list(calls), progress, _named(f"{STAGE}, stored stats"))):
         out, used = stored_output(model, c, i, stored_outputs)
         passes += used
         stored.append(metric(out, c.labels))
     recal: list[float] = [math.nan] * len(calls)
     halves = [list(range(0, len(calls), 2)), list(range(1, len(calls), 2))]
-    for fit, score in (halves, halves[::-1]):
-        stats, used = precise_stats(model, [calls[i] for i in fit], layers, names, regime)
+    for h, (fit, score) in enumerate((halves, halves[::-1]), 1):
+        fitting = ticking([calls[i] for i in fit], progress, _fit_stage(h, regime))
+        stats, used = precise_stats(model, fitting, layers, names, regime)
         passes += used
         with statistics(layers, stats):
             model.eval()
-            for i in score:
+            for i in ticking(score, progress, _named(f"{STAGE}, score half {3 - h}")):
                 recal[i] = metric(call_model(model, calls[i]), calls[i].labels)
                 passes += 1
     weights = [float(_rows(c)) for c in calls]
@@ -156,6 +161,19 @@ def measure(
         stderr=se,
         forward_passes=passes,
     )
+
+
+def _fit_stage(half: int, regime: str) -> Callable[[int], str]:
+    """The name of the k-th pass recalibrating on `half`: one pass in the train regime, one
+    per BN depth level in the eval regime (`bnaudit.impact.eval_regime_stats`)."""
+    if regime == "eval":
+        return lambda k: f"{STAGE}, fit half {half}, pass {k}"
+    return _named(f"{STAGE}, fit half {half}")
+
+
+def _named(stage: str) -> Callable[[int], str]:
+    """One name for every pass."""
+    return lambda _: stage
 
 
 def _rows(c: Call) -> int:

@@ -54,6 +54,9 @@ class Case:
     n: int
     uses_batch_stats: bool
     dtype: torch.dtype
+    # u of torch's in-order batch sums (`formulas.sum_roundoff`) when the formula normalises
+    # with the batch statistics; 0.0 otherwise
+    roundoff: float = 0.0
 
 
 def hypotheses(c: Case) -> Iterator[tuple[str, str, Callable[[], Tensor], torch.dtype]]:
@@ -255,7 +258,8 @@ class Diagnosis:
 def _errors(c: Case, ref: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Max |y − ref| and max ratio to the tolerance of one hypothesis on one batch."""
     err = F.mismatch(c.y, ref)
-    tol = F.elementwise_tolerance(c.x, ref, c.mean, c.var, c.weight, c.eps, dtype)
+    rounding = F.stat_rounding(c.n, c.mean, c.var, c.roundoff) if c.roundoff else None
+    tol = F.elementwise_tolerance(c.x, ref, c.mean, c.var, c.weight, c.eps, dtype, rounding)
     return err.amax(), torch.where(err == 0, err, err / tol).amax()
 
 

@@ -64,7 +64,9 @@ def measure(
         return fast
     mean, var = F.batch_moments(x)
     ref_mean, ref_var = (mean, var) if running is None else running
-    err, ratio = F.reconstruction_error(x, y, ref_mean, ref_var, weight, bias, eps, dtype)
+    u = F.sum_roundoff(x) if running is None else 0.0
+    rounding = F.stat_rounding(F.values_per_channel(x), mean, var, u) if u else None
+    err, ratio = F.reconstruction_error(x, y, ref_mean, ref_var, weight, bias, eps, dtype, rounding)
     # One synchronisation: is everything finite, and how far is the worst value?
     probe, worst = torch.stack((mean.sum() + var.sum() + err.sum(), ratio.amax())).tolist()
     return Measured(mean, var, err, ratio, math.isfinite(probe), worst)
@@ -155,7 +157,8 @@ def _kernel_measure(
             xs, ys, b, c, x.numel() // (b * c), *args, rmean, rvar, running is None, rtol, atol, out
         )
     else:
-        work = np.empty((7, c))
+        work = np.empty((9, c))
+        u = F.sum_roundoff(x)  # the kernel allows for it with the batch statistics
         shape = (x.numel() // c, c)
         probe, worst = k.measure_inner(
             xs.reshape(shape),
@@ -166,6 +169,7 @@ def _kernel_measure(
             running is None,
             rtol,
             atol,
+            u,
             out,
             work,
         )
@@ -175,13 +179,11 @@ def _kernel_measure(
 
 def _layout(x: Tensor) -> str | None:
     """ "rows": NCHW, each (b, c) a contiguous run; "inner": the channels contiguous
-    (channels-last, or one value per channel and sample); None: another layout."""
-    if x.is_contiguous():
-        return "inner" if x.numel() == x.shape[0] * x.shape[1] else "rows"
-    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    if last is not None and x.is_contiguous(memory_format=last):
+    (channels-last, or one value per channel and sample: `formulas.sums_rows_in_order`);
+    None: another layout."""
+    if F.sums_rows_in_order(x):
         return "inner"
-    return None
+    return "rows" if x.is_contiguous() else None
 
 
 def _flat(t: Tensor) -> np.ndarray:
@@ -280,7 +282,7 @@ class Prepared:
             shape = (x.numel() // c, c)
             probe, worst = k.measure_inner(
                 xs.reshape(shape), ys.reshape(shape), *self.args, rmean, rvar, batch, rtol, atol,
-                out, np.empty((7, c)),
+                F.sum_roundoff(x), out, np.empty((9, c)),
             )  # fmt: skip
         mean, var, err, ratio = torch.from_numpy(out).unbind(0)
         return Measured(mean, var, err, ratio, math.isfinite(probe), worst)
@@ -310,7 +312,7 @@ class Prepared:
             shape = (x.numel() // c, c)
             k.measure_inner(
                 xs.reshape(shape), xs[:0].reshape((0, c)), *self.args, w, w, True, rtol, atol,
-                out, np.empty((7, c)),
+                F.sum_roundoff(x), out, np.empty((9, c)),
             )  # fmt: skip
         mean, var = torch.from_numpy(out[:2]).unbind(0)
         return mean, var

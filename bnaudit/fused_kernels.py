@@ -169,26 +169,32 @@ def _inner_squares(x, mean, part):
 
 
 @njit(fastmath=FAST, **OPTIONS)
-def _inner_error(x, y, scale, shift, floor, rtol, emax, rmax, esum):
+def _inner_error(x, y, scale, shift, floor, rtol, emax, rmax, esum, centre, slope):
+    """The errors of [P, C] values; the tolerance includes slope·|ref − β| = slope·|x·s + centre|,
+    the allowance for torch's rounded batch statistics (`formulas.stat_rounding`; the floor
+    holds the mean's part), zero where there is none."""
     for p in range(x.shape[0]):
         xr, yr = x[p], y[p]
         for c in range(xr.size):
             xs = xr[c] * scale[c]
             ref = xs + shift[c]
             e = abs(yr[c] - ref)
-            tol = floor[c] + rtol * (abs(ref) + abs(xs))
+            tol = floor[c] + rtol * (abs(ref) + abs(xs)) + slope[c] * abs(xs + centre[c])
             emax[c] = _maxnum(emax[c], e)
             rmax[c] = _maxnum(rmax[c], e / tol)
             esum[c] += e
 
 
 @njit(**OPTIONS)
-def measure_inner(x, y, weight, bias, eps, rmean, rvar, batch_stats, rtol, atol, out, work):
+def measure_inner(x, y, weight, bias, eps, rmean, rvar, batch_stats, rtol, atol, u, out, work):
     """[P, C] with the channels contiguous (channels-last, or BatchNorm1d on [B, C]), as 2-D
-    arrays: the same results as `measure_rows`. `work` is float64 scratch of [7, C]."""
+    arrays: the same results as `measure_rows`. `u` > 0: the unit roundoff of torch's batch
+    statistics, which it sums row by row for this layout (`formulas.stat_rounding`), allowed
+    for when `batch_stats`. `work` is float64 scratch of [9, C]."""
     rows, channels = x.shape
     total, comp, part = work[0], work[1], work[2]
     scale, shift, floor, esum = work[3], work[4], work[5], work[6]
+    centre, slope = work[7], work[8]
     mean, var, emax, rmax = out[0], out[1], out[2], out[3]
     for k in range(2):  # k = 0: the sums, then the mean; k = 1: M2, then the variance
         total[:] = 0.0
@@ -214,10 +220,16 @@ def measure_inner(x, y, weight, bias, eps, rmean, rvar, batch_stats, rtol, atol,
         else:
             mu, v = rmean[c], rvar[c]
         scale[c], shift[c], floor[c] = _params(mu, v, eps[c], weight[c], bias[c], rtol, atol)
+        centre[c], slope[c] = 0.0, 0.0
+        if batch_stats and u > 0:
+            d_mean = rows * u * np.sqrt(v + mu * mu)
+            floor[c] += abs(scale[c]) * d_mean
+            slope[c] = ((rows + 3) * u * v + d_mean * d_mean) / (2 * (v + eps[c]))
+            centre[c] = -mu * scale[c]
     emax[:] = 0.0
     rmax[:] = 0.0
     esum[:] = 0.0
-    _inner_error(x, y, scale, shift, floor, rtol, emax, rmax, esum)
+    _inner_error(x, y, scale, shift, floor, rtol, emax, rmax, esum, centre, slope)
     esum_all = 0.0
     worst = 0.0
     for c in range(channels):

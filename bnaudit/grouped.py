@@ -288,8 +288,9 @@ class _Group:
             return
         update = None
         if self.update_dtype is not None:
-            update = [u for same in passes for u in self._count_steps(same)]
-        key = (self.train, F.values_per_channel(x), x.shape[0])
+            update = [t for same in passes for t in self._count_steps(same)]
+        u = max(F.sum_roundoff(c.x) for c in calls)
+        key = (self.train, F.values_per_channel(x), x.shape[0], u)
         rows = tuple(t.view(k, -1) for t in (got.mean, got.var, got.err, got.ratio))
         self.rows.add(self.stats, key, rows, update)  # type: ignore[arg-type]
 

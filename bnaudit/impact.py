@@ -29,6 +29,7 @@ from bnaudit import fused
 from bnaudit.batches import call_model
 from bnaudit.containers import tensors
 from bnaudit.layers import Kind, layer_kind, preserved
+from bnaudit.progress import Ticking
 from bnaudit.statistics import Moments
 
 if TYPE_CHECKING:
@@ -234,7 +235,8 @@ def precise_stats(
         # Level by level from the stored statistics: pass p settles the layers p BN deep,
         # whatever they started from.
         start = {n: (layers[n].running_mean.clone(), layers[n].running_var.clone()) for n in names}
-        calls = list(calls)
+        if not isinstance(calls, Ticking):  # a Ticking replays its list, ticking every pass
+            calls = list(calls)
         with preserved(model, bn), torch.no_grad():
             stats, levels = eval_regime_stats(model, calls, layers, start, len(start) + 1, across)
         return stats, levels * len(calls)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from bnaudit.digest import sha256_file
 from bnaudit.errors import CheckpointError, describe
@@ -402,10 +403,12 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], path: Path) -> tu
     missing = sorted(k for k in expected - set(best) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(best) - expected)
     own = model.state_dict()
+    # A lazy module's parameter (LazyLinear, LazyBatchNorm) has no shape until it takes the
+    # checkpoint's: load_state_dict materialises it.
     shapes = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in best.items()
-        if k in own and isinstance(v, Tensor) and v.shape != own[k].shape
+        if k in own and isinstance(v, Tensor) and not is_lazy(own[k]) and v.shape != own[k].shape
     ]
     problems = [
         _listing("missing", missing),

@@ -193,14 +193,15 @@ class Probe:
         n = F.values_per_channel(x)
         if not got.worst <= 1:  # this batch misses the formula: why?
             self._diagnose(
-                x.double(), y.double(), ref_mean, ref_var, mean, var, n, uses_batch, y.dtype
-            )
+                x.double(), y.double(), ref_mean, ref_var, mean, var, n, uses_batch, y.dtype,
+                F.sum_roundoff(x) if uses_batch else 0.0,
+            )  # fmt: skip
         # Finite inputs and outputs: nothing to add to the non-finite counts.
         if update is not None:
             self._count_step(update)
         self.rows.add(
             self.stats,
-            (train, n, x.shape[0]),
+            (train, n, x.shape[0], F.sum_roundoff(x)),
             (mean, var, got.err, got.ratio),
             None if update is None else [update[0], update[1]],
         )
@@ -222,12 +223,18 @@ class Probe:
             stat_mean, stat_var = batch_mean, batch_var
         uses_batch = a.kind is not Kind.FROZEN and (train or not a.has_running_stats)
         ref_mean, ref_var = (inst_mean, inst_var) if uses_batch else (a.running_mean, a.running_var)
+        # torch's own batch sums may carry rounding (channels-last); per-sample ones do not.
+        u = F.sum_roundoff(x) if a.kind is not Kind.INSTANCE else 0.0
+        rounding = F.stat_rounding(n, batch_mean, batch_var, u) if u else None
         regime = self.stats.train if train else self.stats.eval
-        ratio = _record_error(regime, x64, y64, ref_mean, ref_var, a, y.dtype)
+        ratio = _record_error(
+            regime, x64, y64, ref_mean, ref_var, a, y.dtype, rounding if uses_batch else None
+        )
         if not bool((ratio <= 1).all()):  # this batch misses the formula (or is NaN): why?
             self._diagnose(
-                x64, y64, ref_mean, ref_var, batch_mean, batch_var, n, uses_batch, y.dtype
-            )
+                x64, y64, ref_mean, ref_var, batch_mean, batch_var, n, uses_batch, y.dtype,
+                u if uses_batch else 0.0,
+            )  # fmt: skip
         regime.add_batch(
             n,
             x.shape[0],
@@ -240,7 +247,7 @@ class Probe:
         if not bad_in:  # a NaN arriving from upstream is that layer's finding, not this one's
             self.nonfinite_outputs += int((~torch.isfinite(y)).sum())
         if update is not None:
-            self.check_update(stat_mean, stat_var, n, update)
+            self.check_update(stat_mean, stat_var, n, update, rounding)
 
     def _diagnose(
         self,
@@ -253,17 +260,26 @@ class Probe:
         n: int,
         uses_batch: bool,
         dtype: torch.dtype,
+        roundoff: float,
     ) -> None:
         """Record why this call missed the formula (the usual mistakes, tried in turn)."""
         a = self.attrs
         case = Case(
             x64, y64, ref_mean, ref_var, batch_mean, batch_var, a.running_mean, a.running_var,
-            a.weight, a.bias, a.eps, n, uses_batch, dtype,
+            a.weight, a.bias, a.eps, n, uses_batch, dtype, roundoff,
         )  # fmt: skip
         self.diagnosis[self.regime].add(case)
 
-    def check_update(self, mean: Tensor, var: Tensor, n: int, update: Update) -> None:
-        """Compare one running-stat update with (1 − m)·old + m·batch, and T with T + 1."""
+    def check_update(
+        self,
+        mean: Tensor,
+        var: Tensor,
+        n: int,
+        update: Update,
+        rounding: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
+        """Compare one running-stat update with (1 − m)·old + m·batch, and T with T + 1;
+        `rounding`: how far torch's batch statistics may be off (`formulas.stat_rounding`)."""
         a = self.attrs
         assert a.running_mean is not None and a.running_var is not None  # checks_update
         t_before = a.num_batches_tracked or 0
@@ -282,6 +298,7 @@ class Probe:
                 got_var.double(),
                 a.eps,
                 got_mean.dtype,
+                rounding,
             )
         )
         self._count_step(update)
@@ -303,11 +320,12 @@ def _record_error(
     var: Tensor,
     a: LayerAttrs,
     dtype: torch.dtype,
+    rounding: tuple[Tensor, Tensor] | None,
 ) -> Tensor:
     """Record max |y − ref| and its ratio to the tolerance per channel; return the ratios."""
     ref = F.normalize(x, mean, var, a.weight, a.bias, a.eps)
     err = F.mismatch(y, ref)
-    tol = F.elementwise_tolerance(x, ref, mean, var, a.weight, a.eps, dtype)
+    tol = F.elementwise_tolerance(x, ref, mean, var, a.weight, a.eps, dtype, rounding)
     dims = F.stat_dims(x)
     ratio = torch.where(err == 0, err, err / tol).amax(dim=dims)
     regime.err_abs.add(err.amax(dim=dims))

@@ -21,6 +21,7 @@ from bnaudit.results import (
     LayerResult,
     Severity,
     Status,
+    counted,
     finite_or_none,
 )
 from bnaudit.table import COLUMNS as SCREEN_COLUMNS
@@ -71,7 +72,7 @@ def summary_line(report: AuditReport, color: bool = False) -> str:
         parts.append(_partial(report))
     counts = report.counts()
     layers = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
-    parts.append(f"{len(report.layers)} BN layers: {layers or 'none'}")
+    parts.append(f"{counted(len(report.layers), 'BN layer')}: {layers or 'none'}")
     status = report.status_counts()
     accepted = [f"{status[k]} {k}" for k in ("ignored", "baselined") if status[k]]
     if accepted:
@@ -86,11 +87,6 @@ def _partial(report: AuditReport) -> str:
         f"static checks only, {len(report.checks_run)} of {len(CODES)} checks; pass "
         f"{report.checks_need} for the rest"
     )
-
-
-def summary_text(report: AuditReport, color: bool = False) -> str:
-    """The summary under the terminal table: verdict, counts, worst layers, notes."""
-    return "\n".join(_summary_lines(report, color)) + "\n"
 
 
 def _gate(report: AuditReport) -> str:
@@ -114,8 +110,9 @@ def _summary_lines(report: AuditReport, color: bool = False) -> list[str]:
     """Every fact of the summary for a report file, the verdict line last."""
     counts = report.counts()
     lines = [
-        f"bnaudit {__version__}: {report.batches} batches, {report.forward_passes} forward "
-        f"passes; gate: --fail-on {report.fail_on.value}",
+        f"bnaudit {__version__}: {counted(report.batches, 'batch', 'batches')}, "
+        f"{counted(report.forward_passes, 'forward pass', 'forward passes')}; "
+        f"gate: --fail-on {report.fail_on.value}",
         "verdicts: " + ", ".join(f"{k} {v}" for k, v in counts.items()),
     ]
     if report.checkpoint:
@@ -264,7 +261,8 @@ def _context_lines(report: AuditReport, width: int | None, verbose: bool) -> lis
         sha = report.sha256 if full else report.sha256[:12] + "…"  # type: ignore[index]
         lines.append(f"checkpoint: {printable(report.checkpoint)} (sha256 {sha})")
     lines.append(
-        f"bnaudit {__version__}: {report.batches} batches, {report.forward_passes} forward passes"
+        f"bnaudit {__version__}: {counted(report.batches, 'batch', 'batches')}, "
+        f"{counted(report.forward_passes, 'forward pass', 'forward passes')}"
     )
     lines += _impact_lines(report)
     if report.synthetic_data:

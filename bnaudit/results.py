@@ -6,7 +6,7 @@ import dataclasses
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -15,6 +15,11 @@ if TYPE_CHECKING:
     from bnaudit.impact import OutputImpact
 
 MODEL = "<model>"  # the layer name of findings about the whole model
+
+
+def counted(n: int, one: str, many: str | None = None) -> str:
+    """'1 batch', '3 batches': a count with its noun in the right number."""
+    return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
 class Severity(enum.IntEnum):
@@ -202,30 +207,16 @@ class LayerResult:
         return tuple(f for f in self.findings if not f.counts)
 
 
-@dataclass(frozen=True)
-class AuditReport:
-    """The whole audit. `bool(report)` is `report.passed`.
+class Gated:
+    """What makes a report a gate: its findings, those that fail at `fail_on`, the verdict.
 
-    `findings` lists every finding, waived ones included; `passed` and the layer verdicts only
-    consider the findings that count (`Finding.counts`).
+    For the frozen dataclasses `AuditReport` and `DiffReport`, which provide `layers` (each
+    with `findings` and a `verdict`), `model_findings` and `fail_on`.
     """
 
-    layers: tuple[LayerResult, ...]
-    fail_on: FailOn = FailOn.FAIL
-    batches: int = 0
-    forward_passes: int = 0
-    synthetic_data: bool = False
-    notes: tuple[str, ...] = ()
-    checkpoint: str | None = None
-    sha256: str | None = None
-    thresholds: dict[str, float] = field(default_factory=dict)
-    impact: OutputImpact | None = None
-    model_findings: tuple[Finding, ...] = ()  # about the whole model (layer MODEL)
-    baseline: BaselineCheck | None = None  # set when a baseline judged the findings
-    # The finding codes judged when not all were (a static audit, or no batch), and what the
-    # others need ("--model and --data"); None: every check ran.
-    checks_run: tuple[str, ...] | None = None
-    checks_need: str = ""
+    layers: tuple[Any, ...]
+    model_findings: tuple[Finding, ...]
+    fail_on: FailOn
 
     @property
     def findings(self) -> list[Finding]:
@@ -254,6 +245,32 @@ class AuditReport:
             out[layer.verdict] += 1
         return out
 
+
+@dataclass(frozen=True)
+class AuditReport(Gated):
+    """The whole audit. `bool(report)` is `report.passed`.
+
+    `findings` lists every finding, waived ones included; `passed` and the layer verdicts only
+    consider the findings that count (`Finding.counts`).
+    """
+
+    layers: tuple[LayerResult, ...]
+    fail_on: FailOn = FailOn.FAIL
+    batches: int = 0
+    forward_passes: int = 0
+    synthetic_data: bool = False
+    notes: tuple[str, ...] = ()
+    checkpoint: str | None = None
+    sha256: str | None = None
+    thresholds: dict[str, float] = field(default_factory=dict)
+    impact: OutputImpact | None = None
+    model_findings: tuple[Finding, ...] = ()  # about the whole model (layer MODEL)
+    baseline: BaselineCheck | None = None  # set when a baseline judged the findings
+    # The finding codes judged when not all were (a static audit, or no batch), and what the
+    # others need ("--model and --data"); None: every check ran.
+    checks_run: tuple[str, ...] | None = None
+    checks_need: str = ""
+
     def status_counts(self) -> dict[str, int]:
         """Findings by status, every status present (zero counts included)."""
         out = {s.value: 0 for s in Status}
@@ -269,20 +286,26 @@ class AuditReport:
         where = f", checkpoint={self.checkpoint!r}" if self.checkpoint else ""
         synthetic = " (synthetic)" if self.synthetic_data else ""
         return (
-            f"<AuditReport {self.verdict.upper()}: {len(self.layers)} BN layers "
-            f"({counts or 'none'}), {gate}, {self.batches} batches{synthetic}{where}>"
+            f"<AuditReport {self.verdict.upper()}: {counted(len(self.layers), 'BN layer')} "
+            f"({counts or 'none'}), {gate}, {counted(self.batches, 'batch', 'batches')}"
+            f"{synthetic}{where}>"
         )
 
-    def summary(self) -> str:
-        """The summary the terminal shows under the table: verdict, counts, worst layers and
-        notes, as plain text."""
-        from bnaudit.report import summary_text
+    def summary(self, *, width: int | None = 80, verbose: bool = False) -> str:
+        """What `bnaudit check` prints for this report, as plain text: the table fitted to
+        `width` columns (None: every column, as `--wide`) and its legend, what the audit ran
+        on, the findings grouped by code (`verbose`: one per layer with its message, as
+        `--verbose`), and the verdict as the last line."""
+        from bnaudit.report import render_table
 
-        return summary_text(self)
+        return render_table(self, width=width, verbose=verbose)
 
-    def render(self, format: str = "table") -> str:
-        """The whole report as `bnaudit check --format` prints it: "table" (the terminal
-        text, no colour), "markdown", "csv" or "json" (a `bnaudit.report.Format` too)."""
+    def render(
+        self, format: str = "table", *, width: int | None = 80, verbose: bool = False
+    ) -> str:
+        """The whole report as `bnaudit check --format` prints it: "table" (`summary()`: the
+        terminal text, no colour; `width` and `verbose` apply to it alone), "markdown", "csv"
+        or "json" (a `bnaudit.report.Format` too)."""
         from bnaudit.report import Format, render
 
         try:
@@ -290,7 +313,7 @@ class AuditReport:
         except ValueError:
             choices = ", ".join(f.value for f in Format)
             raise ValueError(f"format {format!r}: choose one of {choices}") from None
-        return render(self, fmt)
+        return render(self, fmt, width=width, verbose=verbose)
 
     def layer(self, name: str) -> LayerResult:
         for result in self.layers:

@@ -22,6 +22,9 @@ from bnaudit.statistics import LayerStats
 RESULT_VALUES = 1 << 20
 
 
+Key = tuple[bool, int, int, float]
+
+
 @dataclass(frozen=True)
 class UpdateCheck:
     """What a train-mode call's running stats are compared with: the checkpoint's (float64),
@@ -40,19 +43,20 @@ class Rows:
     def __init__(self, channels: int, check: UpdateCheck | None) -> None:
         self.channels = channels
         self.check = check
-        # (train, N, batch) → the rows of calls of that kind, and per row the running means,
-        # then the variances, that the call left (when the update is checked)
-        self.kept: dict[tuple[bool, int, int], tuple[list[tuple[Tensor, ...]], list[Tensor]]] = {}
+        # (train, N, batch, u) → the rows of calls of that kind, and per row the running means,
+        # then the variances, that the call left (when the update is checked); u is the unit
+        # roundoff of torch's in-order batch sums (`formulas.sum_roundoff`), 0.0 for none
+        self.kept: dict[Key, tuple[list[tuple[Tensor, ...]], list[Tensor]]] = {}
         self.count = 0
 
     def add(
         self,
         stats: LayerStats,
-        key: tuple[bool, int, int],
+        key: Key,
         measured: tuple[Tensor, Tensor, Tensor, Tensor],
         update: list[Tensor] | None,
     ) -> None:
-        """One call: `key` (train-mode pass, N values per channel, batch size); `measured`:
+        """One call: `key` (train-mode pass, N values per channel, batch size, u); `measured`:
         batch mean, biased var, max err, max ratio; `update`: the running means and variances
         it left (train mode with a checked update), each layer's, means first. `measured` of
         [K, C] tensors is K calls (consecutive passes of a group), and `update` then theirs,
@@ -72,7 +76,7 @@ class Rows:
     def fold(self, stats: LayerStats) -> None:
         """Fold the kept rows into `stats`."""
         kept, self.kept, self.count = self.kept, {}, 0
-        for (train, n, batch), (rows, updates) in kept.items():
+        for (train, n, batch, u), (rows, updates) in kept.items():
             mean, var, err, ratio = (torch.stack(column) for column in zip(*rows, strict=True))
             regime = stats.train if train else stats.eval
             regime.err_abs.add(err.amax(0))
@@ -82,8 +86,9 @@ class Rows:
             if not updates or c is None:
                 continue
             got = torch.cat(updates).view(len(rows), 2, self.channels).double()
+            rounding = F.stat_rounding(n, mean, var, u) if u else None
             residuals = F.update_residuals(
                 c.running_mean, c.running_var, mean, var, n, c.factor, got[:, 0], got[:, 1],
-                c.eps, c.dtype,
+                c.eps, c.dtype, rounding,
             )  # fmt: skip
             stats.update.add(*(r.amax(0) for r in residuals))

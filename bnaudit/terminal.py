@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -41,21 +42,33 @@ def paint(text: str, verdict: str) -> str:
     return f"\033[{style}m{text}\033[0m" if style else text
 
 
+BAR = 20  # cells of a progress bar with room for it
+_MIN_BAR = 8  # narrower than this, the bar is left out
+
+
 class Progress:
     """`[####....] audit 3/8 batches, 0:04, ETA 0:07` on one rewritten stderr line, once the
-    audit has run `delay` s; a stage per pass over the batches (the audit's, then each
-    output-impact pass), its ETA from the pace of the batches of that stage so far.
+    audit has run `delay` s; a stage per pass over the batches (the audit's, each
+    output-impact pass, each task-metric pass: `bnaudit.progress`), its ETA from the pace of
+    the batches of that stage so far.
 
-    Short audits print nothing; `close` clears the line.
+    The line stays narrower than the terminal (`width`; None: COLUMNS, else the stream's
+    terminal, else 80): a line that wraps cannot be rewritten in place, each frame would stay
+    on screen. Short audits print nothing; `close` clears the line.
     """
 
     def __init__(
-        self, stream: TextIO, delay: float = 0.5, clock: Callable[[], float] = time.monotonic
+        self,
+        stream: TextIO,
+        delay: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+        width: int | None = None,
     ) -> None:
         self.stream = stream
         self.clock = clock
         self.start = clock()
         self.delay = delay
+        self.width = width
         self.shown = False
         self.stage = ""
         self.stage_start = self.last = self.start  # the previous batch ended at `last`
@@ -67,16 +80,23 @@ class Progress:
         self.last = now
         if now - self.start < self.delay:
             return
-        bar, of, eta = "", "", ""
+        of, eta = "", ""
         if total:
-            filled = round(20 * min(done, total) / total)
-            bar, of = "[" + "#" * filled + "." * (20 - filled) + "] ", f"/{total}"
+            of = f"/{total}"
             if done:
                 pace = (now - self.stage_start) / done
                 eta = f", ETA {_clock(pace * max(total - done, 0))}"
-        self.stream.write(
-            f"\rbnaudit: {bar}{stage} {done}{of} batches, {_clock(now - self.start)}{eta}\033[K"
-        )
+        text = f"{stage} {done}{of} batches, {_clock(now - self.start)}{eta}"
+        room = (self.width or _columns(self.stream)) - 1  # the last column would wrap
+        cells = min(BAR, room - len("bnaudit: [] ") - len(text))
+        bar = ""
+        if total and cells >= _MIN_BAR:
+            filled = round(cells * min(done, total) / total)
+            bar = "[" + "#" * filled + "." * (cells - filled) + "] "
+        line = f"bnaudit: {bar}{text}"
+        if len(line) > room:
+            line = line[: max(room - 1, 0)] + "…"
+        self.stream.write(f"\r{line}\033[K")
         self.stream.flush()
         self.shown = True
 
@@ -84,6 +104,18 @@ class Progress:
         if self.shown:
             self.stream.write("\r\033[K")
             self.stream.flush()
+
+
+def _columns(stream: TextIO, default: int = 80) -> int:
+    """The terminal's width as the table takes it: COLUMNS, else the stream's own terminal,
+    else `default` (a new pseudo-terminal says 0 columns: unknown)."""
+    env = os.environ.get("COLUMNS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or default
+    except (AttributeError, OSError, ValueError):  # no descriptor, or not a terminal
+        return default
 
 
 def _clock(seconds: float) -> str:

@@ -133,7 +133,11 @@ def reference(call: Call) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     ref_mean, ref_var = (mean, var) if call.running is None else call.running
     ref = F.normalize(x64, ref_mean, ref_var, call.weight, call.bias, call.eps)
     err = F.mismatch(y64, ref)
-    tol = F.elementwise_tolerance(x64, ref, ref_mean, ref_var, call.weight, call.eps, call.y.dtype)
+    u = F.sum_roundoff(call.x) if call.running is None else 0.0
+    rounding = F.stat_rounding(F.values_per_channel(x64), mean, var, u) if u else None
+    tol = F.elementwise_tolerance(
+        x64, ref, ref_mean, ref_var, call.weight, call.eps, call.y.dtype, rounding
+    )
     dims = F.stat_dims(x64)
     ratio = torch.where(err == 0, err, err / tol).amax(dim=dims)
     return mean, var, err.amax(dim=dims), ratio

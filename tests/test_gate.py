@@ -608,7 +608,7 @@ def test_colour_rules() -> None:
 def test_progress_line() -> None:
     stream = _Tty()
     now = iter([0.0, 2.0, 8.0, 9.0, 10.0])  # start, then one reading per call
-    progress = Progress(stream, delay=0.0, clock=lambda: next(now))
+    progress = Progress(stream, delay=0.0, clock=lambda: next(now), width=120)
     progress(1, 4)  # 2 s a batch so far: 3 more take 6 s
     progress(4, 4)
     progress(1, 4, "output impact, pass 1")  # its own pace: 1 s a batch since 8 s

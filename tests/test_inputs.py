@@ -532,3 +532,30 @@ def test_unusable_checkpoint_exits_2(case: str, fragment: str, data: Path, tmp_p
     if case == "text-renamed-pt":
         # Not a pickle of code: suggesting --trust would send the user the wrong way.
         assert "--trust" not in result.stderr
+
+
+SHAPE_ASSERT = """\
+from torch import nn
+
+
+class Checked(nn.Sequential):
+    def forward(self, x):
+        assert x.shape[-1] == 6, f"expected 6 features, got {x.shape[-1]}"
+        return super().forward(x)
+
+
+def build():
+    return Checked(nn.Linear(6, 8), nn.BatchNorm1d(8))
+"""
+
+
+def test_a_forward_that_asserts_its_input_shape_is_a_data_error(tmp_path: Path) -> None:
+    """A bare `assert` in a forward (timm checks image sizes that way) is bad data, exit 2."""
+    factory = tmp_path / "checked.py"
+    factory.write_text(SHAPE_ASSERT)
+    model = runpy.run_path(str(factory))["build"]().eval()
+    ckpt, data = tmp_path / "checked.pt", tmp_path / "wrong.pt"
+    torch.save(model.state_dict(), ckpt)
+    torch.save([torch.randn(4, 5) for _ in range(2)], data)
+    result = invoke("check", ckpt, "--model", f"{factory}:build", "--data", data)
+    assert_clean_error(result, "forward failed on batch 0", "expected 6 features, got 5")

@@ -312,7 +312,7 @@ def test_progress_bar_on_a_pty_covers_the_impact_passes(
     assert audit and impact, frames
     assert re.fullmatch(r"bnaudit: \[#+\.*\] audit \d/6 batches, \d:\d\d, ETA \d:\d\d", audit[-1])
     assert re.fullmatch(
-        r"bnaudit: \[#{20}\] output impact, pass 1 6/6 batches, \d:\d\d, ETA 0:00", impact[-1]
+        r"bnaudit: \[#+\] output impact, pass 1 6/6 batches, \d:\d\d, ETA 0:00", impact[-1]
     )
     assert frames[-1] == ""  # the line is cleared before the table is printed
     assert b"\r" not in out and out.decode().splitlines()[-1].startswith("PASS")

@@ -64,7 +64,7 @@ def test_rows_fold_each_kind_as_one_call_at_a_time() -> None:
             err, ratio = var * 1e-7, var * 0.1
             got = F.running_update(old_mean, old_var, mean, var, n, 0.1, 0)[:2]
             update = [t.float() for t in got] if train else None
-            r.add(kept, (train, n, batch), (mean, var, err, ratio), update)
+            r.add(kept, (train, n, batch, 0.0), (mean, var, err, ratio), update)
             regime = direct.train if train else direct.eval
             regime.err_abs.add(err)
             regime.err_ratio.add(ratio)
