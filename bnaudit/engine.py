@@ -158,7 +158,7 @@ def run_passes(
                     watch = folds is not None and count == 0 and regime == "eval"
                     with folds.watching() if watch else contextlib.nullcontext():  # type: ignore[union-attr]
                         out = _forward(model, batch, count, regime)
-                    deferred.flush()
+                    deferred.end_pass()
                     if regime == "eval" and outputs is not None:
                         outputs.append(_detached(out))
                         budget -= _nbytes(out)

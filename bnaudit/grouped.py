@@ -8,6 +8,12 @@ side ([B, C1 + C2 + ..., ...]). Every formula is per channel, so this is the sam
 one layer at a time; the accumulators are kept side by side too and split into each layer's at
 the end. A group whose values are not all finite, or that misses the formula somewhere, is
 measured again one layer at a time, so findings and diagnoses are exactly the per-layer ones.
+
+On tiny batches one kernel call per group and pass still costs more than its arithmetic, so
+consecutive passes that call the same layers with the same shapes are kept as well and measured
+in one call, pass after pass along the channels ([B, K·(C1 + C2 + ...), ...]): K rows of the
+group. A block that misses is measured again pass by pass, as above. Each layer's calls are
+measured in the order they ran, which the diagnosis depends on.
 """
 
 from __future__ import annotations
@@ -15,8 +21,8 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -30,17 +36,23 @@ from bnaudit.statistics import LayerStats
 if TYPE_CHECKING:
     from bnaudit.probe import Probe
 
-# Activations of at most this many values are measured in groups; above it the arithmetic
-# dominates and a layer is measured in its own hook.
-SMALL_VALUES = 1 << 15
+# Activations of at most this many values are measured in groups; above it a layer is measured
+# in its own hook, while x and y are in cache: keeping copies of them (a write, and a read from
+# memory) then costs more than a kernel call with prepared arguments (`fused.Prepared`).
+SMALL_VALUES = 1 << 13
 # Copies kept before a group is measured even in the middle of a forward pass: memory stays
 # bounded however many small layers a model has.
 PENDING_VALUES = 1 << 22
+# Copies of one group's consecutive passes measured in one kernel call: enough passes to make
+# the call's fixed cost small, few enough for the copies to stay in cache.
+BLOCK_VALUES = 1 << 18
 # The running mean and variance one train-mode call left, and num_batches_tracked (or None).
 Update = tuple[Tensor, Tensor, int | None]
+# γ, β, ε and the running mean and variance (None: batch statistics), per channel of a group.
+_Attributes = tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Call:
     probe: Probe
     train: bool  # the train-mode pass, else the eval-mode one
@@ -50,12 +62,17 @@ class _Call:
 
 
 class Deferred:
-    """The small-activation calls of one forward pass, and the groups that measure them."""
+    """The small-activation calls of the forward passes, and the groups that measure them."""
 
     def __init__(self) -> None:
-        self.calls: list[_Call] = []
-        self.values = 0
+        self.calls: list[_Call] = []  # this pass's calls
+        self.values = 0  # values of every copy kept: this pass's and the blocks'
         self.groups: dict[tuple[Any, ...], _Group] = {}
+        # Per group, the passes kept for one kernel call, and their values.
+        self.blocks: dict[tuple[Any, ...], _Block] = {}
+        # Per regime, how its last pass's calls were grouped (`_Plan`): the next pass is
+        # usually the same, and then joins the blocks without grouping its calls again.
+        self.plans: dict[bool, _Plan] = {}
 
     @staticmethod
     def takes(x: Tensor) -> bool:
@@ -68,18 +85,40 @@ class Deferred:
         if self.values > PENDING_VALUES:
             self.flush()
 
+    def end_pass(self) -> None:
+        """After a forward pass: its calls join their groups' blocks; full blocks are measured.
+
+        A pass whose groups differ from the last pass of its regime (another batch shape, a
+        layer that did not run) first has every kept block measured, so that each layer's calls
+        are measured in the order they ran.
+        """
+        calls, self.calls = self.calls, []
+        if not calls:
+            return
+        train = calls[0].train
+        plan = self.plans.get(train)
+        if plan is None or plan.signature != _signature(calls):
+            plan = self._plan(calls)
+            if self.plans.get(train, plan).keys() != plan.keys():
+                self._measure_blocks()
+            self.plans[train] = plan
+        for key, (positions, values) in plan.groups.items():
+            block = self.blocks.get(key)
+            if block is None:
+                block = self.blocks[key] = _Block()
+            block.passes.append([calls[i] for i in positions])
+            block.values += values
+            if block.values > BLOCK_VALUES:
+                self._measure_block(key)
+
     def flush(self) -> None:
-        """Measure every pending call, grouped by what the arithmetic needs to share."""
-        calls, self.calls, self.values = self.calls, [], 0
-        by_kind: dict[_Kind, list[_Call]] = {}
-        for call in calls:
-            by_kind.setdefault(_kind(call), []).append(call)
-        for kind, same in by_kind.items():
-            key = (kind, tuple(id(c.probe) for c in same))
-            group = self.groups.get(key)
-            if group is None:
-                group = self.groups[key] = _Group([c.probe for c in same], kind)
-            group.measure(same)
+        """Measure every kept call now: the blocks, then this pass's calls so far."""
+        calls, self.calls = self.calls, []
+        self._measure_blocks()
+        for key, same in self._by_group(calls).items():
+            self.groups[key].measure([same])
+        self.plans.clear()
+        self.values = 0
 
     def finish(self) -> None:
         """Hand each layer its share of the groups' accumulators."""
@@ -90,10 +129,63 @@ class Deferred:
                 probe.stats.merge(group.stats.channels(channels))
         self.groups.clear()
 
+    def _by_group(self, calls: list[_Call]) -> dict[tuple[Any, ...], list[_Call]]:
+        """One pass's calls by the group that measures them, in the order they ran."""
+        by_kind: dict[_Kind, list[_Call]] = {}
+        for call in calls:
+            by_kind.setdefault(_kind(call), []).append(call)
+        out = {}
+        for kind, same in by_kind.items():
+            key = (kind, tuple(id(c.probe) for c in same))
+            if key not in self.groups:
+                self.groups[key] = _Group([c.probe for c in same], kind)
+            out[key] = same
+        return out
+
+    def _plan(self, calls: list[_Call]) -> _Plan:
+        groups = {}
+        positions = {id(c): i for i, c in enumerate(calls)}
+        for key, same in self._by_group(calls).items():
+            groups[key] = ([positions[id(c)] for c in same], sum(2 * c.x.numel() for c in same))
+        return _Plan(_signature(calls), groups)
+
+    def _measure_blocks(self) -> None:
+        for key in list(self.blocks):
+            self._measure_block(key)
+
+    def _measure_block(self, key: tuple[Any, ...]) -> None:
+        block = self.blocks.pop(key)
+        self.values -= block.values
+        self.groups[key].measure(block.passes)
+
+
+def _signature(calls: list[_Call]) -> tuple[Any, ...]:
+    """What decides one pass's groups, compared to reuse the last pass's."""
+    return tuple((id(c.probe), c.x.shape, c.x.dtype, c.y.dtype, c.update is None) for c in calls)
+
 
 @dataclass(frozen=True)
-class _Kind:
-    """What calls measured together share: regime, statistics, batch shape, dtypes, device."""
+class _Plan:
+    """One pass's calls grouped: per group, the calls' positions in the pass and their values."""
+
+    signature: tuple[Any, ...]
+    groups: dict[tuple[Any, ...], tuple[list[int], int]]
+
+    def keys(self) -> tuple[tuple[Any, ...], ...]:
+        return tuple(self.groups)
+
+
+@dataclass
+class _Block:
+    """Consecutive passes' calls of one group, kept to be measured in one kernel call."""
+
+    passes: list[list[_Call]] = field(default_factory=list)
+    values: int = 0
+
+
+class _Kind(NamedTuple):
+    """What calls measured together share: regime, statistics, batch shape, dtypes, device.
+    (A tuple: it is made and hashed for every call.)"""
 
     train: bool
     uses_batch: bool  # the output normalises with batch statistics, else running ones
@@ -174,24 +266,44 @@ class _Group:
                 self.running_mean, self.running_var, self.factor, self.eps, self.update_dtype
             )
         self.rows = Rows(sum(sizes), check)
+        self._repeated: dict[int, _Attributes] = {}  # per number of passes measured at once
 
-    def measure(self, calls: list[_Call]) -> None:
+    def measure(self, passes: list[list[_Call]]) -> None:
+        """Measure consecutive passes' calls of these layers in one kernel call."""
+        calls = [c for same in passes for c in same]
         x = torch.cat([c.x for c in calls], dim=1) if len(calls) > 1 else calls[0].x
         y = torch.cat([c.y for c in calls], dim=1) if len(calls) > 1 else calls[0].y
-        running = None if self.uses_batch else (self.running_mean, self.running_var)
-        got = fused.measure(x, y, self.weight, self.bias, self.eps, running, y.dtype)
+        k = len(passes)
+        weight, bias, eps, running = self._attributes(k)
+        got = fused.measure(x, y, weight, bias, eps, running, y.dtype)
         if not (got.finite and got.worst <= 1):
-            # Rare: non-finite values, or a layer that misses the formula. One layer at a time
-            # gives the exact per-layer counts and diagnoses.
-            for c in calls:
-                c.probe.measure_batch(c.x, c.y, self.train, c.update)
+            # Rare: non-finite values, or a layer that misses the formula. Pass by pass, then
+            # one layer at a time, gives the exact per-layer counts and diagnoses.
+            if k > 1:
+                for same in passes:
+                    self.measure([same])
+            else:
+                for c in calls:
+                    _alone(c)
             return
         update = None
         if self.update_dtype is not None:
-            update = self._count_steps(calls)
+            update = [t for same in passes for t in self._count_steps(same)]
         u = max(F.sum_roundoff(c.x) for c in calls)
         key = (self.train, F.values_per_channel(x), x.shape[0], u)
-        self.rows.add(self.stats, key, (got.mean, got.var, got.err, got.ratio), update)
+        rows = tuple(t.view(k, -1) for t in (got.mean, got.var, got.err, got.ratio))
+        self.rows.add(self.stats, key, rows, update)  # type: ignore[arg-type]
+
+    def _attributes(self, k: int) -> _Attributes:
+        """γ, β, ε and the running stats (None: batch statistics), repeated for k passes."""
+        got = self._repeated.get(k)
+        if got is None:
+            running = None
+            if not self.uses_batch:
+                running = (self.running_mean.repeat(k), self.running_var.repeat(k))
+            got = (self.weight.repeat(k), self.bias.repeat(k), self.eps.repeat(k), running)
+            self._repeated[k] = got
+        return got
 
     def _count_steps(self, calls: list[_Call]) -> list[Tensor]:
         """Count the steps where T did not become T + 1; the running stats the calls left,
@@ -203,3 +315,14 @@ class _Group:
             if expected is not None and got is not None and got != expected:
                 c.probe.stats.update.count_errors += 1
         return [u[0] for u in updates if u is not None] + [u[1] for u in updates if u is not None]
+
+
+def _alone(c: _Call) -> None:
+    """One call measured by its own probe, in the regime it ran in: the diagnosis is kept per
+    regime, and a block may be measured during a later pass."""
+    probe = c.probe
+    regime, probe.regime = probe.regime, "train" if c.train else "eval"
+    try:
+        probe.measure_batch(c.x, c.y, c.train, c.update)
+    finally:
+        probe.regime = regime

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 Stats = dict[str, tuple[Tensor, Tensor]]  # layer name → (running_mean, running_var)
 InputMoments = dict[str, tuple[Moments, Moments]]  # layer name → (batch means, batch variances)
+# Per-batch values (float64) a recalibration hook keeps before merging them: memory stays bounded.
+KEPT_VALUES = 1 << 20
 
 
 class Across(Protocol):
@@ -138,13 +140,19 @@ def compare_outputs(
     """Eval outputs with `stats` swapped in against the stored-stat ones; (diff, passes)."""
     diff, passes = OutputDiff(), 0
     model.eval()
-    for i, batch in enumerate(batches):
-        ref, used = stored_output(model, batch, i, stored)
-        passes += used
-        with statistics(layers, stats):
+    # The statistics stay swapped in while the reference outputs are the stored ones: a swap
+    # per batch costs more than a tiny batch's forward.
+    with contextlib.ExitStack() as swapped:
+        for i, batch in enumerate(batches):
+            if stored is None or i >= len(stored):
+                swapped.close()  # this reference is a forward with the stored statistics
+            ref, used = stored_output(model, batch, i, stored)
+            passes += used
+            if used or i == 0:
+                swapped.enter_context(statistics(layers, stats))
             new = call_model(model, batch)
-        passes += 1
-        diff.add(ref, new)
+            passes += 1
+            diff.add(ref, new)
     return diff, passes
 
 
@@ -165,9 +173,9 @@ def eval_regime_stats(
     for done in range(1, max_passes + 1):
         moments = {name: (Moments(), Moments()) for name in current}
 
+        hooks = [_InputMoments(layers[n], *moments[n]) for n in current]
         handles = [
-            layers[n].register_forward_pre_hook(_input_moments(layers[n], *moments[n]))
-            for n in current
+            layers[n].register_forward_pre_hook(h) for n, h in zip(current, hooks, strict=True)
         ]
         try:
             with statistics(layers, current):
@@ -177,6 +185,8 @@ def eval_regime_stats(
         finally:
             for h in handles:
                 h.remove()
+        for hook in hooks:
+            hook.fold()
         if across is not None:
             moments = across.moments(moments)
         new = {
@@ -239,9 +249,9 @@ def precise_stats(
             model.eval()
             for _, m in bn:
                 m.training = True  # as the audit's train-mode pass: dropout and friends stay off
+        hooks = [_InputMoments(layers[n], *moments[n]) for n in names]
         handles = [
-            layers[n].register_forward_pre_hook(_input_moments(layers[n], *moments[n]))
-            for n in names
+            layers[n].register_forward_pre_hook(h) for n, h in zip(names, hooks, strict=True)
         ]
         try:
             for c in calls:
@@ -250,6 +260,8 @@ def precise_stats(
         finally:
             for h in handles:
                 h.remove()
+        for hook in hooks:
+            hook.fold()
     if across is not None:
         moments = across.moments(moments)
     stats = {
@@ -260,23 +272,48 @@ def precise_stats(
     return stats, count
 
 
-def _input_moments(module: nn.Module, means: Moments, variances: Moments):
+class _InputMoments:
     """A pre-hook adding what the layer's running statistics estimate from one input: the
-    batch mean and unbiased variance (per-sample ones, averaged, for InstanceNorm)."""
-    instance = layer_kind(module) is Kind.INSTANCE
+    batch mean and unbiased variance (per-sample ones, averaged, for InstanceNorm).
 
-    def record(_: nn.Module, inputs: tuple[Any, ...]) -> None:
+    The per-batch values are kept and merged K at a time (`Moments.add_values`, as the audit's
+    rows): a merge per call costs more than a small layer's moments. `fold` merges the rest.
+    """
+
+    def __init__(self, module: nn.Module, means: Moments, variances: Moments) -> None:
+        self.instance = layer_kind(module) is Kind.INSTANCE
+        self.means, self.variances = means, variances
+        # One read of x, no float64 copy: what update_bn's pass costs.
+        channels = getattr(module, "num_features", 0)
+        self.kernel = fused.Prepared(None, None, 0.0, None, channels)
+        self.kept: list[Tensor] = []  # batch means
+        self.kept_vars: list[Tensor] = []  # biased batch variances, with N > 1
+        self.bessel: list[float] = []  # their N/(N − 1)
+
+    def __call__(self, _: nn.Module, inputs: tuple[Any, ...]) -> None:
         x = inputs[0].detach()
-        if instance:
+        if self.instance:
             mean, var = F.instance_stats(x.double())
             n = x[0, 0].numel()
             mean, var = mean.mean(0), var.mean(0)
         else:
-            # One read of x, no float64 copy (bnaudit.fused): what update_bn's pass costs.
-            mean, var = fused.moments(x) if x.is_floating_point() else F.batch_stats(x.double())
+            mean, var = (
+                self.kernel.moments(x) if x.is_floating_point() else F.batch_stats(x.double())
+            )
             n = F.values_per_channel(x)
-        means.add_value(mean)
+        self.kept.append(mean)
         if n > 1:
-            variances.add_value(var * F.bessel(n))
+            self.kept_vars.append(var)
+            self.bessel.append(F.bessel(n))
+        if len(self.kept) * mean.numel() >= KEPT_VALUES:
+            self.fold()
 
-    return record
+    def fold(self) -> None:
+        """Merge the kept values into the accumulators."""
+        if self.kept:
+            self.means.add_values(torch.stack(self.kept))
+        if self.kept_vars:
+            vars_ = torch.stack(self.kept_vars)
+            factors = torch.tensor(self.bessel, dtype=vars_.dtype, device=vars_.device)
+            self.variances.add_values(vars_ * factors[:, None])
+        self.kept, self.kept_vars, self.bessel = [], [], []

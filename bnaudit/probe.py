@@ -49,6 +49,9 @@ class Probe:
         self.attrs = a = LayerAttrs.of(module)
         # Exact copies (original dtype) to undo each train-mode update.
         self.saved = {k: b.detach().clone() for k, b in module.named_buffers(recurse=False)}
+        # The module's own buffer table: each train-mode call's update is read and undone there,
+        # without a Module.__getattr__ per buffer and call (what getattr would find).
+        self._buffers = module._buffers
         self.stats = LayerStats()
         self.diagnosis = {"train": Diagnosis(), "eval": Diagnosis()}
         self.regime = "eval"
@@ -69,6 +72,8 @@ class Probe:
             dtype = a.buffer_dtype or a.dtype
             check = UpdateCheck(a.running_mean, a.running_var, factor, a.eps, dtype)
         self.rows = Rows(a.num_features, check)  # the fast path's results, folded in blocks
+        running = (a.running_mean, a.running_var) if a.has_running_stats else None
+        self.kernel = fused.Prepared(a.weight, a.bias, a.eps, running, a.num_features)  # type: ignore[arg-type]
         # Standard BN layers (their forward is torch's) whose finite outputs match the formula
         # on every healthy model: the ones worth measuring in groups.
         standard = a.kind is not Kind.INSTANCE and (not a.overrides_forward or self.tap is not None)
@@ -108,17 +113,28 @@ class Probe:
         try:
             if self.first_call is None:
                 self.first_call = next(self.clock)
-            tapped = self.tap is not None and self._input is None
-            if self.tap is not None and not tapped:  # the tap did not run in this call
+            if self.tap is None:
+                if self.measure:
+                    self._measure(module, inputs, output)
+            elif self._input is not None:  # the tap did not run in this call
                 self._input = None
                 self.output_calls += self.measure
-            if self.measure and not tapped:
-                self._measure(module, inputs, output)
+                if self.measure:
+                    self._measure(module, inputs, output)
         finally:
             if self.regime == "train":
-                with torch.no_grad():
-                    for key, value in self.saved.items():
-                        getattr(module, key).copy_(value)
+                self._undo_update()
+
+    def _undo_update(self) -> None:
+        """Put the checkpoint's statistics back (the engine's passes run under no_grad)."""
+        buffers = self._buffers
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                for key, value in self.saved.items():
+                    buffers[key].copy_(value)
+        else:
+            for key, value in self.saved.items():
+                buffers[key].copy_(value)
 
     def _measure(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if not inputs or not isinstance(inputs[0], Tensor) or not isinstance(output, Tensor):
@@ -141,10 +157,14 @@ class Probe:
 
     def _updated(self) -> Update:
         """The running stats (and T) this train-mode call left (copies: they are put back)."""
-        m = self.module
-        mean, var = m.running_mean.clone(), m.running_var.clone()
+        b = self._buffers
+        mean, var = b["running_mean"].clone(), b["running_var"].clone()
+        counter = b.get("num_batches_tracked")
+        if counter is not None and counter.dtype is torch.int64 and counter.numel() == 1:
+            t = counter.item()  # the usual counter: read_counter's answer, without its checks
+            return mean, var, t if t >= 0 else None
         # A float counter (a module converted with .type()) may hold NaN: no count to compare.
-        return mean, var, read_counter(getattr(m, "num_batches_tracked", None))[0]
+        return mean, var, read_counter(counter)[0]
 
     def measure_batch(self, x: Tensor, y: Tensor, train: bool, update: Update | None) -> None:
         """Measure one call: input `x`, output `y`, and the running stats it left (train)."""
@@ -165,7 +185,7 @@ class Probe:
             return False
         uses_batch = a.kind is not Kind.FROZEN and (train or not a.has_running_stats)
         running = None if uses_batch else (a.running_mean, a.running_var)
-        got = fused.measure(x, y, a.weight, a.bias, a.eps, running, y.dtype)  # type: ignore[arg-type]
+        got = self.kernel.measure(x, y, running, y.dtype)  # type: ignore[arg-type]
         if not got.finite:
             return False
         mean, var = got.mean, got.var

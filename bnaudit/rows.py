@@ -58,12 +58,18 @@ class Rows:
     ) -> None:
         """One call: `key` (train-mode pass, N values per channel, batch size, u); `measured`:
         batch mean, biased var, max err, max ratio; `update`: the running means and variances
-        it left (train mode with a checked update), each layer's, means first."""
+        it left (train mode with a checked update), each layer's, means first. `measured` of
+        [K, C] tensors is K calls (consecutive passes of a group), and `update` then theirs,
+        call after call."""
         rows, updates = self.kept.setdefault(key, ([], []))
-        rows.append(measured)
+        if measured[0].dim() == 2:
+            rows.extend(zip(*(t.unbind(0) for t in measured), strict=True))
+            self.count += measured[0].shape[0]
+        else:
+            rows.append(measured)
+            self.count += 1
         if update is not None:
             updates += update
-        self.count += 1
         if self.count * self.channels * 6 > RESULT_VALUES:
             self.fold(stats)
 
