@@ -153,7 +153,7 @@ def _kernel_measure(
     rtol, atol = F.tolerance(dtype)
     out = np.empty((4, c))
     if layout == "rows":
-        probe, worst = k.measure_rows(
+        probe, worst = _rows_kernel(k, x)(
             xs, ys, b, c, x.numel() // (b * c), *args, rmean, rvar, running is None, rtol, atol, out
         )
     else:
@@ -175,6 +175,21 @@ def _kernel_measure(
         )
     mean, var, err, ratio = torch.from_numpy(out).unbind(0)
     return Measured(mean, var, err, ratio, math.isfinite(probe), worst)
+
+
+# Values from which an NCHW call shares its channels among threads: below, starting them costs
+# more than it saves.
+PARALLEL_VALUES = 1 << 18
+
+
+def _rows_kernel(k: ModuleType, x: Tensor):
+    """The NCHW kernel for this call: its channels shared among as many threads as torch uses
+    (the forward around it runs on all of them), or one thread for a small call."""
+    threads = torch.get_num_threads()
+    if threads > 1 and x.numel() >= PARALLEL_VALUES and x.shape[1] > 1:
+        k.set_threads(threads)
+        return k.measure_rows_parallel
+    return k.measure_rows
 
 
 def _layout(x: Tensor) -> str | None:
@@ -275,7 +290,7 @@ class Prepared:
         batch = running is None
         if layout == "rows":
             inner = x.numel() // (b * c)
-            probe, worst = k.measure_rows(
+            probe, worst = _rows_kernel(k, x)(
                 xs, ys, b, c, inner, *self.args, rmean, rvar, batch, rtol, atol, out
             )
         else:
@@ -307,7 +322,7 @@ class Prepared:
         rtol, atol = F.tolerance(torch.float32)
         if layout == "rows":
             inner = x.numel() // (b * c)
-            k.measure_rows(xs, xs[:0], b, c, inner, *self.args, w, w, True, rtol, atol, out)
+            _rows_kernel(k, x)(xs, xs[:0], b, c, inner, *self.args, w, w, True, rtol, atol, out)
         else:
             shape = (x.numel() // c, c)
             k.measure_inner(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import config, njit, prange, set_num_threads, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -99,52 +99,88 @@ def _params(mean, var, eps, weight, bias, rtol, atol):
 
 
 @njit(**OPTIONS)
+def _rows_channel(
+    x, y, batch, channels, inner, c, weight, bias, eps, rmean, rvar, batch_stats, rtol, atol, out
+):
+    """Channel c of `measure_rows`: writes out[0:4, c]; returns its part of the error sum."""
+    n = batch * inner
+    total, comp = 0.0, 0.0
+    for b in range(batch):
+        base = (b * channels + c) * inner
+        for s in range(0, inner, BLOCK):
+            total, comp = _add(total, comp, _row_sum(x[base + s : base + min(s + BLOCK, inner)]))
+    mean = (total + comp) / n
+    total, comp = 0.0, 0.0
+    for b in range(batch):
+        base = (b * channels + c) * inner
+        for s in range(0, inner, BLOCK):
+            part = _row_m2(x[base + s : base + min(s + BLOCK, inner)], mean)
+            total, comp = _add(total, comp, part)
+    var = (total + comp) / n
+    out[0, c] = mean
+    out[1, c] = var
+    if y.size == 0:  # the moments only
+        return mean + var
+    if batch_stats:
+        mu, v = mean, var
+    else:
+        mu, v = rmean[c], rvar[c]
+    scale, shift, floor = _params(mu, v, eps[c], weight[c], bias[c], rtol, atol)
+    emax, rmax, esum = 0.0, 0.0, 0.0
+    for b in range(batch):
+        base = (b * channels + c) * inner
+        row = slice(base, base + inner)
+        emax, rmax, part = _row_error(x[row], y[row], scale, shift, floor, rtol, emax, rmax)
+        esum += part
+    out[2, c] = emax
+    out[3, c] = rmax
+    return mean + var + esum
+
+
+@njit(**OPTIONS)
+def _worst(out, channels, moments_only):
+    worst = 0.0
+    if not moments_only:
+        for c in range(channels):
+            worst = max(worst, out[3, c])
+    return worst
+
+
+@njit(**OPTIONS)
 def measure_rows(
     x, y, batch, channels, inner, weight, bias, eps, rmean, rvar, batch_stats, rtol, atol, out
 ):
     """[B, C, S] contiguous (NCHW): each (b, c) is a run of S values. Writes per channel
     mean, biased var, max err, max ratio into out[0:4]; returns (error sum, worst ratio). An
     empty `y`: the moments only."""
-    n = batch * inner
     esum_all = 0.0
-    worst = 0.0
     for c in range(channels):
-        total, comp = 0.0, 0.0
-        for b in range(batch):
-            base = (b * channels + c) * inner
-            for s in range(0, inner, BLOCK):
-                total, comp = _add(
-                    total, comp, _row_sum(x[base + s : base + min(s + BLOCK, inner)])
-                )
-        mean = (total + comp) / n
-        total, comp = 0.0, 0.0
-        for b in range(batch):
-            base = (b * channels + c) * inner
-            for s in range(0, inner, BLOCK):
-                part = _row_m2(x[base + s : base + min(s + BLOCK, inner)], mean)
-                total, comp = _add(total, comp, part)
-        var = (total + comp) / n
-        out[0, c] = mean
-        out[1, c] = var
-        if y.size == 0:  # the moments only
-            esum_all += mean + var
-            continue
-        if batch_stats:
-            mu, v = mean, var
-        else:
-            mu, v = rmean[c], rvar[c]
-        scale, shift, floor = _params(mu, v, eps[c], weight[c], bias[c], rtol, atol)
-        emax, rmax, esum = 0.0, 0.0, 0.0
-        for b in range(batch):
-            base = (b * channels + c) * inner
-            row = slice(base, base + inner)
-            emax, rmax, part = _row_error(x[row], y[row], scale, shift, floor, rtol, emax, rmax)
-            esum += part
-        out[2, c] = emax
-        out[3, c] = rmax
-        esum_all += mean + var + esum
-        worst = max(worst, rmax)
-    return esum_all, worst
+        esum_all += _rows_channel(
+            x, y, batch, channels, inner, c, weight, bias, eps, rmean, rvar, batch_stats,
+            rtol, atol, out,
+        )  # fmt: skip
+    return esum_all, _worst(out, channels, y.size == 0)
+
+
+@njit(parallel=True, **OPTIONS)
+def measure_rows_parallel(
+    x, y, batch, channels, inner, weight, bias, eps, rmean, rvar, batch_stats, rtol, atol, out
+):
+    """`measure_rows` with the channels shared among numba's threads: each channel is computed
+    as there, by one thread, so every result is the same (the error sum, which only says
+    whether everything is finite, is added in another order)."""
+    parts = np.empty(channels)
+    for c in prange(channels):
+        parts[c] = _rows_channel(
+            x, y, batch, channels, inner, c, weight, bias, eps, rmean, rvar, batch_stats,
+            rtol, atol, out,
+        )  # fmt: skip
+    return np.sum(parts), _worst(out, channels, y.size == 0)
+
+
+def set_threads(count: int) -> None:
+    """Use up to `count` threads in `measure_rows_parallel` (numba's pool caps it)."""
+    set_num_threads(max(1, min(count, config.NUMBA_NUM_THREADS)))
 
 
 @njit(fastmath=FAST, **OPTIONS)
