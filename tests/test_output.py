@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pty
 import re
-import select
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +23,9 @@ from bnaudit.static import MOMENTUM_CODES, STATIC_CODES
 from bnaudit.table import COLUMNS, shorten
 from tests import nets
 from tests.reports import finding, hostile_report, metrics
+from tests.terminal import run_on_pty
 
 MLP_SPEC = f"{Path(nets.__file__).resolve()}:build_mlp"
-ANSI = re.compile("\033\\[[0-9;]*[mK]")
 
 
 def invoke(*args: Any, columns: int | None = None) -> Result:
@@ -282,31 +278,9 @@ def test_progress_bar_on_a_pty_covers_the_impact_passes(
     torch.save(nets.mlp_data(6 * nets.TRAIN_BATCH, seed=5), data)
     root = Path(nets.__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root), "COLUMNS": "80", "NO_COLOR": "1"}
-    primary, secondary = pty.openpty()
     cmd = [sys.executable, "-m", "bnaudit", "check", ckpt, "--model", f"{tmp_path}/slow.py:build",
            "--data", data, "--batch-size", "32"]  # fmt: skip
-    proc = subprocess.Popen(
-        [str(c) for c in cmd], stderr=secondary, stdout=subprocess.PIPE, env=env, cwd=tmp_path
-    )
-    os.close(secondary)
-    seen = b""
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([primary], [], [], 1.0)
-        if ready:
-            try:
-                chunk = os.read(primary, 4096)
-            except OSError:  # the child closed the terminal
-                break
-            if not chunk:
-                break
-            seen += chunk
-        elif proc.poll() is not None:
-            break
-    out, _ = proc.communicate(timeout=60)
-    os.close(primary)
-    assert proc.returncode == 0, seen.decode(errors="replace")
-    frames = [ANSI.sub("", f) for f in seen.decode().split("\r")]
+    frames, out = run_on_pty(cmd, env, tmp_path)
     audit = [f for f in frames if " audit " in f]
     impact = [f for f in frames if "output impact, pass 1" in f]
     assert audit and impact, frames

@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import io
 import os
-import pty
 import re
-import select
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,9 +17,9 @@ from bnaudit.engine import audit
 from bnaudit.progress import Ticking
 from bnaudit.terminal import Progress
 from tests import labelled
+from tests.terminal import ANSI, run_on_pty
 
 ROOT = Path(labelled.__file__).resolve().parent.parent
-ANSI = re.compile("\033\\[[0-9;]*[mK]")
 BATCHES = 6  # halves of 3 for the cross-fitted task metric
 
 
@@ -151,29 +147,9 @@ def test_the_bar_on_a_pty_covers_the_task_metric_passes(tmp_path: Path) -> None:
     ckpt = tmp_path / "m.pt"
     torch.save(labelled.trained(frozen_stats=False).state_dict(), ckpt)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "80", "NO_COLOR": "1"}
-    primary, secondary = pty.openpty()
     cmd = [sys.executable, "-m", "bnaudit", "check", str(ckpt), "--model",
            f"{tmp_path}/slow.py:build", "--data", f"{ROOT}/tests/labelled.py:loader"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stderr=secondary, stdout=subprocess.PIPE, env=env, cwd=tmp_path)
-    os.close(secondary)
-    seen = b""
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([primary], [], [], 1.0)
-        if ready:
-            try:
-                chunk = os.read(primary, 4096)
-            except OSError:  # the child closed the terminal
-                break
-            if not chunk:
-                break
-            seen += chunk
-        elif proc.poll() is not None:
-            break
-    out, _ = proc.communicate(timeout=60)
-    os.close(primary)
-    assert proc.returncode == 0, seen.decode(errors="replace")
-    frames = [ANSI.sub("", f) for f in seen.decode().split("\r")]
+    frames, out = run_on_pty(cmd, env, tmp_path)
     bars = [f for f in frames if f.startswith("bnaudit: [")]
     assert bars and all(len(f) < 80 for f in bars), bars  # COLUMNS=80: no frame wraps
     # the loader's 16 batches: halves of 8; each stage seen at its end
