@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from bnaudit.results import FailOn, Finding, Gated, Severity, Status
+from bnaudit.results import FailOn, Finding, Gated, Judged, Status
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -70,24 +70,11 @@ class DiffMetrics:
 
 
 @dataclass(frozen=True)
-class LayerDiff:
+class LayerDiff(Judged):
     name: str
     type: str
     metrics: DiffMetrics
     findings: tuple[Finding, ...] = ()
-
-    @property
-    def severity(self) -> Severity:
-        """The worst severity among the findings that count (waived ones do not)."""
-        return max((f.severity for f in self.findings if f.counts), default=Severity.OK)
-
-    @property
-    def verdict(self) -> str:
-        return self.severity.label
-
-    @property
-    def waived(self) -> tuple[Finding, ...]:
-        return tuple(f for f in self.findings if not f.counts)
 
     @property
     def changed(self) -> bool:

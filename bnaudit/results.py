@@ -186,12 +186,10 @@ class LayerMetrics:
         return cls(**(values | known))  # type: ignore[arg-type]
 
 
-@dataclass(frozen=True)
-class LayerResult:
-    name: str
-    type: str
-    metrics: LayerMetrics
-    findings: tuple[Finding, ...] = ()
+class Judged:
+    """A layer's verdict from its findings (`LayerResult`, `diff_results.LayerDiff`)."""
+
+    findings: tuple[Finding, ...]
 
     @property
     def severity(self) -> Severity:
@@ -205,6 +203,14 @@ class LayerResult:
     @property
     def waived(self) -> tuple[Finding, ...]:
         return tuple(f for f in self.findings if not f.counts)
+
+
+@dataclass(frozen=True)
+class LayerResult(Judged):
+    name: str
+    type: str
+    metrics: LayerMetrics
+    findings: tuple[Finding, ...] = ()
 
 
 class Gated:
