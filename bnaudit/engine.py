@@ -54,6 +54,7 @@ from bnaudit.probe import Probe
 from bnaudit.progress import AUDIT, ProgressFn, Ticking, batch_count, impact_stage, one_stage
 from bnaudit.results import AuditReport, FailOn, LayerResult
 from bnaudit.static import NO_BATCH_CODES
+from bnaudit.updates import Ledger
 
 if TYPE_CHECKING:
     from bnaudit.distributed import Ranks
@@ -124,9 +125,11 @@ def run_passes(
         )
     clock = itertools.count()
     wanted = options.layers
-    deferred = Deferred()
+    ledger = Ledger()
+    deferred = Deferred(ledger.settle)
     probes = [
-        Probe(name, m, clock, wanted is None or name in wanted, deferred) for name, m in layers
+        Probe(name, m, clock, ledger, wanted is None or name in wanted, deferred)
+        for name, m in layers
     ]
     device, dtype = _model_device_dtype(model)
     # Batches that may not come back in the same order (a one-shot iterator, a shuffling
@@ -158,6 +161,7 @@ def run_passes(
                     watch = folds is not None and count == 0 and regime == "eval"
                     with folds.watching() if watch else contextlib.nullcontext():  # type: ignore[union-attr]
                         out = _forward(model, batch, count, regime)
+                    ledger.settle()  # the train-mode updates, read and undone
                     deferred.end_pass()
                     if regime == "eval" and outputs is not None:
                         outputs.append(_detached(out))
@@ -238,7 +242,8 @@ def _forward(model: nn.Module, batch: Any, index: int, regime: str) -> Any:
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for t in (*model.parameters(), *model.buffers()):
+    # Lazily: the first floating-point tensor decides, without listing a large model's.
+    for t in itertools.chain(model.parameters(), model.buffers()):
         if t.is_floating_point():
             return t.device, t.dtype
     return torch.device("cpu"), torch.get_default_dtype()

@@ -32,6 +32,7 @@ from bnaudit import fused
 from bnaudit.layers import Kind, LayerAttrs
 from bnaudit.rows import Rows, UpdateCheck
 from bnaudit.statistics import LayerStats
+from bnaudit.updates import Update
 
 if TYPE_CHECKING:
     from bnaudit.probe import Probe
@@ -46,8 +47,6 @@ PENDING_VALUES = 1 << 22
 # Copies of one group's consecutive passes measured in one kernel call: enough passes to make
 # the call's fixed cost small, few enough for the copies to stay in cache.
 BLOCK_VALUES = 1 << 18
-# The running mean and variance one train-mode call left, and num_batches_tracked (or None).
-Update = tuple[Tensor, Tensor, int | None]
 # γ, β, ε and the running mean and variance (None: batch statistics), per channel of a group.
 _Attributes = tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]
 
@@ -64,7 +63,10 @@ class _Call:
 class Deferred:
     """The small-activation calls of the forward passes, and the groups that measure them."""
 
-    def __init__(self) -> None:
+    def __init__(self, settle: Callable[[], None]) -> None:
+        # Reads the train-mode updates the kept calls refer to (`bnaudit.updates.Ledger`): the
+        # engine does after each pass, a flush in the middle of one does first.
+        self.settle = settle
         self.calls: list[_Call] = []  # this pass's calls
         self.values = 0  # values of every copy kept: this pass's and the blocks'
         self.groups: dict[tuple[Any, ...], _Group] = {}
@@ -113,6 +115,7 @@ class Deferred:
 
     def flush(self) -> None:
         """Measure every kept call now: the blocks, then this pass's calls so far."""
+        self.settle()
         calls, self.calls = self.calls, []
         self._measure_blocks()
         for key, same in self._by_group(calls).items():
@@ -207,7 +210,7 @@ def _kind(call: _Call) -> _Kind:
         x.dtype,
         call.y.dtype,
         x.device,
-        None if call.update is None else call.update[0].dtype,
+        None if call.update is None else call.update.mean.dtype,
     )
 
 
@@ -311,10 +314,12 @@ class _Group:
         updates = [c.update for c in calls]
         assert all(u is not None for u in updates)
         for c, expected in zip(calls, self.expected_t, strict=True):
-            got = c.update[2] if c.update is not None else None
+            got = c.update.count if c.update is not None else None
             if expected is not None and got is not None and got != expected:
                 c.probe.stats.update.count_errors += 1
-        return [u[0] for u in updates if u is not None] + [u[1] for u in updates if u is not None]
+        return [u.mean for u in updates if u is not None] + [
+            u.var for u in updates if u is not None
+        ]
 
 
 def _alone(c: _Call) -> None:

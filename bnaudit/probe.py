@@ -18,17 +18,19 @@ from torch import Tensor, nn
 from bnaudit import formulas as F
 from bnaudit import fused
 from bnaudit.explain import Case, Diagnosis
-from bnaudit.grouped import Deferred, Update
-from bnaudit.layers import Kind, LayerAttrs, act_tap, read_counter
-from bnaudit.rows import Rows, UpdateCheck
+from bnaudit.grouped import Deferred
+from bnaudit.layers import Kind, LayerAttrs, act_tap
+from bnaudit.rows import Key, Rows, UpdateCheck
 from bnaudit.statistics import LayerStats, RegimeStats
+from bnaudit.updates import Ledger, Update
 
 
 class Probe:
     """Forward hook of one BN layer; `regime` is switched by the engine between passes.
 
-    A probe that does not `measure` only undoes the train-mode update: every BN layer must
-    start each batch from the checkpoint's statistics, audited or not. A probe with a `group`
+    A probe that does not `measure` only has its train-mode update undone: every BN layer must
+    start each batch from the checkpoint's statistics, audited or not. The updates are read and
+    undone by the `ledger`, a pass at a time (`bnaudit.updates`). A probe with a `group`
     hands small activations of a standard BN layer to it, to be measured with the other small
     layers after the forward pass (`bnaudit.grouped`).
     """
@@ -38,6 +40,7 @@ class Probe:
         name: str,
         module: nn.Module,
         clock: itertools.count,
+        ledger: Ledger,
         measure: bool = True,
         group: Deferred | None = None,
     ) -> None:
@@ -51,7 +54,11 @@ class Probe:
         self.saved = {k: b.detach().clone() for k, b in module.named_buffers(recurse=False)}
         # The module's own buffer table: each train-mode call's update is read and undone there,
         # without a Module.__getattr__ per buffer and call (what getattr would find).
-        self._buffers = module._buffers
+        self.buffer_table = module._buffers
+        self.ledger = ledger
+        self.holding = False  # the buffers hold a train-mode update the ledger has not undone
+        # Train-mode results whose update the ledger has not read yet: recorded when it has.
+        self._waiting: list[tuple[Key, tuple[Tensor, Tensor, Tensor, Tensor], Update]] = []
         self.stats = LayerStats()
         self.diagnosis = {"train": Diagnosis(), "eval": Diagnosis()}
         self.regime = "eval"
@@ -80,17 +87,24 @@ class Probe:
         self.group = group if standard else None
 
     def hooks(self) -> list[Any]:
-        """Attach the probe (the output hook, and a tapped layer's two input hooks); the
-        handles, to remove."""
-        handles = [self.module.register_forward_hook(self)]
+        """Attach the probe (the input and output hooks, and a tapped layer's hook on its tap);
+        the handles, to remove."""
+        handles = [
+            self.module.register_forward_pre_hook(self._enter),
+            self.module.register_forward_hook(self),
+        ]
         if self.tap is not None:
-            handles.append(self.module.register_forward_pre_hook(self._enter))
             handles.append(self.tap.register_forward_pre_hook(self._at_tap))
         return handles
 
     def _enter(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
-        x = inputs[0] if inputs else None
-        self._input = x.detach() if isinstance(x, Tensor) else None
+        """Before a call: the layer's second in a train-mode pass starts from the checkpoint's
+        statistics too, so the update of the first is read and undone now."""
+        if self.holding:
+            self.ledger.settle()
+        if self.tap is not None:
+            x = inputs[0] if inputs else None
+            self._input = x.detach() if isinstance(x, Tensor) else None
 
     def _at_tap(self, tap: nn.Module, inputs: tuple[Any, ...]) -> None:
         """The tap's input is the normalised value: measured now, before an in-place
@@ -122,19 +136,8 @@ class Probe:
                 if self.measure:
                     self._measure(module, inputs, output)
         finally:
-            if self.regime == "train":
-                self._undo_update()
-
-    def _undo_update(self) -> None:
-        """Put the checkpoint's statistics back (the engine's passes run under no_grad)."""
-        buffers = self._buffers
-        if torch.is_grad_enabled():
-            with torch.no_grad():
-                for key, value in self.saved.items():
-                    buffers[key].copy_(value)
-        else:
-            for key, value in self.saved.items():
-                buffers[key].copy_(value)
+            if self.regime == "train" and not self.holding:  # not measured: only to undo
+                self.ledger.hold(self, None)
 
     def _measure(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if not inputs or not isinstance(inputs[0], Tensor) or not isinstance(output, Tensor):
@@ -146,8 +149,10 @@ class Probe:
         later = (
             self.group is not None and x.shape[1] == self.attrs.num_features and self.group.takes(x)
         )
-        # Copies: the fast path keeps them until its rows are folded.
-        update = self._updated() if train and self.checks_update else None
+        update = None
+        if train and self.checks_update:  # read by the ledger, after the pass as a rule
+            update = Update()
+            self.ledger.hold(self, update)
         if later:
             assert self.group is not None
             # Copies: the forward goes on and may change these tensors in place (a ReLU).
@@ -155,16 +160,20 @@ class Probe:
         else:
             self.measure_batch(x, y, train, update)
 
-    def _updated(self) -> Update:
-        """The running stats (and T) this train-mode call left (copies: they are put back)."""
-        b = self._buffers
-        mean, var = b["running_mean"].clone(), b["running_var"].clone()
-        counter = b.get("num_batches_tracked")
-        if counter is not None and counter.dtype is torch.int64 and counter.numel() == 1:
-            t = counter.item()  # the usual counter: read_counter's answer, without its checks
-            return mean, var, t if t >= 0 else None
-        # A float counter (a module converted with .type()) may hold NaN: no count to compare.
-        return mean, var, read_counter(counter)[0]
+    def updated(self) -> None:
+        """The ledger has read this probe's update: record the results that waited for it."""
+        waiting, self._waiting = self._waiting, []
+        for key, measured, update in waiting:
+            self._record(key, measured, update)
+
+    def _record(
+        self, key: Key, measured: tuple[Tensor, Tensor, Tensor, Tensor], update: Update | None
+    ) -> None:
+        if update is not None:
+            self._count_step(update)
+        self.rows.add(
+            self.stats, key, measured, None if update is None else [update.mean, update.var]
+        )
 
     def measure_batch(self, x: Tensor, y: Tensor, train: bool, update: Update | None) -> None:
         """Measure one call: input `x`, output `y`, and the running stats it left (train)."""
@@ -197,18 +206,17 @@ class Probe:
                 F.sum_roundoff(x) if uses_batch else 0.0,
             )  # fmt: skip
         # Finite inputs and outputs: nothing to add to the non-finite counts.
-        if update is not None:
-            self._count_step(update)
-        self.rows.add(
-            self.stats,
-            (train, n, x.shape[0], F.sum_roundoff(x)),
-            (mean, var, got.err, got.ratio),
-            None if update is None else [update[0], update[1]],
-        )
+        key = (train, n, x.shape[0], F.sum_roundoff(x))
+        if update is not None and not update.ready:
+            self._waiting.append((key, (mean, var, got.err, got.ratio), update))
+        else:
+            self._record(key, (mean, var, got.err, got.ratio), update)
         return True
 
     def _measure_general(self, x: Tensor, y: Tensor, train: bool, update: Update | None) -> None:
         """Every layer kind, NaN and Inf included, on float64 copies of the activations."""
+        if update is not None and not update.ready:  # rare: read it now
+            self.ledger.settle()
         a = self.attrs
         x64, y64 = x.double(), y.double()
         batch_mean, batch_var = F.batch_stats(x64)
@@ -285,7 +293,7 @@ class Probe:
         t_before = a.num_batches_tracked or 0
         instance = a.kind is Kind.INSTANCE
         factor = F.update_factor(a.momentum, t_before, instance=instance)
-        got_mean, got_var, _ = update
+        got_mean, got_var = update.mean, update.var
         self.stats.update.add(
             *F.update_residuals(
                 a.running_mean,
@@ -307,7 +315,7 @@ class Probe:
         """Count a train step where num_batches_tracked did not become T + 1 (InstanceNorm: T)."""
         a = self.attrs
         expected_t = (a.num_batches_tracked or 0) + (0 if a.kind is Kind.INSTANCE else 1)
-        got_t = update[2]
+        got_t = update.count
         if a.num_batches_tracked is not None and got_t is not None and got_t != expected_t:
             self.stats.update.count_errors += 1
 
