@@ -45,7 +45,7 @@ from bnaudit.limits import DEFAULT_MAX_BATCHES
 from bnaudit.loading import Checkpoint, load_checkpoint, load_into
 from bnaudit.precision import autocast_forward
 from bnaudit.precision import note as precision_note
-from bnaudit.progress import ProgressFn
+from bnaudit.progress import ProgressFn, prefixed
 from bnaudit.recalibrate import Recalibration, apply, recalibrate
 from bnaudit.registry import build_model, registry_of, timm_data_config
 from bnaudit.report import Format, check_writable, render
@@ -393,6 +393,7 @@ def run_recalibrate(
     log: Any = None,
     verify: bool = True,
     ranks: Ranks | None = None,
+    progress: ProgressFn | None = None,
 ) -> Recalibrated:
     """Audit, recalibrate on the sample batches, write the new checkpoint, audit it again.
 
@@ -400,7 +401,8 @@ def run_recalibrate(
     (cross-fitted, see bnaudit.evidence) is refused unless `force`. `verify=False` skips both
     audits (and with them that refusal): the statistics pass alone, the cost of update_bn.
     Under torchrun (`ranks`) every rank works on its shard, the statistics are merged, and
-    rank 0 writes."""
+    rank 0 writes. `progress` ticks every pass: the audits' stages after "before: " and
+    "after: ", and the recalibration's (`bnaudit.progress`)."""
     leader = ranks is None or ranks.leader
     if leader:
         check_output(s.checkpoint, output, force=force)
@@ -412,12 +414,14 @@ def run_recalibrate(
     if not verify:  # one pass over the batches: they are streamed, not kept
         r = recalibrate(
             p.model,
-            itertools.islice(p.batches, s.batches),
+            p.batches,
             regime=s.regime.value,
             layers=layers,
+            max_batches=s.batches,
             train_mode=s.train_mode.value,
             choice=parse_input(s.input),
             across=ranks,
+            progress=progress,
         )
         if leader:
             write_recalibrated(s.checkpoint, output, r, key=s.key)
@@ -434,6 +438,7 @@ def run_recalibrate(
             checkpoint=clean(str(s.checkpoint)),
             sha256=p.checkpoint.sha256,
             ranks=ranks,
+            progress=prefixed(progress, "before: "),
         )
     evidence = before.impact.evidence if before.impact else None
     if evidence is not None and evidence.worse and not force:
@@ -452,6 +457,7 @@ def run_recalibrate(
             train_mode=s.train_mode.value,
             choice=parse_input(s.input),
             across=ranks,
+            progress=progress,
         )
     again = dataclasses.replace(s, checkpoint=output)
     if leader:
@@ -475,6 +481,7 @@ def run_recalibrate(
             checkpoint=clean(str(output)),
             sha256=sha256,
             ranks=ranks,
+            progress=prefixed(progress, "after: "),
         )
     return Recalibrated(before, judge(after, again), r, output)
 

@@ -484,15 +484,22 @@ def recalibrate(
     def run_rank(ranks: Any) -> int:
         from bnaudit.check import run_recalibrate
         from bnaudit.report import render_changes
+        from bnaudit.terminal import Progress, is_terminal
 
         settings = resolve(cli, config, Path.cwd())
         leader = ranks is None or ranks.leader
         if ranks is not None:
             settings = ranks.settings(settings)
-        done = run_recalibrate(
-            settings, output, force=force, layers=tuple(layers or ()),
-            log=sys.stderr if leader else None, verify=verify, ranks=ranks,
-        )  # fmt: skip
+        bar = Progress(sys.stderr) if leader and is_terminal(sys.stderr) else None
+        try:
+            done = run_recalibrate(
+                settings, output, force=force, layers=tuple(layers or ()),
+                log=(bar or sys.stderr) if leader else None, verify=verify, ranks=ranks,
+                progress=bar,
+            )  # fmt: skip
+        finally:
+            if bar is not None:
+                bar.close()
         if not leader:  # rank 0 wrote the checkpoint and prints the changes
             return EXIT_OK if done.after is None or done.after.passed else EXIT_FINDINGS
         if done.before is None or done.after is None:  # --no-verify: nothing audited
@@ -700,7 +707,8 @@ def _check_rank(
         quiet = quiet or follower
     bar = Progress(sys.stderr) if not quiet and is_terminal(sys.stderr) else None
     try:
-        report = run_check(settings, log=None if quiet else sys.stderr, progress=bar, ranks=ranks)
+        log = None if quiet else bar or sys.stderr  # a log line does not run into the bar
+        report = run_check(settings, log=log, progress=bar, ranks=ranks)
     except NothingToAudit as exc:
         _error(f"bnaudit: nothing to audit: {exc}")
         return EXIT_NOTHING

@@ -16,6 +16,21 @@ ProgressFn = Callable[[int, int | None, str], None]
 AUDIT = "audit"  # the audit's own pass: every batch in eval, then in train mode
 
 
+RECALIBRATE = "recalibrate"  # `bnaudit recalibrate`'s statistics pass (train regime)
+
+
+def recalibrate_stage(k: int) -> str:
+    """The k-th (from 1) eval-regime recalibration pass: one per BN depth."""
+    return f"recalibrate, level {k}"
+
+
+def prefixed(progress: ProgressFn | None, prefix: str) -> ProgressFn | None:
+    """`progress` with `prefix` before each stage's name ("before: audit")."""
+    if progress is None:
+        return None
+    return lambda done, total, stage: progress(done, total, prefix + stage)
+
+
 def impact_stage(k: int) -> str:
     """The k-th (from 1) pass measuring the output effect of recalibrated statistics."""
     return f"output impact, pass {k}"
@@ -51,6 +66,15 @@ def ticking(
 ) -> list[Any] | Ticking:
     """`batches` ticking `progress` on every pass, or as they are without a callback."""
     return batches if progress is None else Ticking(batches, len(batches), progress, name)
+
+
+def ticked(
+    items: Iterable[Any], total: int | None, progress: ProgressFn, stage: str
+) -> Iterator[Any]:
+    """One pass over `items` (a stream: iterated once), ticking after each."""
+    for done, item in enumerate(items, 1):
+        yield item  # the caller's work on the item runs before the tick
+        progress(done, total, stage)
 
 
 def one_stage(

@@ -19,6 +19,14 @@ from bnaudit.engine import Moved
 from bnaudit.errors import BnauditError, NothingToAudit
 from bnaudit.impact import Across, precise_stats
 from bnaudit.layers import Kind, find_bn_layers, layer_kind
+from bnaudit.progress import (
+    RECALIBRATE,
+    ProgressFn,
+    Ticking,
+    batch_count,
+    recalibrate_stage,
+    ticked,
+)
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,7 @@ def recalibrate(
     train_mode: str = "bn",
     choice: InputChoice = None,
     across: Across | None = None,
+    progress: ProgressFn | None = None,
 ) -> Recalibration:
     """Precise statistics for every BN layer (or those matching the `layers` globs).
 
@@ -48,7 +57,8 @@ def recalibrate(
     level-by-level eval passes of `bnaudit.impact.eval_regime_stats`. num_batches_tracked
     becomes the number of batches averaged, as after update_bn, the same kind of average.
     With `across` (torchrun ranks, `bnaudit.distributed`), `batches` are this process's shard
-    and the statistics, counts and passes are those of all of them.
+    and the statistics, counts and passes are those of all of them. `progress` is called after
+    each batch of every pass (`bnaudit.progress`: "recalibrate", "recalibrate, level K").
     """
     found = find_bn_layers(model)
     if not found:
@@ -69,7 +79,14 @@ def recalibrate(
         names = [n for n in names if _matches(n, layers)]
     calls = Moved(model, batches, max_batches, choice)
     counted = _Counting(calls)
-    stats, passes = precise_stats(model, counted, modules, names, regime, train_mode, across)
+    source: Iterable[Any] = counted
+    if progress is not None and regime == "eval":  # listed anyway: each level replays them
+        listed = list(counted)
+        source = Ticking(listed, len(listed), progress, recalibrate_stage)
+    elif progress is not None:
+        total = batch_count(batches, max_batches)
+        source = ticked(counted, total, progress, RECALIBRATE)
+    stats, passes = precise_stats(model, source, modules, names, regime, train_mode, across)
     count = counted.count
     if across is not None:
         count, passes = across.total(count), across.total(passes)

@@ -100,6 +100,14 @@ class Progress:
         self.stream.flush()
         self.shown = True
 
+    def write(self, text: str) -> None:
+        """A log line while the bar may be shown: on a line of its own, the bar redrawn at the
+        next batch (a stream for the library's `log`)."""
+        self.close()
+        self.shown = False
+        self.stream.write(text)
+        self.stream.flush()
+
     def close(self) -> None:
         if self.shown:
             self.stream.write("\r\033[K")

@@ -15,6 +15,7 @@ from torch import nn
 
 from bnaudit.engine import audit
 from bnaudit.progress import Ticking
+from bnaudit.recalibrate import recalibrate
 from bnaudit.terminal import Progress
 from tests import labelled
 from tests.terminal import ANSI, run_on_pty
@@ -165,3 +166,39 @@ def test_the_bar_on_a_pty_covers_the_task_metric_passes(tmp_path: Path) -> None:
         assert any(f"] {stage} {total}/{total} batches, " in f for f in bars), (stage, bars)
     assert frames[-1] == ""  # cleared before the table is printed
     assert out.decode().splitlines()[-1].startswith("PASS")
+
+
+@pytest.mark.parametrize("regime", ["train", "eval"])
+def test_recalibration_ticks_each_of_its_passes(regime: str) -> None:
+    torch.manual_seed(0)
+    model = labelled.build().eval()
+    rec = Recorder(model)
+    r = recalibrate(model, labelled.loader(BATCHES * labelled.BATCH), regime=regime, progress=rec)
+    runs = passes(rec.ticks)
+    assert all(count == total == BATCHES for _, count, total in runs), runs
+    if regime == "train":  # one statistics pass, the batches streamed
+        assert [stage for stage, _, _ in runs] == ["recalibrate"]
+    else:  # a pass per BN depth, then one that confirms nothing moves
+        assert [s for s, _, _ in runs] == [
+            f"recalibrate, level {k}" for k in range(1, len(runs) + 1)
+        ]
+        assert len(runs) >= 3
+    assert rec.forwards == r.forward_passes == BATCHES * len(runs)
+
+
+def test_the_bar_on_a_pty_covers_recalibrate_and_its_audits(tmp_path: Path) -> None:
+    (tmp_path / "slow.py").write_text(SLOW)
+    ckpt = tmp_path / "m.pt"
+    torch.save(labelled.trained(frozen_stats=False).state_dict(), ckpt)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "100", "NO_COLOR": "1"}
+    cmd = [sys.executable, "-m", "bnaudit", "recalibrate", str(ckpt), "-o", tmp_path / "new.pt",
+           "--model", f"{tmp_path}/slow.py:build", "--data", f"{ROOT}/tests/labelled.py:loader",
+           "--force"]  # fmt: skip
+    frames, _ = run_on_pty(cmd, env, tmp_path)
+    bars = [f for f in frames if f.startswith("bnaudit: [")]
+    for stage in ("before: audit", "before: output impact, pass 1", "recalibrate", "after: audit"):
+        assert any(f"] {stage} 16/16 batches, " in f for f in bars), (stage, bars)
+    # the log line in the middle clears the bar first: on a line of its own
+    assert any(f.startswith("bnaudit: wrote ") for f in frames), frames
+    assert not any("batches, " in f and "wrote" in f for f in frames), frames
+    assert frames[-1] == ""  # cleared before the changes are printed
