@@ -84,6 +84,8 @@ class FoldWatch:
     Each conv/linear call keeps its input's first `FOLD_SAMPLES` samples while its output is
     alive and unused elsewhere; a BN that receives that output compares its own output with the
     folded conv's on them. Only pairs are judged: `results()` has nothing for another BN.
+    The BN layers' attributes are read when it is made (`Dataflow.attrs`): make it right before
+    the forward it watches.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -116,7 +118,7 @@ class FoldWatch:
             return
         conv = self.modules[conv_name]
         ref = out.detach()[:FOLD_SAMPLES]
-        w, b = folded(conv, LayerAttrs.of(bn))
+        w, b = folded(conv, self.flow.attrs.get(bn_name) or LayerAttrs.of(bn))
         with contextlib.suppress(RuntimeError, ValueError, IndexError):  # results() says why
             self.risks[bn_name] = _risk(w, b)
         rtol, atol = F.tolerance(ref.dtype)
