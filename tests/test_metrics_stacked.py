@@ -376,3 +376,19 @@ def test_synthetic_audit_is_the_reference(monkeypatch: pytest.MonkeyPatch) -> No
     for got, want in zip(fast.layers, slow.layers, strict=True):
         assert differing(got.metrics, want.metrics) == {}, got.name
         assert got.findings == want.findings
+
+
+@pytest.mark.parametrize("op", ["log", "sqrt", "exp", "rsqrt"])
+def test_float64_transcendentals_do_not_depend_on_the_position(op: str) -> None:
+    """What stacking rests on: each element gets the same bits alone (a 0-d tensor), in a
+    short vector (the scalar tail of a vectorised loop) and anywhere in a long one."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4099, generator=gen, dtype=torch.float64) * 20 - 10
+    x = x.abs() if op != "exp" else x
+    f = getattr(torch, op)
+    whole = f(x)
+    for size in (1, 3, 7, 64, 65):
+        parts = torch.cat([f(p.clone()) for p in x[:1300].split(size)])
+        assert torch.equal(parts.view(torch.int64), whole[:1300].view(torch.int64)), size
+    alone = torch.stack([f(v.clone()) for v in x[:300]])
+    assert torch.equal(alone.view(torch.int64), whole[:300].view(torch.int64))
