@@ -90,7 +90,13 @@ class Dataflow:
         self.modules = dict(model.named_modules())
         self.convs = {n: m for n, m in self.modules.items() if isinstance(m, FOLDABLE)}
         self.bns = dict(find_bn_layers(model))
-        self.unfoldable = {n: why for n, m in self.bns.items() if (why := _unfoldable(m))}
+        # Read once, before the forward watched: what the BN layers hold while it runs.
+        self.attrs = {
+            n: LayerAttrs.of(m)
+            for n, m in self.bns.items()
+            if getattr(m, "running_mean", None) is not None
+        }
+        self.unfoldable = {n: why for n in self.bns if (why := _unfoldable(self.attrs.get(n)))}
         self.keep, self.arrived = keep, arrived
         self.fx_users, self.note = _fx_users(model, self.modules)
         self._live: dict[int, tuple[weakref.ref, _Output]] = {}
@@ -337,11 +343,11 @@ class Dataflow:
         return conv, ""
 
 
-def _unfoldable(m: nn.Module) -> str:
-    """Why this BN layer cannot be folded whatever feeds it; "" when it can."""
-    if getattr(m, "running_mean", None) is None:
+def _unfoldable(a: LayerAttrs | None) -> str:
+    """Why this BN layer (its attributes, None without running stats) cannot be folded
+    whatever feeds it; "" when it can."""
+    if a is None:
         return "no running statistics to fold (track_running_stats=False)"
-    a = LayerAttrs.of(m)
     if a.kind is Kind.INSTANCE:
         return f"a {a.type_name} normalises each sample with its own statistics"
     if a.overrides_forward:
@@ -368,7 +374,8 @@ class _Tracer(torch.fx.Tracer):
     torch.nn, and tracing into them would hide them from the graph."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return layer_kind(m) is not None or super().is_leaf_module(m, qualname)
+        # torch.nn's own modules first: the cheaper test, true for most modules of a model
+        return super().is_leaf_module(m, qualname) or layer_kind(m) is not None
 
 
 def _fx_users(model: nn.Module, modules: dict[str, nn.Module]) -> tuple[dict | None, str]:

@@ -49,7 +49,7 @@ from bnaudit.layers import (
     find_bn_layers,
     preserved,
 )
-from bnaudit.metrics import measure
+from bnaudit.metrics import figures_of, measure
 from bnaudit.probe import Probe
 from bnaudit.progress import AUDIT, ProgressFn, Ticking, batch_count, impact_stage, one_stage
 from bnaudit.results import AuditReport, FailOn, LayerResult
@@ -295,6 +295,9 @@ def audit(
         "; the model holds it so (Module.type() converts every tensor, the counter included), "
         "read as the count it holds",
     )
+    figured = figures_of(
+        [(p.attrs, p.stats) for p in probes], t, options.regime, options.synthetic_data
+    )
     metrics = {
         p.name: measure(
             p.attrs,
@@ -307,8 +310,9 @@ def audit(
             eval_diagnosis=p.diagnosis["eval"],
             regime=options.regime,
             measured_at=p.measured_at,
+            figured=f,
         )
-        for p in probes
+        for p, f in zip(probes, figured, strict=True)
     }
     if folds is not None and count:
         notes.append(_fold_note(folds.pairs(), len(passes.layers)))

@@ -11,8 +11,11 @@ is more than that noise gives (`bnaudit.significance`).
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -125,7 +128,14 @@ def _first_argmax(values: list[float], finite: bool) -> int:
     return max(range(len(values)), key=values.__getitem__)
 
 
-def judged(r: RegimeStats, a: LayerAttrs, d: Drift, t: Thresholds, synthetic: bool) -> str:
+def judged(
+    r: RegimeStats,
+    a: LayerAttrs,
+    d: Drift,
+    t: Thresholds,
+    synthetic: bool,
+    judgeable: Callable[[int, int, float, float], bool] = S.judgeable,
+) -> str:
     """`JUDGED` when the stale comparison is meaningful, else why not (shown in the report)."""
     if not a.has_running_stats:
         return "n/a: no running stats"
@@ -140,7 +150,7 @@ def judged(r: RegimeStats, a: LayerAttrs, d: Drift, t: Thresholds, synthetic: bo
     if r.min_batch < t.min_batch:
         return f"no: batch size {r.min_batch} < {t.min_batch}"
     k, c = _batches(r), a.num_features
-    if k >= 2 and not S.judgeable(c, k, t.stale_z, t.stale_alpha):
+    if k >= 2 and not judgeable(c, k, t.stale_z, t.stale_alpha):
         # Even every channel off would be likely noise: say how many batches would do.
         least = S.fewest_batches(c, t.stale_z, t.stale_alpha)
         needs = f", needs K >= {least}" if least is not None else f" at stale_z {t.stale_z:g}"
@@ -150,6 +160,292 @@ def judged(r: RegimeStats, a: LayerAttrs, d: Drift, t: Thresholds, synthetic: bo
     if math.isnan(d.fraction):
         return "no: sample noise not measurable"
     return JUDGED
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What `measure` reads from a layer's tensors: its per-channel work reduced to numbers."""
+
+    stale: Drift
+    gap: Drift
+    stale_judged: str
+    gap_judged: str
+    jitter: float
+    observed: float
+    nonfinite_values: int
+    negative_var_channels: int
+    zero_var_channels: int
+    initial_stats: bool
+    max_amplification: float
+    maxima: tuple[float, ...]  # `_tracked` of each of `_trackers(s)`, in that order
+
+
+def _trackers(s: LayerStats) -> tuple[MaxTracker, ...]:
+    return (
+        *(s.train.err_abs, s.train.err_ratio, s.eval.err_abs, s.eval.err_ratio),
+        *(s.update.mean_ratio, s.update.var_ratio, s.update.mean_step, s.update.var_step),
+    )
+
+
+def _regimes(s: LayerStats, regime: str) -> tuple[RegimeStats, RegimeStats | None]:
+    """(what the running stats should describe, the eval-mode input for the gap or None)."""
+    return (s.eval, None) if regime == "eval" else (s.train, s.eval)
+
+
+def figures(
+    a: LayerAttrs,
+    s: LayerStats,
+    t: Thresholds,
+    regime: str = "train",
+    synthetic: bool = False,
+    judgeable: Callable[[int, int, float, float], bool] = S.judgeable,
+) -> Figures:
+    """One layer's figures, one tensor operation after another (`figures_of` stacks layers)."""
+    described, eval_input = _regimes(s, regime)
+    stale = drift(described, a, t)
+    gap = drift(eval_input, a, t) if eval_input is not None else Drift()
+    gap_judged = "n/a: regime eval"
+    if eval_input is not None:
+        gap_judged = judged(eval_input, a, gap, t, synthetic, judgeable)
+    nbt = a.num_batches_tracked or 0
+    jitter = NAN
+    observed = NAN
+    if a.has_running_stats:
+        assert a.running_var is not None
+        run_sd = (a.running_var.clamp_min(0) + a.eps).sqrt()
+        v_mean = s.train.batch_means.variance()
+        if v_mean is not None:
+            jitter = float((F.ema_jitter_var(v_mean, a.momentum, nbt).sqrt() / run_sd).median())
+        if s.train.biased_vars.mean is not None:
+            ratio = a.running_var / s.train.biased_vars.mean
+            observed = float(ratio.log().median().exp()) if bool((ratio > 0).all()) else NAN
+    return Figures(
+        stale=stale,
+        gap=gap,
+        stale_judged=judged(described, a, stale, t, synthetic, judgeable),
+        gap_judged=gap_judged,
+        jitter=jitter,
+        observed=observed,
+        nonfinite_values=_count_nonfinite(a),
+        negative_var_channels=_count(a.running_var, lambda v: v < 0),
+        zero_var_channels=_count(a.running_var, lambda v: v == 0),
+        initial_stats=_initial(a),
+        max_amplification=(
+            _max(F.amplification(a.weight, a.running_var, a.eps))
+            if a.running_var is not None
+            else NAN
+        ),
+        maxima=tuple(_tracked(m) for m in _trackers(s)),
+    )
+
+
+def figures_of(
+    layers: Sequence[tuple[LayerAttrs, LayerStats]],
+    t: Thresholds,
+    regime: str = "train",
+    synthetic: bool = False,
+) -> list[Figures]:
+    """Every layer's `figures`, layers alike (`_stack_key`) stacked into [L, C] tensors.
+
+    A layer's figures cost a few dozen tensor operations of a few µs each, whatever its width:
+    on many narrow layers (a 400-layer BatchNorm1d MLP) that was most of the work after the
+    passes. The stacked operations are the same ones, row by row: elementwise with the same
+    Python scalars (torch's float64 log, sqrt, exp and rsqrt give each element the same bits
+    wherever it sits in a tensor: vectorised, tail included), and reductions along the channels
+    that select a value (max, median, argmax) or count. tests/test_metrics_stacked.py compares
+    every field with `figures` bit for bit.
+    """
+    # Layers share a few (C, K) and off counts: the significance figures are computed once each.
+    judgeable = functools.lru_cache(maxsize=None)(S.judgeable)
+    noise_p = functools.lru_cache(maxsize=None)(S.noise_p)
+    out: list[Figures | None] = [None] * len(layers)
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (a, s) in enumerate(layers):
+        key = _stack_key(a, s, regime)
+        if key is None:
+            out[i] = figures(a, s, t, regime, synthetic, judgeable)
+        else:
+            groups.setdefault(key, []).append(i)
+    for same in groups.values():
+        if len(same) == 1:
+            i = same[0]
+            out[i] = figures(*layers[i], t, regime, synthetic, judgeable)
+            continue
+        got = _stacked([layers[i] for i in same], t, regime, synthetic, judgeable, noise_p)
+        for i, f in zip(same, got, strict=True):
+            out[i] = f
+    return out  # type: ignore[return-value]
+
+
+def _stack_key(a: LayerAttrs, s: LayerStats, regime: str) -> tuple[Any, ...] | None:
+    """What layers stacked together share: width, device, every Python scalar of the formulas
+    and which accumulators exist. None: a layer `_stacked` does not handle (no running stats,
+    a regime without two batches, ...), measured on its own."""
+    c = a.num_features
+    if not a.has_running_stats or c < 1:
+        return None
+    assert a.running_mean is not None and a.running_var is not None
+    device = a.running_mean.device
+    described, eval_input = _regimes(s, regime)
+    drifts = [r for r in (described, eval_input) if r is not None]
+    moments = [m for r in drifts for m in (r.batch_means, r.batch_vars)]
+    if any(m.mean is None or m.m2 is None or m.count <= 1 for m in moments):
+        return None
+    train_means, biased = s.train.batch_means, s.train.biased_vars
+    maxima = [m.value for m in _trackers(s)]
+    tensors = [a.running_mean, a.running_var, a.weight, a.bias, biased.mean, *maxima]
+    tensors += [train_means.mean, train_means.m2]
+    tensors += [t for m in moments for t in (m.mean, m.m2)]
+    for v in tensors:
+        if v is not None and (v.dtype != torch.float64 or v.shape != (c,) or v.device != device):
+            return None
+    return (
+        *(c, device, a.eps, a.momentum, a.num_batches_tracked or 0),
+        *(a.weight is None, a.bias is None, biased.mean is None),
+        train_means.count if train_means.m2 is not None else None,
+        tuple(m.count for m in moments),
+        tuple(v is None for v in maxima),
+    )
+
+
+def _stacked(
+    layers: list[tuple[LayerAttrs, LayerStats]],
+    t: Thresholds,
+    regime: str,
+    synthetic: bool,
+    judgeable: Callable[[int, int, float, float], bool],
+    noise_p: Callable[[int, int, int, float], float],
+) -> list[Figures]:
+    """`figures` of layers that share a `_stack_key`, each tensor operation run once on all."""
+    a0, s0 = layers[0]
+    eps, nbt = a0.eps, a0.num_batches_tracked or 0
+
+    def rows(get: Callable[[LayerAttrs, LayerStats], Tensor | None]) -> Tensor:
+        return torch.stack([get(a, s) for a, s in layers])  # type: ignore[misc]
+
+    mean, var = rows(lambda a, s: a.running_mean), rows(lambda a, s: a.running_var)
+    eval_input = _regimes(s0, regime)[1]
+    stale = _drifts(layers, lambda s: _regimes(s, regime)[0], mean, var, a0, t, noise_p)
+    if eval_input is not None:
+        gap = _drifts(layers, lambda s: s.eval, mean, var, a0, t, noise_p)
+    else:
+        gap = [Drift()] * len(layers)
+    numbers: list[Tensor] = []  # [L] rows of float figures, read out once
+    train_means = s0.train.batch_means
+    if train_means.variance() is not None:
+        v_mean = rows(lambda a, s: s.train.batch_means.m2) / (train_means.count - 1)
+        run_sd = (var.clamp_min(0) + eps).sqrt()
+        jitter = (F.ema_jitter_var(v_mean, a0.momentum, nbt).sqrt() / run_sd).median(1).values
+    else:
+        jitter = torch.full((len(layers),), NAN, dtype=torch.float64)
+    if s0.train.biased_vars.mean is not None:
+        ratio = var / rows(lambda a, s: s.train.biased_vars.mean)
+        observed = ratio.log().median(1).values.exp()
+        observed = torch.where((ratio > 0).all(1), observed, NAN)
+    else:
+        observed = torch.full((len(layers),), NAN, dtype=torch.float64)
+    weight = rows(lambda a, s: a.weight) if a0.weight is not None else None
+    bias = rows(lambda a, s: a.bias) if a0.bias is not None else None
+    numbers += [jitter, observed, F.amplification(weight, var, eps).amax(1)]
+    present = [i for i, m in enumerate(_trackers(s0)) if m.value is not None]
+    trackers = [_trackers(s) for _, s in layers]
+    for j in present:
+        numbers.append(torch.stack([m[j].value for m in trackers]).amax(1))  # type: ignore[misc]
+    floats = torch.stack(numbers).T.tolist()
+    nonfinite = sum((~torch.isfinite(v)).sum(1) for v in (weight, bias, mean, var) if v is not None)
+    counts = torch.stack([nonfinite, (var < 0).sum(1), (var == 0).sum(1)]).T.tolist()
+    initial = ((mean == 0).all(1) & (var == 1).all(1)).tolist()
+    out = []
+    for i, (a, s) in enumerate(layers):
+        jit, obs, amp, *tracked = floats[i]
+        maxima_i = [NAN] * 8
+        for j, value in zip(present, tracked, strict=True):
+            maxima_i[j] = value
+        described = _regimes(s, regime)[0]
+        gap_judged = "n/a: regime eval"
+        if eval_input is not None:
+            gap_judged = judged(s.eval, a, gap[i], t, synthetic, judgeable)
+        out.append(
+            Figures(
+                stale=stale[i],
+                gap=gap[i],
+                stale_judged=judged(described, a, stale[i], t, synthetic, judgeable),
+                gap_judged=gap_judged,
+                jitter=jit,
+                observed=obs,
+                nonfinite_values=counts[i][0],
+                negative_var_channels=counts[i][1],
+                zero_var_channels=counts[i][2],
+                initial_stats=initial[i],
+                max_amplification=amp,
+                maxima=tuple(maxima_i),
+            )
+        )
+    return out
+
+
+def _drifts(
+    layers: list[tuple[LayerAttrs, LayerStats]],
+    regime_of: Callable[[LayerStats], RegimeStats],
+    running_mean: Tensor,
+    running_var: Tensor,
+    a0: LayerAttrs,
+    t: Thresholds,
+    noise_p: Callable[[int, int, int, float], float],
+) -> list[Drift]:
+    """`drift` of stacked layers: the torch formulation (tests/test_metrics_exact.py) by rows."""
+    regimes = [regime_of(s) for _, s in layers]
+    r0 = regimes[0]
+    k, c, eps, nbt = r0.batch_means.count, a0.num_features, a0.eps, a0.num_batches_tracked or 0
+
+    def rows(get: Callable[[RegimeStats], Tensor | None]) -> Tensor:
+        return torch.stack([get(r) for r in regimes])  # type: ignore[misc]
+
+    run_var = running_var.clamp_min(0) + eps
+    diff = (rows(lambda r: r.batch_means.mean) - running_mean).abs()
+    shift = diff / run_var.sqrt()
+    var = rows(lambda r: r.batch_vars.mean)
+    log_var = ((var + eps) / run_var).log()
+    finite = (torch.isfinite(shift).all(1) & torch.isfinite(log_var).all(1)).tolist()
+    v_mean = rows(lambda r: r.batch_means.m2) / (r0.batch_means.count - 1)
+    v_var = rows(lambda r: r.batch_vars.m2) / (r0.batch_vars.count - 1)
+    sd_mean = (v_mean / k + F.ema_jitter_var(v_mean, a0.momentum, nbt)).sqrt()
+    sd_log_var = (v_var / k + F.ema_jitter_var(v_var, a0.momentum, nbt)).sqrt() / (var + eps)
+    size = log_var.abs()
+    off_mean = (shift > t.stale_shift) & (diff > t.stale_z * sd_mean)
+    off_var = (size > t.stale_log_var) & (size > t.stale_z * sd_log_var)
+    off = (off_mean | off_var).sum(1).tolist()
+    badness = torch.maximum(shift / t.stale_shift, size / t.stale_log_var)
+    worst = size.nan_to_num(math.inf).argmax(1, keepdim=True)
+    floats = torch.stack(
+        [
+            shift.amax(1),
+            shift.median(1).values,
+            log_var.gather(1, worst)[:, 0],
+            log_var.median(1).values,
+        ]
+    ).T.tolist()
+    channel = torch.nan_to_num(badness, nan=math.inf).argmax(1).tolist()
+    kk = _batches(r0)
+    out = []
+    for i, (shift_max, shift_median, log_var_max, log_var_median) in enumerate(floats):
+        fraction = p = NAN
+        if finite[i]:
+            fraction = off[i] / c
+            p = noise_p(off[i], c, kk, t.stale_z)
+        out.append(
+            Drift(
+                shift_max=shift_max,
+                shift_median=shift_median,
+                log_var_max=log_var_max,
+                log_var_median=log_var_median,
+                fraction=fraction,
+                p=p,
+                channel=channel[i],
+                finite=finite[i],
+            )
+        )
+    return out
 
 
 def measure(
@@ -164,32 +460,33 @@ def measure(
     eval_diagnosis: Diagnosis | None = None,
     regime: str = "train",
     measured_at: str = "",
+    figured: Figures | None = None,
 ) -> LayerMetrics:
     """All metrics of one layer.
 
     `regime` says which inputs the running stats should describe: "train" (a running average
     of train-mode batches, the default) or "eval" (a model recalibrated for deployment with
     `--regime eval`): staleness is then judged on the eval-mode input, and there is no gap.
+    `figured`: the layer's `figures` (with the same `regime` and `synthetic`), when
+    `figures_of` computed them with other layers'.
     """
-    described = s.eval if regime == "eval" else s.train
-    stale = drift(described, a, t)
-    gap = drift(s.eval, a, t) if regime == "train" else Drift()
+    f = figured if figured is not None else figures(a, s, t, regime, synthetic)
+    stale, gap = f.stale, f.gap
     n = s.train.min_n or s.eval.min_n
     bessel = F.bessel(n) if n else NAN
     nbt = a.num_batches_tracked or 0
-    jitter = NAN
-    observed = NAN
-    if a.has_running_stats:
-        assert a.running_var is not None
-        run_sd = (a.running_var.clamp_min(0) + a.eps).sqrt()
-        v_mean = s.train.batch_means.variance()
-        if v_mean is not None:
-            jitter = float((F.ema_jitter_var(v_mean, a.momentum, nbt).sqrt() / run_sd).median())
-        if s.train.biased_vars.mean is not None:
-            ratio = a.running_var / s.train.biased_vars.mean
-            observed = float(ratio.log().median().exp()) if bool((ratio > 0).all()) else NAN
     train_why = _explanation(train_diagnosis)
     eval_why = _explanation(eval_diagnosis)
+    (
+        recon_train_max_err,
+        recon_train_ratio,
+        recon_eval_max_err,
+        recon_eval_ratio,
+        update_mean_ratio,
+        update_var_ratio,
+        step_shift,
+        step_log_var,
+    ) = f.maxima
     return LayerMetrics(
         kind=a.kind.value,
         channels=a.num_features,
@@ -200,24 +497,20 @@ def measure(
         num_batches_tracked=a.num_batches_tracked,
         dtype=str(a.dtype).removeprefix("torch."),
         buffer_dtype="" if a.buffer_dtype is None else str(a.buffer_dtype).removeprefix("torch."),
-        nonfinite_values=_count_nonfinite(a),
-        negative_var_channels=_count(a.running_var, lambda v: v < 0),
-        zero_var_channels=_count(a.running_var, lambda v: v == 0),
-        initial_stats=_initial(a),
-        max_amplification=(
-            _max(F.amplification(a.weight, a.running_var, a.eps))
-            if a.running_var is not None
-            else NAN
-        ),
+        nonfinite_values=f.nonfinite_values,
+        negative_var_channels=f.negative_var_channels,
+        zero_var_channels=f.zero_var_channels,
+        initial_stats=f.initial_stats,
+        max_amplification=f.max_amplification,
         calls=s.train.calls,
         values_per_channel=n,
         batch_size=s.train.min_batch,
         nonfinite_inputs=nonfinite_inputs,
         nonfinite_outputs=nonfinite_outputs,
-        recon_train_max_err=_tracked(s.train.err_abs),
-        recon_train_ratio=_tracked(s.train.err_ratio),
-        recon_eval_max_err=_tracked(s.eval.err_abs),
-        recon_eval_ratio=_tracked(s.eval.err_ratio),
+        recon_train_max_err=recon_train_max_err,
+        recon_train_ratio=recon_train_ratio,
+        recon_eval_max_err=recon_eval_max_err,
+        recon_eval_ratio=recon_eval_ratio,
         recon_train_explanation=train_why.label,
         recon_train_explanation_key=train_why.key,
         recon_train_explanation_err=train_why.max_err,
@@ -226,8 +519,8 @@ def measure(
         recon_eval_explanation_key=eval_why.key,
         recon_eval_explanation_err=eval_why.max_err,
         recon_eval_explanation_ratio=eval_why.ratio,
-        update_mean_ratio=_tracked(s.update.mean_ratio),
-        update_var_ratio=_tracked(s.update.var_ratio),
+        update_mean_ratio=update_mean_ratio,
+        update_var_ratio=update_var_ratio,
         update_count_errors=s.update.count_errors,
         stale_shift_max=stale.shift_max,
         stale_shift_median=stale.shift_median,
@@ -236,17 +529,15 @@ def measure(
         stale_fraction=stale.fraction,
         stale_p=stale.p,
         stale_channel=stale.channel,
-        stale_judged=judged(described, a, stale, t, synthetic),
+        stale_judged=f.stale_judged,
         gap_shift_max=gap.shift_max,
         gap_log_var_max=gap.log_var_max,
         gap_fraction=gap.fraction,
         gap_p=gap.p,
         gap_channel=gap.channel,
-        gap_judged=judged(s.eval, a, gap, t, synthetic)
-        if regime == "train"
-        else "n/a: regime eval",
+        gap_judged=f.gap_judged,
         bessel_factor=bessel,
-        var_ratio_observed=observed,
+        var_ratio_observed=f.observed,
         eval_scale=1 / math.sqrt(bessel) if n > 1 else NAN,
         # An unknown momentum (a bare state dict) leaves the momentum figures unmeasured.
         init_weight=(
@@ -255,9 +546,9 @@ def measure(
             else NAN
         ),
         ema_window=F.ema_window(a.momentum, nbt) if a.momentum_known else NAN,
-        ema_jitter=jitter,
-        step_shift=_tracked(s.update.mean_step),
-        step_log_var=_tracked(s.update.var_step),
+        ema_jitter=f.jitter,
+        step_shift=step_shift,
+        step_log_var=step_log_var,
         counter_problem=a.counter_problem,
         measured_at=measured_at,
     )
