@@ -8,7 +8,8 @@ again only to compile or load another signature. Those pages are clean copies of
 dropping them from this process (MADV_DONTNEED) loses nothing: a later use faults them back in
 from the page cache, where they stay (what falls is the process's RSS, not the machine's page
 cache). Only mappings that are not writable and hold no private (dirty or anonymous) page are
-dropped: DONTNEED on a written private page would lose the write, e.g. relocated data.
+dropped: DONTNEED on a written private page would lose the write, e.g. relocated data (a
+file's page-cache pages not yet written back to disk count as dirty too, and are kept).
 
 Linux only (/proc/self/smaps, madvise through libc); elsewhere, and on any failure, nothing is
 done.
