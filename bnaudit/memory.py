@@ -43,18 +43,22 @@ class Mapping:
         return "w" not in self.perms and all(self.counters.get(k, 1) == 0 for k in private)
 
 
-def parse_smaps(text: str) -> list[Mapping]:
-    """The mappings of an smaps text, each with its KiB counters."""
+def parse_smaps(text: str, within: str = "") -> list[Mapping]:
+    """The mappings of an smaps text, each with its KiB counters; with `within`, only those
+    whose path contains it (the others' counters are not parsed: a process has hundreds)."""
     maps: list[Mapping] = []
+    wanted = False
     for line in text.splitlines():
         fields = line.split()
         if not fields:
             continue
         if not fields[0].endswith(":") and "-" in fields[0] and len(fields) >= 5:
-            start, end = (int(v, 16) for v in fields[0].split("-"))
             path = " ".join(fields[5:])
-            maps.append(Mapping(start, end, fields[1], path, {}))
-        elif maps and fields[0].endswith(":") and len(fields) >= 2 and fields[1].isdigit():
+            wanted = within in path
+            if wanted:
+                start, end = (int(v, 16) for v in fields[0].split("-"))
+                maps.append(Mapping(start, end, fields[1], path, {}))
+        elif wanted and fields[0].endswith(":") and len(fields) >= 2 and fields[1].isdigit():
             maps[-1].counters[fields[0][:-1]] = int(fields[1])
     return maps
 
@@ -72,7 +76,7 @@ def release_clean_pages(library: str) -> int:
     if not sys.platform.startswith("linux"):
         return 0
     try:
-        maps = parse_smaps(Path("/proc/self/smaps").read_text())
+        maps = parse_smaps(Path("/proc/self/smaps").read_text(), library)
         libc = ctypes.CDLL(None, use_errno=True)
         madvise = libc.madvise
     except (OSError, AttributeError):

@@ -71,6 +71,7 @@ def test_only_clean_resident_mappings_of_the_named_file_are_chosen() -> None:
     chosen = memory.clean_code(maps, "libx.so")
     # Not the relocated (dirty) data, the writable segment, another file, a mapping whose
     # counters are missing, nor one with nothing resident.
+    assert memory.parse_smaps(SMAPS, "dir with") == [maps[5]]
     assert [(m.start, m.perms) for m in chosen] == [
         (0x7F0000000000, "r--p"),
         (0x7F0000001000, "r-xp"),
