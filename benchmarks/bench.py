@@ -47,6 +47,7 @@ ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
 import costs  # noqa: E402  (needs the path above)
+import memory_stages  # noqa: E402
 import models  # noqa: E402
 
 TARGET_TIME = 1.25  # audit / plain passes
@@ -303,7 +304,8 @@ def peak_rss(
     shape: tuple[int, ...] | None = None,
 ) -> float:
     """Peak RSS (MiB) of a fresh process: `idle` (model loaded), `plain` (+ one eval forward of
-    one batch) or `audit` (+ an audit of `batches` batches, made one at a time)."""
+    one batch), `passes` (+ the audit's forward passes without hooks, `plain_passes`) or `audit`
+    (+ an audit of `batches` batches, made one at a time)."""
     dims = "x".join(map(str, shape or case.shape))
     cmd = [sys.executable, str(Path(__file__).resolve()), "_rss", case.factory]
     cmd += [str(folder / f"{case.name}.pt"), dims, mode, str(batches)]
@@ -595,6 +597,7 @@ class Results:
     command: str
     elapsed: float = 0.0
     costs: list[str] = dataclasses.field(default_factory=list)  # costs.render's sections
+    memory: list[str] = dataclasses.field(default_factory=list)  # memory_stages.render's
 
     def render(self) -> str:
         cases = self.cases
@@ -628,8 +631,10 @@ class Results:
                 c.name,
                 f"{self.rss[c.name]['idle']:.0f}",
                 f"{self.rss[c.name]['plain']:.0f}",
+                f"{self.rss[c.name]['passes']:.0f}",
                 f"{self.rss[c.name]['audit']:.0f} ({c.batches} batches)",
                 f"**{self.rss[c.name]['audit'] / self.rss[c.name]['plain']:.2f}**",
+                f"{self.rss[c.name]['audit'] / self.rss[c.name]['passes']:.2f}",
             ]
             for c in cases
         ]
@@ -719,14 +724,25 @@ class Results:
             "## Peak memory (RSS), a fresh process per measurement",
             "",
             "`idle`: Python, torch and the model loaded. `plain`: plus one eval forward of one "
-            "batch under `torch.no_grad`. `audit`: plus `bnaudit.audit` on the batches, made one "
-            "at a time. Peak = VmHWM of the process.",
+            "batch under `torch.no_grad`. `plain passes`: instead, the forward passes the audit "
+            "makes, without hooks (per batch eval and train mode, then eval again). `audit`: "
+            "plus `bnaudit.audit` on the batches, made one at a time. Peak = VmHWM of the "
+            "process.",
             "",
             table(
-                ["model", "idle MiB", "plain eval forward MiB", "audit MiB", "audit / plain"],
+                [
+                    "model",
+                    "idle MiB",
+                    "plain eval forward MiB",
+                    "plain passes MiB",
+                    "audit MiB",
+                    "audit / plain",
+                    "audit / plain passes",
+                ],
                 rss_rows,
             ),
             "",
+            *self.memory,
             f"## Growth with the number of batches ({g.name}, {_dims(g.shape)})",
             "",
             table(
@@ -844,6 +860,12 @@ def main(argv: list[str] | None = None) -> None:
         help="size of the static audit's generated checkpoint (200M, 2G) [default: 2G]",
     )
     parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="run only the peak-memory measurements of --models and print them (RESULTS.md is "
+        "left alone)",
+    )
+    parser.add_argument(
         "--static-only",
         action="store_true",
         help="run only the static audit and print its section (RESULTS.md is left alone)",
@@ -870,6 +892,9 @@ def main(argv: list[str] | None = None) -> None:
         every = tuple(Case(c.name, c.factory, QUICK_SHAPES[c.name], 2, c.what) for c in CASES)
         depths = DEPTHS[:3]
     cases = tuple(c for c in every if c.name in names)
+    if args.memory_only:
+        print("\n".join(memory_only(cases, env)))
+        return
     head = machine(args.threads)
     inproc, procs, rss, profiles = {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="bnaudit-bench-") as tmp:
@@ -885,10 +910,7 @@ def main(argv: list[str] | None = None) -> None:
             log(f"{case.name}: time of whole processes")
             procs[case.name] = time_processes(case, folder, env, args.process_repeats)
             log(f"{case.name}: peak memory")
-            rss[case.name] = {
-                mode: peak_rss(case, folder, env, mode, case.batches)
-                for mode in ("idle", "plain", "audit")
-            }
+            rss[case.name] = peak_memory(case, folder, env)
             log(f"{case.name}: profile")
             profiles[case.name] = profile_audit(model, batches)
         growth = next(c for c in every if c.name == GROWTH_CASE)
@@ -913,9 +935,49 @@ def main(argv: list[str] | None = None) -> None:
         head, cases, inproc, procs, rss, profiles, growth, by_batches, by_depth, static, command
     )
     results.costs = costs.render(recal, tiny, cold, met, table, TARGET_TIME)
+    results.memory = memory_stages.render(
+        sys.modules[__name__], cases, {c.name: rss[c.name]["stages"] for c in cases}
+    )
     results.elapsed = time.perf_counter() - started
     args.out.write_text(results.render() + "\n" + kept)
     log(f"wrote {args.out} in {results.elapsed:.0f} s")
+
+
+def peak_memory(case: Case, folder: Path, env: dict[str, str]) -> dict[str, Any]:
+    """The peak RSS of each mode (MiB), and under "stages" the audit's stages."""
+    got: dict[str, Any] = {
+        mode: peak_rss(case, folder, env, mode, case.batches)
+        for mode in ("idle", "plain", "passes", "audit")
+    }
+    got["stages"] = memory_stages.measure(sys.modules[__name__], case, folder, env)
+    return got
+
+
+def memory_only(cases: tuple[Case, ...], env: dict[str, str]) -> list[str]:
+    """--memory-only: the peak-memory table and the stages of `cases`, as RESULTS.md has them."""
+    rows, stages = [], {}
+    with tempfile.TemporaryDirectory(prefix="bnaudit-bench-") as tmp:
+        folder = Path(tmp)
+        for case in cases:
+            log(f"{case.name}: building and calibrating")
+            torch.save(build(case.factory, case.shape).state_dict(), folder / f"{case.name}.pt")
+            log(f"{case.name}: peak memory")
+            got = peak_memory(case, folder, env)
+            stages[case.name] = got["stages"]
+            rows.append(
+                [
+                    case.name,
+                    *(f"{got[m]:.0f}" for m in ("idle", "plain", "passes", "audit")),
+                    f"**{got['audit'] / got['plain']:.2f}**",
+                    f"{got['audit'] / got['passes']:.2f}",
+                ]
+            )
+    head = ["model", "idle", "plain eval forward", "plain passes", "audit"]
+    return [
+        table([*head, "audit / plain", "audit / plain passes"], rows),
+        "",
+        *memory_stages.render(sys.modules[__name__], cases, stages),
+    ]
 
 
 # --- child processes ------------------------------------------------------------------------
@@ -936,6 +998,8 @@ def child_rss(factory: str, ckpt: str, shape: str, mode: str, count: str) -> Non
     if mode == "plain":
         with torch.no_grad():
             model(next(batches_of(dims, 1, seed=2)))
+    elif mode == "passes":
+        plain_passes(model, list(batches_of(dims, int(count), seed=2)))
     elif mode == "audit":
         import bnaudit
 
@@ -970,6 +1034,8 @@ if __name__ == "__main__":
         child_plain(*sys.argv[2:])
     elif len(sys.argv) > 1 and sys.argv[1] == "_rss":
         child_rss(*sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_stages":
+        memory_stages.child_stages(sys.modules[__name__], *sys.argv[2:])
     elif len(sys.argv) > 1 and sys.argv[1] == "_update_bn":
         costs.child_update_bn(*sys.argv[2:])
     else:

@@ -110,3 +110,22 @@ def test_static_runs_the_quick_look_without_a_report(bench) -> None:
     assert bench.STATIC_RUNS["table (no hash)"] == []
     assert "--json" in bench.STATIC_RUNS["--json (hashed)"]
     assert "--no-hash" not in bench.STATIC_RUNS["--json (hashed)"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc/self/status")
+def test_memory_stages_reset_the_peak_between_stages(bench) -> None:
+    stages = bench.memory_stages.Stages()
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, resident
+    del big
+    stages.mark("with a 64 MiB tensor")
+    stages.mark("without")
+    first, second = stages.rows
+    if not stages.resets:
+        pytest.skip("this kernel cannot reset VmHWM (/proc/self/clear_refs)")
+    assert first["peak"] >= first["rss"] + 60 > second["peak"] + 50
+    text = "\n".join(
+        bench.memory_stages.render(bench, (bench.CASES[0],), {bench.CASES[0].name: {
+            "stages": stages.rows, "resets": True}})
+    )  # fmt: skip
+    assert f"| {bench.CASES[0].name} | without | {second['peak']:.0f} |" in text
+    assert "not reset between stages" not in text
