@@ -13,8 +13,6 @@ so verdicts never depend on which of the two ran.
 Compiled kernels are cached on disk: in `$NUMBA_CACHE_DIR` when it is set, else in
 `~/.cache/bnaudit/numba` (`$XDG_CACHE_HOME/bnaudit/numba`). A cold cache costs a few seconds of
 compilation once; keep that folder between CI runs. `BNAUDIT_KERNEL=torch` turns the kernel off.
-Loading makes both single-thread kernels' first calls, then hands LLVM's clean code pages
-back to the system (`bnaudit.memory`: ~90 MiB of resident memory).
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ import torch
 from torch import Tensor
 
 from bnaudit import formulas as F
-from bnaudit import memory
 
 KERNEL_ENV = "BNAUDIT_KERNEL"  # "torch": always the float64 blocks, never the numba kernel
 # float16 and bfloat16 are converted to float32 (exact) before the kernel: numba has no
@@ -114,32 +111,11 @@ def _load() -> ModuleType | None:
         config.CACHE_DIR = str(cache_dir())
     try:
         from bnaudit import fused_kernels
-
-        _warm(fused_kernels)
     except Exception:  # no usable cache folder, an LLVM problem: the torch path still works
         return None
     finally:
         config.CACHE_DIR = before
-    # LLVM's code has done its work once both kernels are loaded: its clean pages (~90 MiB
-    # resident, a fixed cost larger than the audit's state) leave this process.
-    try:
-        from llvmlite.utils import get_library_name
-    except ImportError:  # another llvmlite layout: keep the pages
-        return fused_kernels
-    memory.release_clean_pages(get_library_name())
     return fused_kernels
-
-
-def _warm(k: ModuleType) -> None:
-    """Load both single-thread kernels (one signature each) from the cache now, on tiny
-    arrays: a first call is what makes LLVM link them; the parallel kernel loads when a call
-    needs it."""
-    x = np.zeros(4, dtype=np.float32)
-    c = np.ones(2)
-    out = np.empty((4, 2))
-    k.measure_rows(x, x, 2, 2, 1, c, c, c, c, c, True, 1e-5, 1e-5, out)
-    k.measure_inner(x.reshape(2, 2), x.reshape(2, 2), c, c, c, c, c, True, 1e-5, 1e-5, 0.0, out,
-                    np.empty((9, 2)))  # fmt: skip
 
 
 def _kernel_measure(
