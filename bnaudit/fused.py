@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,16 +35,30 @@ KERNEL_ENV = "BNAUDIT_KERNEL"  # "torch": always the float64 blocks, never the n
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@dataclass(frozen=True)
-class Measured:
-    """One call, per channel (float64, [C]); `finite` and `worst` decide the path taken."""
+class Measured(NamedTuple):
+    """One call, per channel: `block` is float64 [4, C], the batch mean and biased variance of
+    x, max |y − ref| and max |y − ref| / tolerance (kept as one tensor: the rows take it as
+    it is, `bnaudit.rows`); `finite` and `worst` decide the path taken."""
 
-    mean: Tensor  # batch mean of x
-    var: Tensor  # biased batch variance of x
-    err: Tensor  # max |y − ref|
-    ratio: Tensor  # max |y − ref| / tolerance
+    block: Tensor
     finite: bool  # x, its moments and every error are finite
     worst: float  # the largest ratio
+
+    @property
+    def mean(self) -> Tensor:
+        return self.block[0]
+
+    @property
+    def var(self) -> Tensor:
+        return self.block[1]
+
+    @property
+    def err(self) -> Tensor:
+        return self.block[2]
+
+    @property
+    def ratio(self) -> Tensor:
+        return self.block[3]
 
 
 def measure(
@@ -69,7 +83,8 @@ def measure(
     err, ratio = F.reconstruction_error(x, y, ref_mean, ref_var, weight, bias, eps, dtype, rounding)
     # One synchronisation: is everything finite, and how far is the worst value?
     probe, worst = torch.stack((mean.sum() + var.sum() + err.sum(), ratio.amax())).tolist()
-    return Measured(mean, var, err, ratio, math.isfinite(probe), worst)
+    block = torch.stack((mean, var, err, ratio)).double()
+    return Measured(block, math.isfinite(probe), worst)
 
 
 def moments(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -144,37 +159,46 @@ def _kernel_measure(
     k = kernels()
     if k is None:
         return None
-    b, c = x.shape[0], x.shape[1]
-    xs = _flat(x)
-    ys = _flat(y) if y is not None else xs[:0]
+    c = x.shape[1]
     w = _per_channel(weight, c, 1.0)
     args = (w, _per_channel(bias, c, 0.0), _per_channel(eps, c, 0.0))
     rmean, rvar = (w, w) if running is None else (running[0].numpy(), running[1].numpy())
+    u = F.sum_roundoff(x) if layout == "inner" else 0.0  # allowed for with batch statistics
+    return _run(k, layout, x, y, args, rmean, rvar, running is None, dtype, u)
+
+
+def _run(
+    k: ModuleType,
+    layout: str,
+    x: Tensor,
+    y: Tensor | None,
+    args: tuple[np.ndarray, np.ndarray, np.ndarray],
+    rmean: np.ndarray,
+    rvar: np.ndarray,
+    batch: bool,
+    dtype: torch.dtype,
+    u: float,
+) -> Measured:
+    """One kernel call on x and y (None: the moments only), their layout checked; the
+    kernels read them in memory order through their addresses, float32 (float16 and
+    bfloat16 are converted first, exactly, keeping the memory format)."""
+    b, c = x.shape[0], x.shape[1]
+    x32 = x if x.dtype is torch.float32 else x.float()
+    y32 = x32 if y is None else y if y.dtype is torch.float32 else y.float()
+    n, ny = x32.numel(), 0 if y is None else y32.numel()
     rtol, atol = F.tolerance(dtype)
-    out = np.empty((4, c))
+    out = torch.empty((4, c), dtype=torch.float64)
     if layout == "rows":
         probe, worst = _rows_kernel(k, x)(
-            xs, ys, b, c, x.numel() // (b * c), *args, rmean, rvar, running is None, rtol, atol, out
-        )
+            x32.data_ptr(), y32.data_ptr(), n, ny, b, c, n // (b * c), *args, rmean, rvar,
+            batch, rtol, atol, out.data_ptr(),
+        )  # fmt: skip
     else:
-        work = np.empty((9, c))
-        u = F.sum_roundoff(x)  # the kernel allows for it with the batch statistics
-        shape = (x.numel() // c, c)
         probe, worst = k.measure_inner(
-            xs.reshape(shape),
-            ys.reshape(shape if y is not None else (0, c)),
-            *args,
-            rmean,
-            rvar,
-            running is None,
-            rtol,
-            atol,
-            u,
-            out,
-            work,
-        )
-    mean, var, err, ratio = torch.from_numpy(out).unbind(0)
-    return Measured(mean, var, err, ratio, math.isfinite(probe), worst)
+            x32.data_ptr(), y32.data_ptr(), n // c, ny // c, c, *args, rmean, rvar, batch,
+            rtol, atol, u, out.data_ptr(), np.empty((9, c)),
+        )  # fmt: skip
+    return Measured(out, math.isfinite(probe), worst)
 
 
 # Values from which an NCHW call shares its channels among threads: below, starting them costs
@@ -199,13 +223,6 @@ def _layout(x: Tensor) -> str | None:
     if F.sums_rows_in_order(x):
         return "inner"
     return "rows" if x.is_contiguous() else None
-
-
-def _flat(t: Tensor) -> np.ndarray:
-    """The tensor's values as a flat float32 array in memory order (a view when float32)."""
-    if t.dtype != torch.float32:
-        t = t.float()  # exact; keeps the memory format
-    return t.as_strided((t.numel(),), (1,)).numpy()
 
 
 def _per_channel(v: Tensor | float | None, channels: int, fill: float) -> np.ndarray:
@@ -272,8 +289,7 @@ class Prepared:
         if not (x.is_cpu and y.is_cpu) or x.dtype not in KERNEL_DTYPES or x.dim() < 2:
             return None
         shape = x.shape
-        b, c = shape[0], shape[1]
-        if c != self.channels or not x.numel() or y.dtype not in KERNEL_DTYPES:
+        if shape[1] != self.channels or not x.numel() or y.dtype not in KERNEL_DTYPES:
             return None
         if y.shape != shape or x.stride() != y.stride():
             return None
@@ -281,26 +297,8 @@ class Prepared:
         k = self._loaded()
         if layout is None or k is None:
             return None
-        if x.dtype is torch.float32 and y.dtype is torch.float32 and layout == "rows":
-            xs, ys = x.view(-1).numpy(), y.view(-1).numpy()  # contiguous: _flat's view
-        else:
-            xs, ys = _flat(x), _flat(y)
-        rtol, atol = F.tolerance(dtype)
-        out = np.empty((4, c))
-        batch = running is None
-        if layout == "rows":
-            inner = x.numel() // (b * c)
-            probe, worst = _rows_kernel(k, x)(
-                xs, ys, b, c, inner, *self.args, rmean, rvar, batch, rtol, atol, out
-            )
-        else:
-            shape = (x.numel() // c, c)
-            probe, worst = k.measure_inner(
-                xs.reshape(shape), ys.reshape(shape), *self.args, rmean, rvar, batch, rtol, atol,
-                F.sum_roundoff(x), out, np.empty((9, c)),
-            )  # fmt: skip
-        mean, var, err, ratio = torch.from_numpy(out).unbind(0)
-        return Measured(mean, var, err, ratio, math.isfinite(probe), worst)
+        u = F.sum_roundoff(x) if layout == "inner" else 0.0
+        return _run(k, layout, x, y, self.args, rmean, rvar, running is None, dtype, u)
 
     def _loaded(self) -> ModuleType | None:
         if self._kernels is _UNLOADED:
@@ -311,23 +309,10 @@ class Prepared:
         """`moments(x)`: the per-channel float64 batch mean and biased variance of `x`."""
         if not self.ready or not x.is_cpu or x.dtype not in KERNEL_DTYPES or x.dim() < 2:
             return moments(x)
-        b, c = x.shape[0], x.shape[1]
         layout = _layout(x)
         k = self._loaded()
-        if c != self.channels or not x.numel() or layout is None or k is None:
+        if x.shape[1] != self.channels or not x.numel() or layout is None or k is None:
             return moments(x)
-        xs = x.view(-1).numpy() if x.dtype is torch.float32 and layout == "rows" else _flat(x)
         w = self.args[0]
-        out = np.empty((4, c))
-        rtol, atol = F.tolerance(torch.float32)
-        if layout == "rows":
-            inner = x.numel() // (b * c)
-            _rows_kernel(k, x)(xs, xs[:0], b, c, inner, *self.args, w, w, True, rtol, atol, out)
-        else:
-            shape = (x.numel() // c, c)
-            k.measure_inner(
-                xs.reshape(shape), xs[:0].reshape((0, c)), *self.args, w, w, True, rtol, atol,
-                F.sum_roundoff(x), out, np.empty((9, c)),
-            )  # fmt: skip
-        mean, var = torch.from_numpy(out[:2]).unbind(0)
-        return mean, var
+        got = _run(k, layout, x, None, self.args, w, w, True, torch.float32, 0.0)
+        return got.mean, got.var

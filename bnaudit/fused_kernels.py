@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import config, njit, prange, set_num_threads, types
+from numba import carray, config, njit, prange, set_num_threads, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -43,6 +43,17 @@ def _maxnum(typingctx, a, b):
         # nnan on the call alone: the maxima may be garbage when a NaN is present, which the
         # error sum then reports.
         return builder.call(fn, args, fastmath=("nnan", "nsz"))
+
+    return sig, codegen
+
+
+@intrinsic
+def _address(typingctx, addr):
+    """The integer `addr` (a tensor's `data_ptr()`) as a pointer, for `carray`."""
+    sig = types.voidptr(types.intp)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
 
     return sig, codegen
 
@@ -148,11 +159,17 @@ def _worst(out, channels, moments_only):
 
 @njit(**OPTIONS)
 def measure_rows(
-    x, y, batch, channels, inner, weight, bias, eps, rmean, rvar, batch_stats, rtol, atol, out
-):
-    """[B, C, S] contiguous (NCHW): each (b, c) is a run of S values. Writes per channel
-    mean, biased var, max err, max ratio into out[0:4]; returns (error sum, worst ratio). An
-    empty `y`: the moments only."""
+    xp, yp, n, ny, batch, channels, inner, weight, bias, eps, rmean, rvar, batch_stats, rtol,
+    atol, op,
+):  # fmt: skip
+    """[B, C, S] contiguous (NCHW) float32 at address `xp` (n values), the output at `yp` (ny
+    values, 0: the moments only): each (b, c) is a run of S values. Writes per channel mean,
+    biased var, max err, max ratio into the float64 [4, C] at `op`; returns (error sum, worst
+    ratio). Addresses, not arrays: a tensor's data_ptr() costs a fraction of the NumPy views
+    and the result tensor a hook would otherwise make on every call."""
+    x = carray(_address(xp), (n,), np.float32)
+    y = carray(_address(yp), (ny,), np.float32)
+    out = carray(_address(op), (4, channels), np.float64)
     esum_all = 0.0
     for c in range(channels):
         esum_all += _rows_channel(
@@ -164,11 +181,15 @@ def measure_rows(
 
 @njit(parallel=True, **OPTIONS)
 def measure_rows_parallel(
-    x, y, batch, channels, inner, weight, bias, eps, rmean, rvar, batch_stats, rtol, atol, out
-):
+    xp, yp, n, ny, batch, channels, inner, weight, bias, eps, rmean, rvar, batch_stats, rtol,
+    atol, op,
+):  # fmt: skip
     """`measure_rows` with the channels shared among numba's threads: each channel is computed
     as there, by one thread, so every result is the same (the error sum, which only says
     whether everything is finite, is added in another order)."""
+    x = carray(_address(xp), (n,), np.float32)
+    y = carray(_address(yp), (ny,), np.float32)
+    out = carray(_address(op), (4, channels), np.float64)
     parts = np.empty(channels)
     for c in prange(channels):
         parts[c] = _rows_channel(
@@ -222,12 +243,18 @@ def _inner_error(x, y, scale, shift, floor, rtol, emax, rmax, esum, centre, slop
 
 
 @njit(**OPTIONS)
-def measure_inner(x, y, weight, bias, eps, rmean, rvar, batch_stats, rtol, atol, u, out, work):
-    """[P, C] with the channels contiguous (channels-last, or BatchNorm1d on [B, C]), as 2-D
-    arrays: the same results as `measure_rows`. `u` > 0: the unit roundoff of torch's batch
-    statistics, which it sums row by row for this layout (`formulas.stat_rounding`), allowed
-    for when `batch_stats`. `work` is float64 scratch of [9, C]."""
-    rows, channels = x.shape
+def measure_inner(
+    xp, yp, rows, rows_y, channels, weight, bias, eps, rmean, rvar, batch_stats, rtol, atol, u,
+    op, work,
+):  # fmt: skip
+    """[P, C] float32 with the channels contiguous (channels-last, or BatchNorm1d on [B, C]) at
+    address `xp`, the output's `rows_y` rows (0: the moments only) at `yp`, the results at
+    `op`, as `measure_rows`. `u` > 0: the unit roundoff of torch's batch statistics, which it
+    sums row by row for this layout (`formulas.stat_rounding`), allowed for when
+    `batch_stats`. `work` is float64 scratch of [9, C]."""
+    x = carray(_address(xp), (rows, channels), np.float32)
+    y = carray(_address(yp), (rows_y, channels), np.float32)
+    out = carray(_address(op), (4, channels), np.float64)
     total, comp, part = work[0], work[1], work[2]
     scale, shift, floor, esum = work[3], work[4], work[5], work[6]
     centre, slope = work[7], work[8]

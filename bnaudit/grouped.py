@@ -294,7 +294,7 @@ class _Group:
             update = [t for same in passes for t in self._count_steps(same)]
         u = max(F.sum_roundoff(c.x) for c in calls)
         key = (self.train, F.values_per_channel(x), x.shape[0], u)
-        rows = tuple(t.view(k, -1) for t in (got.mean, got.var, got.err, got.ratio))
+        rows = tuple(got.block.view(4, k, -1))  # per quantity, [k, C]: k calls
         self.rows.add(self.stats, key, rows, update)  # type: ignore[arg-type]
 
     def _attributes(self, k: int) -> _Attributes:

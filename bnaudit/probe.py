@@ -58,7 +58,7 @@ class Probe:
         self.ledger = ledger
         self.holding = False  # the buffers hold a train-mode update the ledger has not undone
         # Train-mode results whose update the ledger has not read yet: recorded when it has.
-        self._waiting: list[tuple[Key, tuple[Tensor, Tensor, Tensor, Tensor], Update]] = []
+        self._waiting: list[tuple[Key, Tensor, Update]] = []
         self.stats = LayerStats()
         self.diagnosis = {"train": Diagnosis(), "eval": Diagnosis()}
         self.regime = "eval"
@@ -166,9 +166,7 @@ class Probe:
         for key, measured, update in waiting:
             self._record(key, measured, update)
 
-    def _record(
-        self, key: Key, measured: tuple[Tensor, Tensor, Tensor, Tensor], update: Update | None
-    ) -> None:
+    def _record(self, key: Key, measured: Tensor, update: Update | None) -> None:
         if update is not None:
             self._count_step(update)
         self.rows.add(
@@ -197,10 +195,10 @@ class Probe:
         got = self.kernel.measure(x, y, running, y.dtype)  # type: ignore[arg-type]
         if not got.finite:
             return False
-        mean, var = got.mean, got.var
-        ref_mean, ref_var = (mean, var) if running is None else running
         n = F.values_per_channel(x)
         if not got.worst <= 1:  # this batch misses the formula: why?
+            mean, var = got.mean, got.var
+            ref_mean, ref_var = (mean, var) if running is None else running
             self._diagnose(
                 x.double(), y.double(), ref_mean, ref_var, mean, var, n, uses_batch, y.dtype,
                 F.sum_roundoff(x) if uses_batch else 0.0,
@@ -208,9 +206,9 @@ class Probe:
         # Finite inputs and outputs: nothing to add to the non-finite counts.
         key = (train, n, x.shape[0], F.sum_roundoff(x))
         if update is not None and not update.ready:
-            self._waiting.append((key, (mean, var, got.err, got.ratio), update))
+            self._waiting.append((key, got.block, update))
         else:
-            self._record(key, (mean, var, got.err, got.ratio), update)
+            self._record(key, got.block, update)
         return True
 
     def _measure_general(self, x: Tensor, y: Tensor, train: bool, update: Update | None) -> None:

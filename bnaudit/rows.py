@@ -53,16 +53,20 @@ class Rows:
         self,
         stats: LayerStats,
         key: Key,
-        measured: tuple[Tensor, Tensor, Tensor, Tensor],
+        measured: tuple[Tensor, Tensor, Tensor, Tensor] | Tensor,
         update: list[Tensor] | None,
     ) -> None:
         """One call: `key` (train-mode pass, N values per channel, batch size, u); `measured`:
-        batch mean, biased var, max err, max ratio; `update`: the running means and variances
-        it left (train mode with a checked update), each layer's, means first. `measured` of
-        [K, C] tensors is K calls (consecutive passes of a group), and `update` then theirs,
-        call after call."""
+        batch mean, biased var, max err, max ratio, as four [C] tensors or one [4, C] (the
+        kernel's result as it is: split at the fold, not in the hook); `update`: the running
+        means and variances it left (train mode with a checked update), each layer's, means
+        first. `measured` of [K, C] tensors is K calls (consecutive passes of a group), and
+        `update` then theirs, call after call."""
         rows, updates = self.kept.setdefault(key, ([], []))
-        if measured[0].dim() == 2:
+        if isinstance(measured, Tensor):  # one call's block, split at the fold
+            rows.append(measured)  # type: ignore[arg-type]
+            self.count += 1
+        elif measured[0].dim() == 2:
             rows.extend(zip(*(t.unbind(0) for t in measured), strict=True))
             self.count += measured[0].shape[0]
         else:
