@@ -163,8 +163,7 @@ def _kernel_measure(
     w = _per_channel(weight, c, 1.0)
     args = (w, _per_channel(bias, c, 0.0), _per_channel(eps, c, 0.0))
     rmean, rvar = (w, w) if running is None else (running[0].numpy(), running[1].numpy())
-    u = F.sum_roundoff(x) if layout == "inner" else 0.0  # allowed for with batch statistics
-    return _run(k, layout, x, y, args, rmean, rvar, running is None, dtype, u)
+    return _run(k, layout, x, y, args, rmean, rvar, running is None, dtype)
 
 
 def _run(
@@ -177,7 +176,6 @@ def _run(
     rvar: np.ndarray,
     batch: bool,
     dtype: torch.dtype,
-    u: float,
 ) -> Measured:
     """One kernel call on x and y (None: the moments only), their layout checked; the
     kernels read them in memory order through their addresses, float32 (float16 and
@@ -194,6 +192,8 @@ def _run(
             batch, rtol, atol, out.data_ptr(),
         )  # fmt: skip
     else:
+        # The unit roundoff of torch's row-by-row batch sums, allowed for with batch statistics.
+        u = F.sum_roundoff(x) if y is not None else 0.0
         probe, worst = k.measure_inner(
             x32.data_ptr(), y32.data_ptr(), n // c, ny // c, c, *args, rmean, rvar, batch,
             rtol, atol, u, out.data_ptr(), np.empty((9, c)),
@@ -297,8 +297,7 @@ class Prepared:
         k = self._loaded()
         if layout is None or k is None:
             return None
-        u = F.sum_roundoff(x) if layout == "inner" else 0.0
-        return _run(k, layout, x, y, self.args, rmean, rvar, running is None, dtype, u)
+        return _run(k, layout, x, y, self.args, rmean, rvar, running is None, dtype)
 
     def _loaded(self) -> ModuleType | None:
         if self._kernels is _UNLOADED:
@@ -314,5 +313,5 @@ class Prepared:
         if x.shape[1] != self.channels or not x.numel() or layout is None or k is None:
             return moments(x)
         w = self.args[0]
-        got = _run(k, layout, x, None, self.args, w, w, True, torch.float32, 0.0)
+        got = _run(k, layout, x, None, self.args, w, w, True, torch.float32)
         return got.mean, got.var

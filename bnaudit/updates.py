@@ -112,11 +112,10 @@ def _count(c: Tensor | None) -> int | None:
     return read_counter(c)[0]
 
 
-def _foreach_copy() -> Callable[[list[Tensor], list[Tensor]], None] | None:
-    return getattr(torch, "_foreach_copy_", None)
-
-
-_FOREACH = _foreach_copy()
+# One call for every pair (torch ≥ 2.1); else a loop.
+_FOREACH: Callable[[list[Tensor], list[Tensor]], None] | None = getattr(
+    torch, "_foreach_copy_", None
+)
 
 
 def _copy(live: list[Tensor], saved: list[Tensor]) -> None:
