@@ -47,6 +47,7 @@ ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
 import costs  # noqa: E402  (needs the path above)
+import floors  # noqa: E402
 import memory_stages  # noqa: E402
 import models  # noqa: E402
 
@@ -180,15 +181,19 @@ def bn_values(model: nn.Module, x: Tensor) -> int:
 
 
 def interleaved(
-    runs: list[Callable[[], object]], repeats: int, reset: Callable[[], None]
+    runs: list[Callable[[], object]],
+    repeats: int,
+    reset: Callable[[], None],
+    resets: int = 1,
 ) -> list[list[float]]:
     """Seconds of each run, in alternating order, after one warm-up of each.
 
-    `reset` runs, untimed, after the first run (the plain passes) to put back what it changed.
+    `reset` runs, untimed, after each of the first `resets` runs (the plain passes, say) to put
+    back what they changed.
     """
     for i, run in enumerate(runs):
         run()
-        if i == 0:
+        if i < resets:
             reset()
     times: list[list[float]] = [[] for _ in runs]
     order = list(range(len(runs)))
@@ -197,7 +202,7 @@ def interleaved(
             start = time.perf_counter()
             runs[j]()
             times[j].append(time.perf_counter() - start)
-            if j == 0:
+            if j < resets:
                 reset()
     return times
 
@@ -232,6 +237,18 @@ class InProcess:
     hooked: list[float]  # the audit's passes with hooks, without metrics and findings
     values: int  # BN values per forward pass
     batches: int
+    floors: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # floors.KINDS
+
+    def floor_ratios(self) -> dict[str, float]:
+        """Each floor's median ratio to the plain passes of the same rounds."""
+        return {
+            kind: statistics.median(f / p for p, f in zip(self.timing.plain, t, strict=True))
+            for kind, t in self.floors.items()
+        }
+
+    def hooked_ratio(self) -> float:
+        pairs = zip(self.timing.plain, self.hooked, strict=True)
+        return statistics.median(h / p for p, h in pairs)
 
     def per_value_ns(self) -> tuple[float, float, float]:
         """ns per BN value: of a forward pass, of the hooks on a hooked pass (hooked − plain),
@@ -244,19 +261,31 @@ class InProcess:
         return plain * per_pass, (hooked - plain) * per_hooked, (audit - hooked) * per_pass
 
 
-def time_in_process(model: nn.Module, batches: list[Tensor], repeats: int) -> InProcess:
+def time_in_process(
+    model: nn.Module, batches: list[Tensor], repeats: int, with_floors: bool = False
+) -> InProcess:
+    """The plain passes, the audit's hooked passes and the whole audit, interleaved; with
+    `with_floors`, also the plain passes under each of `floors.KINDS`' hooks."""
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    plain, hooked, audit = interleaved(
-        [
-            lambda: plain_passes(model, batches),
-            lambda: run_hooked_passes(model, batches),
-            lambda: run_audit(model, batches),
-        ],
-        repeats,
-        # The plain train-mode passes moved the running stats; the audit restores them itself.
-        reset=lambda: model.load_state_dict(state),
+    kinds = floors.KINDS if with_floors else ()
+    # The unhooked train-mode passes move the running stats: put back after each, untimed (the
+    # floors first, then the plain passes); the audit restores them itself.
+    runs: list[Callable[[], object]] = [
+        *(lambda k=k: floors.floor_passes(sys.modules[__name__], model, batches, k) for k in kinds),
+        lambda: plain_passes(model, batches),
+        lambda: run_hooked_passes(model, batches),
+        lambda: run_audit(model, batches),
+    ]
+    *timed_floors, plain, hooked, audit = interleaved(
+        runs, repeats, reset=lambda: model.load_state_dict(state), resets=len(kinds) + 1
     )
-    return InProcess(Timing(plain, audit), hooked, bn_values(model, batches[0]), len(batches))
+    return InProcess(
+        Timing(plain, audit),
+        hooked,
+        bn_values(model, batches[0]),
+        len(batches),
+        dict(zip(kinds, timed_floors, strict=True)),
+    )
 
 
 def child_env(threads: int) -> dict[str, str]:
@@ -304,8 +333,9 @@ def peak_rss(
     shape: tuple[int, ...] | None = None,
 ) -> float:
     """Peak RSS (MiB) of a fresh process: `idle` (model loaded), `plain` (+ one eval forward of
-    one batch), `passes` (+ the audit's forward passes without hooks, `plain_passes`) or `audit`
-    (+ an audit of `batches` batches, made one at a time)."""
+    one batch), `passes` (+ the audit's forward passes without hooks, `plain_passes`), `floor`
+    (+ numba's kernels loaded and run once, then those passes) or `audit` (+ an audit of
+    `batches` batches, made one at a time)."""
     dims = "x".join(map(str, shape or case.shape))
     cmd = [sys.executable, str(Path(__file__).resolve()), "_rss", case.factory]
     cmd += [str(folder / f"{case.name}.pt"), dims, mode, str(batches)]
@@ -427,6 +457,8 @@ def write_big_checkpoint(path: Path, size: int) -> int:
 
 # The static audit's runs: what each adds to `check big.pt`, and whether it hashes the file.
 # The table alone is the quick look the targets are for; a report file is what a CI gate writes.
+IMPORT_FLOOR = "floor: `import torch` alone"
+CLI_FLOOR = "`import bnaudit.cli` (torch and the command line)"
 STATIC_RUNS = {
     "table (no hash)": [],
     "--json (hashed)": ["--json", "{folder}/report.json"],
@@ -444,6 +476,11 @@ def static_audit(
     layers = write_big_checkpoint(ckpt, size)
     base = [sys.executable, "-c", PEAK_AT_EXIT, "check", str(ckpt), "--fail-on", "never"]
     runs = {k: [*base, *(a.format(folder=folder) for a in v)] for k, v in STATIC_RUNS.items()}
+    # The floor of any static audit that imports torch: Python's start and that import; then
+    # bnaudit's command line imported too, without reading a file.
+    at_exit = PEAK_AT_EXIT.split("sys.argv")[0]
+    runs[IMPORT_FLOOR] = [sys.executable, "-c", at_exit + "import torch"]
+    runs[CLI_FLOOR] = [sys.executable, "-c", at_exit + "import bnaudit.cli"]
     measured: dict[str, dict[str, list[float]]] = {
         k: {"wall": [], "cpu": [], "peak": []} for k in runs
     }
@@ -500,6 +537,7 @@ def _met(ok: bool) -> str:
 def static_text(r: dict[str, Any]) -> str:
     rows = []
     for name, run in r["runs"].items():
+        floor = name in (IMPORT_FLOOR, CLI_FLOOR)
         rows.append(
             [
                 name,
@@ -507,8 +545,10 @@ def static_text(r: dict[str, Any]) -> str:
                 ", ".join(f"{t:.2f}" for t in run["times"]),
                 f"{run['cpu_s']:.2f}",
                 f"**{run['peak_mib']:.0f}**",
-                f"< {STATIC_TIME_S:.0f} s: {_met(run['seconds'] < STATIC_TIME_S)}",
-                f"< {STATIC_RSS_MIB:.0f} MiB: {_met(run['peak_mib'] < STATIC_RSS_MIB)}",
+                "" if floor else f"< {STATIC_TIME_S:.0f} s: {_met(run['seconds'] < STATIC_TIME_S)}",
+                ""
+                if floor
+                else f"< {STATIC_RSS_MIB:.0f} MiB: {_met(run['peak_mib'] < STATIC_RSS_MIB)}",
             ]
         )
     return "\n".join(
@@ -519,7 +559,10 @@ def static_text(r: dict[str, Any]) -> str:
             f"{len(next(iter(r['runs'].values()))['times'])} runs of each, interleaved, after a "
             "round that reads the file into the page cache. The table alone does not hash the "
             "file (docs/static-audit.md, Provenance); a report file does, unless --no-hash. "
-            "CPU time counts every thread (the hash runs on one beside torch's import).",
+            "CPU time counts every thread (the hash runs on one beside torch's import). The "
+            "floor: a process that only imports torch, as every static audit must (the file's "
+            "pickle names torch's storage types); then one that imports bnaudit's command line "
+            "as well, without reading a file: in the same rounds.",
             "",
             table(
                 [
@@ -626,18 +669,7 @@ class Results:
                     f"{hooks / forward:.2f}",
                 ]
             )
-        rss_rows = [
-            [
-                c.name,
-                f"{self.rss[c.name]['idle']:.0f}",
-                f"{self.rss[c.name]['plain']:.0f}",
-                f"{self.rss[c.name]['passes']:.0f}",
-                f"{self.rss[c.name]['audit']:.0f} ({c.batches} batches)",
-                f"**{self.rss[c.name]['audit'] / self.rss[c.name]['plain']:.2f}**",
-                f"{self.rss[c.name]['audit'] / self.rss[c.name]['passes']:.2f}",
-            ]
-            for c in cases
-        ]
+        rss_rows = [rss_row(c.name, self.rss[c.name], c.batches) for c in cases]
         g = self.growth
         parts = [
             "# bnaudit benchmark",
@@ -708,6 +740,20 @@ class Results:
                 cost_rows,
             ),
             "",
+            "### Where the ratio goes: the measured floors",
+            "",
+            "The same rounds also time the plain passes with hooks that do less than the "
+            "audit's, on the eval- and train-mode pass of each batch as the audit's "
+            "(`benchmarks/floors.py`): empty hooks (torch's hook dispatch, the floor under any "
+            "hook); hooks that read x and y once (a torch sum of each: the memory traffic); "
+            "hooks that run the audit's exact kernel on x and y and nothing else (the floor of "
+            "the exact measurement, without the audit's bookkeeping). Then the audit's own "
+            "hooked passes (`run_passes` without the fold check, and the impact passes) and "
+            "the whole audit (plus the fold check, the metrics, the findings and the impact "
+            "comparison). Each a median of the per-round ratios to the plain passes.",
+            "",
+            table(floors.HEADER, [floors.row(c.name, self.inproc[c.name]) for c in cases]),
+            "",
             "## Time, whole processes",
             "",
             "`python -m bnaudit check` (load the checkpoint and the data, audit, render the "
@@ -725,20 +771,14 @@ class Results:
             "",
             "`idle`: Python, torch and the model loaded. `plain`: plus one eval forward of one "
             "batch under `torch.no_grad`. `plain passes`: instead, the forward passes the audit "
-            "makes, without hooks (per batch eval and train mode, then eval again). `audit`: "
+            "makes, without hooks (per batch eval and train mode, then eval again). `floor`: "
+            "those passes in a process that has loaded numba's kernels and run each once "
+            "(LLVM's code and heap, which an audit with the kernels cannot go under). `audit`: "
             "plus `bnaudit.audit` on the batches, made one at a time. Peak = VmHWM of the "
             "process.",
             "",
             table(
-                [
-                    "model",
-                    "idle MiB",
-                    "plain eval forward MiB",
-                    "plain passes MiB",
-                    "audit MiB",
-                    "audit / plain",
-                    "audit / plain passes",
-                ],
+                RSS_HEADER,
                 rss_rows,
             ),
             "",
@@ -906,7 +946,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.save(model.state_dict(), folder / f"{case.name}.pt")
             torch.save(batches, folder / f"{case.name}-data.pt")
             log(f"{case.name}: time in one process")
-            inproc[case.name] = time_in_process(model, batches, args.repeats)
+            inproc[case.name] = time_in_process(model, batches, args.repeats, with_floors=True)
             log(f"{case.name}: time of whole processes")
             procs[case.name] = time_processes(case, folder, env, args.process_repeats)
             log(f"{case.name}: peak memory")
@@ -947,10 +987,35 @@ def peak_memory(case: Case, folder: Path, env: dict[str, str]) -> dict[str, Any]
     """The peak RSS of each mode (MiB), and under "stages" the audit's stages."""
     got: dict[str, Any] = {
         mode: peak_rss(case, folder, env, mode, case.batches)
-        for mode in ("idle", "plain", "passes", "audit")
+        for mode in ("idle", "plain", "passes", "floor", "audit")
     }
     got["stages"] = memory_stages.measure(sys.modules[__name__], case, folder, env)
     return got
+
+
+RSS_HEADER = [
+    "model",
+    "idle MiB",
+    "plain eval forward MiB",
+    "plain passes MiB",
+    "floor MiB",
+    "audit MiB",
+    "audit / plain",
+    "audit / plain passes",
+    "audit / floor",
+]
+
+
+def rss_row(name: str, got: dict[str, Any], batches: int) -> list[str]:
+    """One model's peak-memory row (`peak_memory`'s figures)."""
+    return [
+        name,
+        *(f"{got[m]:.0f}" for m in ("idle", "plain", "passes", "floor")),
+        f"{got['audit']:.0f} ({batches} batches)",
+        f"**{got['audit'] / got['plain']:.2f}**",
+        f"{got['audit'] / got['passes']:.2f}",
+        f"{got['audit'] / got['floor']:.2f}",
+    ]
 
 
 def memory_only(cases: tuple[Case, ...], env: dict[str, str]) -> list[str]:
@@ -964,17 +1029,9 @@ def memory_only(cases: tuple[Case, ...], env: dict[str, str]) -> list[str]:
             log(f"{case.name}: peak memory")
             got = peak_memory(case, folder, env)
             stages[case.name] = got["stages"]
-            rows.append(
-                [
-                    case.name,
-                    *(f"{got[m]:.0f}" for m in ("idle", "plain", "passes", "audit")),
-                    f"**{got['audit'] / got['plain']:.2f}**",
-                    f"{got['audit'] / got['passes']:.2f}",
-                ]
-            )
-    head = ["model", "idle", "plain eval forward", "plain passes", "audit"]
+            rows.append(rss_row(case.name, got, case.batches))
     return [
-        table([*head, "audit / plain", "audit / plain passes"], rows),
+        table(RSS_HEADER, rows),
         "",
         *memory_stages.render(sys.modules[__name__], cases, stages),
     ]
@@ -1000,6 +1057,9 @@ def child_rss(factory: str, ckpt: str, shape: str, mode: str, count: str) -> Non
             model(next(batches_of(dims, 1, seed=2)))
     elif mode == "passes":
         plain_passes(model, list(batches_of(dims, int(count), seed=2)))
+    elif mode == "floor":  # what an audit cannot go under: the passes, numba's code and heap
+        warm_kernels()
+        plain_passes(model, list(batches_of(dims, int(count), seed=2)))
     elif mode == "audit":
         import bnaudit
 
@@ -1011,6 +1071,15 @@ def child_rss(factory: str, ckpt: str, shape: str, mode: str, count: str) -> Non
 
         bnaudit.audit(model, Loader())
     print(json.dumps({"peak_mib": peak_rss_kib() / 1024}))
+
+
+def warm_kernels() -> None:
+    """Load numba's kernels and run each one the audits here use once (NCHW on one thread and
+    on several, channels-contiguous), on small tensors: LLVM links each at its first call."""
+    from bnaudit import fused
+
+    for x in (torch.randn(2, 4, 8, 8), torch.randn(4, 4, 128, 128), torch.randn(16, 8)):
+        fused.measure(x, x, None, None, 1e-5, None, x.dtype)
 
 
 def peak_rss_kib() -> int:

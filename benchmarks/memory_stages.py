@@ -8,9 +8,9 @@ torch's, and LLVM's under numba), which are clean copies of files.
 
 The stages, in the order an audit meets them: the model loaded (its peak includes
 `load_state_dict`, which holds the checkpoint's tensors beside the model's); numba's kernels
-loaded (`bnaudit.fused.kernels()`, which an audit does at its first BN call); the audit's own
-passes with the metrics and fold checks (until the first output-impact batch); the output-impact
-passes; the report (after `bnaudit.audit` returns).
+loaded and run once each (`bench.warm_kernels`; an audit does both at its first BN calls); the
+audit's own passes with the metrics and fold checks (until the first output-impact batch); the
+output-impact passes; the report (after `bnaudit.audit` returns).
 """
 
 from __future__ import annotations
@@ -75,9 +75,8 @@ def child_stages(bench: ModuleType, factory: str, ckpt: str, shape: str, count: 
     model.eval()
     stages.mark("model loaded")
     import bnaudit
-    from bnaudit import fused
 
-    fused.kernels()
+    bench.warm_kernels()
     stages.mark("numba kernels loaded")
     dims = tuple(int(d) for d in shape.split("x"))
 
@@ -130,8 +129,9 @@ def render(bench: ModuleType, cases: tuple[Any, ...], got: dict[str, dict[str, A
         "Peak: VmHWM during the stage"
         + ("" if exact else " (not reset between stages here: the peak so far)")
         + ". RSS, anonymous and file-backed: at the stage's end (MiB). numba's kernels are "
-        "loaded before the audit so that their cost shows apart; the audit itself loads them "
-        "at its first BN call. docs/performance.md says what each part is.",
+        "loaded and run once on small tensors before the audit, so that their cost (LLVM's "
+        "code, and its heap when it links each kernel at its first call) shows apart; the "
+        "audit itself does both at its first BN calls. docs/performance.md says what each part is.",
         "",
         bench.table(
             ["model", "stage", "peak MiB", "RSS MiB", "RSS change", "anon MiB", "file MiB"], rows

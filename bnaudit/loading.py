@@ -51,6 +51,10 @@ class Checkpoint:
     known: Mapping[str, KnownAttrs] = field(default_factory=dict)  # BN prefix → eps, momentum
     archive: ZipArchive | None = None
     records: Mapping[str, str] | None = None  # state-dict key → zip record, for CRC checks
+    # The file's private mappings, found at the first `release_pages` (empty: not looked for).
+    _mapped: list[list[tuple[int, int]]] = field(
+        default_factory=list, init=False, repr=False, compare=False
+    )
 
     def verify(self, keys: Iterable[str]) -> None:
         """Check the CRC of the archive records behind these state-dict entries, before use.
@@ -75,32 +79,50 @@ class Checkpoint:
         fault, so reading a few hundred small BN tensors scattered over a large file would map
         hundreds of MB. Once they are copied out (as `LayerAttrs` does), those pages are not
         needed; a later read would fault them in again. Linux only; elsewhere a no-op.
+
+        The mappings are looked up once (reading /proc/self/maps costs more than the madvise):
+        they stay as they are while this checkpoint's tensors, which hold them, are alive.
         """
-        release_mapped_pages(self.path)
+        if not self._mapped:
+            self._mapped.append(mapped_ranges(self.path))
+        release_ranges(self._mapped[0])
 
 
 _MADV_DONTNEED = 4  # Linux
 
 
-def release_mapped_pages(path: Path) -> None:
-    """madvise(MADV_DONTNEED) on this process's private mappings of `path`. Only for mappings
-    never written to: their pages are clean, nothing is lost, the data stays in the page cache."""
+def mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """This process's private mappings of `path` (start, length); [] where there are none or
+    they cannot be told (not Linux). Private: torch.load's mmap, never written to by bnaudit,
+    so every page is a clean copy of the file."""
     if not sys.platform.startswith("linux"):
-        return
+        return []
     target = str(path.resolve())
+    ranges = []
+    try:
+        with open("/proc/self/maps", errors="surrogateescape") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].rstrip("\n") == target and fields[1][3] == "p":
+                    start, end = (int(v, 16) for v in fields[0].split("-"))
+                    ranges.append((start, end - start))
+    except (OSError, ValueError):
+        return []
+    return ranges
+
+
+def release_ranges(ranges: list[tuple[int, int]]) -> None:
+    """madvise(MADV_DONTNEED) on `mapped_ranges`' clean pages: nothing is lost, the data stays
+    in the page cache."""
+    if not ranges:
+        return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         madvise = libc.madvise
         madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        with open("/proc/self/maps", errors="surrogateescape") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                # Private mappings (torch.load's mmap): the static audit never writes to them,
-                # so every page is a clean copy of the file.
-                if len(fields) == 6 and fields[5].rstrip("\n") == target and fields[1][3] == "p":
-                    start, end = (int(v, 16) for v in fields[0].split("-"))
-                    madvise(start, end - start, _MADV_DONTNEED)
-    except (OSError, AttributeError, ValueError):
+        for start, length in ranges:
+            madvise(start, length, _MADV_DONTNEED)
+    except (OSError, AttributeError):
         return  # an optimisation of memory only
 
 

@@ -72,6 +72,58 @@ def test_interleaved_alternates_and_resets_after_the_plain_run(bench) -> None:
     assert calls == warm_up + forward + backward + forward
 
 
+def test_interleaved_resets_after_each_of_the_first_runs(bench) -> None:
+    calls: list[str] = []
+    runs = [lambda name=name: calls.append(name) for name in ("floor", "plain", "audit")]
+    bench.interleaved(runs, 2, reset=lambda: calls.append("reset"), resets=2)
+    warm_up = ["floor", "reset", "plain", "reset", "audit"]
+    backward = ["audit", "plain", "reset", "floor", "reset"]
+    assert calls == warm_up + warm_up + backward
+
+
+def test_floors_hook_every_bn_layer_of_the_hooked_passes_only(bench) -> None:
+    floors = bench.floors
+    model = bench.build("DeepMLP", (8, 64), depth=2)
+    batches = list(bench.batches_of((8, 64), 3, seed=2))
+    layers = bench.models.bn_layers(model)
+    measured = []
+    real = bench.floors._kernel_hook
+
+    def counting(module):
+        hook = real(module)
+
+        def wrapped(m, inputs, output):
+            measured.append((m, m.training))
+            hook(m, inputs, output)
+
+        return wrapped
+
+    floors._kernel_hook = counting
+    try:
+        floors.floor_passes(bench, model, batches, "kernel")
+    finally:
+        floors._kernel_hook = real
+    # eval and train mode per batch, each layer; the impact passes take no hook
+    assert len(measured) == 2 * len(batches) * len(layers)
+    assert sum(t for _, t in measured) == len(batches) * len(layers)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in layers)
+
+
+def test_floor_runs_share_the_plain_rounds(bench) -> None:
+    model = bench.build("DeepMLP", (8, 64), depth=2)
+    batches = list(bench.batches_of((8, 64), 2, seed=2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = bench.time_in_process(model, batches, 3, with_floors=True)
+    assert set(r.floors) == set(bench.floors.KINDS)
+    assert all(len(t) == len(r.timing.plain) == 3 for t in r.floors.values())
+    ratios = r.floor_ratios()
+    assert all(ratio > 0 for ratio in ratios.values())
+    row = bench.floors.row("mlp", r)
+    assert len(row) == len(bench.floors.HEADER) and row[-1] == f"**{r.timing.ratio:.2f}**"
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # every side reset
+
+
 def test_peak_rss_is_this_process(bench) -> None:
     assert 10 * 1024 < bench.peak_rss_kib() < 64 * 1024 * 1024
 

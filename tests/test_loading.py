@@ -671,7 +671,7 @@ def test_prefetched_digest_is_the_files_sha256(tmp_path: Path) -> None:
 
 
 def test_static_audit_hands_back_the_mapped_pages_and_reads_the_same(tmp_path: Path) -> None:
-    from bnaudit.loading import release_mapped_pages
+    from bnaudit.loading import mapped_ranges
 
     state = {
         f"l{i}.{k}": v.clone() for i in range(3) for k, v in nn.BatchNorm1d(8).state_dict().items()
@@ -688,7 +688,12 @@ def test_static_audit_hands_back_the_mapped_pages_and_reads_the_same(tmp_path: P
         for line in Path("/proc/self/maps").read_text().splitlines()
         if str(path.resolve()) in line
     ]
-    release_mapped_pages(path)  # the tensors stay valid: their pages fault in again from the file
+    assert bool(mapped_ranges(path)) == bool(mapped)
+    # The tensors stay valid: their pages fault in again from the file. The second release
+    # reuses the mappings the first looked up.
+    ckpt.release_pages()
+    assert all(torch.equal(ckpt.state_dict[k], v) for k, v in before.items())
+    ckpt.release_pages()
     assert all(torch.equal(ckpt.state_dict[k], v) for k, v in before.items())
     if mapped:  # Linux with torch's mmap: the static audit goes through the same release
         report = check(path, "-f", "json")
