@@ -705,7 +705,7 @@ class Results:
             "average), seeded N(0, 1) batches. An audit makes 3 forward passes per batch: "
             "eval mode and BN train mode with its hooks, then eval mode with the recalibrated "
             "statistics (the output-impact check). The fold check rides on the first eval "
-            "pass (2 samples).",
+            f"pass ({_samples(importlib.import_module('bnaudit.fold').FOLD_SAMPLES)}).",
             "",
             "## Time, in one process",
             "",
@@ -860,6 +860,10 @@ the peak does not grow with the batches or the activation size."""
 
 def _spread(values: list[float]) -> list[str]:
     return [f"{min(values):.2f}", f"{max(values):.2f}"]
+
+
+def _samples(count: int) -> str:
+    return "its first sample" if count == 1 else f"its first {count} samples"
 
 
 def _dims(shape: tuple[int, ...]) -> str:

@@ -73,6 +73,30 @@ def hooked(model: nn.Module, kind: str) -> Iterator[None]:
             h.remove()
 
 
+@contextmanager
+def moments_hooked(model: nn.Module) -> Iterator[None]:
+    """Every BN layer of `model` computes the exact float64 batch mean and variance of its input
+    (`fused.Prepared.moments`, the kernel recalibration uses) before its call: the floor of a
+    recalibration with exact statistics, on top of update_bn's passes."""
+    from bnaudit import fused
+    from bnaudit.layers import LayerAttrs
+
+    handles = []
+    for m in models.bn_layers(model):
+        a = LayerAttrs.of(m)
+        prepared = fused.Prepared(a.weight, a.bias, a.eps, None, a.num_features)
+
+        def hook(module: nn.Module, inputs: tuple[Any, ...], p: Any = prepared) -> None:
+            p.moments(inputs[0])
+
+        handles.append(m.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def floor_passes(bench: Any, model: nn.Module, batches: list[Tensor], kind: str) -> None:
     """The plain passes, the eval- and train-mode ones with the floor hooks of `kind`."""
     layers = models.bn_layers(model)

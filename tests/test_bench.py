@@ -109,6 +109,20 @@ def test_floors_hook_every_bn_layer_of_the_hooked_passes_only(bench) -> None:
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in layers)
 
 
+def test_the_recalibration_floor_reads_the_moments_of_every_bn_input(bench, monkeypatch) -> None:
+    from bnaudit import fused
+
+    model = bench.build("DeepMLP", (8, 64), depth=3)
+    layers = bench.models.bn_layers(model)
+    seen = []
+    real = fused.Prepared.moments
+    monkeypatch.setattr(fused.Prepared, "moments", lambda p, x: seen.append(x) or real(p, x))
+    with bench.floors.moments_hooked(model), torch.no_grad():
+        model.train()(torch.randn(8, 64))
+    assert len(seen) == len(layers)
+    assert all(not m._forward_pre_hooks for m in layers)
+
+
 def test_floor_runs_share_the_plain_rounds(bench) -> None:
     model = bench.build("DeepMLP", (8, 64), depth=2)
     batches = list(bench.batches_of((8, 64), 2, seed=2))
