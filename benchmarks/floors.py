@@ -18,6 +18,7 @@ kernel, plus the fold check and the work after the passes.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -122,8 +123,6 @@ HEADER = [
 def row(name: str, r: Any) -> list[str]:
     """One model's floors and the audit, each a median ratio to the plain passes of the same
     rounds (`r`: a `bench.InProcess` measured `with_floors`)."""
-    import statistics
-
     got = r.floor_ratios()
     return [
         name,
