@@ -119,6 +119,13 @@ def build(factory: str, shape: tuple[int, ...], **kwargs: Any) -> nn.Module:
 def plain_passes(model: nn.Module, batches: list[Tensor]) -> None:
     """The passes an audit needs, without hooks: per batch one eval-mode forward and one with the
     BN layers in train mode, then the output-impact check's one eval-mode forward per batch."""
+    probed_passes(model, batches)
+    impact_passes(model, batches)
+
+
+def probed_passes(model: nn.Module, batches: list[Tensor]) -> None:
+    """The passes the audit hooks: per batch one eval-mode forward and one with the BN layers in
+    train mode."""
     layers = models.bn_layers(model)
     with torch.no_grad():
         for x in batches:
@@ -127,7 +134,6 @@ def plain_passes(model: nn.Module, batches: list[Tensor]) -> None:
             for m in layers:
                 m.training = True
             model(x)
-        impact_passes(model, batches)
 
 
 def impact_passes(model: nn.Module, batches: list[Tensor]) -> None:

@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import models
-import torch
 from torch import Tensor, nn
 
 KINDS = ("empty", "read", "kernel")
@@ -60,6 +59,15 @@ def _kernel_hook(module: nn.Module) -> Callable[..., None]:
 
 
 @contextmanager
+def _removed_after(handles: list[Any]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
 def hooked(model: nn.Module, kind: str) -> Iterator[None]:
     """Every BN layer of `model` with the floor hooks of `kind` (see the module docstring)."""
     handles = []
@@ -67,11 +75,8 @@ def hooked(model: nn.Module, kind: str) -> Iterator[None]:
         handles.append(m.register_forward_pre_hook(_empty))
         hook = {"empty": _empty, "read": _read}.get(kind) or _kernel_hook(m)
         handles.append(m.register_forward_hook(hook))
-    try:
+    with _removed_after(handles):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager
@@ -91,23 +96,14 @@ def moments_hooked(model: nn.Module) -> Iterator[None]:
             p.moments(inputs[0])
 
         handles.append(m.register_forward_pre_hook(hook))
-    try:
+    with _removed_after(handles):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def floor_passes(bench: Any, model: nn.Module, batches: list[Tensor], kind: str) -> None:
     """The plain passes, the eval- and train-mode ones with the floor hooks of `kind`."""
-    layers = models.bn_layers(model)
-    with torch.no_grad(), hooked(model, kind):
-        for x in batches:
-            model.eval()
-            model(x)
-            for m in layers:
-                m.training = True
-            model(x)
+    with hooked(model, kind):
+        bench.probed_passes(model, batches)
     bench.impact_passes(model, batches)
 
 
