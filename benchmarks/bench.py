@@ -711,7 +711,7 @@ class Results:
             "average), seeded N(0, 1) batches. An audit makes 3 forward passes per batch: "
             "eval mode and BN train mode with its hooks, then eval mode with the recalibrated "
             "statistics (the output-impact check). The fold check rides on the first eval "
-            f"pass ({_samples(importlib.import_module('bnaudit.fold').FOLD_SAMPLES)}).",
+            f"pass ({_samples(importlib.import_module('bnaudit.measure.fold').FOLD_SAMPLES)}).",
             "",
             "## Time, in one process",
             "",
@@ -1086,7 +1086,7 @@ def child_rss(factory: str, ckpt: str, shape: str, mode: str, count: str) -> Non
 def warm_kernels() -> None:
     """Load numba's kernels and run each one the audits here use once (NCHW on one thread and
     on several, channels-contiguous), on small tensors: LLVM links each at its first call."""
-    from bnaudit import fused
+    from bnaudit.measure import fused
 
     for x in (torch.randn(2, 4, 8, 8), torch.randn(4, 4, 128, 128), torch.randn(16, 8)):
         fused.measure(x, x, None, None, 1e-5, None, x.dtype)

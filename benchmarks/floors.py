@@ -8,7 +8,7 @@ hook), timed interleaved with the plain passes and the audit (`bench.time_in_pro
   torch's hook dispatch, the floor under any hook-based audit;
 - "read": the forward hook reads x and y once (a torch sum of each): the memory traffic that
   measuring a call at all takes;
-- "kernel": the forward hook runs the audit's own exact kernel (`bnaudit.fused.Prepared`) on
+- "kernel": the forward hook runs the audit's own exact kernel (`bnaudit.measure.fused.Prepared`) on
   x and y, nothing else: the floor of the exact per-call measurement, without the audit's
   bookkeeping (running-stat undo, kept rows, grouping of small layers, diagnosis).
 
@@ -44,8 +44,8 @@ def _read(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
 
 
 def _kernel_hook(module: nn.Module) -> Callable[..., None]:
-    from bnaudit import fused
-    from bnaudit.layers import LayerAttrs
+    from bnaudit.core.layers import LayerAttrs
+    from bnaudit.measure import fused
 
     a = LayerAttrs.of(module)
     running = (a.running_mean, a.running_var) if a.has_running_stats else None
@@ -84,8 +84,8 @@ def moments_hooked(model: nn.Module) -> Iterator[None]:
     """Every BN layer of `model` computes the exact float64 batch mean and variance of its input
     (`fused.Prepared.moments`, the kernel recalibration uses) before its call: the floor of a
     recalibration with exact statistics, on top of update_bn's passes."""
-    from bnaudit import fused
-    from bnaudit.layers import LayerAttrs
+    from bnaudit.core.layers import LayerAttrs
+    from bnaudit.measure import fused
 
     handles = []
     for m in models.bn_layers(model):

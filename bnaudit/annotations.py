@@ -16,10 +16,10 @@ import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
-from bnaudit.errors import ReportError
+from bnaudit.core.errors import ReportError
+from bnaudit.core.untrusted import one_line
 from bnaudit.report import printable
 from bnaudit.results import AuditReport, Finding, Severity, Status
-from bnaudit.untrusted import one_line
 
 DEFAULT_MAX_ANNOTATIONS = 10  # GitHub shows at most 10 errors and 10 warnings per step
 SUMMARY_LIMIT = 1024 * 1024  # GitHub's limit on one step's summary, in bytes

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bnaudit import __version__
-from bnaudit.errors import BaselineError
+from bnaudit.core.errors import BaselineError
 from bnaudit.results import AuditReport, Finding, Severity, Status
 
 FORMAT = 1  # the "bnaudit_baseline" key: bumped when the file layout changes

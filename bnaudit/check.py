@@ -20,7 +20,16 @@ from torch import nn
 
 from bnaudit.annotations import stderr_line
 from bnaudit.baseline import Baseline, apply_baseline, from_report, read_baseline, render_baseline
-from bnaudit.batches import (
+from bnaudit.checkpoint.loading import Checkpoint, load_checkpoint, load_into
+from bnaudit.config import CheckSettings, hash_skipped
+from bnaudit.core.errors import BnauditError, ReportError
+from bnaudit.core.layers import find_bn_layers, preserved
+from bnaudit.core.limits import DEFAULT_MAX_BATCHES
+from bnaudit.core.untrusted import clean, plain
+from bnaudit.engine import AuditOptions, audit
+from bnaudit.html import render_html
+from bnaudit.ignores import apply_ignores
+from bnaudit.inputs.batches import (
     call_model,
     load_batches,
     move_batch,
@@ -29,31 +38,21 @@ from bnaudit.batches import (
     synthetic_batches,
     to_call,
 )
-from bnaudit.config import CheckSettings
-from bnaudit.dataflow import METHOD, Pairs
-from bnaudit.digest import skipped
-from bnaudit.engine import AuditOptions, audit
-from bnaudit.errors import BnauditError, ReportError
-from bnaudit.fold import check_folds, fold_model
-from bnaudit.html import render_html
-from bnaudit.ignores import apply_ignores
-from bnaudit.images import DEFAULT_MAX_IMAGES, DEFAULTS, ImageFolder, from_timm, with_options
-from bnaudit.impact import OutputDiff
+from bnaudit.inputs.images import DEFAULT_MAX_IMAGES, DEFAULTS, ImageFolder, from_timm, with_options
+from bnaudit.inputs.precision import autocast_forward
+from bnaudit.inputs.precision import note as precision_note
+from bnaudit.inputs.registry import build_model, registry_of, timm_data_config
+from bnaudit.inputs.specs import import_object
 from bnaudit.junit import render_junit
-from bnaudit.layers import find_bn_layers, preserved
-from bnaudit.limits import DEFAULT_MAX_BATCHES
-from bnaudit.loading import Checkpoint, load_checkpoint, load_into
-from bnaudit.precision import autocast_forward
-from bnaudit.precision import note as precision_note
-from bnaudit.progress import ProgressFn, prefixed
+from bnaudit.measure.dataflow import METHOD, Pairs
+from bnaudit.measure.fold import check_folds, fold_model
+from bnaudit.measure.impact import OutputDiff
+from bnaudit.measure.progress import ProgressFn, prefixed
 from bnaudit.recalibrate import Recalibration, apply, recalibrate
-from bnaudit.registry import build_model, registry_of, timm_data_config
 from bnaudit.report import Format, check_writable, render
 from bnaudit.results import AuditReport
 from bnaudit.saving import atomic, check_output, write_recalibrated
-from bnaudit.specs import import_object
 from bnaudit.static import audit_state_dict
-from bnaudit.untrusted import clean, plain
 from bnaudit.writing import text_writer, write_set
 
 if TYPE_CHECKING:
@@ -179,12 +178,12 @@ def run_check(
 
     The report comes back judged: ignores applied, then the baseline (written first when
     `write_baseline` is set, so that the run is judged against what it wrote). `progress`, when
-    given, is called after each batch of every pass, with its stage (`bnaudit.progress`).
+    given, is called after each batch of every pass, with its stage (`bnaudit.measure.progress`).
     """
     check_outputs(s)  # fail before the audit, not after it
     # A broken baseline fails before the audit too.
     baseline = read_baseline(s.baseline) if s.baseline and not s.write_baseline else None
-    unhashed = skipped(s, os.environ)  # why the SHA-256 is left out, None when it is not
+    unhashed = hash_skipped(s, os.environ)  # why the SHA-256 is left out, None when it is not
     p = prepare(s, log, ranks, hashed=unhashed is None)
     if isinstance(p, AuditReport):  # no model: the static audit
         return judge(dataclasses.replace(p, sha256_skipped=unhashed), s, baseline)
@@ -398,11 +397,11 @@ def run_recalibrate(
     """Audit, recalibrate on the sample batches, write the new checkpoint, audit it again.
 
     With labelled batches, a recalibration that lowers the task metric beyond noise
-    (cross-fitted, see bnaudit.evidence) is refused unless `force`. `verify=False` skips both
+    (cross-fitted, see bnaudit.measure.evidence) is refused unless `force`. `verify=False` skips both
     audits (and with them that refusal): the statistics pass alone, the cost of update_bn.
     Under torchrun (`ranks`) every rank works on its shard, the statistics are merged, and
     rank 0 writes. `progress` ticks every pass: the audits' stages after "before: " and
-    "after: ", and the recalibration's (`bnaudit.progress`)."""
+    "after: ", and the recalibration's (`bnaudit.measure.progress`)."""
     leader = ranks is None or ranks.leader
     if leader:
         check_output(s.checkpoint, output, force=force)

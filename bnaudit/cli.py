@@ -19,15 +19,16 @@ from typing import Any
 
 import typer
 
-from bnaudit import __version__, digest
+from bnaudit import __version__
 from bnaudit.annotations import GitHub
-from bnaudit.config import Regime, TrainMode, resolve
-from bnaudit.errors import BnauditError, NothingToAudit, ReportError
-from bnaudit.precision import Autocast
+from bnaudit.checkpoint import digest
+from bnaudit.config import Regime, TrainMode, hash_skipped, resolve
+from bnaudit.core.errors import BnauditError, NothingToAudit, ReportError
+from bnaudit.core.untrusted import middle_cut, one_line
+from bnaudit.inputs.precision import Autocast
 from bnaudit.report import Format
 from bnaudit.results import FailOn
 from bnaudit.table import DEFAULT_WIDTH
-from bnaudit.untrusted import middle_cut, one_line
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR, EXIT_NOTHING = 0, 1, 2, 3
 MIN_TORCH = (2, 10)
@@ -554,7 +555,7 @@ def fold(
 
     def run() -> int:
         from bnaudit.check import run_fold
-        from bnaudit.dataflow import METHOD
+        from bnaudit.measure.dataflow import METHOD
 
         done = run_fold(resolve(cli, config, Path.cwd()), output, force=force, log=sys.stderr)
         for pair in done.pairs.pairs:
@@ -675,7 +676,7 @@ def _check(
 ) -> int:
     if isinstance(cli.get("checkpoint"), Path):
         settings = resolve(cli, config, Path.cwd())  # no torch yet: it imports in run_check
-        if digest.skipped(settings, os.environ) is None:
+        if hash_skipped(settings, os.environ) is None:
             digest.prefetch(settings.checkpoint)  # hashes while torch imports
     from bnaudit import distributed
 

@@ -13,16 +13,17 @@ import difflib
 import enum
 import json
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bnaudit.annotations import DEFAULT_MAX_ANNOTATIONS, GitHub
 from bnaudit.baseline import DEFAULT_MARGIN
-from bnaudit.errors import ConfigError
+from bnaudit.core.errors import ConfigError
 from bnaudit.findings import Thresholds
 from bnaudit.ignores import Ignore, parse_ignores
-from bnaudit.precision import Autocast
+from bnaudit.inputs.precision import Autocast
 from bnaudit.report import Format
 from bnaudit.results import FailOn
 
@@ -40,7 +41,7 @@ class TrainMode(str, enum.Enum):
 
 
 class Regime(str, enum.Enum):
-    """Which inputs recalibrated statistics describe (see bnaudit.impact)."""
+    """Which inputs recalibrated statistics describe (see bnaudit.measure.impact)."""
 
     TRAIN = "train"  # train-mode inputs: what a running average converges to
     EVAL = "eval"  # eval-mode inputs, layer after layer: what the deployed model sees
@@ -53,7 +54,7 @@ class CheckSettings:
     model: str | None = None
     model_args: tuple[str, ...] = ()  # NAME=VALUE keyword arguments of the --model factory
     data: str | None = None
-    # For a folder of images (bnaudit.images); None: timm's data config, else the defaults.
+    # For a folder of images (bnaudit.inputs.images); None: timm's data config, else the defaults.
     image_size: int | None = None  # the center crop
     mean: str | None = None  # per channel, "0.485,0.456,0.406"
     std: str | None = None
@@ -63,7 +64,7 @@ class CheckSettings:
     batch_size: int = 32
     batches: int | None = None
     device: str = "cpu"
-    autocast: Autocast = Autocast.OFF  # the forward under torch.autocast (bnaudit.precision)
+    autocast: Autocast = Autocast.OFF  # the forward under torch.autocast (bnaudit.inputs.precision)
     seed: int = 0
     train_mode: TrainMode = TrainMode.BN
     trust: bool = False
@@ -317,3 +318,29 @@ def _toml(value: Any) -> str:
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     # A JSON string is a valid TOML basic string (both escape quotes, backslashes, controls).
     return json.dumps(str(value), ensure_ascii=False)
+
+
+HASH_OFF = "not computed: --no-hash (or hash = false in the configuration)"
+HASH_QUICK_LOOK = "not computed: a static audit shown as a table only; --hash computes it"
+
+
+def hash_skipped(s: CheckSettings, environ: Mapping[str, str]) -> str | None:
+    """Why `bnaudit check` with these settings leaves the SHA-256 out ("not computed: …"),
+    None when it computes it.
+
+    `s.hash` None (the default) hashes whatever is kept or gated on: a report file, a baseline,
+    stdout in a machine-readable format, a run under GitHub Actions, and every audit with
+    --model (its passes take longer than the hash, which runs beside them). What is left is a
+    look at the table of a static audit, where the hash would cost more than the audit.
+    """
+    if s.hash is not None:
+        return None if s.hash else HASH_OFF
+    kept = (s.markdown, s.csv, s.json, s.html, s.junit, s.write_baseline)
+    if (
+        s.model is not None
+        or any(path is not None for path in kept)
+        or s.format is not Format.TABLE
+        or s.github.enabled(environ)
+    ):
+        return None
+    return HASH_QUICK_LOOK

@@ -7,7 +7,7 @@ normalises with statistics of a network that no longer exists, stale by construc
 but a train-mode forward still updates the running statistics.
 
 Per BN layer the comparison says which of γ, β, μ_r, σ²_r and T changed (bit-identical or not),
-by how much, and whether the weights upstream of it changed (`bnaudit.upstream`). The report
+by how much, and whether the weights upstream of it changed (`bnaudit.measure.upstream`). The report
 (`bnaudit.diff_results.DiffReport`) follows `AuditReport`'s conventions: findings with codes,
 severities and hints, ignores and baselines, `passed` against `fail_on`.
 """
@@ -24,6 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bnaudit.checkpoint.bn_groups import BnGroup, find_bn_groups
+from bnaudit.checkpoint.selection import unwrap
+from bnaudit.core.errors import NothingToAudit
+from bnaudit.core.layers import DEFAULT_EPS, find_bn_layers, read_counter
+from bnaudit.core.untrusted import shorten
 from bnaudit.diff_results import (
     AFFINE,
     BASE_ONLY,
@@ -38,13 +43,9 @@ from bnaudit.diff_results import (
     DiffReport,
     LayerDiff,
 )
-from bnaudit.errors import NothingToAudit
 from bnaudit.findings import diff_hint
-from bnaudit.layers import DEFAULT_EPS, find_bn_layers, read_counter
+from bnaudit.measure.upstream import ORDER, Upstream, by_dataflow, by_order
 from bnaudit.results import FailOn, Finding, Severity
-from bnaudit.selection import shorten, unwrap
-from bnaudit.static import BnGroup, find_bn_groups
-from bnaudit.upstream import ORDER, Upstream, by_dataflow, by_order
 
 
 def diff(

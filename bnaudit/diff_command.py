@@ -18,11 +18,11 @@ from torch import nn
 
 from bnaudit.baseline import from_report, read_baseline, render_baseline
 from bnaudit.check import judge, refuse_clashes
+from bnaudit.checkpoint.loading import Checkpoint, load_checkpoint, load_into
 from bnaudit.config import CheckSettings
 from bnaudit.diff import DiffReport, diff
 from bnaudit.diff_report import render_csv, render_html, render_json, render_markdown
-from bnaudit.loading import Checkpoint, load_checkpoint, load_into
-from bnaudit.registry import build_model
+from bnaudit.inputs.registry import build_model
 from bnaudit.report import write_atomic
 
 

@@ -52,7 +52,7 @@ class DiffMetrics:
     t_base: int | None = None
     t_new: int | None = None
     t_delta: int | None = None  # T_new − T_base
-    # the weights before it (bnaudit.upstream)
+    # the weights before it (bnaudit.measure.upstream)
     upstream_weights: int = 0  # tensors upstream
     upstream_changed: int = 0  # of which changed (or are missing from one checkpoint)
     upstream_first_changed: str = ""
@@ -91,7 +91,7 @@ class DiffReport(Gated):
     """
 
     layers: tuple[LayerDiff, ...]
-    upstream: str  # how the weights upstream were found (bnaudit.upstream)
+    upstream: str  # how the weights upstream were found (bnaudit.measure.upstream)
     fail_on: FailOn = FailOn.FAIL
     notes: tuple[str, ...] = ()
     base: str | None = None

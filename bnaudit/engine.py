@@ -1,6 +1,6 @@
 """The audit engine: one eval-mode and one train-mode pass per batch, a probe on every BN layer.
 
-Each probe (`bnaudit.probe`) reconstructs the layer's output by hand from the attributes,
+Each probe (`bnaudit.measure.probe`) reconstructs the layer's output by hand from the attributes,
 checks the running-stat update, reduces the layer's input to per-channel accumulators and drops
 every tensor. The model's modes, buffers and momentum are put back in `finally`; the train-mode
 update is undone in the hook itself, so every batch is compared against the checkpoint's
@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from bnaudit.batches import Call, InputChoice, call_model, move_batch, to_call
-from bnaudit.containers import map_tensors, tensors
-from bnaudit.dataflow import METHOD, Pairs
-from bnaudit.errors import DataError, NothingToAudit, describe
-from bnaudit.evidence import TOP1, Evidence, Metric, applies, top1
-from bnaudit.evidence import measure as measure_evidence
+from bnaudit.core.errors import DataError, NothingToAudit, describe
+from bnaudit.core.layers import (
+    Kind,
+    counter_notes,
+    find_bn_layers,
+    preserved,
+)
 from bnaudit.findings import (
     Thresholds,
     has_gap,
@@ -34,27 +35,35 @@ from bnaudit.findings import (
     judge_model,
     weigh_evidence,
 )
-from bnaudit.fold import FoldWatch
-from bnaudit.grouped import Deferred
-from bnaudit.impact import (
+from bnaudit.inputs.batches import Call, InputChoice, call_model, move_batch, to_call
+from bnaudit.inputs.containers import map_tensors, tensors
+from bnaudit.measure.dataflow import METHOD, Pairs
+from bnaudit.measure.evidence import Metric, applies, top1
+from bnaudit.measure.evidence import measure as measure_evidence
+from bnaudit.measure.fold import FoldWatch
+from bnaudit.measure.grouped import Deferred
+from bnaudit.measure.impact import (
+    TOP1,
     Across,
+    Evidence,
     OutputImpact,
     compare_outputs,
     eval_regime_stats,
     like_buffer,
 )
-from bnaudit.layers import (
-    Kind,
-    counter_notes,
-    find_bn_layers,
-    preserved,
+from bnaudit.measure.probe import Probe
+from bnaudit.measure.progress import (
+    AUDIT,
+    ProgressFn,
+    Ticking,
+    batch_count,
+    impact_stage,
+    one_stage,
 )
+from bnaudit.measure.updates import Ledger
 from bnaudit.metrics import figures_of, measure
-from bnaudit.probe import Probe
-from bnaudit.progress import AUDIT, ProgressFn, Ticking, batch_count, impact_stage, one_stage
 from bnaudit.results import AuditReport, FailOn, LayerResult
 from bnaudit.static import NO_BATCH_CODES
-from bnaudit.updates import Ledger
 
 if TYPE_CHECKING:
     from bnaudit.distributed import Ranks
@@ -265,13 +274,13 @@ def audit(
     Args:
         model: any nn.Module with BatchNorm layers, on the device the batches should run on.
         batches: an iterable of batches: tensors, tuples/lists/NamedTuples, dicts, fed to the
-            model as `bnaudit.batches.to_call` says (`input` chooses the element or key);
-            labels beside the input make the task metric evidence (`bnaudit.evidence`).
+            model as `bnaudit.inputs.batches.to_call` says (`input` chooses the element or key);
+            labels beside the input make the task metric evidence (`bnaudit.measure.evidence`).
         options: how to run and judge; keyword overrides take `AuditOptions` fields
             (train_mode, fail_on, max_batches, synthetic_data) or `Thresholds` fields.
         progress: called after each batch of every pass with the batches done in the pass,
             their number (None when unknown) and the pass's stage: "audit", "output impact,
-            pass K", "task metric, ..." (`bnaudit.progress`).
+            pass K", "task metric, ..." (`bnaudit.measure.progress`).
         ranks: under torchrun, this rank's place: `batches` are its shard, and what every
             rank measured is merged before judging (`bnaudit.distributed`).
     """
@@ -385,7 +394,7 @@ def audit(
 def recalibrated_stats(
     passes: Passes, regime: str, model: nn.Module, across: Across | None = None
 ) -> tuple[dict[str, tuple[Tensor, Tensor]], int]:
-    """Precise statistics per recalibrable layer (see bnaudit.impact for the choice)."""
+    """Precise statistics per recalibrable layer (see bnaudit.measure.impact for the choice)."""
     train = {
         p.name: (
             like_buffer(p.stats.train.batch_means.mean, p.module.running_mean),

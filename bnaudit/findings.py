@@ -10,13 +10,13 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from bnaudit.measure.explain import ACTIVATION_KEY
 from bnaudit.results import MODEL, Finding, LayerMetrics, Severity
 from bnaudit.significance import CountRule
 
 # Shared with fold.py and explain.py; kept here so that judging needs no torch.
 FLOAT16_MAX = 65504.0
 MIN_INT8_LEVELS = 8.0  # int8 levels a folded channel keeps, below which the fold is at risk
-ACTIVATION_KEY = "act:"  # diagnosis keys of BN-with-activation layers
 
 JUDGED = "yes"
 _FORMULA_CODES = frozenset({"recon-train", "recon-eval", "running-update"})
@@ -85,7 +85,7 @@ HINTS: dict[str, str] = {
     "reason",
 }
 _PRUNE = "or clamp/prune the channels with huge gamma/sqrt(var + eps) before folding"
-# A reconstruction mismatch that one known mistake explains (bnaudit.explain keys): its fix.
+# A reconstruction mismatch that one known mistake explains (bnaudit.measure.explain keys): its fix.
 _EXPLAINED = {
     "eps-outside": "eps is added to the standard deviation, not to the variance: normalise by "
     "sqrt(var + eps) in the layer's forward (or in the code that patches it)",
@@ -754,7 +754,7 @@ def judge_model(impact, t: Thresholds) -> tuple[Finding, ...]:
 
 
 def weigh_evidence(findings: tuple[Finding, ...], evidence) -> tuple[Finding, ...]:
-    """Stale findings in the light of the task metric (`bnaudit.evidence.Evidence`).
+    """Stale findings in the light of the task metric (`bnaudit.measure.evidence.Evidence`).
 
     When recalibrating to the audit batches lowers the metric beyond noise, the statistics are
     stale relative to these batches only: the weights fit the stored ones. The finding stays,

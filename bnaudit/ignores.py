@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from bnaudit.errors import ConfigError
+from bnaudit.core.errors import ConfigError
 from bnaudit.findings import ALL_CODES
 from bnaudit.results import AuditReport, Finding, Status
 

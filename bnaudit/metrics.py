@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnaudit import formulas as F
 from bnaudit import significance as S
-from bnaudit.explain import Diagnosis, Explanation
+from bnaudit.core import formulas as F
+from bnaudit.core.layers import Kind, LayerAttrs
 from bnaudit.findings import JUDGED, Thresholds
-from bnaudit.layers import Kind, LayerAttrs
+from bnaudit.measure.explain import Diagnosis, Explanation
+from bnaudit.measure.statistics import LayerStats, MaxTracker, RegimeStats
 from bnaudit.results import LayerMetrics
-from bnaudit.statistics import LayerStats, MaxTracker, RegimeStats
 
 NAN = math.nan
 

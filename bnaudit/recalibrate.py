@@ -1,4 +1,4 @@
-"""Recalibration: precise running statistics computed from sample data (see bnaudit.impact).
+"""Recalibration: precise running statistics computed from sample data (see bnaudit.measure.impact).
 
 `recalibrate` computes them without touching the model; `apply` writes them into a model (a
 copy the caller owns), and `updated_state_dict` into a state dict, everything else unchanged.
@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bnaudit.batches import InputChoice
+from bnaudit.core.errors import BnauditError, NothingToAudit
+from bnaudit.core.layers import Kind, find_bn_layers, layer_kind
 from bnaudit.engine import Moved
-from bnaudit.errors import BnauditError, NothingToAudit
-from bnaudit.impact import Across, precise_stats
-from bnaudit.layers import Kind, find_bn_layers, layer_kind
-from bnaudit.progress import (
+from bnaudit.inputs.batches import InputChoice
+from bnaudit.measure.impact import Across, precise_stats
+from bnaudit.measure.progress import (
     RECALIBRATE,
     ProgressFn,
     Ticking,
@@ -54,11 +54,11 @@ def recalibrate(
 
     Train regime: one train-mode pass per batch with statistics only, the cost of
     torch.optim.swa_utils.update_bn (the batches are streamed, not kept). Eval regime: the
-    level-by-level eval passes of `bnaudit.impact.eval_regime_stats`. num_batches_tracked
+    level-by-level eval passes of `bnaudit.measure.impact.eval_regime_stats`. num_batches_tracked
     becomes the number of batches averaged, as after update_bn, the same kind of average.
     With `across` (torchrun ranks, `bnaudit.distributed`), `batches` are this process's shard
     and the statistics, counts and passes are those of all of them. `progress` is called after
-    each batch of every pass (`bnaudit.progress`: "recalibrate", "recalibrate, level K").
+    each batch of every pass (`bnaudit.measure.progress`: "recalibrate", "recalibrate, level K").
     """
     found = find_bn_layers(model)
     if not found:

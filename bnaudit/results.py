@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from bnaudit.baseline import BaselineCheck
-    from bnaudit.impact import OutputImpact
+    from bnaudit.measure.impact import OutputImpact
 
 MODEL = "<model>"  # the layer name of findings about the whole model
 
@@ -89,7 +89,7 @@ class LayerMetrics:
     """Every number measured on one layer. NaN means not measured (see the report notes)."""
 
     # attributes
-    kind: str  # batch, instance or frozen (see bnaudit.layers.Kind)
+    kind: str  # batch, instance or frozen (see bnaudit.core.layers.Kind)
     channels: int
     eps: float
     momentum: float | None  # None: cumulative average; NaN: unknown (a bare state dict)
@@ -115,7 +115,7 @@ class LayerMetrics:
     recon_train_ratio: float  # worst |y − ref| / (atol + rtol·scale)
     recon_eval_max_err: float
     recon_eval_ratio: float
-    # the best explanation of a mismatch (bnaudit.explain), "" when the output matched
+    # the best explanation of a mismatch (bnaudit.measure.explain), "" when the output matched
     recon_train_explanation: str
     recon_train_explanation_key: str
     recon_train_explanation_err: float
@@ -155,7 +155,7 @@ class LayerMetrics:
     step_log_var: float  # |ln(σ²_r,new/σ²_r)| for one more train step, worst
     # output impact (--attribution): rel L2 change of the output with only this layer recalibrated
     output_change_alone: float = math.nan
-    # conv/linear → BN folding (bnaudit.fold)
+    # conv/linear → BN folding (bnaudit.measure.fold)
     fold_with: str = ""  # the conv or linear this BN folds into; "" when none
     fold_checked: bool = False  # the fold was run on the first batch
     fold_max_err: float = math.nan
@@ -165,7 +165,7 @@ class LayerMetrics:
     # why num_batches_tracked is not a count (then num_batches_tracked is None); "" when it is
     counter_problem: str = ""
     # where the output was read: "" the layer's own; "input of drop": a BatchNormAct's
-    # normalisation, before its dropout and activation (bnaudit.layers.act_tap)
+    # normalisation, before its dropout and activation (bnaudit.core.layers.act_tap)
     measured_at: str = ""
 
     @classmethod

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnaudit.errors import CheckpointError, ReportError
-from bnaudit.formats import Kind, detect
+from bnaudit.checkpoint.formats import Kind, detect
+from bnaudit.checkpoint.selection import Selection, select
+from bnaudit.core.errors import CheckpointError, ReportError
 from bnaudit.recalibrate import Recalibration, updated_state_dict
-from bnaudit.selection import Selection, select
 from bnaudit.writing import check_writable, write_set
 
 

@@ -14,9 +14,9 @@ import torch
 from tabulate import tabulate
 from torch import nn
 
-from bnaudit import formulas as F
-from bnaudit.errors import BnauditError
-from bnaudit.layers import Kind, LayerAttrs, find_bn_layers
+from bnaudit.core import formulas as F
+from bnaudit.core.errors import BnauditError
+from bnaudit.core.layers import Kind, LayerAttrs, find_bn_layers
 from bnaudit.results import LayerResult
 
 CHANNELS_SHOWN = 4  # the first channels, then as many of the most amplifying ones

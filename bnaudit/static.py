@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 
-from torch import Tensor
-
-from bnaudit.errors import NothingToAudit
+from bnaudit.checkpoint.bn_groups import find_bn_groups
+from bnaudit.checkpoint.selection import unwrap
+from bnaudit.core.errors import NothingToAudit
+from bnaudit.core.layers import DEFAULT_EPS, Kind, KnownAttrs, LayerAttrs, counter_notes
 from bnaudit.findings import CODES, Thresholds, judge_layer, not_audited
-from bnaudit.layers import DEFAULT_EPS, Kind, KnownAttrs, LayerAttrs, counter_notes
+from bnaudit.measure.statistics import LayerStats
 from bnaudit.metrics import measure
 from bnaudit.results import AuditReport, FailOn, LayerMetrics, LayerResult
-from bnaudit.selection import unwrap
-from bnaudit.statistics import LayerStats
 
-BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 # Which finding codes a static audit can raise, and what the others need.
 STATIC_CODES = (
     "nonfinite",
@@ -54,50 +51,6 @@ NO_BATCH_CODES = tuple(
     for c in CODES
     if c not in DATA_CODES and c not in ("fold-mismatch", "fold-risk", "output-change")
 )
-
-
-@dataclass(frozen=True)
-class BnGroup:
-    """One BN layer in a state dict: its key prefix and attribute → full key."""
-
-    prefix: str
-    keys: Mapping[str, str]
-    problem: str = ""  # why it cannot be audited as BatchNorm; "" when it can
-
-
-def find_bn_groups(state_dict: Mapping[str, object]) -> list[BnGroup]:
-    """Key groups with running stats, in key order; `problem` names what is not BN-shaped.
-
-    Both running stats, or one next to a counter, make a group: a BN layer, if perhaps a broken
-    one. Reads shapes and dtypes only, never tensor data.
-    """
-    by_prefix: dict[str, dict[str, str]] = {}
-    for key, value in state_dict.items():
-        prefix, _, attr = key.rpartition(".")
-        if attr in BN_KEYS and isinstance(value, Tensor):
-            by_prefix.setdefault(prefix, {})[attr] = key
-    groups = []
-    for prefix, keys in by_prefix.items():
-        stats = {"running_mean", "running_var"} & keys.keys()
-        if len(stats) == 2 or (stats and "num_batches_tracked" in keys):
-            tensors = {a: state_dict[k] for a, k in keys.items()}
-            groups.append(BnGroup(prefix, keys, _shape_problem(tensors)))  # type: ignore[arg-type]
-    return groups
-
-
-def _shape_problem(t: Mapping[str, Tensor]) -> str:
-    for attr in ("running_mean", "running_var"):
-        if attr not in t:
-            return f"no {attr}"
-    mean, var = t["running_mean"], t["running_var"]
-    if not (mean.is_floating_point() and var.is_floating_point()):
-        return f"running stats of dtype {mean.dtype}, {var.dtype}"
-    if mean.dim() != 1 or mean.shape != var.shape or mean.numel() == 0:
-        return f"running_mean {tuple(mean.shape)}, running_var {tuple(var.shape)}"
-    for attr in ("weight", "bias"):
-        if attr in t and t[attr].shape != mean.shape:
-            return f"{attr} {tuple(t[attr].shape)} vs running_mean {tuple(mean.shape)}"
-    return ""  # a counter that is no count is a finding on an audited layer (bad-counter)
 
 
 def audit_state_dict(

@@ -49,7 +49,7 @@ _MIN_BAR = 8  # narrower than this, the bar is left out
 class Progress:
     """`[####....] audit 3/8 batches, 0:04, ETA 0:07` on one rewritten stderr line, once the
     audit has run `delay` s; a stage per pass over the batches (the audit's, each
-    output-impact pass, each task-metric pass: `bnaudit.progress`), its ETA from the pace of
+    output-impact pass, each task-metric pass: `bnaudit.measure.progress`), its ETA from the pace of
     the batches of that stage so far.
 
     The line stays narrower than the terminal (`width`; None: COLUMNS, else the stream's

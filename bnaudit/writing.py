@@ -22,8 +22,8 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from bnaudit.errors import ReportError
-from bnaudit.paths import file_kind
+from bnaudit.core.errors import ReportError
+from bnaudit.core.paths import file_kind
 
 TEMP_PREFIX = ".bnaudit-"  # temporary files: .bnaudit-XXXXXXXX.tmp in the target's folder
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)

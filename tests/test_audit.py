@@ -342,7 +342,7 @@ def test_restored_even_when_forward_raises(healthy_mlp: nn.Module) -> None:
 
     model = Boom(healthy_mlp)
     before = snapshot(model)
-    with pytest.raises(bnaudit.errors.DataError, match="batch 1 in train mode"):
+    with pytest.raises(bnaudit.core.errors.DataError, match="batch 1 in train mode"):
         audit(model, mlp_batches(16, count=4))
     assert_same(model, before)
 
@@ -371,7 +371,7 @@ def test_api_threshold_overrides(healthy_cnn: nn.Module) -> None:
 
 
 def test_no_batchnorm_is_nothing_to_audit() -> None:
-    with pytest.raises(bnaudit.errors.NothingToAudit):
+    with pytest.raises(bnaudit.core.errors.NothingToAudit):
         audit(nn.Sequential(nn.Linear(3, 3)), [torch.randn(4, 3)])
 
 

@@ -12,11 +12,11 @@ import torch
 from torch import Tensor, nn
 from typer.testing import CliRunner
 
-from bnaudit.batches import call_model, move_batch, parse_input, to_call
 from bnaudit.cli import app
-from bnaudit.containers import map_tensors
+from bnaudit.core.errors import DataError
 from bnaudit.engine import audit
-from bnaudit.errors import DataError
+from bnaudit.inputs.batches import call_model, move_batch, parse_input, to_call
+from bnaudit.inputs.containers import map_tensors
 from tests import labelled
 
 LABELLED = Path(labelled.__file__).resolve()

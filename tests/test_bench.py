@@ -110,7 +110,7 @@ def test_floors_hook_every_bn_layer_of_the_hooked_passes_only(bench) -> None:
 
 
 def test_the_recalibration_floor_reads_the_moments_of_every_bn_input(bench, monkeypatch) -> None:
-    from bnaudit import fused
+    from bnaudit.measure import fused
 
     model = bench.build("DeepMLP", (8, 64), depth=3)
     layers = bench.models.bn_layers(model)

@@ -1,5 +1,5 @@
-"""Consecutive passes measured in one kernel call (`bnaudit.grouped` blocks) and recalibration
-values merged K at a time (`bnaudit.impact`): the same results as one pass, one call at a time."""
+"""Consecutive passes measured in one kernel call (`bnaudit.measure.grouped` blocks) and recalibration
+values merged K at a time (`bnaudit.measure.impact`): the same results as one pass, one call at a time."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 import bnaudit
-from bnaudit import grouped, impact
+from bnaudit.measure import grouped, impact
 from bnaudit.recalibrate import recalibrate
 from tests import nets
 from tests.test_fast_paths import assert_same_report, grouping, mixed_model

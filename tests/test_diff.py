@@ -26,7 +26,7 @@ from bnaudit.cli import app
 from bnaudit.diff import DiffReport, identical, relative_change
 from bnaudit.diff_report import fitted_table
 from bnaudit.findings import DIFF_CODES, DIFF_HINTS, DIFF_SITUATION_HINTS
-from bnaudit.upstream import ORDER, TRACED
+from bnaudit.measure.upstream import ORDER, TRACED
 
 SPEC = "tests.test_diff:build_net"
 BRANCHES_SPEC = "tests.test_diff:Branches"

@@ -293,8 +293,8 @@ def test_batches_go_round_robin_and_caps_count_globally() -> None:
 
 
 def test_torchrun_environment_is_read_and_checked(monkeypatch) -> None:
+    from bnaudit.core.errors import BnauditError
     from bnaudit.distributed import ranks
-    from bnaudit.errors import BnauditError
 
     assert ranks.from_env({}) is None
     assert ranks.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}) == (1, 2, 0)
@@ -307,7 +307,7 @@ def test_torchrun_environment_is_read_and_checked(monkeypatch) -> None:
 
 def test_autocast_bf16_measures_each_bn_in_the_dtype_it_ran_in() -> None:
     from bnaudit.engine import audit
-    from bnaudit.precision import Autocast, autocast_forward
+    from bnaudit.inputs.precision import Autocast, autocast_forward
 
     torch.manual_seed(0)
     model = nets.build_mlp()

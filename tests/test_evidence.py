@@ -11,10 +11,11 @@ import torch
 from torch import Tensor, nn
 from typer.testing import CliRunner
 
-from bnaudit.batches import Call
 from bnaudit.cli import app
 from bnaudit.engine import audit
-from bnaudit.evidence import TOP1, measure, top1
+from bnaudit.inputs.batches import Call
+from bnaudit.measure.evidence import measure, top1
+from bnaudit.measure.impact import TOP1
 from bnaudit.results import Severity
 from tests import labelled
 

@@ -2,7 +2,7 @@
 
 `formulas.batch_moments` and `formulas.reconstruction_error` stream float64 blocks instead of a
 float64 copy of the whole activation; small layers are measured side by side in groups
-(`bnaudit.grouped`). Each is checked against what it replaces: `batch_stats`, `normalize`,
+(`bnaudit.measure.grouped`). Each is checked against what it replaces: `batch_stats`, `normalize`,
 `mismatch` and `elementwise_tolerance` on float64 copies, and the audit one layer at a time.
 """
 
@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import bnaudit
-from bnaudit import formulas as F
-from bnaudit import grouped, probe
+from bnaudit.core import formulas as F
+from bnaudit.measure import grouped, probe
+from bnaudit.measure.statistics import LayerStats
 from bnaudit.results import AuditReport
-from bnaudit.statistics import LayerStats
 from tests import nets
 from tests.test_variants import FrozenBatchNorm2d
 

@@ -14,10 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from bnaudit import formulas as F
-from bnaudit.batches import call_model, to_call
-from bnaudit.errors import describe
-from bnaudit.fold import (
+from bnaudit.core import formulas as F
+from bnaudit.core.errors import describe
+from bnaudit.core.layers import LayerAttrs, find_bn_layers, preserved
+from bnaudit.inputs.batches import call_model, to_call
+from bnaudit.measure.fold import (
     FOLD_BLOCK,
     FOLD_SAMPLES,
     FoldCheck,
@@ -27,7 +28,6 @@ from bnaudit.fold import (
     folded,
     risk,
 )
-from bnaudit.layers import LayerAttrs, find_bn_layers, preserved
 from tests.nets import GatedNet
 from tests.reports import single_thread
 from tests.test_metrics_stacked import same_bits

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from bnaudit import audit
 from bnaudit.cli import app
-from bnaudit.fold import check_folds
+from bnaudit.measure.fold import check_folds
 from tests import nets
 
 FOLD_CODES = {"fold-mismatch", "fold-risk"}

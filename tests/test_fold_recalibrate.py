@@ -12,10 +12,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from typer.testing import CliRunner
 
 from bnaudit import Severity, audit
-from bnaudit import formulas as F
 from bnaudit.cli import app
+from bnaudit.core import formulas as F
 from bnaudit.demo import PLANTED_LAYER, build_model, make_demo, make_images
-from bnaudit.fold import check_folds, fold_model
+from bnaudit.measure.fold import check_folds, fold_model
 from tests.test_variants import ConvNet, FrozenBatchNorm2d, calibrated, images
 
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import bnaudit
-from bnaudit import formulas as F
+from bnaudit.core import formulas as F
 
 # Fixed examples (derandomize) and no example database: the same cases on every run.
 SETTINGS = settings(max_examples=50, deadline=None, derandomize=True, database=None)

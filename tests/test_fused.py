@@ -1,4 +1,4 @@
-"""The fused measurement (`bnaudit.fused`) gives the numbers of today's general float64 path.
+"""The fused measurement (`bnaudit.measure.fused`) gives the numbers of today's general float64 path.
 
 The reference is what `_Probe._measure_general` computes on float64 copies: `batch_stats`,
 `normalize`, `mismatch`, `elementwise_tolerance`. Both fast implementations are checked against
@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import bnaudit
-from bnaudit import formulas as F
-from bnaudit import fused
+from bnaudit.core import formulas as F
+from bnaudit.measure import fused
 from tests import nets
 from tests.test_fast_paths import assert_same_report, general_only, grouping
 

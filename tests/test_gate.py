@@ -42,7 +42,7 @@ from bnaudit.baseline import (
     render_baseline,
 )
 from bnaudit.cli import app
-from bnaudit.errors import BaselineError
+from bnaudit.core.errors import BaselineError
 from bnaudit.ignores import Ignore, apply_ignores
 from bnaudit.junit import render_junit
 from bnaudit.report import render_table, summary_line

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 from typer.testing import CliRunner, Result
 
-from bnaudit import digest
+from bnaudit import config
 from bnaudit.baseline import read_baseline
+from bnaudit.checkpoint import digest
 from bnaudit.cli import app
 from bnaudit.config import CheckSettings
 from tests import nets
@@ -225,17 +226,17 @@ def test_an_older_baseline_without_the_keys_reads(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("settings", "environ", "why"),
     [
-        ({}, {}, digest.QUICK_LOOK),
+        ({}, {}, config.HASH_QUICK_LOOK),
         ({"model": "m.py:f"}, {}, None),
         ({"json": Path("r.json")}, {}, None),
         ({"write_baseline": Path("b.json")}, {}, None),
         ({}, {"GITHUB_ACTIONS": "true"}, None),
         ({"hash": True}, {}, None),
-        ({"hash": False, "model": "m.py:f", "json": Path("r.json")}, {}, digest.OFF),
+        ({"hash": False, "model": "m.py:f", "json": Path("r.json")}, {}, config.HASH_OFF),
     ],
 )
 def test_skipped(settings: dict[str, Any], environ: dict[str, str], why: str | None) -> None:
-    assert digest.skipped(CheckSettings(Path("c.pt"), **settings), environ) == why
+    assert config.hash_skipped(CheckSettings(Path("c.pt"), **settings), environ) == why
 
 
 def test_a_diff_baseline_says_why_it_has_no_sha256(ckpt: Path, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from bnaudit.limits import (
+from bnaudit.core.limits import (
     DEFAULT_MAX_BATCHES,
     MAX_BN_ELEMENTS,
     MAX_SAFETENSORS_HEADER,

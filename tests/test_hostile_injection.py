@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from bnaudit.limits import MAX_MESSAGE_CHARS
+from bnaudit.core.limits import MAX_MESSAGE_CHARS
 from tests.hostile import (
     Case,
     Outcome,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from bnaudit.limits import MAX_PICKLE_BYTES
+from bnaudit.core.limits import MAX_PICKLE_BYTES
 from tests.hostile import (
     Case,
     assert_bounded,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bnaudit import writing
-from bnaudit.errors import ReportError
+from bnaudit.core.errors import ReportError
 from tests.hostile import (
     MEMORY_LIMIT_MB,
     ROOT,

@@ -28,8 +28,8 @@ from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
 
+from bnaudit.checkpoint.loading import load_checkpoint
 from bnaudit.cli import app
-from bnaudit.loading import load_checkpoint
 
 runner = CliRunner()
 
@@ -656,7 +656,7 @@ def test_data_without_a_model(tmp_path: Path, state: dict) -> None:
 
 
 def test_prefetched_digest_is_the_files_sha256(tmp_path: Path) -> None:
-    from bnaudit import digest
+    from bnaudit.checkpoint import digest
 
     path = tmp_path / "blob.bin"
     path.write_bytes(os.urandom(3 * digest.CHUNK // 2 + 17))  # more than one chunk, uneven
@@ -671,7 +671,7 @@ def test_prefetched_digest_is_the_files_sha256(tmp_path: Path) -> None:
 
 
 def test_static_audit_hands_back_the_mapped_pages_and_reads_the_same(tmp_path: Path) -> None:
-    from bnaudit.loading import mapped_ranges
+    from bnaudit.checkpoint.loading import mapped_ranges
 
     state = {
         f"l{i}.{k}": v.clone() for i in range(3) for k, v in nn.BatchNorm1d(8).state_dict().items()

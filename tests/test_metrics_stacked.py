@@ -19,11 +19,12 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import bnaudit.engine as engine
-from bnaudit import formulas as F
 from bnaudit import metrics
-from bnaudit.explain import Diagnosis
+from bnaudit.core import formulas as F
+from bnaudit.core.layers import LayerAttrs
 from bnaudit.findings import Thresholds
-from bnaudit.layers import LayerAttrs
+from bnaudit.measure.explain import Diagnosis
+from bnaudit.measure.statistics import LayerStats, MaxTracker, Moments, RegimeStats
 from bnaudit.metrics import (
     NAN,
     Drift,
@@ -40,7 +41,6 @@ from bnaudit.metrics import (
     measure,
 )
 from bnaudit.results import AuditReport, LayerMetrics
-from bnaudit.statistics import LayerStats, MaxTracker, Moments, RegimeStats
 from tests.reports import single_thread
 from tests.test_metrics_exact import SPECIAL
 

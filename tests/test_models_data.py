@@ -22,11 +22,11 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner, Result
 
-from bnaudit.batches import load_batches
 from bnaudit.cli import app
-from bnaudit.errors import DataError, ModelError
-from bnaudit.images import DEFAULTS, ImageFolder, Preprocess, find_images, load_image
-from bnaudit.registry import build_model, parse_model_args
+from bnaudit.core.errors import DataError, ModelError
+from bnaudit.inputs.batches import load_batches
+from bnaudit.inputs.images import DEFAULTS, ImageFolder, Preprocess, find_images, load_image
+from bnaudit.inputs.registry import build_model, parse_model_args
 from tests.test_cli import console_script
 
 runner = CliRunner()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from hypothesis import given
 
-from bnaudit import fused
+from bnaudit.measure import fused
 from tests.test_fused import SETTINGS, Call, Case, cases, make, measured, needs_numba
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from bnaudit.engine import audit
-from bnaudit.progress import Ticking
+from bnaudit.measure.progress import Ticking
 from bnaudit.recalibrate import recalibrate
 from bnaudit.terminal import Progress
 from tests import labelled

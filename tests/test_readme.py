@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from bnaudit.cli import app
-from bnaudit.registry import build_model
+from bnaudit.inputs.registry import build_model
 from tests.test_models_data import FACTORY, _images, stub_timm, stub_torchvision
 
 ROOT = Path(__file__).resolve().parent.parent

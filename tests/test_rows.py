@@ -1,4 +1,4 @@
-"""Results folded K at a time (`bnaudit.rows`, `RegimeStats.add_batches`) against one at a time."""
+"""Results folded K at a time (`bnaudit.measure.rows`, `RegimeStats.add_batches`) against one at a time."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from bnaudit import formulas as F
-from bnaudit import rows
-from bnaudit.statistics import LayerStats, Moments, RegimeStats
+from bnaudit.core import formulas as F
+from bnaudit.measure import rows
+from bnaudit.measure.statistics import LayerStats, Moments, RegimeStats
 
 
 def assert_same_moments(a: Moments, b: Moments) -> None:

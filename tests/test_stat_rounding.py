@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 import bnaudit
-from bnaudit import formulas as F
+from bnaudit.core import formulas as F
 
 U32 = 2.0**-24
 

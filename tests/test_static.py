@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from bnaudit import audit
 from bnaudit.cli import app
-from bnaudit.layers import KnownAttrs
+from bnaudit.core.layers import KnownAttrs
 from bnaudit.report import Format, render
 from bnaudit.results import AuditReport
 from bnaudit.static import STATIC_CODES, audit_state_dict

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from bnaudit.statistics import LayerStats, MaxTracker, Moments, RegimeStats, UpdateStats
+from bnaudit.measure.statistics import LayerStats, MaxTracker, Moments, RegimeStats, UpdateStats
 
 SETTINGS = settings(max_examples=50, deadline=None, derandomize=True, database=None)
 REL = 1e-12

@@ -1,4 +1,4 @@
-"""The train-mode updates, read and undone a pass at a time (`bnaudit.updates`).
+"""The train-mode updates, read and undone a pass at a time (`bnaudit.measure.updates`).
 
 Every call must start from the checkpoint's statistics and have its own update checked, also
 a layer's second call in one forward (read before it runs), a call measured on the general path
@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 import bnaudit
 from bnaudit import engine
-from bnaudit.errors import DataError
-from bnaudit.updates import Ledger, Update
+from bnaudit.core.errors import DataError
+from bnaudit.measure.updates import Ledger, Update
 
 
 class Twice(nn.Module):

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnaudit import Severity, audit
+from bnaudit.core.errors import ModelError
 from bnaudit.demo import calibrate, make_images
-from bnaudit.errors import ModelError
 from tests import nets
 
 
@@ -378,7 +378,7 @@ def test_inline_activation_is_diagnosed() -> None:
 def test_bn_act_diagnosis_settles_after_the_first_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     """Once one hypothesis alone explains a layer, later batches test only it: same report as
     the full diagnosis on every batch, at a fraction of the hypotheses evaluated."""
-    from bnaudit import explain
+    from bnaudit.measure import explain
     from tests.test_fast_paths import assert_same_report
 
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 from typer.testing import CliRunner
 
-from bnaudit import audit, explain
+from bnaudit import audit
 from bnaudit import significance as S
 from bnaudit.cli import app
 from bnaudit.demo import plant_stale
@@ -31,7 +31,8 @@ from bnaudit.findings import (
     judge_layer,
     judge_model,
 )
-from bnaudit.impact import OutputImpact
+from bnaudit.measure import explain
+from bnaudit.measure.impact import OutputImpact
 from bnaudit.results import Severity
 from tests import nets
 from tests.reports import metrics, single_thread
@@ -313,7 +314,7 @@ def test_stale_later_layer_says_relative_to_these_batches_without_the_note(
 
 STALE = {"stale_fraction": 1.0, "stale_p": 1e-20}  # 8 of 8 channels off, far beyond noise
 FOLD = {"fold_with": "conv", "fold_checked": True, "fold_ratio": 0.1, "fold_int8_levels": 100.0}
-EXPLAINED_AS = {  # bnaudit.explain key → its hint's situation
+EXPLAINED_AS = {  # bnaudit.measure.explain key → its hint's situation
     "unbiased": "unbiased",
     "running-in-train": "running-in-train",
     "batch-in-eval": "batch-in-eval",

@@ -9,7 +9,7 @@ holds) is from the merged statistics.
 
 The merged statistics are the mean over ranks of the running means and of the running
 variances: each rank's EMA estimates the expected batch mean and unbiased batch variance on its
-data, the same average precise BN takes over batches (`bnaudit.impact`).
+data, the same average precise BN takes over batches (`bnaudit.measure.impact`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from bnaudit.layers import find_bn_layers
+from bnaudit.core.layers import find_bn_layers
 from bnaudit.results import Finding, Severity
 
 DRIFT = "rank-drift"

@@ -30,13 +30,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from bnaudit.errors import BnauditError, describe
-from bnaudit.statistics import LayerStats, Moments
+from bnaudit.core.errors import BnauditError, describe
+from bnaudit.measure.statistics import LayerStats, Moments
 
 if TYPE_CHECKING:
     from bnaudit.config import CheckSettings
     from bnaudit.engine import Passes
-    from bnaudit.impact import OutputDiff
+    from bnaudit.measure.impact import OutputDiff
 
 TIMEOUT_ENV = "BNAUDIT_DIST_TIMEOUT"  # seconds a rank waits for the others in one exchange
 DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for gloo and nccl
@@ -131,7 +131,7 @@ class Ranks:
         """This rank's batches of --data: a function taking `rank` and `world_size`, or a
         DataLoader with a DistributedSampler, gives its own shard; anything else is sharded
         round-robin."""
-        from bnaudit.batches import load_batches
+        from bnaudit.inputs.batches import load_batches
 
         fn = _data_function(spec)
         if fn is not None and _takes_shard(fn):
@@ -144,7 +144,7 @@ class Ranks:
             return itertools.islice(batches, self.share(cap))
         return self.shard(batches, cap)
 
-    # -- merges (bnaudit.impact.Across) -------------------------------------------------------
+    # -- merges (bnaudit.measure.impact.Across) -------------------------------------------------------
 
     def merge_passes(self, passes: Passes) -> Passes:
         """Every rank's probes merged into this rank's, in rank order, and the global count."""
@@ -191,7 +191,7 @@ class Ranks:
 
     def diff(self, diff: OutputDiff, passes: int) -> tuple[OutputDiff, int]:
         """Output comparisons of every rank's batches as one; forward passes summed."""
-        from bnaudit.impact import OutputDiff
+        from bnaudit.measure.impact import OutputDiff
 
         out, total = OutputDiff(), 0
         for d, used in self.exchange("output diff", (diff, passes)):
@@ -294,7 +294,7 @@ def _local_rank() -> int:
 def _data_function(spec: str) -> Any:
     from pathlib import Path
 
-    from bnaudit.specs import import_object
+    from bnaudit.inputs.specs import import_object
 
     if Path(spec).exists() or ":" not in spec:
         return None

@@ -3,10 +3,10 @@
 `measure` gives, per channel, the float64 batch mean and biased variance of x, and the maximum
 reconstruction error of y with its ratio to the tolerance (`formulas.reconstruction_error`'s
 formula), plus whether all of it is finite. On CPU, for float32/float16/bfloat16 activations
-laid out NCHW (contiguous) or channels-last, a numba kernel (`bnaudit.fused_kernels`) reads x
+laid out NCHW (contiguous) or channels-last, a numba kernel (`bnaudit.measure.fused_kernels`) reads x
 and y once per call, keeping the channel's values in cache between its passes; everywhere else
 (CUDA, float64, odd strides, numba not installed: it is the `fast` extra) the float64 blocks
-of `bnaudit.formulas` compute the same numbers. Both are the fast path of the engine: a call
+of `bnaudit.core.formulas` compute the same numbers. Both are the fast path of the engine: a call
 that is not finite, or that misses the formula, is measured again on the general float64 path,
 so verdicts never depend on which of the two ran.
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bnaudit import formulas as F
+from bnaudit.core import formulas as F
 
 KERNEL_ENV = "BNAUDIT_KERNEL"  # "torch": always the float64 blocks, never the numba kernel
 # float16 and bfloat16 are converted to float32 (exact) before the kernel: numba has no
@@ -38,7 +38,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class Measured(NamedTuple):
     """One call, per channel: `block` is float64 [4, C], the batch mean and biased variance of
     x, max |y − ref| and max |y − ref| / tolerance (kept as one tensor: the rows take it as
-    it is, `bnaudit.rows`); `finite` and `worst` decide the path taken."""
+    it is, `bnaudit.measure.rows`); `finite` and `worst` decide the path taken."""
 
     block: Tensor
     finite: bool  # x, its moments and every error are finite
@@ -125,7 +125,7 @@ def _load() -> ModuleType | None:
     if not before:
         config.CACHE_DIR = str(cache_dir())
     try:
-        from bnaudit import fused_kernels
+        from bnaudit.measure import fused_kernels
     except Exception:  # no usable cache folder, an LLVM problem: the torch path still works
         return None
     finally:

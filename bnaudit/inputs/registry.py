@@ -17,8 +17,8 @@ from typing import Any
 
 from torch import nn
 
-from bnaudit.errors import BnauditError, ModelError, describe
-from bnaudit.specs import import_object
+from bnaudit.core.errors import BnauditError, ModelError, describe
+from bnaudit.inputs.specs import import_object
 
 REGISTRIES = ("timm", "torchvision")
 # Arguments that would make a registry download weights; the checkpoint supplies them.

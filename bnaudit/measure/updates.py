@@ -1,7 +1,7 @@
 """The running stats each train-mode call leaves: read and put back a pass at a time.
 
 Every BN layer must start each call from the checkpoint's statistics, and each train-mode call's
-update is compared with the formula (`bnaudit.rows`). Reading the update and putting the
+update is compared with the formula (`bnaudit.measure.rows`). Reading the update and putting the
 checkpoint's statistics back in every layer's own hook is five small tensor operations per call,
 about 20 µs in the middle of a forward pass: more than measuring a small layer. A train-mode
 output normalises with the batch's statistics, so a layer's running stats are not read again
@@ -14,15 +14,22 @@ pass, or when a measurement needs an update at once (`Ledger.settle`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from bnaudit.layers import read_counter
+from bnaudit.core.layers import read_counter
 
-if TYPE_CHECKING:
-    from bnaudit.probe import Probe
+
+class Probe(Protocol):
+    """What the ledger needs of a layer's probe (`bnaudit.measure.probe.Probe`)."""
+
+    holding: bool  # the buffers hold a train-mode update the ledger has not undone
+    buffer_table: dict[str, Tensor | None]  # the module's own `_buffers`
+    saved: dict[str, Tensor]  # the buffers as they were before the audit
+
+    def updated(self) -> None: ...
 
 
 class Update:

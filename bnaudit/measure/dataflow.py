@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode, _pop_mode, _push_mode
 from torch.overrides import _get_current_function_mode as _current_mode
 from torch.utils._pytree import tree_leaves
 
-from bnaudit.layers import Kind, LayerAttrs, find_bn_layers, layer_kind
+from bnaudit.core.layers import Kind, LayerAttrs, find_bn_layers, layer_kind
 
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 METHOD = "observed dataflow on the first batch"
@@ -369,7 +369,7 @@ class _Ops(TorchFunctionMode):
         return flow.op(func, args, kwargs)
 
 
-class _Tracer(torch.fx.Tracer):
+class Tracer(torch.fx.Tracer):
     """Keeps every BN-like module a leaf: FrozenBatchNorm and BN subclasses live outside
     torch.nn, and tracing into them would hide them from the graph."""
 
@@ -381,7 +381,7 @@ class _Tracer(torch.fx.Tracer):
 def _fx_users(model: nn.Module, modules: dict[str, nn.Module]) -> tuple[dict | None, str]:
     """Per conv/linear, the users of its busiest node in the traced graph (metadata aside)."""
     try:
-        graph = _Tracer().trace(model)
+        graph = Tracer().trace(model)
     except Exception as exc:  # data-dependent control flow, among others
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return None, f"torch.fx could not trace the model: {first}"

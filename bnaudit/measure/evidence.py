@@ -17,68 +17,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
-from bnaudit.batches import Call, call_model
-from bnaudit.containers import tensors
-from bnaudit.impact import precise_stats, statistics, stored_output
-from bnaudit.progress import ProgressFn, ticking
+from bnaudit.inputs.batches import Call, call_model
+from bnaudit.inputs.containers import tensors
+from bnaudit.measure.impact import Evidence, precise_stats, statistics, stored_output
+from bnaudit.measure.progress import ProgressFn, ticking
 
 Metric = Callable[[Any, Tensor], float]
-TOP1 = "top-1 accuracy"
-STAGE = "task metric"  # the progress stages of its passes: "task metric, fit half 1", ...
-# Two-sided 95 %: a difference is "beyond noise" when its interval excludes zero.
-Z_95 = 1.96
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """The metric with the stored statistics and with cross-fitted recalibrated ones."""
-
-    metric: str  # TOP1, or the --metric spec
-    regime: str  # how the statistics were recalibrated (train or eval)
-    batches: int
-    samples: int
-    stored: float
-    recalibrated: float
-    difference: float  # recalibrated − stored
-    stderr: float  # of the difference
-    forward_passes: int
-
-    @property
-    def worse(self) -> bool:
-        """Recalibration lowers the metric beyond noise (written so that NaN counts as worse)."""
-        return not self.difference + Z_95 * self.stderr >= 0
-
-    @property
-    def better(self) -> bool:
-        return self.difference - Z_95 * self.stderr > 0
-
-    def change(self) -> str:
-        """The difference alone, e.g. "top-1 accuracy by 19.5 ± 3.7 pp (cross-fitted)"."""
-        pct = self.metric == TOP1
-        unit, scale = (" pp", 100.0) if pct else ("", 1.0)
-        return (
-            f"{self.metric} by {scale * abs(self.difference):.3g} ± "
-            f"{scale * Z_95 * self.stderr:.2g}{unit} (cross-fitted)"
-        )
-
-    def describe(self) -> str:
-        pct = self.metric == TOP1
-        unit, scale = (" pp", 100.0) if pct else ("", 1.0)
-
-        def fmt(v: float) -> str:
-            return f"{100 * v:.1f}%" if pct else f"{v:.4g}"
-
-        return (
-            f"{self.metric} on {self.samples} labelled samples: stored stats {fmt(self.stored)}, "
-            f"recalibrated (cross-fitted, {self.regime} regime) {fmt(self.recalibrated)}, "
-            f"difference {scale * self.difference:+.3g} ± {scale * Z_95 * self.stderr:.2g}{unit} "
-            "(95 %)"
-        )
+STAGE = "task metric"
 
 
 def top1(outputs: Any, labels: Tensor) -> float:
@@ -128,7 +77,7 @@ def measure(
 ) -> Evidence:
     """Score every batch with the stored statistics and with statistics recalibrated on the
     other half of the batches; `names` are the layers to recalibrate. `progress` is called
-    after each batch of each of these passes (`bnaudit.progress`), stages "task metric, ..."."""
+    after each batch of each of these passes (`bnaudit.measure.progress`), stages "task metric, ..."."""
     passes = 0
     stored: list[float] = []
     model.eval()
@@ -165,7 +114,7 @@ def measure(
 
 def _fit_stage(half: int, regime: str) -> Callable[[int], str]:
     """The name of the k-th pass recalibrating on `half`: one pass in the train regime, one
-    per BN depth level in the eval regime (`bnaudit.impact.eval_regime_stats`)."""
+    per BN depth level in the eval regime (`bnaudit.measure.impact.eval_regime_stats`)."""
     if regime == "eval":
         return lambda k: f"{STAGE}, fit half {half}, pass {k}"
     return _named(f"{STAGE}, fit half {half}")

@@ -1,4 +1,4 @@
-"""The fused measurement's numba kernels (imported by `bnaudit.fused` only, never directly).
+"""The fused measurement's numba kernels (imported by `bnaudit.measure.fused` only, never directly).
 
 One call per BN call: per channel, the float64 sum and M2 of x (two passes over the channel's
 values while they are in cache), then the reconstruction error of y against the formula with

@@ -15,8 +15,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from bnaudit.errors import CheckpointError
-from bnaudit.untrusted import clean, cut, plain, quote, short_repr
+from bnaudit.core.errors import CheckpointError
+from bnaudit.core.untrusted import SHOWN, plain, quote, short_repr
 
 # Where training scripts put the weights in a checkpoint dict, in the order tried; nested dicts
 # are searched the same way (at most three levels). EMA weights are the default only when there
@@ -36,7 +36,6 @@ WRAPPERS = {
 # averaged. Its BN statistics are not those of the averaged weights: why update_bn exists.
 AVERAGED_MODEL = "torch.optim.swa_utils.AveragedModel"
 N_AVERAGED = "n_averaged"
-_SHOWN = 8  # keys listed in an error message before "and N more"
 
 
 @dataclass(frozen=True)
@@ -213,11 +212,6 @@ def listing(items: Iterable[Any], *, quoted: bool = False) -> str:
     more; only those shown are ever turned into text."""
     items = list(items)
     name = quote if quoted else plain
-    shown = [name(i) if isinstance(i, str) else short_repr(i) for i in items[:_SHOWN]]
-    more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+    shown = [name(i) if isinstance(i, str) else short_repr(i) for i in items[:SHOWN]]
+    more = f" and {len(items) - SHOWN} more" if len(items) > SHOWN else ""
     return ", ".join(shown) + more
-
-
-def shorten(items: list[str]) -> str:
-    more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
-    return ", ".join(cut(clean(i)) for i in items[:_SHOWN]) + more

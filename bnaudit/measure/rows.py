@@ -2,7 +2,7 @@
 
 The fused measurement of one call is a handful of [C] vectors (batch mean and variance, maximum
 error and ratio, the running stats the call left). Folding each into the streaming
-accumulators of `bnaudit.statistics` takes a few dozen small tensor operations, which on small
+accumulators of `bnaudit.measure.statistics` takes a few dozen small tensor operations, which on small
 layers and tiny batches costs more than the measurement itself. So the rows are kept, bounded,
 and folded a block at a time (`RegimeStats.add_batches`): the same statistics as one call at a
 time, up to float64 rounding, for a few operations per block.
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bnaudit import formulas as F
-from bnaudit.statistics import LayerStats
+from bnaudit.core import formulas as F
+from bnaudit.measure.statistics import LayerStats
 
 # Row values (float64) kept before they are folded: memory stays bounded however many batches.
 RESULT_VALUES = 1 << 20

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from bnaudit.dataflow import FOLDABLE, _Tracer
-from bnaudit.layers import find_bn_layers
-from bnaudit.static import find_bn_groups
+from bnaudit.checkpoint.bn_groups import find_bn_groups
+from bnaudit.core.layers import find_bn_layers
+from bnaudit.measure.dataflow import FOLDABLE, Tracer
 
 STATS = ("running_mean", "running_var", "num_batches_tracked")
 TRACED = "the model's dataflow (torch.fx trace of --model, BN layers kept as leaves)"
@@ -76,7 +76,7 @@ def by_dataflow(model: nn.Module) -> Upstream | str:
     Reads the module structure only: nothing runs, nothing changes.
     """
     try:
-        graph = _Tracer().trace(model)
+        graph = Tracer().trace(model)
     except Exception as exc:  # data-dependent control flow, among others
         text = str(exc).strip()
         return f"torch.fx could not trace the model ({text.splitlines()[0] if text else exc!r})"

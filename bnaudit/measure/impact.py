@@ -19,21 +19,18 @@ import contextlib
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from bnaudit import formulas as F
-from bnaudit import fused
-from bnaudit.batches import call_model
-from bnaudit.containers import tensors
-from bnaudit.layers import Kind, layer_kind, preserved
-from bnaudit.progress import Ticking
-from bnaudit.statistics import Moments
-
-if TYPE_CHECKING:
-    from bnaudit.evidence import Evidence
+from bnaudit.core import formulas as F
+from bnaudit.core.layers import Kind, layer_kind, preserved
+from bnaudit.inputs.batches import call_model
+from bnaudit.inputs.containers import tensors
+from bnaudit.measure import fused
+from bnaudit.measure.progress import Ticking
+from bnaudit.measure.statistics import Moments
 
 Stats = dict[str, tuple[Tensor, Tensor]]  # layer name → (running_mean, running_var)
 InputMoments = dict[str, tuple[Moments, Moments]]  # layer name → (batch means, batch variances)
@@ -52,6 +49,59 @@ class Across(Protocol):
     def total(self, count: int) -> int: ...
 
 
+TOP1 = "top-1 accuracy"
+# the progress stages of its passes: "task metric, fit half 1", ...
+# Two-sided 95 %: a difference is "beyond noise" when its interval excludes zero.
+Z_95 = 1.96
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """The metric with the stored statistics and with cross-fitted recalibrated ones."""
+
+    metric: str  # TOP1, or the --metric spec
+    regime: str  # how the statistics were recalibrated (train or eval)
+    batches: int
+    samples: int
+    stored: float
+    recalibrated: float
+    difference: float  # recalibrated − stored
+    stderr: float  # of the difference
+    forward_passes: int
+
+    @property
+    def worse(self) -> bool:
+        """Recalibration lowers the metric beyond noise (written so that NaN counts as worse)."""
+        return not self.difference + Z_95 * self.stderr >= 0
+
+    @property
+    def better(self) -> bool:
+        return self.difference - Z_95 * self.stderr > 0
+
+    def change(self) -> str:
+        """The difference alone, e.g. "top-1 accuracy by 19.5 ± 3.7 pp (cross-fitted)"."""
+        pct = self.metric == TOP1
+        unit, scale = (" pp", 100.0) if pct else ("", 1.0)
+        return (
+            f"{self.metric} by {scale * abs(self.difference):.3g} ± "
+            f"{scale * Z_95 * self.stderr:.2g}{unit} (cross-fitted)"
+        )
+
+    def describe(self) -> str:
+        pct = self.metric == TOP1
+        unit, scale = (" pp", 100.0) if pct else ("", 1.0)
+
+        def fmt(v: float) -> str:
+            return f"{100 * v:.1f}%" if pct else f"{v:.4g}"
+
+        return (
+            f"{self.metric} on {self.samples} labelled samples: stored stats {fmt(self.stored)}, "
+            f"recalibrated (cross-fitted, {self.regime} regime) {fmt(self.recalibrated)}, "
+            f"difference {scale * self.difference:+.3g} ± {scale * Z_95 * self.stderr:.2g}{unit} "
+            "(95 %)"
+        )
+
+
 @dataclass(frozen=True)
 class OutputImpact:
     """Eval-mode output with the stored statistics against the recalibrated ones."""
@@ -63,7 +113,7 @@ class OutputImpact:
     max_abs: float
     top1_agreement: float | None  # for [B, K] class scores
     per_layer: dict[str, float] = field(default_factory=dict)  # rel L2, one layer swapped
-    evidence: Evidence | None = None  # the task metric, with labels (bnaudit.evidence)
+    evidence: Evidence | None = None  # the task metric, with labels (bnaudit.measure.evidence)
 
 
 @dataclass

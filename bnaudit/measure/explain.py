@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as tf
 from torch import Tensor
 
-from bnaudit import formulas as F
-from bnaudit.findings import ACTIVATION_KEY
-from bnaudit.statistics import MaxTracker
+from bnaudit.core import formulas as F
+from bnaudit.measure.statistics import MaxTracker
+
+ACTIVATION_KEY = "act:"  # diagnosis keys of BN-with-activation layers
 
 # Activations a BN subclass may apply after normalising (timm's BatchNormAct2d, say).
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {

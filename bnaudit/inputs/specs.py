@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bnaudit.errors import BnauditError, describe
+from bnaudit.core.errors import BnauditError, describe
 
 
 def import_object(spec: str, *, what: str) -> Any:

@@ -1,10 +1,10 @@
 """The forward hook on one BN layer: it measures each call and undoes the train-mode update.
 
 The engine (`bnaudit.engine`) switches the probes between its eval-mode and train-mode passes;
-each call's input and output are reduced to per-channel accumulators (`bnaudit.statistics`) by
-the fused measurement (`bnaudit.fused`), with the general float64 path for non-finite values or
-a mismatch, which the diagnosis (`bnaudit.explain`) then explains. Small activations of standard
-layers are handed to `bnaudit.grouped` to be measured side by side after the pass.
+each call's input and output are reduced to per-channel accumulators (`bnaudit.measure.statistics`) by
+the fused measurement (`bnaudit.measure.fused`), with the general float64 path for non-finite values or
+a mismatch, which the diagnosis (`bnaudit.measure.explain`) then explains. Small activations of standard
+layers are handed to `bnaudit.measure.grouped` to be measured side by side after the pass.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bnaudit import formulas as F
-from bnaudit import fused
-from bnaudit.explain import Case, Diagnosis
-from bnaudit.grouped import Deferred
-from bnaudit.layers import Kind, LayerAttrs, act_tap
-from bnaudit.rows import Key, Rows, UpdateCheck
-from bnaudit.statistics import LayerStats, RegimeStats
-from bnaudit.updates import Ledger, Update
+from bnaudit.core import formulas as F
+from bnaudit.core.layers import Kind, LayerAttrs, act_tap
+from bnaudit.measure import fused
+from bnaudit.measure.explain import Case, Diagnosis
+from bnaudit.measure.grouped import Deferred
+from bnaudit.measure.rows import Key, Rows, UpdateCheck
+from bnaudit.measure.statistics import LayerStats, RegimeStats
+from bnaudit.measure.updates import Ledger, Update
 
 
 class Probe:
@@ -30,9 +30,9 @@ class Probe:
 
     A probe that does not `measure` only has its train-mode update undone: every BN layer must
     start each batch from the checkpoint's statistics, audited or not. The updates are read and
-    undone by the `ledger`, a pass at a time (`bnaudit.updates`). A probe with a `group`
+    undone by the `ledger`, a pass at a time (`bnaudit.measure.updates`). A probe with a `group`
     hands small activations of a standard BN layer to it, to be measured with the other small
-    layers after the forward pass (`bnaudit.grouped`).
+    layers after the forward pass (`bnaudit.measure.grouped`).
     """
 
     def __init__(
@@ -66,7 +66,7 @@ class Probe:
         self.nonfinite_outputs = 0
         self.checks_update = a.kind is not Kind.FROZEN and a.has_running_stats
         # A BatchNormAct-style layer is measured at the input of its first child (`tap`): the
-        # normalisation there, before dropout and the activation (`bnaudit.layers.act_tap`).
+        # normalisation there, before dropout and the activation (`bnaudit.core.layers.act_tap`).
         found = act_tap(module)
         self.tap_name, self.tap = found if found is not None else ("", None)
         self._input: Tensor | None = None  # this call's input, while a tapped call runs

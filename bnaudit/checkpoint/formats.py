@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bnaudit.errors import CheckpointError, describe
-from bnaudit.limits import MAX_SAFETENSORS_HEADER, MAX_SAFETENSORS_KEYS
-from bnaudit.pickles import iter_globals
-from bnaudit.untrusted import quote, short_repr
-from bnaudit.zipcheck import check_archive, ends_like_zip
+from bnaudit.checkpoint.pickles import iter_globals
+from bnaudit.checkpoint.zipcheck import check_archive, ends_like_zip
+from bnaudit.core.errors import CheckpointError, describe
+from bnaudit.core.limits import MAX_SAFETENSORS_HEADER, MAX_SAFETENSORS_KEYS
+from bnaudit.core.untrusted import quote, short_repr
 
 # The first pickle of every legacy (pre-1.6) torch.save file holds torch's MAGIC_NUMBER
 # 0x1950a86a20f9469cfc6c as a LONG1 (after PROTO, and a FRAME from protocol 4 on).

@@ -5,21 +5,14 @@ command line starts it on a thread as soon as it knows the path (`prefetch`) and
 overlap: file reads and hashlib release the GIL. Reading the checkpoint later finds the result.
 
 The static audit reads only the BN tensors of the file, so there the hash is most of the cost:
-`skipped` says when `bnaudit check` leaves it out (docs/static-audit.md, "Provenance").
+`bnaudit.config.hash_skipped` says when `bnaudit check` leaves it out.
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from bnaudit.report import Format
-
-if TYPE_CHECKING:
-    from bnaudit.config import CheckSettings
 
 _pending: dict[Path, _Hashing] = {}
 
@@ -37,32 +30,6 @@ class _Hashing(threading.Thread):
             self.hexdigest = _sha256(self.path)
         except OSError as exc:
             self.error = exc
-
-
-OFF = "not computed: --no-hash (or hash = false in the configuration)"
-QUICK_LOOK = "not computed: a static audit shown as a table only; --hash computes it"
-
-
-def skipped(s: CheckSettings, environ: Mapping[str, str]) -> str | None:
-    """Why `bnaudit check` with these settings leaves the SHA-256 out ("not computed: …"),
-    None when it computes it.
-
-    `s.hash` None (the default) hashes whatever is kept or gated on: a report file, a baseline,
-    stdout in a machine-readable format, a run under GitHub Actions, and every audit with
-    --model (its passes take longer than the hash, which runs beside them). What is left is a
-    look at the table of a static audit, where the hash would cost more than the audit.
-    """
-    if s.hash is not None:
-        return None if s.hash else OFF
-    kept = (s.markdown, s.csv, s.json, s.html, s.junit, s.write_baseline)
-    if (
-        s.model is not None
-        or any(path is not None for path in kept)
-        or s.format is not Format.TABLE
-        or s.github.enabled(environ)
-    ):
-        return None
-    return QUICK_LOOK
 
 
 def prefetch(path: Path) -> None:

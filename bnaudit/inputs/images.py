@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnaudit.errors import DataError, describe
+from bnaudit.core.errors import DataError, describe
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}

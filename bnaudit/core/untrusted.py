@@ -12,7 +12,7 @@ import re
 import reprlib
 from typing import Any
 
-from bnaudit.limits import MAX_MESSAGE_CHARS, MAX_NAME_CHARS
+from bnaudit.core.limits import MAX_MESSAGE_CHARS, MAX_NAME_CHARS
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _REPR = reprlib.Repr()
@@ -64,3 +64,12 @@ def middle_cut(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
         return text
     half = limit // 2
     return f"{text[:half]}...({len(text) - 2 * half} characters left out)...{text[-half:]}"
+
+
+SHOWN = 8  # names listed in one message before "and N more"
+
+
+def shorten(items: list[str]) -> str:
+    """Names for a one-line message: cleaned, cut, the first `SHOWN` of them."""
+    more = f" and {len(items) - SHOWN} more" if len(items) > SHOWN else ""
+    return ", ".join(cut(clean(i)) for i in items[:SHOWN]) + more

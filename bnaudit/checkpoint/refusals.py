@@ -2,7 +2,7 @@
 
 A pickle may build a huge `bytearray` through a global the weights-only loader allows; a BN
 buffer may be a meta, sparse, quantized or complex tensor, or a stride-0 view claiming billions
-of elements in a few bytes. Each is refused by name, at the limits of `bnaudit.limits`.
+of elements in a few bytes. Each is refused by name, at the limits of `bnaudit.core.limits`.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnaudit.errors import CheckpointError
-from bnaudit.limits import MAX_BN_ELEMENTS, MAX_PICKLE_BYTES
-from bnaudit.pickles import oversized_allocation
-from bnaudit.static import find_bn_groups
-from bnaudit.untrusted import quote
+from bnaudit.checkpoint.bn_groups import find_bn_groups
+from bnaudit.checkpoint.pickles import oversized_allocation
+from bnaudit.core.errors import CheckpointError
+from bnaudit.core.limits import MAX_BN_ELEMENTS, MAX_PICKLE_BYTES
+from bnaudit.core.untrusted import quote
 
 
 def refuse_allocations(path: Path, data_pkl: str | None) -> None:

@@ -15,8 +15,8 @@ import struct
 import zipfile
 from pathlib import Path
 
-from bnaudit.errors import CheckpointError
-from bnaudit.limits import MAX_PICKLE_BYTES
+from bnaudit.core.errors import CheckpointError
+from bnaudit.core.limits import MAX_PICKLE_BYTES
 
 _LOCAL = b"PK\x03\x04"
 _DESCRIPTOR = b"PK\x07\x08"

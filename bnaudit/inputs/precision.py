@@ -14,7 +14,7 @@ import functools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from bnaudit.errors import BnauditError
+from bnaudit.core.errors import BnauditError
 
 if TYPE_CHECKING:  # torch is imported when used: the CLI reads this module before torch loads
     import torch

@@ -1,7 +1,7 @@
 """Conv/linear → BN folding: checking the fold of each pair, judging its numeric risk.
 
 Deployment tools fold every eval-mode BN into the conv or linear whose output it receives (the
-pairs come from the dataflow observed on the first batch: `bnaudit.dataflow`). The fold is checked
+pairs come from the dataflow observed on the first batch: `bnaudit.measure.dataflow`). The fold is checked
 on the layer's real inputs (the first samples of the audit's own first eval-mode pass): the
 folded conv's output against conv → BN in eval mode, in the model's own dtype. Its risk is
 judged from the folded weights:
@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as tf
 from torch import Tensor, nn
 
-from bnaudit import formulas as F
-from bnaudit.batches import call_model
-from bnaudit.dataflow import Dataflow, Pairs
-from bnaudit.errors import describe
-from bnaudit.layers import LayerAttrs, find_bn_layers, preserved
+from bnaudit.core import formulas as F
+from bnaudit.core.errors import describe
+from bnaudit.core.layers import LayerAttrs, find_bn_layers, preserved
+from bnaudit.inputs.batches import call_model
+from bnaudit.measure.dataflow import Dataflow, Pairs
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ FOLD_BLOCK = 1 << 18  # values compared at a time
 
 class FoldWatch:
     """Finds the fold pairs and checks each fold during one eval-mode forward that runs anyway
-    (the audit's first): see `bnaudit.dataflow` for what makes a pair.
+    (the audit's first): see `bnaudit.measure.dataflow` for what makes a pair.
 
     Each conv/linear call keeps its input's first `FOLD_SAMPLES` samples while its output is
     alive and unused elsewhere; a BN that receives that output compares its own output with the

@@ -22,20 +22,28 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
-from bnaudit import formulas as F
-from bnaudit import fused
-from bnaudit.layers import Kind, LayerAttrs
-from bnaudit.rows import Rows, UpdateCheck
-from bnaudit.statistics import LayerStats
-from bnaudit.updates import Update
+from bnaudit.core import formulas as F
+from bnaudit.core.layers import Kind, LayerAttrs
+from bnaudit.measure import fused
+from bnaudit.measure.rows import Rows, UpdateCheck
+from bnaudit.measure.statistics import LayerStats
+from bnaudit.measure.updates import Update
 
-if TYPE_CHECKING:
-    from bnaudit.probe import Probe
+
+class Probe(Protocol):
+    """What a group needs of a layer's probe (`bnaudit.measure.probe.Probe`)."""
+
+    attrs: LayerAttrs
+    stats: LayerStats
+    regime: str  # "train" or "eval": the pass being measured
+
+    def measure_batch(self, x: Tensor, y: Tensor, train: bool, update: Update | None) -> None: ...
+
 
 # Activations of at most this many values are measured in groups; above it a layer is measured
 # in its own hook, while x and y are in cache: keeping copies of them (a write, and a read from
@@ -64,7 +72,7 @@ class Deferred:
     """The small-activation calls of the forward passes, and the groups that measure them."""
 
     def __init__(self, settle: Callable[[], None]) -> None:
-        # Reads the train-mode updates the kept calls refer to (`bnaudit.updates.Ledger`): the
+        # Reads the train-mode updates the kept calls refer to (`bnaudit.measure.updates.Ledger`): the
         # engine does after each pass, a flush in the middle of one does first.
         self.settle = settle
         self.calls: list[_Call] = []  # this pass's calls

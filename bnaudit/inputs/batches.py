@@ -15,9 +15,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bnaudit.containers import is_namedtuple, map_tensors, tensors
-from bnaudit.errors import BnauditError, CheckpointError, DataError, describe
-from bnaudit.images import (
+from bnaudit.checkpoint.zipcheck import check_archive
+from bnaudit.core.errors import BnauditError, CheckpointError, DataError, describe
+from bnaudit.core.limits import MAX_DATA_BYTES, MAX_INFLATION
+from bnaudit.core.paths import input_problem
+from bnaudit.core.untrusted import quote
+from bnaudit.inputs.containers import is_namedtuple, map_tensors, tensors
+from bnaudit.inputs.images import (
     DEFAULT_MAX_IMAGES,
     DEFAULTS,
     ImageFolder,
@@ -25,11 +29,7 @@ from bnaudit.images import (
     find_images,
     is_image,
 )
-from bnaudit.limits import MAX_DATA_BYTES, MAX_INFLATION
-from bnaudit.paths import input_problem
-from bnaudit.specs import import_object
-from bnaudit.untrusted import quote
-from bnaudit.zipcheck import check_archive
+from bnaudit.inputs.specs import import_object
 
 TORCH_SUFFIXES = (".pt", ".pth")
 
@@ -395,7 +395,7 @@ def _check_npz(path: Path) -> None:
 
 
 def _check_torch_data(path: Path) -> None:
-    """A torch.save data file: one stored archive, as for checkpoints (bnaudit.zipcheck)."""
+    """A torch.save data file: one stored archive, as for checkpoints (bnaudit.checkpoint.zipcheck)."""
     with path.open("rb") as f:
         zipped = f.read(4) == b"PK\x03\x04"
     if zipped:

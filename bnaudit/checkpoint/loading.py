@@ -1,6 +1,6 @@
 """Reading checkpoints safely, building the user's model, and loading one into the other.
 
-A checkpoint is untrusted input. Its format is told from its bytes (`bnaudit.formats`); pickles
+A checkpoint is untrusted input. Its format is told from its bytes (`bnaudit.checkpoint.formats`); pickles
 are read with `torch.load(weights_only=True)`, which refuses pickled code. Only `trust=True`
 unpickles more (a whole `nn.Module`, or any object the weights-only loader refuses) and loads
 TorchScript and torch.export programs, which are code; even then the weights-only load is tried
@@ -26,15 +26,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
-from bnaudit.digest import sha256_file
-from bnaudit.errors import CheckpointError, describe
-from bnaudit.formats import Kind, ZipArchive, detect, safetensors_header
-from bnaudit.layers import KnownAttrs, counter_notes, read_counter
-from bnaudit.paths import input_problem
-from bnaudit.pickles import SAFE_GLOBALS, pickle_protocol, unsafe_globals
-from bnaudit.refusals import check_bn_tensors, refuse_allocations
-from bnaudit.selection import Selection, select, shorten, unwrap
-from bnaudit.untrusted import quote
+from bnaudit.checkpoint.digest import sha256_file
+from bnaudit.checkpoint.formats import Kind, ZipArchive, detect, safetensors_header
+from bnaudit.checkpoint.pickles import SAFE_GLOBALS, pickle_protocol, unsafe_globals
+from bnaudit.checkpoint.refusals import check_bn_tensors, refuse_allocations
+from bnaudit.checkpoint.selection import Selection, select, unwrap
+from bnaudit.core.errors import CheckpointError, describe
+from bnaudit.core.layers import KnownAttrs, counter_notes, read_counter
+from bnaudit.core.paths import input_problem
+from bnaudit.core.untrusted import quote, shorten
 
 _SHOWN = 8  # keys listed in an error message before "and N more"
 
@@ -156,7 +156,9 @@ def load_checkpoint(
     if kind is Kind.SAFETENSORS:
         return _from_safetensors(path, sha, key)
     if kind.is_code:
-        from bnaudit.programs import load_program  # torch.jit / torch.export only when asked
+        from bnaudit.checkpoint.programs import (
+            load_program,  # torch.jit / torch.export only when asked
+        )
 
         assert archive is not None  # both are zip archives
         program = load_program(path, kind, archive)

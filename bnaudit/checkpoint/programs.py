@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnaudit.errors import CheckpointError, describe
-from bnaudit.formats import Kind, ZipArchive
-from bnaudit.layers import UNKNOWN_MOMENTUM, KnownAttrs
+from bnaudit.checkpoint.formats import Kind, ZipArchive
+from bnaudit.core.errors import CheckpointError, describe
+from bnaudit.core.layers import UNKNOWN_MOMENTUM, KnownAttrs
 
 # aten batch-norm ops in exported graphs → argument index of (running_mean, training, momentum,
 # eps); training None: the op is eval-only.

@@ -14,8 +14,8 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.parameter import UninitializedParameter
 
-from bnaudit.errors import ModelError
-from bnaudit.selection import shorten
+from bnaudit.core.errors import ModelError
+from bnaudit.core.untrusted import shorten
 
 # Every torch BN flavour (1d/2d/3d, Lazy*, SyncBatchNorm) subclasses _BatchNorm.
 BN_MODULE_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm,)
