@@ -161,8 +161,9 @@ def run_audit(model: nn.Module, batches: list[Tensor]) -> Any:
 def run_hooked_passes(model: nn.Module, batches: list[Tensor]) -> None:
     """The audit's passes with its hooks, and the impact's passes, without the rest (metrics,
     findings, recalibrated statistics)."""
-    engine = importlib.import_module("bnaudit.engine")
-    engine.run_passes(model, batches, engine.AuditOptions(impact=False, fold=False))
+    passes = importlib.import_module("bnaudit.measure.passes")
+    check = importlib.import_module("bnaudit.check.audit")
+    passes.run_passes(model, batches, check.AuditOptions(impact=False, fold=False))
     impact_passes(model, batches)
 
 
@@ -729,7 +730,7 @@ class Results:
             "",
             "The same runs, per value a BN layer sees (batch × channels × spatial, summed over "
             "the layers): a forward pass; what the hooks add to each of the 2 hooked passes "
-            "(`bnaudit.engine.run_passes` and the impact passes, minus the plain passes); and "
+            "(`bnaudit.measure.passes.run_passes` and the impact passes, minus the plain passes); and "
             "what comes after the passes, per needed pass (statistics, folds, metrics, "
             "findings: per layer, not per value, shown per value for comparison). The ratio "
             "is about 1 + (2/3)·hooks/forward + after/forward.",

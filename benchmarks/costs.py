@@ -32,14 +32,14 @@ TINY_BATCHES = 2000
 def recalibration(
     bench: Any, folder: Path, env: dict[str, str], repeats: int, quick: bool
 ) -> dict[str, Any]:
-    """`bnaudit.recalibrate` against `update_bn` on the same model and batches, in one process
+    """`bnaudit.recalibrate.recalibration` against `update_bn` on the same model and batches, in one process
     (interleaved) and as whole processes (`recalibrate --no-verify`, `--verify`)."""
     shape = (4, 3, 32, 32) if quick else RECAL_SHAPE
     count = 2 if quick else RECAL_BATCHES
     model = bench.build(RECAL_FACTORY, shape)
     batches = list(bench.batches_of(shape, count, seed=3))
     state = copy.deepcopy(model.state_dict())
-    from bnaudit.recalibrate import recalibrate
+    from bnaudit.recalibrate.recalibration import recalibrate
 
     def floor() -> None:
         with floors.moments_hooked(model):
@@ -135,7 +135,7 @@ def render(recal: dict[str, Any], tiny: dict[str, Any], cold: dict[str, float], 
     return [
         "## Recalibration against update_bn",
         "",
-        f"`bnaudit.recalibrate(model, batches)` (train regime: one pass per batch, only the BN "
+        f"`bnaudit.recalibrate.recalibration(model, batches)` (train regime: one pass per batch, only the BN "
         f"layers in train mode, statistics only) against `torch.optim.swa_utils.update_bn` on "
         f"the same {RECAL_FACTORY} and {recal['batches']} batches of {dims}, interleaved in one "
         f"process; then whole processes: a script that loads the files, runs update_bn and "

@@ -17,30 +17,31 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "AuditOptions": "bnaudit.engine",
-    "audit": "bnaudit.engine",
-    "diff": "bnaudit.diff",
-    "DiffReport": "bnaudit.diff_results",
-    "Thresholds": "bnaudit.findings",
-    "AuditReport": "bnaudit.results",
-    "FailOn": "bnaudit.results",
-    "Finding": "bnaudit.results",
-    "LayerResult": "bnaudit.results",
-    "Severity": "bnaudit.results",
-    "Format": "bnaudit.report",
-    "assert_bn_healthy": "bnaudit.testing",
-    "audit_after_epoch": "bnaudit.callbacks",
+    "AuditOptions": "bnaudit.check.audit",
+    "audit": "bnaudit.check.audit",
+    "diff": "bnaudit.compare.changes",
+    "DiffReport": "bnaudit.compare.results",
+    "Thresholds": "bnaudit.verdict.findings",
+    "AuditReport": "bnaudit.report.audit_report",
+    "FailOn": "bnaudit.verdict.results",
+    "Finding": "bnaudit.verdict.results",
+    "LayerResult": "bnaudit.verdict.results",
+    "Severity": "bnaudit.verdict.results",
+    "Format": "bnaudit.report.render",
+    "assert_bn_healthy": "bnaudit.integrations.testing",
+    "audit_after_epoch": "bnaudit.integrations.callbacks",
 }
 
 if TYPE_CHECKING:
-    from bnaudit.callbacks import audit_after_epoch
-    from bnaudit.diff import diff
-    from bnaudit.diff_results import DiffReport
-    from bnaudit.engine import AuditOptions, audit
-    from bnaudit.findings import Thresholds
-    from bnaudit.report import Format
-    from bnaudit.results import AuditReport, FailOn, Finding, LayerResult, Severity
-    from bnaudit.testing import assert_bn_healthy
+    from bnaudit.check.audit import AuditOptions, audit
+    from bnaudit.compare.changes import diff
+    from bnaudit.compare.results import DiffReport
+    from bnaudit.integrations.callbacks import audit_after_epoch
+    from bnaudit.integrations.testing import assert_bn_healthy
+    from bnaudit.report.audit_report import AuditReport
+    from bnaudit.report.render import Format
+    from bnaudit.verdict.findings import Thresholds
+    from bnaudit.verdict.results import FailOn, Finding, LayerResult, Severity
 
 
 def __getattr__(name: str) -> Any:

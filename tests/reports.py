@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
-from bnaudit.findings import Thresholds, hint
-from bnaudit.results import AuditReport, FailOn, Finding, LayerMetrics, LayerResult, Severity
+from bnaudit.report.audit_report import AuditReport
+from bnaudit.verdict.codes import hint
+from bnaudit.verdict.findings import Thresholds
+from bnaudit.verdict.results import FailOn, Finding, LayerMetrics, LayerResult, Severity
 
 GOLDEN = Path(__file__).parent / "golden"
 REGENERATE = os.environ.get("BNAUDIT_REGENERATE") == "1"

@@ -13,7 +13,7 @@ from torch import Tensor
 
 import bnaudit
 from bnaudit.measure import grouped, impact
-from bnaudit.recalibrate import recalibrate
+from bnaudit.recalibrate.recalibration import recalibrate
 from tests import nets
 from tests.test_fast_paths import assert_same_report, grouping, mixed_model
 

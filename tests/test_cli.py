@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner, Result
 
-import bnaudit.check
+import bnaudit.check.run
 from bnaudit import __version__
 from bnaudit.cli import app
 from bnaudit.demo import PLANTED_LAYER, make_demo
@@ -381,13 +381,13 @@ def test_report_in_a_missing_folder_fails_before_the_audit(
     stale_ckpt: Path, mlp_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[Any] = []
-    real_audit = bnaudit.check.audit
+    real_audit = bnaudit.check.run.audit
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         calls.append(args)
         return real_audit(*args, **kwargs)
 
-    monkeypatch.setattr(bnaudit.check, "audit", spy)
+    monkeypatch.setattr(bnaudit.check.run, "audit", spy)
     missing = tmp_path / "no" / "such" / "folder" / "report.json"
     result = invoke("check", stale_ckpt, "--model", MLP_SPEC, "--data", mlp_data, "--json", missing)
     assert result.exit_code == 2
@@ -418,7 +418,7 @@ def test_existing_report_is_left_intact_when_the_run_fails(
         def boom(*args: Any, **kwargs: Any) -> Any:
             raise ZeroDivisionError("boom")
 
-        monkeypatch.setattr(bnaudit.check, "audit", boom)
+        monkeypatch.setattr(bnaudit.check.run, "audit", boom)
     result = invoke(
         "check", stale_ckpt, "--model", model, "--data", data,
         "--json", reports["old.json"], "--csv", reports["old.csv"],
@@ -573,7 +573,7 @@ def test_internal_error_exits_2_without_traceback(
     def boom(*args: Any, **kwargs: Any) -> Any:
         raise ZeroDivisionError("planted for the test")
 
-    monkeypatch.setattr(bnaudit.check, "audit", boom)
+    monkeypatch.setattr(bnaudit.check.run, "audit", boom)
     args = ["check", healthy_ckpt, "--model", MLP_SPEC, "--data", mlp_data]
 
     quiet = invoke(*args)

@@ -306,7 +306,7 @@ def test_torchrun_environment_is_read_and_checked(monkeypatch) -> None:
 
 
 def test_autocast_bf16_measures_each_bn_in_the_dtype_it_ran_in() -> None:
-    from bnaudit.engine import audit
+    from bnaudit.check.audit import audit
     from bnaudit.inputs.precision import Autocast, autocast_forward
 
     torch.manual_seed(0)

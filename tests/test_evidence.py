@@ -11,12 +11,12 @@ import torch
 from torch import Tensor, nn
 from typer.testing import CliRunner
 
+from bnaudit.check.audit import audit
 from bnaudit.cli import app
-from bnaudit.engine import audit
 from bnaudit.inputs.batches import Call
 from bnaudit.measure.evidence import measure, top1
 from bnaudit.measure.impact import TOP1
-from bnaudit.results import Severity
+from bnaudit.verdict.results import Severity
 from tests import labelled
 
 LABELLED = Path(labelled.__file__).resolve()

@@ -25,7 +25,7 @@ import bnaudit
 from bnaudit.core import formulas as F
 from bnaudit.measure import grouped, probe
 from bnaudit.measure.statistics import LayerStats
-from bnaudit.results import AuditReport
+from bnaudit.report.audit_report import AuditReport
 from tests import nets
 from tests.test_variants import FrozenBatchNorm2d
 

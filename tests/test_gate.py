@@ -23,9 +23,20 @@ import torch
 from torch import nn
 from typer.testing import CliRunner, Result
 
-import bnaudit.annotations
-import bnaudit.check
-from bnaudit.annotations import (
+import bnaudit.check.run
+import bnaudit.report.github
+from bnaudit.cli import app
+from bnaudit.core.errors import BaselineError
+from bnaudit.gate.baseline import (
+    Baseline,
+    apply_baseline,
+    from_report,
+    read_baseline,
+    render_baseline,
+)
+from bnaudit.gate.ignores import Ignore, apply_ignores
+from bnaudit.report.audit_report import BaselineEntry
+from bnaudit.report.github import (
     SUMMARY_LIMIT,
     escape_data,
     escape_property,
@@ -33,21 +44,10 @@ from bnaudit.annotations import (
     render_annotations,
     render_step_summary,
 )
-from bnaudit.baseline import (
-    Baseline,
-    BaselineEntry,
-    apply_baseline,
-    from_report,
-    read_baseline,
-    render_baseline,
-)
-from bnaudit.cli import app
-from bnaudit.core.errors import BaselineError
-from bnaudit.ignores import Ignore, apply_ignores
-from bnaudit.junit import render_junit
-from bnaudit.report import render_table, summary_line
-from bnaudit.results import Severity, Status
-from bnaudit.terminal import Progress, color_enabled
+from bnaudit.report.junit import render_junit
+from bnaudit.report.render import render_table, summary_line
+from bnaudit.report.terminal import Progress, color_enabled
+from bnaudit.verdict.results import Severity, Status
 from tests import nets
 from tests.reports import EVIL, golden, hostile_report, single_thread
 
@@ -274,7 +274,7 @@ def test_bad_baseline_exits_2_before_the_audit(
     if content is not None:
         (repo / "base.json").write_text(content)
     calls: list[Any] = []
-    monkeypatch.setattr(bnaudit.check, "audit", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(bnaudit.check.run, "audit", lambda *a, **k: calls.append(a))
     result = invoke("check", "model.pt", "--baseline", "base.json")
     assert result.exit_code == 2
     assert "base.json" in result.stderr
@@ -447,8 +447,8 @@ def github(repo: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("GITHUB_ACTIONS", "true")
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     monkeypatch.setenv("COLUMNS", "80")  # CI logs: the default width
-    monkeypatch.setattr(bnaudit.annotations, "new_token", lambda: TOKEN)
-    monkeypatch.setattr(bnaudit.check, "audit", _fake_audit())
+    monkeypatch.setattr(bnaudit.report.github, "new_token", lambda: TOKEN)
+    monkeypatch.setattr(bnaudit.check.run, "audit", _fake_audit())
     (repo / "pyproject.toml").write_text(
         PYPROJECT.replace('layer = "1?", code = "var-*"', 'layer = "head.*", code = "var-bias"')
     )
@@ -483,7 +483,7 @@ def test_github_output_executes_only_bnaudit_annotations(github: Path) -> None:
 
 def test_github_errors_are_guarded_annotations(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GITHUB_ACTIONS", "true")
-    monkeypatch.setattr(bnaudit.annotations, "new_token", lambda: TOKEN)
+    monkeypatch.setattr(bnaudit.report.github, "new_token", lambda: TOKEN)
     result = invoke("check", "missing\n::warning::x.pt")
     assert result.exit_code == 2
     executed = _runner_commands(result.stderr)
@@ -650,8 +650,8 @@ def test_config_command_reports_config_errors(repo: Path) -> None:
 
 
 def test_run_check_reports_progress_per_batch(repo: Path) -> None:
-    from bnaudit.check import run_check
-    from bnaudit.config import resolve
+    from bnaudit.check.run import run_check
+    from bnaudit.gate.config import resolve
 
     calls: list[tuple[int, int | None, str]] = []
     settings = resolve({"checkpoint": Path("model.pt"), "batches": 3}, None, repo)

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from typer.testing import CliRunner, Result
 
-from bnaudit import config
-from bnaudit.baseline import read_baseline
 from bnaudit.checkpoint import digest
 from bnaudit.cli import app
-from bnaudit.config import CheckSettings
+from bnaudit.gate import config
+from bnaudit.gate.baseline import read_baseline
+from bnaudit.gate.config import CheckSettings
 from tests import nets
 
 MLP_SPEC = f"{Path(nets.__file__).resolve()}:build_mlp"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from bnaudit import writing
 from bnaudit.core.errors import ReportError
+from bnaudit.report import writing
 from tests.hostile import (
     MEMORY_LIMIT_MB,
     ROOT,

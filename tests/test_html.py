@@ -20,9 +20,10 @@ import pytest
 import torch
 
 import bnaudit
-from bnaudit.html import _CSS, CHART_MAX, CHART_W, _num, render_html
-from bnaudit.ignores import Ignore, apply_ignores
-from bnaudit.results import AuditReport, Severity, Status
+from bnaudit.gate.ignores import Ignore, apply_ignores
+from bnaudit.report.audit_report import AuditReport
+from bnaudit.report.html import _CSS, CHART_MAX, CHART_W, _num, render_html
+from bnaudit.verdict.results import Severity, Status
 from tests import nets
 from tests.reports import EVIL, hostile_report, metrics, single_thread
 
@@ -185,7 +186,7 @@ def test_impact_figures_are_shown() -> None:
 
 
 def test_upstream_lists_stay_short() -> None:
-    from bnaudit.findings import UPSTREAM_SHOWN, Thresholds, judge_layer
+    from bnaudit.verdict.findings import UPSTREAM_SHOWN, Thresholds, judge_layer
 
     upstream = tuple(f"stage{i}.bn" for i in range(UPSTREAM_SHOWN + 4))
     m = metrics(gap_fraction=0.5, gap_p=1e-9, gap_shift_max=1.0, gap_log_var_max=0.8,

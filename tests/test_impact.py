@@ -10,8 +10,8 @@ from torch import nn
 
 from bnaudit import Severity, audit
 from bnaudit.demo import PLANTED_LAYER, plant_stale
-from bnaudit.recalibrate import apply, recalibrate, updated_state_dict
-from bnaudit.results import MODEL
+from bnaudit.recalibrate.recalibration import apply, recalibrate, updated_state_dict
+from bnaudit.verdict.results import MODEL
 from tests import nets
 
 

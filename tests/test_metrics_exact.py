@@ -14,12 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from bnaudit import significance as S
 from bnaudit.core import formulas as F
 from bnaudit.core.layers import LayerAttrs
-from bnaudit.findings import Thresholds
 from bnaudit.measure.statistics import LayerStats, MaxTracker, Moments, RegimeStats
-from bnaudit.metrics import Drift, drift, measure
+from bnaudit.verdict import significance as S
+from bnaudit.verdict.findings import Thresholds
+from bnaudit.verdict.metrics import Drift, drift, measure
 
 
 def reference_drift(r: RegimeStats, a: LayerAttrs, t: Thresholds) -> Drift:

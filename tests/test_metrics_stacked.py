@@ -18,14 +18,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-import bnaudit.engine as engine
-from bnaudit import metrics
+import bnaudit.check.audit as engine
+from bnaudit.check.audit import AuditOptions, audit
 from bnaudit.core import formulas as F
 from bnaudit.core.layers import LayerAttrs
-from bnaudit.findings import Thresholds
 from bnaudit.measure.explain import Diagnosis
+from bnaudit.measure.passes import run_passes
 from bnaudit.measure.statistics import LayerStats, MaxTracker, Moments, RegimeStats
-from bnaudit.metrics import (
+from bnaudit.report.audit_report import AuditReport
+from bnaudit.verdict import metrics
+from bnaudit.verdict.findings import Thresholds
+from bnaudit.verdict.metrics import (
     NAN,
     Drift,
     _count,
@@ -40,7 +43,7 @@ from bnaudit.metrics import (
     judged,
     measure,
 )
-from bnaudit.results import AuditReport, LayerMetrics
+from bnaudit.verdict.results import LayerMetrics
 from tests.reports import single_thread
 from tests.test_metrics_exact import SPECIAL
 
@@ -249,7 +252,7 @@ def test_layers_alike_are_stacked(monkeypatch: pytest.MonkeyPatch) -> None:
     model.append(nn.BatchNorm1d(4))
     batches = [torch.randn(32, 16) for _ in range(4)]
     with single_thread():
-        passes = engine.run_passes(model, batches, engine.AuditOptions(impact=False, fold=False))
+        passes = run_passes(model, batches, AuditOptions(impact=False, fold=False))
     stacked: list[int] = []
     real = metrics._stacked
 
@@ -335,12 +338,12 @@ def reports(
     """The audit with `figures_of`, then with `reference_measure` in its place."""
     model, batches = prepared(build)
     with single_thread():
-        fast = engine.audit(model, batches, **options)
+        fast = audit(model, batches, **options)
         with monkeypatch.context() as patch:
             patch.setattr(
                 engine, "measure", lambda *a, figured=None, **k: reference_measure(*a, **k)
             )
-            slow = engine.audit(model, batches, **options)
+            slow = audit(model, batches, **options)
     return fast, slow
 
 

@@ -15,12 +15,12 @@ import torch
 from torch import nn
 from typer.testing import CliRunner, Result
 
+from bnaudit.check.static import MOMENTUM_CODES, STATIC_CODES
 from bnaudit.cli import app
-from bnaudit.findings import CODES
-from bnaudit.report import render_table
-from bnaudit.results import FailOn, LayerResult, Severity
-from bnaudit.static import MOMENTUM_CODES, STATIC_CODES
-from bnaudit.table import COLUMNS, shorten
+from bnaudit.report.render import render_table
+from bnaudit.report.table import COLUMNS, shorten
+from bnaudit.verdict.codes import CODES
+from bnaudit.verdict.results import FailOn, LayerResult, Severity
 from tests import nets
 from tests.reports import finding, hostile_report, metrics
 from tests.terminal import run_on_pty

@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from bnaudit.engine import audit
+from bnaudit.check.audit import audit
 from bnaudit.measure.progress import Ticking
-from bnaudit.recalibrate import recalibrate
-from bnaudit.terminal import Progress
+from bnaudit.recalibrate.recalibration import recalibrate
+from bnaudit.report.terminal import Progress
 from tests import labelled
 from tests.terminal import ANSI, run_on_pty
 

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 import bnaudit
-import bnaudit.callbacks
-from bnaudit.callbacks import audit_after_epoch, layer_metrics
-from bnaudit.report import Format, summary_line
-from bnaudit.results import LayerMetrics, LayerResult
-from bnaudit.testing import assert_bn_healthy
+import bnaudit.integrations.callbacks
+from bnaudit.integrations.callbacks import audit_after_epoch, layer_metrics
+from bnaudit.integrations.testing import assert_bn_healthy
+from bnaudit.report.render import Format, summary_line
+from bnaudit.verdict.results import LayerMetrics, LayerResult
 from tests import nets
 from tests.test_audit import assert_same, mlp_batches, snapshot
 
@@ -192,7 +192,7 @@ def stub_lightning(monkeypatch: pytest.MonkeyPatch) -> None:
     lightning.pytorch = pytorch  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "lightning", lightning)
     monkeypatch.setitem(sys.modules, "lightning.pytorch", pytorch)
-    monkeypatch.delitem(bnaudit.callbacks.__dict__, "BNAuditCallback", raising=False)
+    monkeypatch.delitem(bnaudit.integrations.callbacks.__dict__, "BNAuditCallback", raising=False)
 
 
 def test_lightning_callback_audits_validation_batches(
@@ -203,7 +203,9 @@ def test_lightning_callback_audits_validation_batches(
     images = nets.mlp_data(16 * 5, seed=3)
     labels = torch.zeros(16 * 5, dtype=torch.long)
     val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=16)
-    callback = bnaudit.callbacks.BNAuditCallback(max_batches=2, every_n_epochs=2, prefix="v/")
+    callback = bnaudit.integrations.callbacks.BNAuditCallback(
+        max_batches=2, every_n_epochs=2, prefix="v/"
+    )
     assert isinstance(callback, _Callback)
     trainer = types.SimpleNamespace(
         sanity_checking=False, current_epoch=0, val_dataloaders=[val], train_dataloader=None
@@ -222,6 +224,6 @@ def test_lightning_callback_without_lightning_says_what_to_do(
 ) -> None:
     for name in ("lightning", "lightning.pytorch", "pytorch_lightning"):
         monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.delitem(bnaudit.callbacks.__dict__, "BNAuditCallback", raising=False)
+    monkeypatch.delitem(bnaudit.integrations.callbacks.__dict__, "BNAuditCallback", raising=False)
     with pytest.raises(ImportError, match=r"pip install lightning; without it, call"):
-        bnaudit.callbacks.BNAuditCallback  # noqa: B018 - the attribute access is the test
+        bnaudit.integrations.callbacks.BNAuditCallback  # noqa: B018 - the attribute access is the test

@@ -1,7 +1,7 @@
-"""`bnaudit.recalibrate` in one train-mode pass per batch gives the audit's precise statistics.
+"""`bnaudit.recalibrate.recalibration` in one train-mode pass per batch gives the audit's precise statistics.
 
 The reference is what recalibration computed before: the statistics the audit's own passes
-accumulate (`engine.run_passes` + `engine.recalibrated_stats`), and, for the train regime,
+accumulate (`run_passes` + `recalibrated_stats`), and, for the train regime,
 torch.optim.swa_utils.update_bn, the same average.
 """
 
@@ -14,15 +14,16 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-from bnaudit import engine
-from bnaudit.recalibrate import recalibrate
+from bnaudit.check.audit import AuditOptions
+from bnaudit.measure.passes import recalibrated_stats, run_passes
+from bnaudit.recalibrate.recalibration import recalibrate
 from tests import nets
 
 
 def audit_stats(model: nn.Module, batches, regime: str, train_mode: str = "bn"):
-    options = engine.AuditOptions(impact=False, fold=False, regime=regime, train_mode=train_mode)
-    passes = engine.run_passes(model, batches, options)
-    return engine.recalibrated_stats(passes, regime, model)[0]
+    options = AuditOptions(impact=False, fold=False, regime=regime, train_mode=train_mode)
+    passes = run_passes(model, batches, options)
+    return recalibrated_stats(passes, regime, model)[0]
 
 
 def assert_same_stats(got, want) -> None:
@@ -79,7 +80,7 @@ def test_no_verify_writes_the_statistics_of_one_pass_without_auditing(
     """`recalibrate --no-verify`: the same checkpoint as with the audits, and no audit run."""
     from typer.testing import CliRunner
 
-    from bnaudit import check
+    from bnaudit.check import run as check
     from bnaudit.cli import app
     from bnaudit.demo import make_demo
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from bnaudit.cli import app
 from bnaudit.demo import PLANTED_LAYER, TRAIN_BATCHES, make_demo
-from bnaudit.show import describe, render_layer, snippet
+from bnaudit.show.view import describe, render_layer, snippet
 from tests.test_variants import FrozenBatchNorm2d
 
 

@@ -17,11 +17,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 from bnaudit import audit
+from bnaudit.check.static import STATIC_CODES, audit_state_dict
 from bnaudit.cli import app
 from bnaudit.core.layers import KnownAttrs
-from bnaudit.report import Format, render
-from bnaudit.results import AuditReport
-from bnaudit.static import STATIC_CODES, audit_state_dict
+from bnaudit.report.audit_report import AuditReport
+from bnaudit.report.render import Format, render
 from tests import nets
 
 BN = ["1", "4", "7", "10", "13", "16"]  # the BN layers of nets.build_mlp(depth=6)

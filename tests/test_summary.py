@@ -11,12 +11,12 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from bnaudit import table
-from bnaudit.check import run_check
+from bnaudit.check.run import run_check
 from bnaudit.cli import app
-from bnaudit.config import resolve
-from bnaudit.report import summary_line
-from bnaudit.results import AuditReport
+from bnaudit.gate.config import resolve
+from bnaudit.report import table
+from bnaudit.report.audit_report import AuditReport
+from bnaudit.report.render import summary_line
 from tests import nets
 from tests.test_python_api import PLANTED_LAYER, plant_stale
 

@@ -14,8 +14,9 @@ import torch
 from torch import Tensor, nn
 
 import bnaudit
-from bnaudit import engine
+from bnaudit.check.audit import AuditOptions
 from bnaudit.core.errors import DataError
+from bnaudit.measure.passes import run_passes
 from bnaudit.measure.updates import Ledger, Update
 
 
@@ -135,7 +136,7 @@ def test_a_forward_failing_after_updates_leaves_the_statistics_as_they_were() ->
 def test_the_ledger_reads_each_update_and_puts_the_checkpoint_back() -> None:
     data = batches(1)
     model = calibrated(Twice(), data)
-    passes = engine.run_passes(model, data, engine.AuditOptions(impact=False, fold=False))
+    passes = run_passes(model, data, AuditOptions(impact=False, fold=False))
     probe = next(p for p in passes.probes if p.name == "bn")
     saved = {k: v.clone() for k, v in probe.saved.items()}
     ledger = Ledger()

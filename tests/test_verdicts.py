@@ -1,6 +1,6 @@
 """Layer verdicts that hold on small layers and few batches, and hints that fit their messages.
 
-The count rule (bnaudit.significance) is checked against independent references: closed forms
+The count rule (bnaudit.verdict.significance) is checked against independent references: closed forms
 and the finite series of Student's t for integer degrees of freedom, exact binomial sums.
 """
 
@@ -19,21 +19,14 @@ from torch import nn
 from typer.testing import CliRunner
 
 from bnaudit import audit
-from bnaudit import significance as S
 from bnaudit.cli import app
 from bnaudit.demo import plant_stale
-from bnaudit.findings import (
-    CODES,
-    HINTS,
-    SITUATION_HINTS,
-    Thresholds,
-    hint,
-    judge_layer,
-    judge_model,
-)
 from bnaudit.measure import explain
 from bnaudit.measure.impact import OutputImpact
-from bnaudit.results import Severity
+from bnaudit.verdict import significance as S
+from bnaudit.verdict.codes import CODES, HINTS, SITUATION_HINTS, hint
+from bnaudit.verdict.findings import Thresholds, judge_layer, judge_model
+from bnaudit.verdict.results import Severity
 from tests import nets
 from tests.reports import metrics, single_thread
 

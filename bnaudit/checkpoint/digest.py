@@ -5,7 +5,7 @@ command line starts it on a thread as soon as it knows the path (`prefetch`) and
 overlap: file reads and hashlib release the GIL. Reading the checkpoint later finds the result.
 
 The static audit reads only the BN tensors of the file, so there the hash is most of the cost:
-`bnaudit.config.hash_skipped` says when `bnaudit check` leaves it out.
+`bnaudit.gate.config.hash_skipped` says when `bnaudit check` leaves it out.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from bnaudit.core.layers import find_bn_layers
-from bnaudit.results import Finding, Severity
+from bnaudit.verdict.results import Finding, Severity
 
 DRIFT = "rank-drift"
 WRAPPER_PREFIX = "module."  # DDP, DataParallel

@@ -34,9 +34,9 @@ from bnaudit.core.errors import BnauditError, describe
 from bnaudit.measure.statistics import LayerStats, Moments
 
 if TYPE_CHECKING:
-    from bnaudit.config import CheckSettings
-    from bnaudit.engine import Passes
+    from bnaudit.gate.config import CheckSettings
     from bnaudit.measure.impact import OutputDiff
+    from bnaudit.measure.passes import Passes
 
 TIMEOUT_ENV = "BNAUDIT_DIST_TIMEOUT"  # seconds a rank waits for the others in one exchange
 DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for gloo and nccl

@@ -1,6 +1,6 @@
 """The forward hook on one BN layer: it measures each call and undoes the train-mode update.
 
-The engine (`bnaudit.engine`) switches the probes between its eval-mode and train-mode passes;
+The passes (`bnaudit.measure.passes`) switch the probes between its eval-mode and train-mode passes;
 each call's input and output are reduced to per-channel accumulators (`bnaudit.measure.statistics`) by
 the fused measurement (`bnaudit.measure.fused`), with the general float64 path for non-finite values or
 a mismatch, which the diagnosis (`bnaudit.measure.explain`) then explains. Small activations of standard
