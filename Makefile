@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# ruff, then the stage layers and the no-circle rule of pyproject.toml's [tool.importlinter].
 lint: $(STAMP)
 	$(BIN)/ruff check bnaudit tests benchmarks
 	$(BIN)/ruff format --check bnaudit tests benchmarks
+	$(BIN)/lint-imports
 
 # Measures the audit against the forward passes it needs (time, memory, growth) and writes
 # benchmarks/RESULTS.md; a few minutes on 2 CPU cores. Not a test: it asserts nothing.

@@ -730,8 +730,8 @@ class Results:
             "",
             "The same runs, per value a BN layer sees (batch × channels × spatial, summed over "
             "the layers): a forward pass; what the hooks add to each of the 2 hooked passes "
-            "(`bnaudit.measure.passes.run_passes` and the impact passes, minus the plain passes); and "
-            "what comes after the passes, per needed pass (statistics, folds, metrics, "
+            "(`bnaudit.measure.passes.run_passes` and the impact passes, minus the plain passes); "
+            "and what comes after the passes, per needed pass (statistics, folds, metrics, "
             "findings: per layer, not per value, shown per value for comparison). The ratio "
             "is about 1 + (2/3)·hooks/forward + after/forward.",
             "",

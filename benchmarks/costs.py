@@ -32,8 +32,8 @@ TINY_BATCHES = 2000
 def recalibration(
     bench: Any, folder: Path, env: dict[str, str], repeats: int, quick: bool
 ) -> dict[str, Any]:
-    """`bnaudit.recalibrate.recalibration` against `update_bn` on the same model and batches, in one process
-    (interleaved) and as whole processes (`recalibrate --no-verify`, `--verify`)."""
+    """`bnaudit.recalibrate.recalibrate` against `update_bn` on the same model and batches, in one
+    process (interleaved) and as whole processes (`recalibrate --no-verify`, `--verify`)."""
     shape = (4, 3, 32, 32) if quick else RECAL_SHAPE
     count = 2 if quick else RECAL_BATCHES
     model = bench.build(RECAL_FACTORY, shape)
@@ -135,10 +135,11 @@ def render(recal: dict[str, Any], tiny: dict[str, Any], cold: dict[str, float], 
     return [
         "## Recalibration against update_bn",
         "",
-        f"`bnaudit.recalibrate.recalibration(model, batches)` (train regime: one pass per batch, only the BN "
-        f"layers in train mode, statistics only) against `torch.optim.swa_utils.update_bn` on "
-        f"the same {RECAL_FACTORY} and {recal['batches']} batches of {dims}, interleaved in one "
-        f"process; then whole processes: a script that loads the files, runs update_bn and "
+        f"`bnaudit.recalibrate.recalibrate(model, batches)` (train regime: one pass per batch, "
+        f"only the BN layers in train mode, statistics only) against "
+        f"`torch.optim.swa_utils.update_bn` on the same {RECAL_FACTORY} and "
+        f"{recal['batches']} batches of {dims}, interleaved in one process; then whole "
+        f"processes: a script that loads the files, runs update_bn and "
         f"saves, against `bnaudit recalibrate --no-verify` and `--verify` (the default: an "
         f"audit before and after, counted separately).",
         "",

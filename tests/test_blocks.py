@@ -1,5 +1,6 @@
-"""Consecutive passes measured in one kernel call (`bnaudit.measure.grouped` blocks) and recalibration
-values merged K at a time (`bnaudit.measure.impact`): the same results as one pass, one call at a time."""
+"""Consecutive passes measured in one kernel call (`bnaudit.measure.grouped` blocks) and
+recalibration values merged K at a time (`bnaudit.measure.impact`): the same results as one pass,
+one call at a time."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The fused measurement (`bnaudit.measure.fused`) gives the numbers of today's general float64 path.
+"""The fused measurement (`bnaudit.measure.fused`) gives the numbers of today's general float64
+path.
 
 The reference is what `_Probe._measure_general` computes on float64 copies: `batch_stats`,
 `normalize`, `mismatch`, `elementwise_tolerance`. Both fast implementations are checked against

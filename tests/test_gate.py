@@ -35,7 +35,6 @@ from bnaudit.gate.baseline import (
     render_baseline,
 )
 from bnaudit.gate.ignores import Ignore, apply_ignores
-from bnaudit.report.audit_report import BaselineEntry
 from bnaudit.report.github import (
     SUMMARY_LIMIT,
     escape_data,
@@ -45,6 +44,7 @@ from bnaudit.report.github import (
     render_step_summary,
 )
 from bnaudit.report.junit import render_junit
+from bnaudit.report.record import BaselineEntry
 from bnaudit.report.render import render_table, summary_line
 from bnaudit.report.terminal import Progress, color_enabled
 from bnaudit.verdict.results import Severity, Status

@@ -1,4 +1,4 @@
-"""`bnaudit.recalibrate.recalibration` in one train-mode pass per batch gives the audit's precise statistics.
+"""`bnaudit.recalibrate` in one train-mode pass per batch gives the audit's precise statistics.
 
 The reference is what recalibration computed before: the statistics the audit's own passes
 accumulate (`run_passes` + `recalibrated_stats`), and, for the train regime,

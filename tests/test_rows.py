@@ -1,4 +1,5 @@
-"""Results folded K at a time (`bnaudit.measure.rows`, `RegimeStats.add_batches`) against one at a time."""
+"""Results folded K at a time (`bnaudit.measure.rows`, `RegimeStats.add_batches`) against one at a
+time."""
 
 from __future__ import annotations
 

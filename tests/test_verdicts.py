@@ -1,7 +1,7 @@
 """Layer verdicts that hold on small layers and few batches, and hints that fit their messages.
 
-The count rule (bnaudit.verdict.significance) is checked against independent references: closed forms
-and the finite series of Student's t for integer degrees of freedom, exact binomial sums.
+The count rule (bnaudit.verdict.significance) is checked against independent references: closed
+forms and the finite series of Student's t for integer degrees of freedom, exact binomial sums.
 """
 
 from __future__ import annotations

@@ -1,1 +1,26 @@
-"""TODO."""
+"""Checkpoint files read safely: format, zip integrity, pickle scan, selection, one `Checkpoint`."""
+
+import lazy_loader
+
+# Imported on first use: the command line reaches a stage without paying for the ones it skips.
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submodules=[
+        "bn_groups",
+        "digest",
+        "formats",
+        "loading",
+        "pickles",
+        "programs",
+        "refusals",
+        "selection",
+        "zipcheck",
+    ],
+    submod_attrs={
+        "loading": ["Checkpoint", "load_checkpoint", "load_into"],
+        "formats": ["Kind", "detect"],
+        "selection": ["Selection", "select", "unwrap"],
+        "bn_groups": ["BnGroup", "find_bn_groups"],
+        "digest": ["sha256_file", "prefetch"],
+    },
+)

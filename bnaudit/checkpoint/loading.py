@@ -1,7 +1,7 @@
 """Reading checkpoints safely, building the user's model, and loading one into the other.
 
-A checkpoint is untrusted input. Its format is told from its bytes (`bnaudit.checkpoint.formats`); pickles
-are read with `torch.load(weights_only=True)`, which refuses pickled code. Only `trust=True`
+A checkpoint is untrusted input. Its format is told from its bytes (`bnaudit.checkpoint.formats`);
+pickles are read with `torch.load(weights_only=True)`, which refuses pickled code. Only `trust=True`
 unpickles more (a whole `nn.Module`, or any object the weights-only loader refuses) and loads
 TorchScript and torch.export programs, which are code; even then the weights-only load is tried
 first, so a file that needs no trust runs nothing. Zip archives are memory-mapped, and the CRC of

@@ -19,10 +19,10 @@ from typing import Any
 
 import typer
 
-from bnaudit import __version__
 from bnaudit.checkpoint import digest
 from bnaudit.core.errors import BnauditError, NothingToAudit, ReportError
 from bnaudit.core.untrusted import middle_cut, one_line
+from bnaudit.core.version import __version__
 from bnaudit.gate.config import Regime, TrainMode, hash_skipped, resolve
 from bnaudit.inputs.precision import Autocast
 from bnaudit.report.github import GitHub

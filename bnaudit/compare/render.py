@@ -17,15 +17,15 @@ from typing import Any
 
 from tabulate import tabulate
 
-from bnaudit import __version__
 from bnaudit.compare.results import CHANGES, DiffReport, LayerDiff
+from bnaudit.core.version import __version__
 from bnaudit.report.render import (
     Format,
-    _finding_dict,
-    _finding_lines,
-    _finite,
-    _waived_lines,
+    finding_dict,
+    finding_lines,
+    finite,
     printable,
+    waived_lines,
 )
 from bnaudit.report.terminal import paint
 from bnaudit.verdict.results import Severity
@@ -185,10 +185,10 @@ def render_table(
     rows = _rows(report, only_changed)
     parts = [fitted_table(rows, width, color) if rows else "(no layer changed)", ""]
     parts += _summary_lines(report, color)
-    findings = _finding_lines(report)  # type: ignore[arg-type]  # the same finding conventions
+    findings = finding_lines(report)  # type: ignore[arg-type]  # the same finding conventions
     if findings:
         parts += ["", "findings:", *findings]
-    waived = _waived_lines(report)  # type: ignore[arg-type]
+    waived = waived_lines(report)  # type: ignore[arg-type]
     if waived:
         parts += ["", "accepted (ignored or baselined; they do not fail the gate):", *waived]
     return "\n".join(parts) + "\n"
@@ -204,9 +204,9 @@ def render_markdown(report: DiffReport, only_changed: bool = False) -> str:
         "",
         table,
     ]
-    findings = _finding_lines(report, bullet="- ")  # type: ignore[arg-type]
+    findings = finding_lines(report, bullet="- ")  # type: ignore[arg-type]
     parts += ["", "## Findings", "", *(findings or ["None."])]
-    waived = _waived_lines(report, bullet="- ")  # type: ignore[arg-type]
+    waived = waived_lines(report, bullet="- ")  # type: ignore[arg-type]
     if waived:
         parts += ["", "## Accepted findings", "", *waived]
     return "\n".join(parts) + "\n"
@@ -218,7 +218,7 @@ def render_csv(report: DiffReport, only_changed: bool = False) -> str:
 
 def report_dict(report: DiffReport, only_changed: bool = False) -> dict[str, Any]:
     b = report.baseline
-    return _finite(
+    return finite(
         {
             "bnaudit_version": __version__,
             "base": {"checkpoint": report.base, "sha256": report.base_sha256},
@@ -244,7 +244,7 @@ def report_dict(report: DiffReport, only_changed: bool = False) -> dict[str, Any
                     "type": r.type,
                     "verdict": r.verdict,
                     "metrics": dataclasses.asdict(r.metrics),
-                    "findings": [_finding_dict(f) for f in r.findings],
+                    "findings": [finding_dict(f) for f in r.findings],
                 }
                 for r in _rows(report, only_changed)
             ],

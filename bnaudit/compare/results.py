@@ -11,13 +11,13 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from bnaudit.report.audit_report import Gated
+from bnaudit.report.record import Gated
 from bnaudit.verdict.results import FailOn, Finding, Judged, Status
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from bnaudit.report.audit_report import BaselineCheck
+    from bnaudit.report.record import BaselineCheck
 
 # How a layer changed, in the order the summary lists them.
 IDENTICAL = "identical"  # γ, β, running statistics and T bit-identical

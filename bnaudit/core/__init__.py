@@ -1,1 +1,32 @@
-"""TODO."""
+"""The core every stage stands on: typed errors, limits, BN formulas, BN layers, untrusted text."""
+
+import lazy_loader
+
+# Imported on first use: the command line reaches a stage without paying for the ones it skips.
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submodules=["errors", "formulas", "keys", "layers", "limits", "paths", "untrusted", "version"],
+    submod_attrs={
+        "errors": [
+            "BnauditError",
+            "CheckpointError",
+            "ModelError",
+            "DataError",
+            "ReportError",
+            "ConfigError",
+            "BaselineError",
+            "NothingToAudit",
+            "describe",
+        ],
+        "layers": [
+            "Kind",
+            "KnownAttrs",
+            "LayerAttrs",
+            "find_bn_layers",
+            "layer_kind",
+            "preserved",
+            "act_tap",
+        ],
+        "version": ["__version__"],
+    },
+)

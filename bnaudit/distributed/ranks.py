@@ -144,7 +144,7 @@ class Ranks:
             return itertools.islice(batches, self.share(cap))
         return self.shard(batches, cap)
 
-    # -- merges (bnaudit.measure.impact.Across) -------------------------------------------------------
+    # -- merges (bnaudit.measure.impact.Across) ------------------------------------------------
 
     def merge_passes(self, passes: Passes) -> Passes:
         """Every rank's probes merged into this rank's, in rank order, and the global count."""

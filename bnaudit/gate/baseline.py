@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bnaudit import __version__
 from bnaudit.core.errors import BaselineError
-from bnaudit.report.audit_report import AuditReport, BaselineCheck, BaselineEntry
+from bnaudit.core.version import __version__
+from bnaudit.report.audit_report import AuditReport
+from bnaudit.report.record import BaselineCheck, BaselineEntry
 from bnaudit.verdict.results import Finding, Severity, Status
 
 FORMAT = 1  # the "bnaudit_baseline" key: bumped when the file layout changes

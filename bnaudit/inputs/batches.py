@@ -395,7 +395,8 @@ def _check_npz(path: Path) -> None:
 
 
 def _check_torch_data(path: Path) -> None:
-    """A torch.save data file: one stored archive, as for checkpoints (bnaudit.checkpoint.zipcheck)."""
+    """A torch.save data file: one stored archive, as for checkpoints
+    (bnaudit.checkpoint.zipcheck)."""
     with path.open("rb") as f:
         zipped = f.read(4) == b"PK\x03\x04"
     if zipped:

@@ -23,8 +23,8 @@ from bnaudit.check.audit import audit
 from bnaudit.report.audit_report import AuditReport
 
 DEFAULT_BATCHES = 4
-# The per-layer numbers logged (bnaudit.verdict.results.LayerMetrics fields): how far the running stats
-# are from the data, and how well the layer reproduces its formulas.
+# The per-layer numbers logged (bnaudit.verdict.results.LayerMetrics fields): how far the running
+# stats are from the data, and how well the layer reproduces its formulas.
 LOGGED = (
     "stale_shift_max",
     "stale_log_var_max",
@@ -91,8 +91,8 @@ def _lightning_callback_base() -> type:
             from pytorch_lightning import Callback
         except ImportError:
             raise ImportError(
-                "bnaudit.integrations.callbacks.BNAuditCallback needs PyTorch Lightning: pip install "
-                "lightning; without it, call bnaudit.audit_after_epoch(model, batches) "
+                "bnaudit.integrations.callbacks.BNAuditCallback needs PyTorch Lightning: pip "
+                "install lightning; without it, call bnaudit.audit_after_epoch(model, batches) "
                 "after each epoch"
             ) from None
     return Callback

@@ -75,9 +75,9 @@ def measure(
     metric_name: str,
     progress: ProgressFn | None = None,
 ) -> Evidence:
-    """Score every batch with the stored statistics and with statistics recalibrated on the
-    other half of the batches; `names` are the layers to recalibrate. `progress` is called
-    after each batch of each of these passes (`bnaudit.measure.progress`), stages "task metric, ..."."""
+    """Score every batch with the stored statistics and with statistics recalibrated on the other
+    half of the batches; `names` are the layers to recalibrate. `progress` is called after each
+    batch of each of these passes (`bnaudit.measure.progress`), stages "task metric, ..."."""
     passes = 0
     stored: list[float] = []
     model.eval()

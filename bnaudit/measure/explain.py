@@ -17,9 +17,8 @@ import torch.nn.functional as tf
 from torch import Tensor
 
 from bnaudit.core import formulas as F
+from bnaudit.core.keys import ACTIVATION_KEY
 from bnaudit.measure.statistics import MaxTracker
-
-ACTIVATION_KEY = "act:"  # diagnosis keys of BN-with-activation layers
 
 # Activations a BN subclass may apply after normalising (timm's BatchNormAct2d, say).
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {

@@ -1,10 +1,10 @@
 """Conv/linear → BN folding: checking the fold of each pair, judging its numeric risk.
 
-Deployment tools fold every eval-mode BN into the conv or linear whose output it receives (the
-pairs come from the dataflow observed on the first batch: `bnaudit.measure.dataflow`). The fold is checked
-on the layer's real inputs (the first samples of the audit's own first eval-mode pass): the
-folded conv's output against conv → BN in eval mode, in the model's own dtype. Its risk is
-judged from the folded weights:
+Deployment tools fold every eval-mode BN into the conv or linear whose output it receives (the pairs
+come from the dataflow observed on the first batch: `bnaudit.measure.dataflow`). The fold is checked
+on the layer's real inputs (the first samples of the audit's own first eval-mode pass): the folded
+conv's output against conv → BN in eval mode, in the model's own dtype. Its risk is judged from the
+folded weights:
 - float16: any |W'| or |b'| above 65504 overflows;
 - int8 per-tensor: a tensor shares one scale, max|W'|/127, so an output channel whose largest
   weight is a small fraction of the tensor's keeps few quantization levels. Levels of a

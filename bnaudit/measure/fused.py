@@ -2,13 +2,13 @@
 
 `measure` gives, per channel, the float64 batch mean and biased variance of x, and the maximum
 reconstruction error of y with its ratio to the tolerance (`formulas.reconstruction_error`'s
-formula), plus whether all of it is finite. On CPU, for float32/float16/bfloat16 activations
-laid out NCHW (contiguous) or channels-last, a numba kernel (`bnaudit.measure.fused_kernels`) reads x
-and y once per call, keeping the channel's values in cache between its passes; everywhere else
-(CUDA, float64, odd strides, numba not installed: it is the `fast` extra) the float64 blocks
-of `bnaudit.core.formulas` compute the same numbers. Both are the fast path of the engine: a call
-that is not finite, or that misses the formula, is measured again on the general float64 path,
-so verdicts never depend on which of the two ran.
+formula), plus whether all of it is finite. On CPU, for float32/float16/bfloat16 activations laid
+out NCHW (contiguous) or channels-last, a numba kernel (`bnaudit.measure.fused_kernels`) reads x and
+y once per call, keeping the channel's values in cache between its passes; everywhere else (CUDA,
+float64, odd strides, numba not installed: it is the `fast` extra) the float64 blocks of
+`bnaudit.core.formulas` compute the same numbers. Both are the fast path of the engine: a call that
+is not finite, or that misses the formula, is measured again on the general float64 path, so
+verdicts never depend on which of the two ran.
 
 Compiled kernels are cached on disk: in `$NUMBA_CACHE_DIR` when it is set, else in
 `~/.cache/bnaudit/numba` (`$XDG_CACHE_HOME/bnaudit/numba`). A cold cache costs a few seconds of

@@ -72,8 +72,8 @@ class Deferred:
     """The small-activation calls of the forward passes, and the groups that measure them."""
 
     def __init__(self, settle: Callable[[], None]) -> None:
-        # Reads the train-mode updates the kept calls refer to (`bnaudit.measure.updates.Ledger`): the
-        # engine does after each pass, a flush in the middle of one does first.
+        # Reads the train-mode updates the kept calls refer to (`bnaudit.measure.updates.Ledger`):
+        # the engine does after each pass, a flush in the middle of one does first.
         self.settle = settle
         self.calls: list[_Call] = []  # this pass's calls
         self.values = 0  # values of every copy kept: this pass's and the blocks'

@@ -1,10 +1,11 @@
 """The forward hook on one BN layer: it measures each call and undoes the train-mode update.
 
 The passes (`bnaudit.measure.passes`) switch the probes between its eval-mode and train-mode passes;
-each call's input and output are reduced to per-channel accumulators (`bnaudit.measure.statistics`) by
-the fused measurement (`bnaudit.measure.fused`), with the general float64 path for non-finite values or
-a mismatch, which the diagnosis (`bnaudit.measure.explain`) then explains. Small activations of standard
-layers are handed to `bnaudit.measure.grouped` to be measured side by side after the pass.
+each call's input and output are reduced to per-channel accumulators (`bnaudit.measure.statistics`)
+by the fused measurement (`bnaudit.measure.fused`), with the general float64 path for non-finite
+values or a mismatch, which the diagnosis (`bnaudit.measure.explain`) then explains. Small
+activations of standard layers are handed to `bnaudit.measure.grouped` to be measured side by side
+after the pass.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Per-channel results of many BN calls, kept and folded into the accumulators K at a time.
 
 The fused measurement of one call is a handful of [C] vectors (batch mean and variance, maximum
-error and ratio, the running stats the call left). Folding each into the streaming
-accumulators of `bnaudit.measure.statistics` takes a few dozen small tensor operations, which on small
-layers and tiny batches costs more than the measurement itself. So the rows are kept, bounded,
-and folded a block at a time (`RegimeStats.add_batches`): the same statistics as one call at a
-time, up to float64 rounding, for a few operations per block.
+error and ratio, the running stats the call left). Folding each into the streaming accumulators of
+`bnaudit.measure.statistics` takes a few dozen small tensor operations, which on small layers and
+tiny batches costs more than the measurement itself. So the rows are kept, bounded, and folded a
+block at a time (`RegimeStats.add_batches`): the same statistics as one call at a time, up to
+float64 rounding, for a few operations per block.
 """
 
 from __future__ import annotations

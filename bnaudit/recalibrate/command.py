@@ -48,12 +48,12 @@ def run_recalibrate(
 ) -> Recalibrated:
     """Audit, recalibrate on the sample batches, write the new checkpoint, audit it again.
 
-    With labelled batches, a recalibration that lowers the task metric beyond noise
-    (cross-fitted, see bnaudit.measure.evidence) is refused unless `force`. `verify=False` skips both
-    audits (and with them that refusal): the statistics pass alone, the cost of update_bn.
-    Under torchrun (`ranks`) every rank works on its shard, the statistics are merged, and
-    rank 0 writes. `progress` ticks every pass: the audits' stages after "before: " and
-    "after: ", and the recalibration's (`bnaudit.measure.progress`)."""
+    With labelled batches, a recalibration that lowers the task metric beyond noise (cross-fitted,
+    see bnaudit.measure.evidence) is refused unless `force`. `verify=False` skips both audits (and
+    with them that refusal): the statistics pass alone, the cost of update_bn. Under torchrun
+    (`ranks`) every rank works on its shard, the statistics are merged, and rank 0 writes.
+    `progress` ticks every pass: the audits' stages after "before: " and "after: ", and the
+    recalibration's (`bnaudit.measure.progress`)."""
     leader = ranks is None or ranks.leader
     if leader:
         check_output(s.checkpoint, output, force=force)

@@ -91,7 +91,8 @@ def _put_back(obj: Any, sel: Selection, new: dict[str, Tensor]) -> Any:
 
 
 def atomic(dst: Path, write: Callable[[Path], None]) -> None:
-    """Write `dst` through a temporary file (see `bnaudit.report.writing`), named for -o in errors."""
+    """Write `dst` through a temporary file (see `bnaudit.report.writing`), named for -o in
+    errors."""
     try:
         write_set([(dst, write)])
     except ReportError as exc:

@@ -1,146 +1,28 @@
-"""The report of a whole audit: its layers, what the gate decided, and how it renders.
+"""`AuditReport`: the record of an audit that renders itself, as `bnaudit check` prints it.
 
-`AuditReport` renders itself (`summary()`, `render()`) through the renderers of this package;
-the verdicts it holds come from `bnaudit.verdict`, the baseline comparison from `bnaudit.gate`.
+The record (`bnaudit.report.record`) is what renderers read; this class sits above them, so that
+`report.summary()` needs no import back from a renderer to the record.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
 
-from bnaudit.verdict.results import FailOn, Finding, LayerResult, Severity, Status, counted
-
-if TYPE_CHECKING:
-    import pandas as pd
-
-    from bnaudit.measure.impact import OutputImpact
+from bnaudit.report.record import AuditRecord
+from bnaudit.report.render import Format, render, render_table
 
 
-@dataclass(frozen=True)
-class BaselineEntry:
-    """One accepted finding: where, what, how bad, and the value measured then."""
-
-    layer: str
-    code: str
-    severity: Severity
-    value: float | None  # None: the finding had no value, or it was not finite
-    message: str = ""
-
-
-@dataclass(frozen=True)
-class BaselineCheck:
-    """What comparing a run with a baseline found beyond the per-finding statuses."""
-
-    path: str
-    margin: float
-    stale: tuple[BaselineEntry, ...] = ()  # entries no finding matched any more
-    written: bool = False  # the baseline was written by this run from its own findings
-
-
-class Gated:
-    """What makes a report a gate: its findings, those that fail at `fail_on`, the verdict.
-
-    For the frozen dataclasses `AuditReport` and `DiffReport`, which provide `layers` (each
-    with `findings` and a `verdict`), `model_findings` and `fail_on`.
-    """
-
-    layers: tuple[Any, ...]
-    model_findings: tuple[Finding, ...]
-    fail_on: FailOn
-
-    @property
-    def findings(self) -> list[Finding]:
-        return [*self.model_findings, *(f for layer in self.layers for f in layer.findings)]
-
-    @property
-    def failing(self) -> list[Finding]:
-        """The findings that make the gate fail: they count and are at or above `fail_on`."""
-        return [f for f in self.findings if f.counts and self.fail_on.fails(f.severity)]
-
-    @property
-    def passed(self) -> bool:
-        return not self.failing
-
-    def __bool__(self) -> bool:
-        return self.passed
-
-    @property
-    def verdict(self) -> str:
-        return "pass" if self.passed else "fail"
-
-    def counts(self) -> dict[str, int]:
-        """Layers by verdict, every verdict present (zero counts included)."""
-        out = {s.label: 0 for s in Severity}
-        for layer in self.layers:
-            out[layer.verdict] += 1
-        return out
-
-
-@dataclass(frozen=True)
-class AuditReport(Gated):
-    """The whole audit. `bool(report)` is `report.passed`.
-
-    `findings` lists every finding, waived ones included; `passed` and the layer verdicts only
-    consider the findings that count (`Finding.counts`).
-    """
-
-    layers: tuple[LayerResult, ...]
-    fail_on: FailOn = FailOn.FAIL
-    batches: int = 0
-    forward_passes: int = 0
-    synthetic_data: bool = False
-    notes: tuple[str, ...] = ()
-    checkpoint: str | None = None
-    sha256: str | None = None
-    sha256_skipped: str | None = None  # why `check` did not compute sha256: "not computed: …"
-    thresholds: dict[str, float] = field(default_factory=dict)
-    impact: OutputImpact | None = None
-    model_findings: tuple[Finding, ...] = ()  # about the whole model (layer MODEL)
-    baseline: BaselineCheck | None = None  # set when a baseline judged the findings
-    # The finding codes judged when not all were (a static audit, or no batch), and what the
-    # others need ("--model and --data"); None: every check ran.
-    checks_run: tuple[str, ...] | None = None
-    checks_need: str = ""
-
-    @property
-    def sha256_note(self) -> str | None:
-        """What a report says in place of `sha256` when there is none ("not computed: …");
-        None when `sha256` holds the hash."""
-        if self.sha256 is not None:
-            return None
-        if self.sha256_skipped:
-            return self.sha256_skipped
-        return "not computed" + ("" if self.checkpoint else ": no checkpoint file was audited")
-
-    def status_counts(self) -> dict[str, int]:
-        """Findings by status, every status present (zero counts included)."""
-        out = {s.value: 0 for s in Status}
-        for f in self.findings:
-            out[f.status.value] += 1
-        return out
-
-    def __repr__(self) -> str:
-        """One line: the verdict, the layer verdicts, what fails the gate, the data."""
-        counts = ", ".join(f"{k} {v}" for k, v in reversed(self.counts().items()) if v)
-        failing = len(self.failing)
-        gate = f"{failing} failing at fail_on={self.fail_on.value}" if failing else "passed"
-        where = f", checkpoint={self.checkpoint!r}" if self.checkpoint else ""
-        synthetic = " (synthetic)" if self.synthetic_data else ""
-        return (
-            f"<AuditReport {self.verdict.upper()}: {counted(len(self.layers), 'BN layer')} "
-            f"({counts or 'none'}), {gate}, {counted(self.batches, 'batch', 'batches')}"
-            f"{synthetic}{where}>"
-        )
+# repr=False: the record's one-line repr, not a generated one of every field.
+@dataclass(frozen=True, repr=False)
+class AuditReport(AuditRecord):
+    """The whole audit. `bool(report)` is `report.passed`; `summary()` and `render()` give the
+    text `bnaudit check` prints."""
 
     def summary(self, *, width: int | None = 80, verbose: bool = False) -> str:
         """What `bnaudit check` prints for this report, as plain text: the table fitted to
         `width` columns (None: every column, as `--wide`) and its legend, what the audit ran
         on, the findings grouped by code (`verbose`: one per layer with its message, as
         `--verbose`), and the verdict as the last line."""
-        from bnaudit.report.render import render_table
-
         return render_table(self, width=width, verbose=verbose)
 
     def render(
@@ -149,30 +31,9 @@ class AuditReport(Gated):
         """The whole report as `bnaudit check --format` prints it: "table" (`summary()`: the
         terminal text, no colour; `width` and `verbose` apply to it alone), "markdown", "csv"
         or "json" (a `bnaudit.report.render.Format` too)."""
-        from bnaudit.report.render import Format, render
-
         try:
             fmt = Format(format)
         except ValueError:
             choices = ", ".join(f.value for f in Format)
             raise ValueError(f"format {format!r}: choose one of {choices}") from None
         return render(self, fmt, width=width, verbose=verbose)
-
-    def layer(self, name: str) -> LayerResult:
-        for result in self.layers:
-            if result.name == name:
-                return result
-        raise KeyError(name)
-
-    def to_frame(self) -> pd.DataFrame:
-        """One row per layer, every metric a column (built once, at the output boundary)."""
-        import pandas as pd
-
-        rows = []
-        for r in self.layers:
-            row = {"layer": r.name, "type": r.type, "verdict": r.verdict}
-            row["codes"] = " ".join(sorted({f.code for f in r.findings if f.counts}))
-            row["waived"] = " ".join(sorted({f.code for f in r.waived}))
-            row.update(dataclasses.asdict(r.metrics))
-            rows.append(row)
-        return pd.DataFrame(rows)

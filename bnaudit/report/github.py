@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bnaudit.core.errors import ReportError
 from bnaudit.core.untrusted import one_line
-from bnaudit.report.audit_report import AuditReport
+from bnaudit.report.record import AuditRecord
 from bnaudit.report.render import printable
 from bnaudit.verdict.results import Finding, Severity, Status
 
@@ -83,7 +83,7 @@ def stderr_line(text: str, environ: Mapping[str, str]) -> str:
     return line + "\n"
 
 
-def for_github(text: str, report: AuditReport, *, limit: int, environ: Mapping[str, str]) -> str:
+def for_github(text: str, report: AuditRecord, *, limit: int, environ: Mapping[str, str]) -> str:
     """Stdout under GitHub Actions: `text` guarded (it quotes layer names), then annotations."""
     file = annotation_file(report.checkpoint, environ)
     return guard(text, new_token()) + render_annotations(report, file=file, limit=limit)
@@ -103,13 +103,13 @@ def annotation_file(checkpoint: str | None, environ: Mapping[str, str]) -> str |
     return path.as_posix()
 
 
-def annotated(report: AuditReport) -> list[Finding]:
+def annotated(report: AuditRecord) -> list[Finding]:
     """Findings worth an annotation: they count and are warn or worse; failing ones first."""
     shown = [f for f in report.findings if f.counts and f.severity >= Severity.WARN]
     return sorted(shown, key=lambda f: not report.fail_on.fails(f.severity))
 
 
-def render_annotations(report: AuditReport, *, file: str | None, limit: int) -> str:
+def render_annotations(report: AuditRecord, *, file: str | None, limit: int) -> str:
     """`::error`/`::warning` per finding (at most `limit`), then a count of the rest.
 
     A finding that fails the gate is an error, any other warn-or-worse finding a warning.
@@ -170,7 +170,7 @@ def _num(value: float | None) -> str:
     return f"{value:.3g}"
 
 
-def _header(report: AuditReport) -> list[str]:
+def _header(report: AuditRecord) -> list[str]:
     counts = report.counts()
     lines = [
         f"### bnaudit: {report.verdict.upper()}",
@@ -197,7 +197,7 @@ def _header(report: AuditReport) -> list[str]:
     return [*lines, ""]
 
 
-def _layer_rows(report: AuditReport) -> list[str]:
+def _layer_rows(report: AuditRecord) -> list[str]:
     rows = []
     for r in report.layers:
         counted = [f for f in r.findings if f.counts and f.severity >= Severity.WARN]
@@ -210,7 +210,7 @@ def _layer_rows(report: AuditReport) -> list[str]:
     return rows
 
 
-def _finding_items(report: AuditReport) -> list[str]:
+def _finding_items(report: AuditRecord) -> list[str]:
     items = []
     for f in sorted(report.findings, key=lambda f: (not f.counts, -f.severity)):
         if f.severity < Severity.WARN:
@@ -227,7 +227,7 @@ def _finding_items(report: AuditReport) -> list[str]:
 _CUT = "(cut here: a step summary is limited to 1 MiB; the reports have the rest)"
 
 
-def render_step_summary(report: AuditReport, max_bytes: int = SUMMARY_LIMIT) -> str:
+def render_step_summary(report: AuditRecord, max_bytes: int = SUMMARY_LIMIT) -> str:
     """The markdown summary in at most `max_bytes` (UTF-8): whole lines, then a cut notice.
 
     Layers and findings below warn are left out: the summary is for the people who must act.
@@ -264,7 +264,7 @@ def render_step_summary(report: AuditReport, max_bytes: int = SUMMARY_LIMIT) -> 
     return "\n".join(lines) + "\n"
 
 
-def append_step_summary(report: AuditReport, path: Path) -> str:
+def append_step_summary(report: AuditRecord, path: Path) -> str:
     """Append the summary to `$GITHUB_STEP_SUMMARY` within what is left of its limit.
 
     Returns what was appended ("" when nothing fits).

@@ -14,8 +14,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bnaudit import __version__
-from bnaudit.report.audit_report import AuditReport
+from bnaudit.core.version import __version__
+from bnaudit.report.record import AuditRecord
 from bnaudit.report.table import shorten
 from bnaudit.verdict.findings import Thresholds
 from bnaudit.verdict.results import LayerResult, Severity
@@ -252,7 +252,7 @@ def _beyond(value: float, limit: float, origin: float) -> bool:
     return value > limit if limit >= origin else value < limit
 
 
-def _charts(report: AuditReport) -> list[_Chart]:
+def _charts(report: AuditRecord) -> list[_Chart]:
     t = Thresholds().replace(
         **{k: v for k, v in report.thresholds.items() if k in Thresholds.__dataclass_fields__}
     )
@@ -383,7 +383,7 @@ def _findings(i: int, r: LayerResult) -> str:
     )
 
 
-def _summary(report: AuditReport) -> str:
+def _summary(report: AuditRecord) -> str:
     facts = [
         ("checkpoint", report.checkpoint or "-"),
         ("sha256", report.sha256 or report.sha256_note or "-"),
@@ -426,7 +426,7 @@ def _summary(report: AuditReport) -> str:
     )
 
 
-def _impact(report: AuditReport) -> str:
+def _impact(report: AuditRecord) -> str:
     """The output-impact figures: how much recalibrating the statistics changes the eval
     output (and the task metric, with labels); each flagged layer alone with --attribution."""
     i = report.impact
@@ -463,7 +463,7 @@ def _impact(report: AuditReport) -> str:
     )
 
 
-def render_html(report: AuditReport) -> str:
+def render_html(report: AuditRecord) -> str:
     names = [r.name for r in report.layers]
     figures = "".join(
         f"<figure><figcaption>{_e(c.title)}<small>{_e(c.note)}</small></figcaption>"

@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 
-from bnaudit import __version__
-from bnaudit.report.audit_report import AuditReport
+from bnaudit.core.version import __version__
+from bnaudit.report.record import AuditRecord
 from bnaudit.verdict.results import Finding
 
 SUITE = "bnaudit"
@@ -34,7 +34,7 @@ def _finding_text(f: Finding) -> str:
     return text
 
 
-def render_junit(report: AuditReport) -> str:
+def render_junit(report: AuditRecord) -> str:
     cases = []
     failures = 0
     for r in report.layers:

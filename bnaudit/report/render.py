@@ -1,4 +1,4 @@
-"""Rendering an AuditReport: terminal table, markdown, CSV, JSON; atomic report files."""
+"""Rendering an AuditRecord: terminal table, markdown, CSV, JSON; atomic report files."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
-from bnaudit import __version__
+from bnaudit.core.version import __version__
 from bnaudit.report import table, writing
-from bnaudit.report.audit_report import AuditReport
+from bnaudit.report.record import AuditRecord
 from bnaudit.report.table import COLUMNS as SCREEN_COLUMNS
 from bnaudit.report.table import codes, num
 from bnaudit.report.terminal import paint, printable
@@ -30,7 +30,7 @@ from bnaudit.verdict.results import (
 )
 
 if TYPE_CHECKING:
-    from bnaudit.report.audit_report import BaselineCheck
+    from bnaudit.report.record import BaselineCheck
 
 
 class Format(str, enum.Enum):
@@ -64,7 +64,7 @@ def _row(r: LayerResult, color: bool = False) -> list[str]:
     ]
 
 
-def summary_line(report: AuditReport, color: bool = False) -> str:
+def summary_line(report: AuditRecord, color: bool = False) -> str:
     """The verdict in one line, last of the table output and all that `--quiet` prints: what
     fails the gate, or which checks ran when not all of them did, then the layer counts."""
     verdict = report.verdict.upper()
@@ -82,7 +82,7 @@ def summary_line(report: AuditReport, color: bool = False) -> str:
     return f"{head}: " + "; ".join(parts)
 
 
-def _partial(report: AuditReport) -> str:
+def _partial(report: AuditRecord) -> str:
     assert report.checks_run is not None
     return (
         f"static checks only, {len(report.checks_run)} of {len(CODES)} checks; pass "
@@ -90,7 +90,7 @@ def _partial(report: AuditReport) -> str:
     )
 
 
-def _gate(report: AuditReport) -> str:
+def _gate(report: AuditRecord) -> str:
     failing = report.failing
     if failing:
         by_code = Counter(f.code for f in failing)
@@ -107,7 +107,7 @@ def _gate(report: AuditReport) -> str:
     return f"no finding at {report.fail_on.value} or worse"
 
 
-def _summary_lines(report: AuditReport, color: bool = False) -> list[str]:
+def _summary_lines(report: AuditRecord, color: bool = False) -> list[str]:
     """Every fact of the summary for a report file, the verdict line last."""
     counts = report.counts()
     lines = [
@@ -137,7 +137,7 @@ def _summary_lines(report: AuditReport, color: bool = False) -> list[str]:
     return [*lines, summary_line(report, color)]
 
 
-def _baseline_lines(report: AuditReport, b: BaselineCheck) -> list[str]:
+def _baseline_lines(report: AuditRecord, b: BaselineCheck) -> list[str]:
     status = report.status_counts()
     verb = "written to" if b.written else "compared with"
     lines = [
@@ -155,7 +155,7 @@ def _baseline_lines(report: AuditReport, b: BaselineCheck) -> list[str]:
     return lines
 
 
-def _impact_lines(report: AuditReport) -> list[str]:
+def _impact_lines(report: AuditRecord) -> list[str]:
     i = report.impact
     if i is None:
         return []
@@ -171,7 +171,7 @@ def _impact_lines(report: AuditReport) -> list[str]:
     return lines
 
 
-def _finding_lines(report: AuditReport, bullet: str = "") -> list[str]:
+def finding_lines(report: AuditRecord, bullet: str = "") -> list[str]:
     lines = []
     pad = "  " if bullet else ""
     counted = [f for f in report.findings if f.counts]
@@ -188,7 +188,7 @@ def _finding_lines(report: AuditReport, bullet: str = "") -> list[str]:
     return lines
 
 
-def _waived_lines(report: AuditReport, bullet: str = "") -> list[str]:
+def waived_lines(report: AuditRecord, bullet: str = "") -> list[str]:
     lines = []
     pad = "  " if bullet else ""
     waived = [f for f in report.findings if not f.counts]
@@ -255,7 +255,7 @@ def _wrapped(text: str, width: int | None, indent: str) -> list[str]:
     ) or [indent]
 
 
-def _context_lines(report: AuditReport, width: int | None, verbose: bool) -> list[str]:
+def _context_lines(report: AuditRecord, width: int | None, verbose: bool) -> list[str]:
     """What the audit ran on and what it measured beyond the table: checkpoint, passes, output
     impact, baseline, notes; wrapped to `width`."""
     lines = []
@@ -282,7 +282,7 @@ def _context_lines(report: AuditReport, width: int | None, verbose: bool) -> lis
 
 
 def render_table(
-    report: AuditReport,
+    report: AuditRecord,
     color: bool = False,
     *,
     width: int | None = table.DEFAULT_WIDTH,
@@ -297,18 +297,18 @@ def render_table(
     waived = [f for f in report.findings if not f.counts]
     if counted:
         if verbose:
-            parts += ["", "findings:", *_finding_lines(report)]
+            parts += ["", "findings:", *finding_lines(report)]
         else:
             parts += ["", f"findings ({len(counted)}; --verbose for each message):"]
             parts += _grouped_lines(counted, width)
     if waived:
         parts += ["", "accepted (ignored or baselined; they do not fail the gate):"]
-        parts += _waived_lines(report) if verbose else _grouped_lines(waived, width, waived=True)
+        parts += waived_lines(report) if verbose else _grouped_lines(waived, width, waived=True)
     parts += ["", summary_line(report, color)]
     return "\n".join(parts) + "\n"
 
 
-def render_markdown(report: AuditReport) -> str:
+def render_markdown(report: AuditRecord) -> str:
     table = tabulate(
         [_row(r) for r in report.layers], headers=_HEADERS, tablefmt="github", disable_numparse=True
     )
@@ -325,15 +325,15 @@ def render_markdown(report: AuditReport) -> str:
         "",
         f"Columns: {legend}.",
     ]
-    findings = _finding_lines(report, bullet="- ")
+    findings = finding_lines(report, bullet="- ")
     parts += ["", "## Findings", "", *(findings or ["None."])]
-    waived = _waived_lines(report, bullet="- ")
+    waived = waived_lines(report, bullet="- ")
     if waived:
         parts += ["", "## Accepted findings", "", *waived]
     return "\n".join(parts) + "\n"
 
 
-def sha256_text(report: AuditReport, short: bool = False) -> str:
+def sha256_text(report: AuditRecord, short: bool = False) -> str:
     """The checkpoint's SHA-256 as the reports show it (`short`: 12 digits and "…"), or, where
     it was not computed, why: never an empty string that could pass for a value."""
     if report.sha256 is None:
@@ -341,14 +341,14 @@ def sha256_text(report: AuditReport, short: bool = False) -> str:
     return report.sha256[:12] + "…" if short else report.sha256
 
 
-def render_csv(report: AuditReport) -> str:
+def render_csv(report: AuditRecord) -> str:
     frame = report.to_frame()
     frame["sha256"] = sha256_text(report)  # the file's provenance on every row
     return frame.to_csv(index=False)
 
 
-def report_dict(report: AuditReport) -> dict[str, Any]:
-    return _finite(
+def report_dict(report: AuditRecord) -> dict[str, Any]:
+    return finite(
         {
             "bnaudit_version": __version__,
             "checkpoint": report.checkpoint,
@@ -367,7 +367,7 @@ def report_dict(report: AuditReport) -> dict[str, Any]:
                 "checks_run": None if report.checks_run is None else list(report.checks_run),
                 "notes": list(report.notes),
                 "impact": dataclasses.asdict(report.impact) if report.impact else None,
-                "model_findings": [_finding_dict(f) for f in report.model_findings],
+                "model_findings": [finding_dict(f) for f in report.model_findings],
             },
             "baseline": _baseline_dict(report),
             "thresholds": report.thresholds,
@@ -377,7 +377,7 @@ def report_dict(report: AuditReport) -> dict[str, Any]:
                     "type": r.type,
                     "verdict": r.verdict,
                     "metrics": dataclasses.asdict(r.metrics),
-                    "findings": [_finding_dict(f) for f in r.findings],
+                    "findings": [finding_dict(f) for f in r.findings],
                 }
                 for r in report.layers
             ],
@@ -385,7 +385,7 @@ def report_dict(report: AuditReport) -> dict[str, Any]:
     )
 
 
-def _finding_dict(f: Finding) -> dict[str, Any]:
+def finding_dict(f: Finding) -> dict[str, Any]:
     return {
         "code": f.code,
         "severity": f.severity.label,
@@ -398,7 +398,7 @@ def _finding_dict(f: Finding) -> dict[str, Any]:
     }
 
 
-def _baseline_dict(report: AuditReport) -> dict[str, Any] | None:
+def _baseline_dict(report: AuditRecord) -> dict[str, Any] | None:
     b = report.baseline
     if b is None:
         return None
@@ -413,16 +413,16 @@ def _baseline_dict(report: AuditReport) -> dict[str, Any] | None:
     }
 
 
-def render_json(report: AuditReport) -> str:
-    # allow_nan=False: a NaN that slipped past _finite is a bug, not invalid JSON in a report.
+def render_json(report: AuditRecord) -> str:
+    # allow_nan=False: a NaN that slipped past finite is a bug, not invalid JSON in a report.
     return json.dumps(report_dict(report), indent=2, allow_nan=False) + "\n"
 
 
-def _finite(obj: Any) -> Any:
+def finite(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [finite(v) for v in obj]
     if isinstance(obj, float):
         return finite_or_none(obj)
     return obj
@@ -437,7 +437,7 @@ RENDERERS = {
 
 
 def render(
-    report: AuditReport,
+    report: AuditRecord,
     fmt: Format,
     *,
     color: bool = False,
@@ -461,7 +461,7 @@ def write_atomic(path: Path, text: str) -> None:
     writing.write_set([(path, writing.text_writer(text))])
 
 
-def render_changes(before: AuditReport, after: AuditReport, layers: list[str]) -> str:
+def render_changes(before: AuditRecord, after: AuditRecord, layers: list[str]) -> str:
     """Before/after of every recalibrated layer, then the new audit's summary line."""
     rows = []
     for name in layers:

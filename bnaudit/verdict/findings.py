@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from bnaudit.measure.explain import ACTIVATION_KEY
+from bnaudit.core.keys import ACTIVATION_KEY
 from bnaudit.verdict.codes import HINTS, SITUATION_HINTS, hint
 from bnaudit.verdict.results import MODEL, Finding, LayerMetrics, Severity
 from bnaudit.verdict.significance import CountRule

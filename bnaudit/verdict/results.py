@@ -40,7 +40,8 @@ class FailOn(str, enum.Enum):
 
 
 class Status(str, enum.Enum):
-    """Whether a finding counts for the gate, and why (see bnaudit.gate.ignores, bnaudit.gate.baseline)."""
+    """Whether a finding counts for the gate, and why (see bnaudit.gate.ignores,
+    bnaudit.gate.baseline)."""
 
     OPEN = "open"  # counts: no baseline judged it
     NEW = "new"  # counts: not in the baseline

@@ -1,0 +1,5 @@
+"""Deprecated: moved to `bnaudit.gate.baseline` (this path goes in bnaudit 0.3)."""
+
+from bnaudit.core.moved import alias
+
+__getattr__ = alias(__name__, "bnaudit.gate.baseline")
