@@ -24,14 +24,12 @@ from bnaudit.core.errors import BnauditError, ReportError
 from bnaudit.core.limits import DEFAULT_MAX_BATCHES
 from bnaudit.core.untrusted import clean, plain
 from bnaudit.gate.baseline import (
-    Baseline,
-    apply_baseline,
     from_report,
     read_baseline,
     render_baseline,
 )
 from bnaudit.gate.config import CheckSettings, hash_skipped
-from bnaudit.gate.ignores import apply_ignores
+from bnaudit.gate.decision import judge
 from bnaudit.inputs.batches import (
     load_batches,
     parse_input,
@@ -213,21 +211,6 @@ def _run_notes(s: CheckSettings, device: torch.device, ranks: Ranks | None) -> l
         peak = torch.cuda.max_memory_allocated(device) / 2**20
         notes.append(f"peak GPU memory on {device}: {peak:.0f} MiB (rank 0's when distributed)")
     return notes
-
-
-def judge(report: AuditReport, s: CheckSettings, baseline: Baseline | None = None) -> AuditReport:
-    """Apply the ignores, then the baseline: the one read, or with `write_baseline` the one
-    this run records (`write_reports` writes it)."""
-    report = apply_ignores(report, s.ignore)
-    if s.write_baseline:
-        path, baseline, is_new = s.write_baseline, from_report(report), True
-    elif baseline is not None and s.baseline is not None:
-        path, is_new = s.baseline, False
-    else:
-        return report
-    return apply_baseline(
-        report, baseline, path=str(path), margin=s.baseline_margin, written=is_new
-    )
 
 
 def _input_files(s: CheckSettings) -> list[Path]:

@@ -16,12 +16,13 @@ from typing import Any
 
 from torch import nn
 
-from bnaudit.check.run import judge, refuse_clashes
+from bnaudit.check.run import refuse_clashes
 from bnaudit.checkpoint.loading import Checkpoint, load_checkpoint, load_into
 from bnaudit.compare.changes import DiffReport, diff
 from bnaudit.compare.render import render_csv, render_html, render_json, render_markdown
 from bnaudit.gate.baseline import from_report, read_baseline, render_baseline
 from bnaudit.gate.config import CheckSettings
+from bnaudit.gate.decision import judge
 from bnaudit.inputs.registry import build_model
 from bnaudit.report.render import write_atomic
 

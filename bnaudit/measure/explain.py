@@ -59,12 +59,28 @@ class Case:
     roundoff: float = 0.0
 
 
-def hypotheses(c: Case) -> Iterator[tuple[str, str, Callable[[], Tensor], torch.dtype]]:
+Hypothesis = tuple[str, str, Callable[[], Tensor], torch.dtype]
+
+
+def hypotheses(c: Case) -> Iterator[Hypothesis]:
     """(key, explanation, the output it predicts, the dtype whose tolerance judges it).
 
     The prediction is a thunk: once a layer's explanation is settled only that one is computed.
     """
     norm = functools.partial(F.normalize, c.x, weight=c.weight, bias=c.bias, eps=c.eps)
+    # The plain formula's output, computed once for every explanation that starts from it.
+    plain = functools.cache(lambda: norm(mean=c.mean, var=c.var))
+    yield from _other_statistics(c, norm)
+    yield from _other_formula(c, plain)
+    yield from _other_axes(c)
+    for low in (torch.float16, torch.bfloat16):
+        if F.tolerance(low)[0] > F.tolerance(c.dtype)[0]:
+            name = str(low).removeprefix("torch.")
+            yield name, f"{name} rounding", plain, low
+
+
+def _other_statistics(c: Case, norm: Callable[..., Tensor]) -> Iterator[Hypothesis]:
+    """The right formula with the wrong statistics: unbiased, running or batch ones."""
     if c.uses_batch_stats:
         yield (
             "unbiased",
@@ -87,6 +103,10 @@ def hypotheses(c: Case) -> Iterator[tuple[str, str, Callable[[], Tensor], torch.
             lambda: norm(mean=c.batch_mean, var=c.batch_var),
             c.dtype,
         )
+
+
+def _other_formula(c: Case, plain: Callable[[], Tensor]) -> Iterator[Hypothesis]:
+    """The right statistics in a slightly different formula: eps, affine, an activation."""
     nd = c.x.dim()
 
     def outside() -> Tensor:
@@ -109,7 +129,6 @@ def hypotheses(c: Case) -> Iterator[tuple[str, str, Callable[[], Tensor], torch.
             lambda: F.normalize(c.x, c.mean, c.var, None, None, c.eps),
             c.dtype,
         )
-    plain = functools.cache(lambda: norm(mean=c.mean, var=c.var))
     for name, act in ACTIVATIONS.items():
         yield (
             f"{ACTIVATION_KEY}{name}",
@@ -117,30 +136,32 @@ def hypotheses(c: Case) -> Iterator[tuple[str, str, Callable[[], Tensor], torch.
             functools.partial(lambda act: act(plain()), act),
             c.dtype,
         )
-    if nd >= 3:
+
+
+def _other_axes(c: Case) -> Iterator[Hypothesis]:
+    """Statistics over the wrong dimensions: per sample, over the batch, channels last."""
+    nd = c.x.dim()
+    if nd < 3:
+        return
+    yield (
+        "per-sample",
+        "per-sample statistics (instance norm)",
+        lambda: _stats_over(c, tuple(range(2, nd))),
+        c.dtype,
+    )
+    yield (
+        "batch-dim-only",
+        "statistics over the batch dim only",
+        lambda: _stats_over(c, (0,)),
+        c.dtype,
+    )
+    if c.x.shape[-1] == c.x.shape[1]:
         yield (
-            "per-sample",
-            "per-sample statistics (instance norm)",
-            lambda: _stats_over(c, tuple(range(2, nd))),
+            "channels-last",
+            "statistics over the last dim (channels-last confusion)",
+            lambda: _channels_last(c),
             c.dtype,
         )
-        yield (
-            "batch-dim-only",
-            "statistics over the batch dim only",
-            lambda: _stats_over(c, (0,)),
-            c.dtype,
-        )
-        if c.x.shape[-1] == c.x.shape[1]:
-            yield (
-                "channels-last",
-                "statistics over the last dim (channels-last confusion)",
-                lambda: _channels_last(c),
-                c.dtype,
-            )
-    for low in (torch.float16, torch.bfloat16):
-        if F.tolerance(low)[0] > F.tolerance(c.dtype)[0]:
-            name = str(low).removeprefix("torch.")
-            yield name, f"{name} rounding", plain, low
 
 
 def _affine(normed: Tensor, c: Case) -> Tensor:

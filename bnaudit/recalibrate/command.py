@@ -24,7 +24,8 @@ from bnaudit.report.audit_report import AuditReport
 if TYPE_CHECKING:
     from bnaudit.distributed import Ranks
 
-from bnaudit.check.run import Prepared, audit_options, device_of, judge, log_line, prepare
+from bnaudit.check.run import Prepared, audit_options, device_of, log_line, prepare
+from bnaudit.gate.decision import judge
 
 
 @dataclass(frozen=True)
