@@ -19,7 +19,8 @@ from torch import nn
 
 from bnaudit.check.audit import AuditOptions, audit
 from bnaudit.check.static import audit_state_dict
-from bnaudit.checkpoint.loading import Checkpoint, load_checkpoint, load_into
+from bnaudit.checkpoint.into_model import load_into
+from bnaudit.checkpoint.loading import Checkpoint, load_checkpoint
 from bnaudit.core.errors import BnauditError, ReportError
 from bnaudit.core.limits import DEFAULT_MAX_BATCHES
 from bnaudit.core.untrusted import clean, plain
