@@ -33,12 +33,8 @@ from bnaudit.gate.baseline import (
 )
 from bnaudit.gate.config import CheckSettings, hash_skipped
 from bnaudit.gate.ignores import apply_ignores
-from bnaudit.inputs.batches import (
-    load_batches,
-    parse_input,
-    parse_shape,
-    synthetic_batches,
-)
+from bnaudit.inputs.batches import load_batches, parse_shape, synthetic_batches
+from bnaudit.inputs.calls import parse_input
 from bnaudit.inputs.images import DEFAULT_MAX_IMAGES, DEFAULTS, ImageFolder, from_timm, with_options
 from bnaudit.inputs.precision import autocast_forward
 from bnaudit.inputs.precision import note as precision_note

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from bnaudit.core import formulas as F
 from bnaudit.core.layers import Kind, layer_kind, preserved
-from bnaudit.inputs.batches import call_model
+from bnaudit.inputs.calls import call_model
 from bnaudit.inputs.containers import tensors
 from bnaudit.measure import fused
 from bnaudit.measure.progress import Ticking
