@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from bnaudit.check.audit import audit
 from bnaudit.cli import app
 from bnaudit.core.errors import DataError
-from bnaudit.inputs.batches import call_model, move_batch, parse_input, to_call
+from bnaudit.inputs.calls import call_model, move_batch, parse_input, to_call
 from bnaudit.inputs.containers import map_tensors
 from tests import labelled
 

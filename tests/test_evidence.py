@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from bnaudit.check.audit import audit
 from bnaudit.cli import app
-from bnaudit.inputs.batches import Call
+from bnaudit.inputs.calls import Call
 from bnaudit.measure.evidence import measure, top1
 from bnaudit.measure.impact import TOP1
 from bnaudit.verdict.results import Severity

@@ -1,6 +1,6 @@
 """The engine's fast paths give the numbers of the straightforward float64 computation.
 
-`formulas.batch_moments` and `formulas.reconstruction_error` stream float64 blocks instead of a
+`blocked.batch_moments` and `blocked.reconstruction_error` stream float64 blocks instead of a
 float64 copy of the whole activation; small layers are measured side by side in groups
 (`bnaudit.measure.grouped`). Each is checked against what it replaces: `batch_stats`, `normalize`,
 `mismatch` and `elementwise_tolerance` on float64 copies, and the audit one layer at a time.
@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import bnaudit
+from bnaudit.core import blocked
 from bnaudit.core import formulas as F
 from bnaudit.measure import grouped, probe
 from bnaudit.measure.statistics import LayerStats
@@ -36,12 +37,12 @@ U64 = 2.0**-53  # float64 unit roundoff
 @contextlib.contextmanager
 def blocks_of(values: int, short_inner: int) -> Iterator[None]:
     """Force block sizes and layouts (module constants read at each call)."""
-    before = F.CHUNK_VALUES, F.SHORT_INNER
-    F.CHUNK_VALUES, F.SHORT_INNER = values, short_inner
+    before = blocked.CHUNK_VALUES, blocked.SHORT_INNER
+    blocked.CHUNK_VALUES, blocked.SHORT_INNER = values, short_inner
     try:
         yield
     finally:
-        F.CHUNK_VALUES, F.SHORT_INNER = before
+        blocked.CHUNK_VALUES, blocked.SHORT_INNER = before
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def make(case: Case) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
 def test_batch_moments_are_the_float64_batch_stats(case: Case) -> None:
     x = make(case)[0]
     with blocks_of(case.block, case.short_inner):
-        mean, var = F.batch_moments(x)
+        mean, var = blocked.batch_moments(x)
     want_mean, want_var = F.batch_stats(x.double())
     assert mean.dtype == var.dtype == torch.float64
     scale = float(x.double().abs().max())
@@ -110,7 +111,9 @@ def test_reconstruction_error_is_the_float64_measurement(case: Case) -> None:
     n, u = F.values_per_channel(x), 2.0**-24 * (case.seed % 2)
     rounding = F.stat_rounding(n, mean, var, u) if u else None
     with blocks_of(case.block, case.short_inner):
-        err, ratio = F.reconstruction_error(x, y, mean, var, weight, bias, 1e-5, y.dtype, rounding)
+        err, ratio = blocked.reconstruction_error(
+            x, y, mean, var, weight, bias, 1e-5, y.dtype, rounding
+        )
     x64, y64 = x.double(), y.double()
     ref = F.normalize(x64, mean, var, weight, bias, 1e-5)
     want = F.mismatch(y64, ref)
@@ -135,7 +138,7 @@ def test_reconstruction_error_keeps_nan_and_inf_visible() -> None:
     y[2, 0, 0] = math.inf
     ones, zeros = torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     with blocks_of(7, 1 << 16):  # the NaN and the Inf fall in different blocks
-        err, ratio = F.reconstruction_error(x, y, zeros, ones, None, None, 0.0, x.dtype)
+        err, ratio = blocked.reconstruction_error(x, y, zeros, ones, None, None, 0.0, x.dtype)
     assert math.isinf(float(err[0])) and math.isnan(float(err[2]))
     assert math.isnan(float(ratio[2])) and float(err[1]) < 1e-5
 

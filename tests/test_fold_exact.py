@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from bnaudit.core import formulas as F
 from bnaudit.core.errors import describe
 from bnaudit.core.layers import LayerAttrs, find_bn_layers, preserved
-from bnaudit.inputs.batches import call_model, to_call
+from bnaudit.inputs.calls import call_model, to_call
 from bnaudit.measure.fold import (
     FOLD_BLOCK,
     FOLD_SAMPLES,

@@ -671,7 +671,7 @@ def test_prefetched_digest_is_the_files_sha256(tmp_path: Path) -> None:
 
 
 def test_static_audit_hands_back_the_mapped_pages_and_reads_the_same(tmp_path: Path) -> None:
-    from bnaudit.checkpoint.loading import mapped_ranges
+    from bnaudit.checkpoint.pages import mapped_ranges
 
     state = {
         f"l{i}.{k}": v.clone() for i in range(3) for k, v in nn.BatchNorm1d(8).state_dict().items()

@@ -19,7 +19,8 @@ from torch import nn
 
 from bnaudit.check.audit import AuditOptions, audit
 from bnaudit.check.static import audit_state_dict
-from bnaudit.checkpoint.loading import Checkpoint, load_checkpoint, load_into
+from bnaudit.checkpoint.into_model import load_into
+from bnaudit.checkpoint.loading import Checkpoint, load_checkpoint
 from bnaudit.core.errors import BnauditError, ReportError
 from bnaudit.core.limits import DEFAULT_MAX_BATCHES
 from bnaudit.core.untrusted import clean, plain
@@ -30,12 +31,8 @@ from bnaudit.gate.baseline import (
 )
 from bnaudit.gate.config import CheckSettings, hash_skipped
 from bnaudit.gate.decision import judge
-from bnaudit.inputs.batches import (
-    load_batches,
-    parse_input,
-    parse_shape,
-    synthetic_batches,
-)
+from bnaudit.inputs.batches import load_batches, parse_shape, synthetic_batches
+from bnaudit.inputs.calls import parse_input
 from bnaudit.inputs.images import DEFAULT_MAX_IMAGES, DEFAULTS, ImageFolder, from_timm, with_options
 from bnaudit.inputs.precision import autocast_forward
 from bnaudit.inputs.precision import note as precision_note

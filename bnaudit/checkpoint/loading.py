@@ -1,4 +1,4 @@
-"""Reading checkpoints safely, building the user's model, and loading one into the other.
+"""Reading checkpoints safely: one `Checkpoint` from a file, whatever its format.
 
 A checkpoint is untrusted input. Its format is told from its bytes (`bnaudit.checkpoint.formats`);
 pickles are read with `torch.load(weights_only=True)`, which refuses pickled code. Only `trust=True`
@@ -11,12 +11,10 @@ every archive record is checked before bnaudit reads it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import pickle
 import sys
 import warnings
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,19 +22,18 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parameter import is_lazy
 
 from bnaudit.checkpoint.digest import sha256_file
 from bnaudit.checkpoint.formats import Kind, ZipArchive, detect, safetensors_header
+from bnaudit.checkpoint.pages import mapped_ranges, release_ranges
 from bnaudit.checkpoint.pickles import SAFE_GLOBALS, pickle_protocol, unsafe_globals
 from bnaudit.checkpoint.refusals import check_bn_tensors, refuse_allocations
-from bnaudit.checkpoint.selection import Selection, select, unwrap
+from bnaudit.checkpoint.selection import Selection, select
 from bnaudit.core.errors import CheckpointError, describe
-from bnaudit.core.layers import KnownAttrs, counter_notes, read_counter
+from bnaudit.core.layers import KnownAttrs
 from bnaudit.core.paths import input_problem
+from bnaudit.core.sorting import natural_key
 from bnaudit.core.untrusted import quote, shorten
-
-_SHOWN = 8  # keys listed in an error message before "and N more"
 
 
 @dataclass(frozen=True)
@@ -69,7 +66,7 @@ class Checkpoint:
             if key in self.records:
                 labels.setdefault(self.records[key], []).append(key)
         self.archive.verify(
-            sorted(labels, key=_natural), {r: shorten(ks) for r, ks in labels.items()}
+            sorted(labels, key=natural_key), {r: shorten(ks) for r, ks in labels.items()}
         )
 
     def release_pages(self) -> None:
@@ -86,44 +83,6 @@ class Checkpoint:
         if not self._mapped:
             self._mapped.append(mapped_ranges(self.path))
         release_ranges(self._mapped[0])
-
-
-_MADV_DONTNEED = 4  # Linux
-
-
-def mapped_ranges(path: Path) -> list[tuple[int, int]]:
-    """This process's private mappings of `path` (start, length); [] where there are none or
-    they cannot be told (not Linux). Private: torch.load's mmap, never written to by bnaudit,
-    so every page is a clean copy of the file."""
-    if not sys.platform.startswith("linux"):
-        return []
-    target = str(path.resolve())
-    ranges = []
-    try:
-        with open("/proc/self/maps", errors="surrogateescape") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[5].rstrip("\n") == target and fields[1][3] == "p":
-                    start, end = (int(v, 16) for v in fields[0].split("-"))
-                    ranges.append((start, end - start))
-    except (OSError, ValueError):
-        return []
-    return ranges
-
-
-def release_ranges(ranges: list[tuple[int, int]]) -> None:
-    """madvise(MADV_DONTNEED) on `mapped_ranges`' clean pages: nothing is lost, the data stays
-    in the page cache."""
-    if not ranges:
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        for start, length in ranges:
-            madvise(start, length, _MADV_DONTNEED)
-    except (OSError, AttributeError):
-        return  # an optimisation of memory only
 
 
 def load_checkpoint(
@@ -375,7 +334,7 @@ def _from_safetensors(path: Path, sha: str | None, key: str | None) -> Checkpoin
     try:
         # get_tensor maps the file: a tensor's bytes are read only when it is used.
         with openable_name(path) as name, safe_open(name, framework="pt", device="cpu") as f:
-            state = {k: f.get_tensor(k) for k in sorted(header, key=_natural)}
+            state = {k: f.get_tensor(k) for k in sorted(header, key=natural_key)}
     except Exception as exc:
         raise CheckpointError(f"{path}: the safetensors reader failed ({describe(exc)})") from exc
     if not state:
@@ -404,113 +363,3 @@ def _source_notes(kind: Kind, sel: Selection) -> tuple[str, ...]:
     elif kind is Kind.SAFETENSORS:
         notes.append("integrity: header and offsets checked; safetensors has no checksums")
     return tuple(notes)
-
-
-def _natural(text: str) -> list[Any]:
-    """Sort key that puts layer2 before layer10."""
-    import re
-
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text)]
-
-
-# --- the model ----------------------------------------------------------------------------
-
-
-def load_into(model: nn.Module, state_dict: dict[str, Tensor], path: Path) -> tuple[str, ...]:
-    """Load strictly, after stripping wrapper prefixes when that is what makes the keys match.
-
-    Returns the report's notes on what loading took away or changed: the wrappers stripped
-    (an AveragedModel's `n_averaged` set aside), counters of another dtype converted.
-    """
-    expected = set(model.state_dict())
-    full = unwrap(state_dict)
-    # Every outer part of the full prefix, the empty one first: a model that is itself a
-    # wrapper (an AveragedModel built by --model) takes the keys as they are.
-    wrappings = [full.outer(full.prefix[:i]) for i in _dot_ends(full.prefix)]
-    candidates = [_strip(state_dict, w.prefix) for w in wrappings]
-    best_at = min(
-        range(len(candidates)), key=lambda i: len(_mismatch(expected, set(candidates[i])))
-    )
-    best, wrapping = candidates[best_at], wrappings[best_at]
-    missing = sorted(k for k in expected - set(best) if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(set(best) - expected)
-    own = model.state_dict()
-    # A lazy module's parameter (LazyLinear, LazyBatchNorm) has no shape until it takes the
-    # checkpoint's: load_state_dict materialises it.
-    shapes = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in best.items()
-        if k in own and isinstance(v, Tensor) and not is_lazy(own[k]) and v.shape != own[k].shape
-    ]
-    problems = [
-        _listing("missing", missing),
-        _listing("unexpected", unexpected),
-        _listing("shape mismatch", shapes),
-    ]
-    problems = [p for p in problems if p]
-    if problems:
-        raise CheckpointError(
-            f"{path}: the state dict does not fit --model: "
-            + "; ".join(problems)
-            + ". Check that --model builds the architecture this checkpoint was saved from"
-        )
-    notes = [*wrapping.notes(state_dict), *_counter_notes(best, own)]
-    try:
-        model.load_state_dict(best, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: load_state_dict failed: {describe(exc)}") from exc
-    return tuple(notes)
-
-
-def _dot_ends(prefix: str) -> list[int]:
-    return [i for i in range(len(prefix) + 1) if i == 0 or prefix[i - 1] == "."]
-
-
-def _mismatch(expected: set[str], got: set[str]) -> set[str]:
-    return {k for k in expected ^ got if not k.endswith("num_batches_tracked")}
-
-
-def _strip(state_dict: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    """The entries under `prefix`, without it: a wrapper's own keys (n_averaged) stay out."""
-    if not prefix:
-        return state_dict
-    out: dict[str, Tensor] = OrderedDict(
-        (k[len(prefix) :], v) for k, v in state_dict.items() if k.startswith(prefix)
-    )
-    meta = getattr(state_dict, "_metadata", None)
-    if meta is not None:  # version info: old BN checkpoints load num_batches_tracked from it
-        out._metadata = OrderedDict(  # type: ignore[attr-defined]
-            (k[len(prefix) :] if k.startswith(prefix) else k, v) for k, v in meta.items()
-        )
-    return out
-
-
-def _counter_notes(state_dict: dict[str, Tensor], own: dict[str, Tensor]) -> list[str]:
-    """What load_state_dict does to counters of another dtype than the model's: converts them,
-    silently truncating one that is no count (2.5 loads as 2, NaN as garbage)."""
-    counters = {
-        k.removesuffix("num_batches_tracked").removesuffix("."): (v, own[k])
-        for k, v in state_dict.items()
-        if k.rpartition(".")[2] == "num_batches_tracked" and k in own and v.dtype != own[k].dtype
-    }
-    notes = []
-    for target in dict.fromkeys(o.dtype for _, o in counters.values()):
-        notes += counter_notes(
-            {n: v.dtype for n, (v, o) in counters.items() if o.dtype == target},
-            f"; load_state_dict converted it to the model's {str(target).removeprefix('torch.')}",
-        )
-    bad = {n: read_counter(v)[1] for n, (v, _) in counters.items()}
-    listed = [f"{n or '(top level)'} ({why})" for n, why in bad.items() if why]
-    if listed:
-        notes.append(
-            "num_batches_tracked is no count in the checkpoint, and load_state_dict converted "
-            f"it as it could (2.5 becomes 2, NaN garbage): {shorten(listed)}"
-        )
-    return notes
-
-
-def _listing(label: str, items: list[str]) -> str:
-    if not items:
-        return ""
-    more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
-    return f"{len(items)} {label} ({', '.join(items[:_SHOWN])}{more})"

@@ -17,7 +17,8 @@ from typing import Any
 from torch import nn
 
 from bnaudit.check.run import refuse_clashes
-from bnaudit.checkpoint.loading import Checkpoint, load_checkpoint, load_into
+from bnaudit.checkpoint.into_model import load_into
+from bnaudit.checkpoint.loading import Checkpoint, load_checkpoint
 from bnaudit.compare.changes import DiffReport, diff
 from bnaudit.compare.render import render_csv, render_html, render_json, render_markdown
 from bnaudit.gate.baseline import from_report, read_baseline, render_baseline

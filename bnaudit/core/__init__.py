@@ -5,7 +5,18 @@ import lazy_loader
 # Imported on first use: the command line reaches a stage without paying for the ones it skips.
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
-    submodules=["errors", "formulas", "keys", "layers", "limits", "paths", "untrusted", "version"],
+    submodules=[
+        "blocked",
+        "errors",
+        "formulas",
+        "keys",
+        "layers",
+        "limits",
+        "paths",
+        "sorting",
+        "untrusted",
+        "version",
+    ],
     submod_attrs={
         "errors": [
             "BnauditError",
@@ -27,6 +38,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "preserved",
             "act_tap",
         ],
+        "sorting": ["natural_key"],
         "version": ["__version__"],
     },
 )

@@ -14,12 +14,7 @@ from bnaudit.core.errors import BnauditError
 from bnaudit.core.layers import find_bn_layers, preserved
 from bnaudit.core.untrusted import clean
 from bnaudit.gate.config import CheckSettings
-from bnaudit.inputs.batches import (
-    call_model,
-    move_batch,
-    parse_input,
-    to_call,
-)
+from bnaudit.inputs.calls import call_model, move_batch, parse_input, to_call
 from bnaudit.measure.dataflow import METHOD, Pairs
 from bnaudit.measure.fold import check_folds, fold_model
 from bnaudit.measure.impact import OutputDiff

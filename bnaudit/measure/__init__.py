@@ -12,6 +12,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "fold",
         "fused",
         "fused_kernels",
+        "fx_graph",
         "grouped",
         "impact",
         "passes",

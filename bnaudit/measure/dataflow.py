@@ -9,7 +9,7 @@ pair when every call of the BN receives that conv's output unchanged and nothing
   (`relu_`, `ReLU(inplace=True)`) keeps the tensor object and its data pointer but bumps it;
 - nothing else: no other module, operation or the model's output takes it (folding would change
   that input too). Shape and dtype queries are not uses. When torch.fx traces the model, the
-  conv's node must also have a single user there.
+  conv's node must also have a single user there (`bnaudit.measure.fx_graph`).
 Everything else is not a pair, with the reason (`Pairs.skipped`).
 """
 
@@ -28,21 +28,10 @@ from torch.overrides import TorchFunctionMode, _pop_mode, _push_mode
 from torch.overrides import _get_current_function_mode as _current_mode
 from torch.utils._pytree import tree_leaves
 
-from bnaudit.core.layers import Kind, LayerAttrs, find_bn_layers, layer_kind
+from bnaudit.core.layers import Kind, LayerAttrs, find_bn_layers
+from bnaudit.measure.fx_graph import FOLDABLE, METADATA, fx_users
 
-FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 METHOD = "observed dataflow on the first batch"
-
-# Queries that read a tensor's metadata, not its values: folding cannot change their answer.
-METADATA = frozenset(
-    {
-        *("size", "dim", "ndim", "ndimension", "shape", "dtype", "device", "layout", "len"),
-        *("is_floating_point", "is_complex", "is_contiguous", "is_cuda", "is_cpu", "is_meta"),
-        *("is_sparse", "is_quantized", "is_leaf", "is_inference", "requires_grad", "grad_fn"),
-        *("numel", "nelement", "stride", "storage_offset", "element_size", "itemsize", "nbytes"),
-        *("data_ptr", "names", "get_device", "_version"),
-    }
-)
 MAX_CHAIN = 3  # operations named between a conv and a BN that does not get its output
 
 
@@ -98,7 +87,7 @@ class Dataflow:
         }
         self.unfoldable = {n: why for n in self.bns if (why := _unfoldable(self.attrs.get(n)))}
         self.keep, self.arrived = keep, arrived
-        self.fx_users, self.note = _fx_users(model, self.modules)
+        self.fx_users, self.note = fx_users(model, self.modules)
         self._live: dict[int, tuple[weakref.ref, _Output]] = {}
         self._derived: dict[int, tuple[weakref.ref, str, tuple[str, ...]]] = {}
         self._calls: dict[str, list[_Output]] = {}
@@ -367,36 +356,6 @@ class _Ops(TorchFunctionMode):
         if flow._depth or not (flow._live or flow._derived) or _op_name(func) in METADATA:
             return func(*args, **kwargs)
         return flow.op(func, args, kwargs)
-
-
-class Tracer(torch.fx.Tracer):
-    """Keeps every BN-like module a leaf: FrozenBatchNorm and BN subclasses live outside
-    torch.nn, and tracing into them would hide them from the graph."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        # torch.nn's own modules first: the cheaper test, true for most modules of a model
-        return super().is_leaf_module(m, qualname) or layer_kind(m) is not None
-
-
-def _fx_users(model: nn.Module, modules: dict[str, nn.Module]) -> tuple[dict | None, str]:
-    """Per conv/linear, the users of its busiest node in the traced graph (metadata aside)."""
-    try:
-        graph = Tracer().trace(model)
-    except Exception as exc:  # data-dependent control flow, among others
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return None, f"torch.fx could not trace the model: {first}"
-    users: dict[str, list[str]] = {}
-    for node in graph.nodes:
-        if node.op == "call_module" and isinstance(modules.get(str(node.target)), FOLDABLE):
-            names = [u.name for u in node.users if not _fx_metadata(u)]
-            users[str(node.target)] = max(users.get(str(node.target), []), names, key=len)
-    return users, ""
-
-
-def _fx_metadata(node: torch.fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in METADATA
-    return node.op == "call_function" and node.target is getattr and node.args[1] in METADATA
 
 
 def _tensors(tree: Any) -> list[Tensor]:

@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from bnaudit.inputs.batches import Call, call_model
+from bnaudit.inputs.calls import Call, call_model
 from bnaudit.inputs.containers import tensors
 from bnaudit.measure.impact import Evidence, precise_stats, statistics, stored_output
 from bnaudit.measure.progress import ProgressFn, ticking

@@ -1,12 +1,12 @@
 """The measurement of one finite BN call: batch moments and reconstruction error together.
 
 `measure` gives, per channel, the float64 batch mean and biased variance of x, and the maximum
-reconstruction error of y with its ratio to the tolerance (`formulas.reconstruction_error`'s
+reconstruction error of y with its ratio to the tolerance (`blocked.reconstruction_error`'s
 formula), plus whether all of it is finite. On CPU, for float32/float16/bfloat16 activations laid
 out NCHW (contiguous) or channels-last, a numba kernel (`bnaudit.measure.fused_kernels`) reads x and
 y once per call, keeping the channel's values in cache between its passes; everywhere else (CUDA,
 float64, odd strides, numba not installed: it is the `fast` extra) the float64 blocks of
-`bnaudit.core.formulas` compute the same numbers. Both are the fast path of the engine: a call that
+`bnaudit.core.blocked` compute the same numbers. Both are the fast path of the engine: a call that
 is not finite, or that misses the formula, is measured again on the general float64 path, so
 verdicts never depend on which of the two ran.
 
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bnaudit.core import blocked
 from bnaudit.core import formulas as F
 
 KERNEL_ENV = "BNAUDIT_KERNEL"  # "torch": always the float64 blocks, never the numba kernel
@@ -76,11 +77,13 @@ def measure(
     fast = _kernel_measure(x, y, weight, bias, eps, running, dtype)
     if fast is not None:
         return fast
-    mean, var = F.batch_moments(x)
+    mean, var = blocked.batch_moments(x)
     ref_mean, ref_var = (mean, var) if running is None else running
     u = F.sum_roundoff(x) if running is None else 0.0
     rounding = F.stat_rounding(F.values_per_channel(x), mean, var, u) if u else None
-    err, ratio = F.reconstruction_error(x, y, ref_mean, ref_var, weight, bias, eps, dtype, rounding)
+    err, ratio = blocked.reconstruction_error(
+        x, y, ref_mean, ref_var, weight, bias, eps, dtype, rounding
+    )
     # One synchronisation: is everything finite, and how far is the worst value?
     probe, worst = torch.stack((mean.sum() + var.sum() + err.sum(), ratio.amax())).tolist()
     block = torch.stack((mean, var, err, ratio)).double()
@@ -88,9 +91,9 @@ def measure(
 
 
 def moments(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel float64 batch mean and biased variance of `x` (`formulas.batch_moments`)."""
+    """Per-channel float64 batch mean and biased variance of `x` (`blocked.batch_moments`)."""
     got = _kernel_measure(x, None, None, None, 0.0, None, torch.float32)
-    return (got.mean, got.var) if got is not None else F.batch_moments(x)
+    return (got.mean, got.var) if got is not None else blocked.batch_moments(x)
 
 
 def cache_dir() -> Path:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from bnaudit.core import formulas as F
 from bnaudit.core.layers import Kind, layer_kind, preserved
-from bnaudit.inputs.batches import call_model
+from bnaudit.inputs.calls import call_model
 from bnaudit.inputs.containers import tensors
 from bnaudit.measure import fused
 from bnaudit.measure.progress import Ticking
@@ -221,32 +221,12 @@ def eval_regime_stats(
     """
     current = dict(start)
     for done in range(1, max_passes + 1):
-        moments = {name: (Moments(), Moments()) for name in current}
-
-        hooks = [_InputMoments(layers[n], *moments[n]) for n in current]
-        handles = [
-            layers[n].register_forward_pre_hook(h) for n, h in zip(current, hooks, strict=True)
-        ]
-        try:
-            with statistics(layers, current):
-                model.eval()
-                for batch in batches:
-                    call_model(model, batch)
-        finally:
-            for h in handles:
-                h.remove()
-        for hook in hooks:
-            hook.fold()
+        with statistics(layers, current):
+            model.eval()
+            moments, _ = _input_moments(model, batches, layers, list(current))
         if across is not None:
             moments = across.moments(moments)
-        new = {
-            name: (
-                like_buffer(m.mean, layers[name].running_mean),
-                like_buffer(v.mean, layers[name].running_var),
-            )
-            for name, (m, v) in moments.items()
-            if m.mean is not None and v.mean is not None
-        }
+        new = _as_stats(moments, layers)
         # Settled layers recompute the same values (up to reduction order on a GPU).
         changed = any(
             not (_close(new[n][0], current[n][0]) and _close(new[n][1], current[n][1])) for n in new
@@ -290,8 +270,6 @@ def precise_stats(
         with preserved(model, bn), torch.no_grad():
             stats, levels = eval_regime_stats(model, calls, layers, start, len(start) + 1, across)
         return stats, levels * len(calls)
-    moments = {n: (Moments(), Moments()) for n in names}
-    count = 0
     with preserved(model, bn), torch.no_grad():
         if train_mode == "all":
             model.train()
@@ -299,27 +277,41 @@ def precise_stats(
             model.eval()
             for _, m in bn:
                 m.training = True  # as the audit's train-mode pass: dropout and friends stay off
-        hooks = [_InputMoments(layers[n], *moments[n]) for n in names]
-        handles = [
-            layers[n].register_forward_pre_hook(h) for n, h in zip(names, hooks, strict=True)
-        ]
-        try:
-            for c in calls:
-                call_model(model, c)
-                count += 1
-        finally:
-            for h in handles:
-                h.remove()
-        for hook in hooks:
-            hook.fold()
+        moments, count = _input_moments(model, calls, layers, names)
     if across is not None:
         moments = across.moments(moments)
-    stats = {
+    return _as_stats(moments, layers), count
+
+
+def _input_moments(
+    model: nn.Module, calls: Iterable[Any], layers: dict[str, nn.Module], names: Sequence[str]
+) -> tuple[InputMoments, int]:
+    """One pass over the batches, in the model's current mode, measuring what the inputs of
+    `names` would teach their running statistics (`_InputMoments`); (moments, batches run)."""
+    moments = {n: (Moments(), Moments()) for n in names}
+    hooks = [_InputMoments(layers[n], *moments[n]) for n in names]
+    handles = [layers[n].register_forward_pre_hook(h) for n, h in zip(names, hooks, strict=True)]
+    count = 0
+    try:
+        for c in calls:
+            call_model(model, c)
+            count += 1
+    finally:
+        for h in handles:
+            h.remove()
+    for hook in hooks:
+        hook.fold()
+    return moments, count
+
+
+def _as_stats(moments: InputMoments, layers: dict[str, nn.Module]) -> Stats:
+    """Running statistics from measured moments, in the buffers' device and dtype; a layer
+    that saw no input (or only single-value batches) is left out."""
+    return {
         n: (like_buffer(m.mean, layers[n].running_mean), like_buffer(v.mean, layers[n].running_var))
         for n, (m, v) in moments.items()
         if m.mean is not None and v.mean is not None
     }
-    return stats, count
 
 
 class _InputMoments:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from bnaudit.core.errors import DataError, NothingToAudit, describe
 from bnaudit.core.layers import Kind, find_bn_layers, preserved
-from bnaudit.inputs.batches import Call, InputChoice, call_model, move_batch, to_call
+from bnaudit.inputs.calls import Call, InputChoice, call_model, move_batch, to_call
 from bnaudit.inputs.containers import map_tensors, tensors
 from bnaudit.measure.fold import FoldWatch
 from bnaudit.measure.grouped import Deferred

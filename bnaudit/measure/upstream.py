@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from bnaudit.checkpoint.bn_groups import find_bn_groups
 from bnaudit.core.layers import find_bn_layers
-from bnaudit.measure.dataflow import FOLDABLE, Tracer
+from bnaudit.measure.fx_graph import FOLDABLE, Tracer
 
 STATS = ("running_mean", "running_var", "num_batches_tracked")
 TRACED = "the model's dataflow (torch.fx trace of --model, BN layers kept as leaves)"

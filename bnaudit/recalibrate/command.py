@@ -12,9 +12,7 @@ from bnaudit.check.audit import audit
 from bnaudit.core.errors import BnauditError
 from bnaudit.core.untrusted import clean
 from bnaudit.gate.config import CheckSettings
-from bnaudit.inputs.batches import (
-    parse_input,
-)
+from bnaudit.inputs.calls import parse_input
 from bnaudit.inputs.precision import autocast_forward
 from bnaudit.measure.progress import ProgressFn, prefixed
 from bnaudit.recalibrate.recalibration import Recalibration, apply, recalibrate

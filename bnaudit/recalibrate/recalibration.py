@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from bnaudit.core.errors import BnauditError, NothingToAudit
 from bnaudit.core.layers import Kind, find_bn_layers, layer_kind
-from bnaudit.inputs.batches import InputChoice
+from bnaudit.inputs.calls import InputChoice
 from bnaudit.measure.impact import Across, precise_stats
 from bnaudit.measure.passes import Moved
 from bnaudit.measure.progress import (
