@@ -22,7 +22,8 @@ import torch
 import bnaudit
 from bnaudit.gate.ignores import Ignore, apply_ignores
 from bnaudit.report.audit_report import AuditReport
-from bnaudit.report.html import _CSS, CHART_MAX, CHART_W, _num, render_html
+from bnaudit.report.html import _CSS, CHART_MAX, CHART_W, render_html
+from bnaudit.report.numbers import num
 from bnaudit.verdict.results import Severity, Status
 from tests import nets
 from tests.reports import EVIL, hostile_report, metrics, single_thread
@@ -177,11 +178,11 @@ def test_impact_figures_are_shown() -> None:
     page = Page(text)
     assert "impact" in page.ids
     section = text[text.index('<section id="impact">') : text.index('<section id="charts">')]
-    assert f"<dd>{_num(impact.rel_l2)}</dd>" in section
-    assert f"<dd>{_num(impact.max_abs)}</dd>" in section
+    assert f"<dd>{num(impact.rel_l2)}</dd>" in section
+    assert f"<dd>{num(impact.max_abs)}</dd>" in section
     assert f"{impact.forward_passes} extra passes" in section
     for name, change in impact.per_layer.items():
-        assert f">{name}</a></td><td>{_num(change)}</td>" in section
+        assert f">{name}</a></td><td>{num(change)}</td>" in section
     assert 'id="impact"' not in render_html(hostile_report())  # none measured: no section
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import json
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -19,26 +17,13 @@ from tabulate import tabulate
 
 from bnaudit.compare.results import CHANGES, DiffReport, LayerDiff
 from bnaudit.core.version import __version__
-from bnaudit.report.render import (
-    Format,
-    finding_dict,
-    finding_lines,
-    finite,
-    printable,
-    waived_lines,
-)
-from bnaudit.report.terminal import paint
-from bnaudit.verdict.results import Severity
-
-_WORST_SHOWN = 5
-
-
-def _num(v: float | int | None, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, int):
-        return str(v)
-    return f"{v:.{digits}g}"
+from bnaudit.report.json_parts import dumps, finite, gate_dict, layer_dict
+from bnaudit.report.markdown import findings_sections
+from bnaudit.report.numbers import num
+from bnaudit.report.render import Format
+from bnaudit.report.summary import finding_lines, waived_lines, worst_lines
+from bnaudit.report.table import codes
+from bnaudit.report.terminal import paint, printable
 
 
 def _upstream(r: LayerDiff) -> str:
@@ -54,13 +39,7 @@ def _t(r: LayerDiff) -> str:
         return "-"
     if m.t_base == m.t_new:
         return str(m.t_base)
-    return f"{_num(m.t_base)}->{_num(m.t_new)}"
-
-
-def _codes(r: LayerDiff) -> str:
-    counted = sorted({f.code for f in r.findings if f.counts})
-    waived = sorted({f"{f.code}({f.status.value})" for f in r.waived})
-    return " ".join(counted + waived)
+    return f"{num(m.t_base)}->{num(m.t_new)}"
 
 
 # (header, cell); the terminal table leaves columns out from the end of DROP_ORDER first.
@@ -69,13 +48,13 @@ _COLUMNS: dict[str, Callable[[LayerDiff, bool], str]] = {
     "C": lambda r, c: str(r.metrics.channels),
     "state": lambda r, c: r.metrics.change,
     "upstream": lambda r, c: _upstream(r),
-    "shift": lambda r, c: _num(r.metrics.mean_shift_max, 2),
-    "ln var": lambda r, c: _num(r.metrics.log_var_max, 2),
-    "gamma": lambda r, c: _num(r.metrics.weight_rel_change, 2),
-    "beta": lambda r, c: _num(r.metrics.bias_rel_change, 2),
+    "shift": lambda r, c: num(r.metrics.mean_shift_max, 2),
+    "ln var": lambda r, c: num(r.metrics.log_var_max, 2),
+    "gamma": lambda r, c: num(r.metrics.weight_rel_change, 2),
+    "beta": lambda r, c: num(r.metrics.bias_rel_change, 2),
     "T": lambda r, c: _t(r),
     "verdict": lambda r, c: paint(r.verdict, r.verdict) if c else r.verdict,
-    "findings": lambda r, c: _codes(r),
+    "findings": lambda r, c: codes(r),
 }
 # Least needed first: what a narrow terminal gives up, in turn.
 DROP_ORDER = ("beta", "gamma", "C", "ln var", "T", "upstream", "shift")
@@ -119,8 +98,8 @@ def fitted_table(rows: list[LayerDiff], width: int | None, color: bool = False) 
     excess = _width(table) - width
     widths: list[int | None] | None = None
     if excess > 0 and rows:  # last resort: the codes wrap onto more lines
-        codes = max(len(line) for r in rows for line in [_codes(r), "findings"])
-        widths = [None] * (len(headers) - 1) + [max(8, codes - excess)]
+        longest = max(len(line) for r in rows for line in [codes(r), "findings"])
+        widths = [None] * (len(headers) - 1) + [max(8, longest - excess)]
     return _table(rows, headers, "simple", color, widths)
 
 
@@ -158,15 +137,10 @@ def _summary_lines(report: DiffReport, color: bool = False) -> list[str]:
         "layer state (gamma, beta, running stats, T): "
         + ", ".join(f"{k} {changes[k]}" for k in CHANGES if changes[k])
     )
-    codes = report.code_counts()
-    if codes:
-        lines.append("findings: " + ", ".join(f"{k} {v}" for k, v in sorted(codes.items())))
-    worst = sorted(
-        (r for r in report.layers if r.severity >= Severity.WARN), key=lambda r: -r.severity
-    )
-    for r in worst[:_WORST_SHOWN]:
-        top = [f.code for f in r.findings if f.counts and f.severity == r.severity]
-        lines.append(f"worst: {printable(r.name)} ({r.verdict}: {', '.join(dict.fromkeys(top))})")
+    by_code = report.code_counts()
+    if by_code:
+        lines.append("findings: " + ", ".join(f"{k} {v}" for k, v in sorted(by_code.items())))
+    lines += worst_lines(report.layers)
     b = report.baseline
     if b is not None:
         status = report.status_counts()
@@ -185,10 +159,10 @@ def render_table(
     rows = _rows(report, only_changed)
     parts = [fitted_table(rows, width, color) if rows else "(no layer changed)", ""]
     parts += _summary_lines(report, color)
-    findings = finding_lines(report)  # type: ignore[arg-type]  # the same finding conventions
+    findings = finding_lines(report)
     if findings:
         parts += ["", "findings:", *findings]
-    waived = waived_lines(report)  # type: ignore[arg-type]
+    waived = waived_lines(report)
     if waived:
         parts += ["", "accepted (ignored or baselined; they do not fail the gate):", *waived]
     return "\n".join(parts) + "\n"
@@ -203,12 +177,8 @@ def render_markdown(report: DiffReport, only_changed: bool = False) -> str:
         *[f"- {s}" for s in _summary_lines(report)[1:]],
         "",
         table,
+        *findings_sections(report),
     ]
-    findings = finding_lines(report, bullet="- ")  # type: ignore[arg-type]
-    parts += ["", "## Findings", "", *(findings or ["None."])]
-    waived = waived_lines(report, bullet="- ")  # type: ignore[arg-type]
-    if waived:
-        parts += ["", "## Accepted findings", "", *waived]
     return "\n".join(parts) + "\n"
 
 
@@ -224,9 +194,7 @@ def report_dict(report: DiffReport, only_changed: bool = False) -> dict[str, Any
             "base": {"checkpoint": report.base, "sha256": report.base_sha256},
             "new": {"checkpoint": report.new, "sha256": report.new_sha256},
             "summary": {
-                "verdict": report.verdict,
-                "fail_on": report.fail_on.value,
-                "layers": len(report.layers),
+                **gate_dict(report),
                 "upstream": report.upstream,
                 "upstream_changed": report.upstream_changed(),
                 "changes": report.changes(),
@@ -238,22 +206,13 @@ def report_dict(report: DiffReport, only_changed: bool = False) -> dict[str, Any
             "baseline": None
             if b is None
             else {"path": b.path, "margin": b.margin, "written": b.written, "stale": len(b.stale)},
-            "layers": [
-                {
-                    "name": r.name,
-                    "type": r.type,
-                    "verdict": r.verdict,
-                    "metrics": dataclasses.asdict(r.metrics),
-                    "findings": [finding_dict(f) for f in r.findings],
-                }
-                for r in _rows(report, only_changed)
-            ],
+            "layers": [layer_dict(r) for r in _rows(report, only_changed)],
         }
     )
 
 
 def render_json(report: DiffReport, only_changed: bool = False) -> str:
-    return json.dumps(report_dict(report, only_changed), indent=2, allow_nan=False) + "\n"
+    return dumps(report_dict(report, only_changed))
 
 
 _CSP = "default-src 'none'; style-src 'unsafe-inline'"

@@ -11,15 +11,15 @@ rules require: in the data `%`, CR and LF; in properties also `:` and `,`.
 from __future__ import annotations
 
 import enum
-import math
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
 from bnaudit.core.errors import ReportError
 from bnaudit.core.untrusted import one_line
+from bnaudit.report.numbers import percent
 from bnaudit.report.record import AuditRecord
-from bnaudit.report.render import printable
+from bnaudit.report.terminal import printable
 from bnaudit.verdict.results import Finding, Severity, Status
 
 DEFAULT_MAX_ANNOTATIONS = 10  # GitHub shows at most 10 errors and 10 warnings per step
@@ -164,12 +164,6 @@ def md(text: str) -> str:
     return printable(text)  # other control characters as visible \xNN
 
 
-def _num(value: float | None) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-" if value is None else str(value)
-    return f"{value:.3g}"
-
-
 def _header(report: AuditRecord) -> list[str]:
     counts = report.counts()
     lines = [
@@ -191,7 +185,7 @@ def _header(report: AuditRecord) -> list[str]:
         lines.append(
             f"- baseline {md(b.path)}: {status['new']} new, {status['worse']} worse, "
             f"{status['baselined']} baselined, {len(b.stale)} stale "
-            f"entr{'y' if len(b.stale) == 1 else 'ies'} (margin {_num(100 * b.margin)}%)"
+            f"entr{'y' if len(b.stale) == 1 else 'ies'} (margin {percent(b.margin)}%)"
         )
     lines += [f"- note: {md(n)}" for n in report.notes]
     return [*lines, ""]

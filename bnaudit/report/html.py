@@ -11,23 +11,14 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from bnaudit.core.version import __version__
+from bnaudit.report.charts import CHART_MAX, CHART_W, chart_svg, charts
+from bnaudit.report.numbers import num, percent, share
 from bnaudit.report.record import AuditRecord
-from bnaudit.report.table import shorten
-from bnaudit.verdict.findings import Thresholds
 from bnaudit.verdict.results import LayerResult, Severity
 
 _CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
-_LABEL_CHARS = 24  # layer names longer than this are shortened in the charts (full in tooltips)
-# Chart geometry, in SVG units: a chart is never drawn narrower than its own width (its 11-unit
-# labels stay >= 11 px, at 800 px one chart a row) nor wider than 1.5x (no poster-size text).
-_LABEL_W, _PLOT_W = 160, 250
-CHART_W = _LABEL_W + _PLOT_W + 24
-CHART_MAX = round(1.5 * CHART_W)
-
 _CSS = """
 :root { --ok: #2e7d32; --info: #0277bd; --warn: #b45309; --fail: #c62828; --muted: #6b7280;
   --line: #e5e7eb; --bg-fail: #fdecea; --bg-warn: #fff4e5; --bg-ok: #edf7ed; }
@@ -143,16 +134,6 @@ def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _num(value: float | int | None, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "-" if math.isnan(value) else str(value)
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.{digits}g}"
-
-
 def _data(value: float | int | None) -> str:
     """A sort key for the table: the number, or "" when there is none."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -160,160 +141,8 @@ def _data(value: float | int | None) -> str:
     return repr(float(value))
 
 
-def _short(name: str) -> str:
-    return shorten(name, _LABEL_CHARS)
-
-
 # --------------------------------------------------------------------------------------------
-# Charts
-
-
-@dataclass(frozen=True)
-class _Chart:
-    """One measurement across the layers, drawn as horizontal bars with its limits."""
-
-    title: str
-    note: str
-    values: list[float | None]  # None: not measured or not judged
-    limits: list[tuple[float, str]]  # (value, label)
-    log: bool  # log10 axis (values must be > 0)
-    origin: float  # where bars start (1 for a ratio centred on 1, 0 otherwise)
-    fmt: Callable[[float], str]
-    # per layer, the worst counted finding of the codes this chart shows (OK: none)
-    severities: list[Severity]
-
-
-def _chart_svg(chart: _Chart, names: list[str]) -> str:
-    label_w, plot_w, row_h, top = _LABEL_W, _PLOT_W, 18, 22
-    width = CHART_W
-    height = top + row_h * max(len(names), 1) + 8
-    finite = [v for v in chart.values if v is not None and math.isfinite(v)]
-    if chart.log:
-        finite = [v for v in finite if v > 0]
-
-    def t(v: float) -> float:
-        return math.log10(v) if chart.log else v
-
-    points = [t(v) for v in finite] + [t(limit) for limit, _ in chart.limits] + [t(chart.origin)]
-    lo, hi = min(points), max(points)
-    pad = 0.08 * (hi - lo or 1.0)
-    lo, hi = (lo - pad, hi + pad) if chart.origin != 0 or chart.log else (0.0, hi + pad)
-
-    def x(v: float) -> float:
-        return label_w + plot_w * (t(v) - lo) / (hi - lo)
-
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" role="img" viewBox="0 0 {width} {height}">',
-        f"<title>{_e(chart.title)}</title>",
-    ]
-    x0 = x(chart.origin)
-    parts.append(
-        f'<line class="axis" x1="{x0:.1f}" y1="{top - 4}" x2="{x0:.1f}" y2="{height - 4}"/>'
-    )
-    for i, (name, value) in enumerate(zip(names, chart.values, strict=True)):
-        y = top + i * row_h
-        label = f"{name}: {'not measured' if value is None else chart.fmt(value)}"
-        parts.append(f'<a href="#layer-{i}"><title>{_e(label)}</title>')
-        parts.append(
-            f'<text x="{label_w - 6}" y="{y + 12}" text-anchor="end">{_e(_short(name))}</text>'
-        )
-        if value is None or (chart.log and not (value > 0)) or math.isnan(value):
-            parts.append(f'<text class="na" x="{x0 + 4:.1f}" y="{y + 12}">n/a</text>')
-        else:
-            v = min(max(t(value), lo), hi) if math.isfinite(value) else (hi if value > 0 else lo)
-            end = label_w + plot_w * (v - lo) / (hi - lo)
-            beyond = any(_beyond(value, limit, chart.origin) for limit, _ in chart.limits)
-            # Colour says the gate: red or amber only where a finding that counts says so.
-            counted = chart.severities[i]
-            style = f" over {counted.label}" if beyond and counted >= Severity.WARN else ""
-            style = style or (" beyond" if beyond else "")
-            left, length = min(x0, end), max(abs(end - x0), 1.0)
-            parts.append(
-                f'<rect class="bar{style}" x="{left:.1f}" y="{y + 3}" '
-                f'width="{length:.1f}" height="{row_h - 6}"/>'
-            )
-        parts.append("</a>")
-    for limit, label in chart.limits:
-        lx = x(limit)
-        parts.append(
-            f'<line class="limit" x1="{lx:.1f}" y1="{top - 6}" x2="{lx:.1f}" y2="{height - 4}"/>'
-        )
-        tx = min(max(lx, label_w + 16), width - 20)  # keep the label inside the picture
-        parts.append(
-            f'<text class="limit-label" x="{tx:.1f}" y="{top - 9}" text-anchor="middle">'
-            f"{_e(label)}</text>"
-        )
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def _beyond(value: float, limit: float, origin: float) -> bool:
-    """Whether a bar crosses a limit line drawn on its side of the origin."""
-    return value > limit if limit >= origin else value < limit
-
-
-def _charts(report: AuditRecord) -> list[_Chart]:
-    t = Thresholds().replace(
-        **{k: v for k, v in report.thresholds.items() if k in Thresholds.__dataclass_fields__}
-    )
-    recon, shift, var = [], [], []
-
-    def worst(codes: tuple[str, ...]) -> list[Severity]:
-        return [
-            max(
-                (f.severity for f in r.findings if f.counts and f.code in codes),
-                default=Severity.OK,
-            )
-            for r in report.layers
-        ]
-
-    for r in report.layers:
-        m = r.metrics
-        pair = [v for v in (m.recon_train_ratio, m.recon_eval_ratio) if not math.isnan(v)]
-        recon.append(max(pair) if pair else None)
-        judged = m.stale_judged == "yes"
-        shift.append(m.stale_shift_max if judged and not math.isnan(m.stale_shift_max) else None)
-        lv = m.stale_log_var_max
-        var.append(math.exp(lv) if judged and not math.isnan(lv) else None)
-    return [
-        _Chart(
-            "Reconstruction error / tolerance",
-            "worst of train and eval mode; log scale; above the limit the layer is not plain BN",
-            recon,
-            [(t.max_error_ratio, f"limit {_num(t.max_error_ratio)}")],
-            log=True,
-            origin=min([1e-3, *[v for v in recon if v is not None and v > 0]]),
-            fmt=lambda v: f"{_num(v)}x the tolerance",
-            severities=worst(("recon-train", "recon-eval")),
-        ),
-        _Chart(
-            "Stale mean shift",
-            "|mean of batch means - running mean| in running sds, worst channel",
-            shift,
-            [(t.stale_shift, f"limit {_num(t.stale_shift)}")],
-            log=False,
-            origin=0.0,
-            fmt=lambda v: f"{_num(v)} sd",
-            severities=worst(("stale-stats",)),
-        ),
-        _Chart(
-            "Variance ratio",
-            "mean batch variance / running variance, largest deviation; log scale",
-            var,
-            [
-                (math.exp(-t.stale_log_var), f"x{_num(math.exp(-t.stale_log_var))}"),
-                (math.exp(t.stale_log_var), f"x{_num(math.exp(t.stale_log_var))}"),
-            ],
-            log=True,
-            origin=1.0,
-            fmt=lambda v: f"x{_num(v)}",
-            severities=worst(("stale-stats",)),
-        ),
-    ]
-
-
-# --------------------------------------------------------------------------------------------
-# Page
+# The page: summary, output impact, charts, the sortable layer table, the findings
 
 
 _COLUMNS = [  # (key for #sort=, header, numeric)
@@ -346,18 +175,18 @@ def _row(i: int, r: LayerResult) -> str:
         f"<td>{_e(r.type)}</td>",
         f'<td data-v="{m.channels}">{m.channels}</td>',
         f'<td data-v="{_data(m.values_per_channel or None)}">'
-        f"{_num(m.values_per_channel or None)}</td>",
+        f"{num(m.values_per_channel or None)}</td>",
         f'<td data-v="{int(r.severity)}"><span class="badge {r.verdict}">{r.verdict}</span></td>',
-        f'<td data-v="{_data(m.recon_train_ratio)}">{_num(m.recon_train_ratio, 2)}</td>',
-        f'<td data-v="{_data(m.recon_eval_ratio)}">{_num(m.recon_eval_ratio, 2)}</td>',
+        f'<td data-v="{_data(m.recon_train_ratio)}">{num(m.recon_train_ratio, 2)}</td>',
+        f'<td data-v="{_data(m.recon_eval_ratio)}">{num(m.recon_eval_ratio, 2)}</td>',
         f'<td data-v="{_data(m.stale_shift_max if judged else None)}">'
-        f"{_num(m.stale_shift_max, 2) if judged else '-'}</td>",
+        f"{num(m.stale_shift_max, 2) if judged else '-'}</td>",
         f'<td data-v="{_data(m.stale_log_var_max if judged else None)}">'
-        f"{_num(m.stale_log_var_max, 2) if judged else '-'}</td>",
-        f'<td data-v="{_data(gap)}">{_num(gap, 2)}</td>',
+        f"{num(m.stale_log_var_max, 2) if judged else '-'}</td>",
+        f'<td data-v="{_data(gap)}">{num(gap, 2)}</td>',
         f'<td data-v="{_data(m.momentum)}">'
-        f"{'cumul.' if m.momentum is None else _num(m.momentum)}</td>",
-        f'<td data-v="{_data(m.num_batches_tracked)}">{_num(m.num_batches_tracked)}</td>',
+        f"{'cumul.' if m.momentum is None else num(m.momentum)}</td>",
+        f'<td data-v="{_data(m.num_batches_tracked)}">{num(m.num_batches_tracked)}</td>',
         f"<td>{' '.join(codes)}</td>",
     ]
     return f'<tr id="layer-{i}" class="{r.verdict}">{"".join(cells)}</tr>'
@@ -401,7 +230,7 @@ def _summary(report: AuditRecord) -> str:
             (
                 "baseline",
                 f"{'written to' if b.written else 'compared with'} {b.path} (margin "
-                f"{_num(100 * b.margin)}%): {status['new']} new, {status['worse']} worse, "
+                f"{percent(b.margin)}%): {status['new']} new, {status['worse']} worse, "
                 f"{status['baselined']} baselined, {len(b.stale)} stale",
             )
         )
@@ -433,11 +262,11 @@ def _impact(report: AuditRecord) -> str:
     if i is None:
         return ""
     facts = [
-        ("relative L2 change", _num(i.rel_l2)),
-        ("largest absolute change", _num(i.max_abs)),
+        ("relative L2 change", num(i.rel_l2)),
+        ("largest absolute change", num(i.max_abs)),
     ]
     if i.top1_agreement is not None:
-        facts.append(("top-1 agreement", f"{100 * i.top1_agreement:.1f}%"))
+        facts.append(("top-1 agreement", share(i.top1_agreement)))
     facts.append(("regime", f"{i.regime} ({i.batches} batches, {i.forward_passes} extra passes)"))
     if i.evidence is not None:
         facts.append(("task metric", i.evidence.describe()))
@@ -446,10 +275,9 @@ def _impact(report: AuditRecord) -> str:
     if i.per_layer:
         index = {r.name: n for n, r in enumerate(report.layers)}
         rows = "".join(
-            f'<tr><td><a href="#layer-{index[name]}">{_e(name)}</a></td><td>{_num(change)}</td>'
-            "</tr>"
+            f'<tr><td><a href="#layer-{index[name]}">{_e(name)}</a></td><td>{num(change)}</td></tr>'
             if name in index
-            else f"<tr><td>{_e(name)}</td><td>{_num(change)}</td></tr>"
+            else f"<tr><td>{_e(name)}</td><td>{num(change)}</td></tr>"
             for name, change in sorted(i.per_layer.items(), key=lambda kv: -kv[1])
         )
         alone = (
@@ -467,8 +295,8 @@ def render_html(report: AuditRecord) -> str:
     names = [r.name for r in report.layers]
     figures = "".join(
         f"<figure><figcaption>{_e(c.title)}<small>{_e(c.note)}</small></figcaption>"
-        f"{_chart_svg(c, names)}</figure>"
-        for c in _charts(report)
+        f"{chart_svg(c, names)}</figure>"
+        for c in charts(report)
     )
     heads = "".join(
         f'<th data-key="{key}" data-type="{"number" if numeric else "text"}" aria-sort="none">'

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bnaudit.verdict.results import FailOn, Finding, LayerResult, Severity, Status, counted
 
@@ -38,6 +38,24 @@ class BaselineCheck:
     margin: float
     stale: tuple[BaselineEntry, ...] = ()  # entries no finding matched any more
     written: bool = False  # the baseline was written by this run from its own findings
+
+
+class Layer(Protocol):
+    """What the renderers read of a layer, of an audit (`LayerResult`) or of a diff
+    (`LayerDiff`): the summaries and the JSON layer entries serve both."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def metrics(self) -> Any: ...  # a frozen dataclass: LayerMetrics or DiffMetrics
+    @property
+    def findings(self) -> tuple[Finding, ...]: ...
+    @property
+    def severity(self) -> Severity: ...
+    @property
+    def verdict(self) -> str: ...
 
 
 class Gated:

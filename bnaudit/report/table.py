@@ -6,13 +6,13 @@ exactly the columns shown. Reports (markdown, CSV, JSON, HTML) keep every column
 
 from __future__ import annotations
 
-import math
 import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from bnaudit.report.numbers import num
 from bnaudit.report.terminal import paint, printable
-from bnaudit.verdict.results import LayerResult
+from bnaudit.verdict.results import Judged, LayerResult
 
 DEFAULT_WIDTH = 80  # when the terminal's width is unknown (a pipe, a file, CI logs)
 GAP = 2  # spaces between columns
@@ -20,15 +20,7 @@ MIN_NAME = 16  # a layer name is not shortened below this while optional columns
 ELLIPSIS = "…"
 
 
-def num(v: float | int | None, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, int):
-        return str(v)
-    return f"{v:.{digits}g}"
-
-
-def codes(r: LayerResult) -> str:
+def codes(r: Judged) -> str:
     """The layer's codes: those that count, then waived ones marked with their status."""
     counted = sorted({f.code for f in r.findings if f.counts})
     waived = sorted({f"{f.code}({f.status.value})" for f in r.waived})
