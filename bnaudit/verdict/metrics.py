@@ -25,8 +25,8 @@ from bnaudit.core.layers import Kind, LayerAttrs
 from bnaudit.measure.explain import Diagnosis, Explanation
 from bnaudit.measure.statistics import LayerStats, MaxTracker, RegimeStats
 from bnaudit.verdict import significance as S
-from bnaudit.verdict.findings import JUDGED, Thresholds
 from bnaudit.verdict.results import LayerMetrics
+from bnaudit.verdict.thresholds import JUDGED, Thresholds
 
 NAN = math.nan
 
