@@ -7,6 +7,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submodules=[
         "codes",
+        "drift",
+        "figures",
         "findings",
         "metrics",
         "results",
@@ -19,6 +21,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "thresholds": ["Thresholds"],
         "findings": ["judge_layer", "judge_model"],
         "codes": ["CODES", "DIFF_CODES", "hint"],
-        "metrics": ["measure", "figures_of"],
+        "figures": ["figures_of"],
+        "metrics": ["measure"],
     },
 )
