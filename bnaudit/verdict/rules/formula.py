@@ -113,18 +113,17 @@ def mismatch(c: LayerContext, mode: str) -> Mismatch:
     ratio, err, why = _measured(c, mode)
     if not (m.calls and over(ratio, t.max_error_ratio)):
         return Mismatch()
-    fits = why is not None and why.ratio <= t.max_error_ratio
-    if fits and c.overrides_forward and why.key.startswith(ACTIVATION_KEY):
-        exact = "the normalisation itself is exact"
-        return Mismatch(variant=f"{why.label} (err {fmt(why.err)}); {exact}")
-    if fits:
-        reason = f"; it matches {why.label} (err {fmt(why.err)}) instead"
-        situation = _explained(code, why.key)
-    elif why is not None:
+    if why is None:
+        reason, situation = "", "undiagnosed"
+    elif not why.ratio <= t.max_error_ratio:  # a NaN ratio explains nothing either
         reason = f"; no known mistake explains it (closest: {why.label}, err {fmt(why.err)})"
         situation = "unexplained"
+    elif c.overrides_forward and why.key.startswith(ACTIVATION_KEY):
+        exact = "the normalisation itself is exact"
+        return Mismatch(variant=f"{why.label} (err {fmt(why.err)}); {exact}")
     else:
-        reason, situation = "", "undiagnosed"
+        reason = f"; it matches {why.label} (err {fmt(why.err)}) instead"
+        situation = _explained(code, why.key)
     return Mismatch(
         c.finding(
             code,
