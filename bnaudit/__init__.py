@@ -21,7 +21,7 @@ _EXPORTS = {
     "audit": "bnaudit.check.audit",
     "diff": "bnaudit.compare.changes",
     "DiffReport": "bnaudit.compare.results",
-    "Thresholds": "bnaudit.verdict.findings",
+    "Thresholds": "bnaudit.verdict.thresholds",
     "AuditReport": "bnaudit.report.audit_report",
     "FailOn": "bnaudit.verdict.results",
     "Finding": "bnaudit.verdict.results",
@@ -40,8 +40,8 @@ if TYPE_CHECKING:
     from bnaudit.integrations.testing import assert_bn_healthy
     from bnaudit.report.audit_report import AuditReport
     from bnaudit.report.render import Format
-    from bnaudit.verdict.findings import Thresholds
     from bnaudit.verdict.results import FailOn, Finding, LayerResult, Severity
+    from bnaudit.verdict.thresholds import Thresholds
 
 
 def __getattr__(name: str) -> Any:

@@ -26,17 +26,12 @@ from bnaudit.measure.explain import Diagnosis
 from bnaudit.measure.passes import run_passes
 from bnaudit.measure.statistics import LayerStats, MaxTracker, Moments, RegimeStats
 from bnaudit.report.audit_report import AuditReport
-from bnaudit.verdict import metrics
+from bnaudit.verdict import figures as stacking
 from bnaudit.verdict.findings import Thresholds
 from bnaudit.verdict.metrics import (
     NAN,
     Drift,
-    _count,
-    _count_nonfinite,
     _explanation,
-    _initial,
-    _max,
-    _tracked,
     drift,
     figures,
     figures_of,
@@ -153,6 +148,30 @@ def reference_measure(
     )
 
 
+def _tracked(t: MaxTracker) -> float:
+    return NAN if t.value is None else _max(t.value)
+
+
+def _max(t: Tensor) -> float:
+    """Largest element, NaN if any element is NaN (a NaN must stay visible)."""
+    return float(t.max()) if t.numel() else NAN
+
+
+def _count(t: Tensor | None, predicate) -> int:  # type: ignore[no-untyped-def]
+    return 0 if t is None else int(predicate(t).sum())
+
+
+def _count_nonfinite(a: LayerAttrs) -> int:
+    tensors = [t for t in (a.weight, a.bias, a.running_mean, a.running_var) if t is not None]
+    return sum(int((~torch.isfinite(t)).sum()) for t in tensors)
+
+
+def _initial(a: LayerAttrs) -> bool:
+    if a.running_mean is None or a.running_var is None:
+        return False
+    return bool((a.running_mean == 0).all() and (a.running_var == 1).all())
+
+
 def same_bits(x: Any, y: Any) -> bool:
     """Equal as bits, recursively: NaN equals NaN, 0.0 is not -0.0, an int is not a float."""
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
@@ -246,7 +265,7 @@ def test_stacked_figures_and_metrics_are_the_per_layer_ones_bit_for_bit(
 
 
 def test_layers_alike_are_stacked(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fast path is taken (not only the per-layer fallback) on layers that share a key."""
+    """Layers that share a key are stacked together; a layer unlike them is a stack of one."""
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.BatchNorm1d(16) for _ in range(5)], nn.Linear(16, 4))
     model.append(nn.BatchNorm1d(4))
@@ -254,15 +273,15 @@ def test_layers_alike_are_stacked(monkeypatch: pytest.MonkeyPatch) -> None:
     with single_thread():
         passes = run_passes(model, batches, AuditOptions(impact=False, fold=False))
     stacked: list[int] = []
-    real = metrics._stacked
+    real = stacking._stacked
 
     def spy(layers, *args):  # type: ignore[no-untyped-def]
         stacked.append(len(layers))
         return real(layers, *args)
 
-    monkeypatch.setattr(metrics, "_stacked", spy)
+    monkeypatch.setattr(stacking, "_stacked", spy)
     got = figures_of([(p.attrs, p.stats) for p in passes.probes], Thresholds())
-    assert stacked == [5]  # the five alike; the 4-channel layer alone
+    assert sorted(stacked) == [1, 5]  # the five alike together; the 4-channel layer alone
     assert len(got) == 6
 
 
