@@ -313,12 +313,12 @@ def test_fast_path_measures_as_the_general_path() -> None:
 
 @contextlib.contextmanager
 def general_only() -> Iterator[None]:
-    before = probe.Probe._measure_finite
-    probe.Probe._measure_finite = lambda self, *args: False  # type: ignore[method-assign]
+    before = probe.Probe._measure_prepared
+    probe.Probe._measure_prepared = lambda self, *args: False  # type: ignore[method-assign]
     try:
         yield
     finally:
-        probe.Probe._measure_finite = before  # type: ignore[method-assign]
+        probe.Probe._measure_prepared = before  # type: ignore[method-assign]
 
 
 def test_grouped_copies_are_bounded_and_released() -> None:

@@ -5,8 +5,9 @@ Each probe (`bnaudit.measure.probe`) reconstructs the layer's output by hand fro
 checks the running-stat update, reduces the layer's input to per-channel accumulators and drops
 every tensor. The model's modes, buffers and momentum are put back in `finally`; the train-mode
 update is undone in the hook itself, so every batch is compared against the checkpoint's
-statistics. After the passes come the metrics and findings, the fold checks, and with data the
-output impact of recalibrated statistics and, with labels, the task metric's evidence.
+statistics. After the passes come the metrics, the fold checks, with data the output impact of
+recalibrated statistics and, with labels, the task metric's evidence (`bnaudit.check.impact`),
+then the findings: each a stage that returns its values and its notes, which `audit` joins.
 """
 
 from __future__ import annotations
@@ -17,74 +18,26 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 
+from bnaudit.check.impact import output_impact
+
+# AuditOptions is the audit's public companion: `bnaudit.check.audit.AuditOptions` as before.
+from bnaudit.check.options import AuditOptions, with_overrides
 from bnaudit.check.static import NO_BATCH_CODES
-from bnaudit.core.errors import DataError, describe
-from bnaudit.core.layers import (
-    counter_notes,
-    find_bn_layers,
-    preserved,
-)
-from bnaudit.inputs.batches import InputChoice, call_model
+from bnaudit.core.layers import counter_notes, find_bn_layers
 from bnaudit.measure.dataflow import METHOD, Pairs
-from bnaudit.measure.evidence import Metric, applies, top1
-from bnaudit.measure.evidence import measure as measure_evidence
-from bnaudit.measure.fold import FoldWatch
-from bnaudit.measure.impact import (
-    TOP1,
-    Across,
-    Evidence,
-    OutputImpact,
-    compare_outputs,
-)
-from bnaudit.measure.passes import Passes, recalibrated_stats, run_passes
-from bnaudit.measure.progress import (
-    AUDIT,
-    ProgressFn,
-    Ticking,
-    batch_count,
-    impact_stage,
-    one_stage,
-)
+from bnaudit.measure.fold import FoldCheck, FoldWatch
+from bnaudit.measure.impact import OutputImpact
+from bnaudit.measure.passes import Passes, run_passes
+from bnaudit.measure.progress import AUDIT, ProgressFn, batch_count, one_stage
 from bnaudit.report.audit_report import AuditReport
-from bnaudit.verdict.findings import (
-    Thresholds,
-    has_gap,
-    is_stale,
-    judge_layer,
-    judge_model,
-    weigh_evidence,
-)
+from bnaudit.verdict.findings import Thresholds, is_stale, judge_layer, judge_model, weigh_evidence
 from bnaudit.verdict.metrics import figures_of, measure
-from bnaudit.verdict.results import FailOn, LayerResult
+from bnaudit.verdict.results import LayerMetrics, LayerResult
 
 if TYPE_CHECKING:
     from bnaudit.distributed import Ranks
-
-
-@dataclass(frozen=True)
-class AuditOptions:
-    """How to run the passes and judge them. Thresholds live in `Thresholds`."""
-
-    thresholds: Thresholds = dataclasses.field(default_factory=Thresholds)
-    train_mode: str = "bn"  # "bn": only BN layers in train mode; "all": the whole model
-    fail_on: FailOn = FailOn.FAIL
-    max_batches: int | None = None
-    synthetic_data: bool = False
-    layers: tuple[str, ...] | None = None  # audit only these (qualified names); None: all
-    impact: bool = True  # measure the output effect of recalibrated statistics (with data)
-    regime: str = "train"  # recalibrate from train-mode ("train") or eval-mode ("eval") inputs
-    attribution: bool = False  # also swap in one flagged layer's statistics at a time
-    attribution_max: int = 8  # at most this many layers (K passes each), the worst first
-    output_budget_mb: float = 64.0  # eval outputs kept for reuse; beyond, they are recomputed
-    fold: bool = True  # check conv/linear → BN folds (on the first eval pass's first samples)
-    input: InputChoice = None  # which element or key of a batch is the input (batches.to_call)
-    # The task metric, fn(outputs, labels) -> float (higher is better), for batches with labels;
-    # None: top-1 accuracy where the outputs are [B, K] class scores.
-    metric: Metric | None = None
-    metric_name: str = ""
 
 
 def audit(
@@ -113,9 +66,39 @@ def audit(
         ranks: under torchrun, this rank's place: `batches` are its shard, and what every
             rank measured is merged before judging (`bnaudit.distributed`).
     """
-    options = _with_overrides(options or AuditOptions(), overrides)
-    t = options.thresholds
-    notes: list[str] = []
+    options = with_overrides(options or AuditOptions(), overrides)
+    ran = _run(model, batches, options, progress, ranks)
+    metrics = _metrics(ran.passes, options)
+    folds = _fold_checks(ran.folds, ran.passes)
+    impact = output_impact(model, ran.passes, metrics, options, ranks, progress)
+    joined = _joined(metrics, folds.checks, impact.impact)
+    judged = _judged(ran.passes, joined, impact.impact, options.thresholds)
+    notes = (*ran.notes, *folds.notes, *impact.notes, *judged.notes)
+    return _report(
+        ran.passes.count, judged.layers, impact.impact, notes, options, checkpoint, sha256
+    )
+
+
+# -- the stages, in the order `audit` runs them -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Ran:
+    """The passes (merged across ranks), the fold watch that saw the first batch, and what the
+    passes have to say about the batches and the layers."""
+
+    passes: Passes
+    folds: FoldWatch | None
+    notes: tuple[str, ...]
+
+
+def _run(
+    model: nn.Module,
+    batches: Iterable[Any],
+    options: AuditOptions,
+    progress: ProgressFn | None,
+    ranks: Ranks | None,
+) -> _Ran:
     folds = None
     # The fold check reads the first batch, which is rank 0's.
     if options.fold and (ranks is None or ranks.leader):
@@ -125,18 +108,22 @@ def audit(
     passes = run_passes(model, batches, options, per_batch, folds)
     if ranks is not None:
         passes = ranks.merge_passes(passes)
-    probes, count = passes.probes, passes.count
-    if passes.feed:
-        notes.append(f"batches feed the model as {passes.feed} (--input to choose)")
-    notes += counter_notes(
-        {p.name: p.attrs.counter_dtype for p in probes},
+    feed = (f"batches feed the model as {passes.feed} (--input to choose)",) if passes.feed else ()
+    counters = counter_notes(
+        {p.name: p.attrs.counter_dtype for p in passes.probes},
         "; the model holds it so (Module.type() converts every tensor, the counter included), "
         "read as the count it holds",
     )
+    return _Ran(passes, folds, (*feed, *counters))
+
+
+def _metrics(passes: Passes, options: AuditOptions) -> dict[str, LayerMetrics]:
+    """Every probed layer's numbers, before the fold checks and the output impact join them."""
+    t, probes = options.thresholds, passes.probes
     figured = figures_of(
         [(p.attrs, p.stats) for p in probes], t, options.regime, options.synthetic_data
     )
-    metrics = {
+    return {
         p.name: measure(
             p.attrs,
             p.stats,
@@ -152,43 +139,78 @@ def audit(
         )
         for p, f in zip(probes, figured, strict=True)
     }
-    if folds is not None and count:
-        notes.append(_fold_note(folds.pairs(), len(passes.layers)))
-        notes.extend(f"fold check of {bn} not run: {why}" for bn, why in folds.failed().items())
-        for name, c in folds.results().items():
-            if name in metrics:
-                metrics[name] = dataclasses.replace(
-                    metrics[name],
-                    fold_with=c.conv,
-                    fold_checked=c.checked,
-                    fold_max_err=c.max_err,
-                    fold_ratio=c.ratio,
-                    folded_weight_max=c.weight_max,
-                    fold_int8_levels=c.int8_levels,
-                )
-    impact = None
-    if options.impact and count and not options.synthetic_data:
-        try:
-            impact = _impact(model, passes, metrics, options, notes, ranks, progress)
-        except (RuntimeError, ValueError, TypeError) as exc:
-            if ranks is not None:  # the other ranks wait for this one's comparison: stop them
-                raise DataError(f"output impact: the forward failed ({describe(exc)})") from exc
-            # e.g. quantization observers fed the stored non-finite statistics
-            notes.append(f"output impact not measured: the forward failed ({describe(exc)})")
-    for name, change in impact.per_layer.items() if impact else ():
-        metrics[name] = dataclasses.replace(metrics[name], output_change_alone=change)
+
+
+@dataclass(frozen=True)
+class _Folds:
+    """Per paired BN layer its fold check; notes on the pairing and the checks that failed."""
+
+    checks: dict[str, FoldCheck] = dataclasses.field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+
+def _fold_checks(folds: FoldWatch | None, passes: Passes) -> _Folds:
+    if folds is None or not passes.count:
+        return _Folds()
+    pairing = _fold_note(folds.pairs(), len(passes.layers))
+    failed = (f"fold check of {bn} not run: {why}" for bn, why in folds.failed().items())
+    return _Folds(folds.results(), (pairing, *failed))
+
+
+def _joined(
+    metrics: dict[str, LayerMetrics],
+    checks: dict[str, FoldCheck],
+    impact: OutputImpact | None,
+) -> dict[str, LayerMetrics]:
+    """The metrics with each layer's fold check and output change alone, where measured."""
+    alone = impact.per_layer if impact else {}
+    joined = {}
+    for name, m in metrics.items():
+        changes: dict[str, Any] = {}
+        c = checks.get(name)
+        if c is not None:
+            changes.update(
+                fold_with=c.conv,
+                fold_checked=c.checked,
+                fold_max_err=c.max_err,
+                fold_ratio=c.ratio,
+                folded_weight_max=c.weight_max,
+                fold_int8_levels=c.int8_levels,
+            )
+        if name in alone:
+            changes["output_change_alone"] = alone[name]
+        joined[name] = dataclasses.replace(m, **changes) if changes else m
+    return joined
+
+
+@dataclass(frozen=True)
+class _Judged:
+    """Each layer's findings, and the note when the first layers to run are already stale."""
+
+    layers: tuple[LayerResult, ...]
+    notes: tuple[str, ...]
+
+
+def _judged(
+    passes: Passes,
+    metrics: dict[str, LayerMetrics],
+    impact: OutputImpact | None,
+    t: Thresholds,
+) -> _Judged:
     # Layers in the order they run, for "a consequence of stale stats upstream".
-    position = {name: i for i, name in enumerate(passes.order)}
-    stale = [n for n in passes.order if n in metrics and is_stale(metrics[n], t)]
-    first = _first_stale(passes.order, set(stale))
+    order = passes.order
+    position = {name: i for i, name in enumerate(order)}
+    stale = [n for n in order if n in metrics and is_stale(metrics[n], t)]
+    first = _first_stale(order, set(stale))
+    notes = ()
     if first:
-        notes.append(
+        notes = (
             f"the first BN layer(s) to run already disagree with the data ({', '.join(first)}): "
             "the audit data may not be the training distribution (preprocessing, "
-            "normalisation, domain); recalibrating to it changes the model"
+            "normalisation, domain); recalibrating to it changes the model",
         )
     results = []
-    for p in probes:
+    for p in passes.probes:
         here = position.get(p.name)
         upstream = tuple(n for n in stale if here is not None and position[n] < here)
         findings = judge_layer(
@@ -197,19 +219,32 @@ def audit(
             t,
             type_name=p.attrs.type_name,
             overrides_forward=p.attrs.overrides_forward,
-            batches=count,
+            batches=passes.count,
             upstream_stale=upstream,
             runs_first=p.name in first,
         )
         findings = weigh_evidence(findings, impact.evidence if impact else None)
         results.append(LayerResult(p.name, p.attrs.type_name, metrics[p.name], findings))
+    return _Judged(tuple(results), notes)
+
+
+def _report(
+    count: int,
+    layers: tuple[LayerResult, ...],
+    impact: OutputImpact | None,
+    notes: tuple[str, ...],
+    options: AuditOptions,
+    checkpoint: str | None,
+    sha256: str | None,
+) -> AuditReport:
+    t = options.thresholds
     return AuditReport(
-        layers=tuple(results),
+        layers=layers,
         fail_on=options.fail_on,
         batches=count,
         forward_passes=2 * count + (impact.forward_passes if impact else 0),
         synthetic_data=options.synthetic_data,
-        notes=(*notes, *_notes(results, count)),
+        notes=(*notes, *_notes(layers, count)),
         checkpoint=checkpoint,
         sha256=sha256,
         thresholds=dataclasses.asdict(t),
@@ -220,124 +255,6 @@ def audit(
     )
 
 
-def _impact(
-    model: nn.Module,
-    passes: Passes,
-    metrics: dict,
-    options: AuditOptions,
-    notes: list[str],
-    across: Across | None = None,
-    progress: ProgressFn | None = None,
-) -> OutputImpact:
-    """The output change from recalibrated statistics, and with labels the task metric's;
-    what it cannot measure, and what the metric says, goes to `notes`."""
-    t = options.thresholds
-    plain = passes  # the task metric's passes tick under their own stage names
-    if progress is not None:
-        ticked = Ticking(passes.batches, passes.count, progress, impact_stage)
-        passes = dataclasses.replace(passes, batches=ticked)
-    layers = [(n, m) for n, m in passes.layers.items()]
-    with preserved(model, layers), torch.no_grad():
-        stats, level_passes = recalibrated_stats(passes, options.regime, model, across)
-        cost = level_passes * passes.count
-        diff, used = compare_outputs(model, passes.batches, passes.layers, stats, passes.outputs)
-        if across is not None:
-            diff, used = across.diff(diff, used)
-        cost += used
-        per_layer: dict[str, float] = {}
-        if options.attribution:
-            flagged = sorted(
-                (n for n, m in metrics.items() if n in stats and _flagged(m, t)),
-                key=lambda n: -max(metrics[n].stale_fraction, metrics[n].gap_fraction),
-            )[: options.attribution_max]
-            for name in flagged:
-                alone, used = compare_outputs(
-                    model, passes.batches, passes.layers, {name: stats[name]}, passes.outputs
-                )
-                if across is not None:
-                    alone, used = across.diff(alone, used)
-                per_layer[name] = alone.rel_l2
-                cost += used
-        if across is None:
-            evidence = _evidence(model, plain, list(stats), options, notes, progress)
-        else:  # cross-fitting pairs batches, which the ranks split between them
-            evidence = None
-            if options.metric is not None or any(c.labels is not None for c in plain.batches):
-                notes.append("task-metric evidence not measured: not supported under torchrun")
-        cost += evidence.forward_passes if evidence else 0
-    return OutputImpact(
-        regime=options.regime,
-        batches=passes.count,
-        forward_passes=cost,
-        rel_l2=diff.rel_l2,
-        max_abs=diff.max_abs,
-        top1_agreement=diff.top1,
-        per_layer=per_layer,
-        evidence=evidence,
-    )
-
-
-def _evidence(
-    model: nn.Module,
-    passes: Passes,
-    names: list[str],
-    options: AuditOptions,
-    notes: list[str],
-    progress: ProgressFn | None = None,
-) -> Evidence | None:
-    """The task metric with stored and cross-fitted recalibrated statistics, when the batches
-    carry labels; None (with a note saying why, where it would be expected) otherwise."""
-    calls = list(passes.batches)
-    labelled = bool(calls) and all(c.labels is not None for c in calls)
-    if not labelled:
-        if options.metric is not None:
-            notes.append(
-                "--metric not measured: the batches carry no labels (an integer tensor with one "
-                "class per sample beside the input, or a 'label'/'target' key)"
-            )
-        return None
-    metric, name = options.metric, options.metric_name or "metric"
-    if metric is None:
-        first = passes.outputs[0] if passes.outputs else call_model(model.eval(), calls[0])
-        if not applies(first, calls[0].labels):
-            notes.append(
-                "labels found, but the output is not [B, K] class scores for them: pass "
-                "--metric module:fn(outputs, labels) -> float to measure the task metric"
-            )
-            return None
-        metric, name = top1, TOP1
-    if len(calls) < 2:
-        notes.append(f"{name} not compared: cross-fitting needs at least 2 batches")
-        return None
-    evidence = measure_evidence(
-        model,
-        calls,
-        passes.layers,
-        names,
-        passes.outputs,
-        regime=options.regime,
-        metric=metric,
-        metric_name=name,
-        progress=progress,
-    )
-    if evidence.worse:
-        notes.append(
-            f"recalibrating to these batches lowers {name} beyond noise ({evidence.describe()}): "
-            "stale verdicts are relative to these batches, which may not be the training "
-            "distribution; do not recalibrate to them (bnaudit recalibrate refuses without "
-            "--force)"
-        )
-    elif evidence.better:
-        notes.append(f"recalibrating raises {name} beyond noise ({evidence.describe()})")
-    else:
-        notes.append(f"recalibrating does not change {name} beyond noise ({evidence.describe()})")
-    return evidence
-
-
-def _flagged(m, t: Thresholds) -> bool:
-    return is_stale(m, t) or has_gap(m, t)
-
-
 def _first_stale(order: tuple[str, ...], stale: set[str]) -> tuple[str, ...]:
     """The stale layers that run before any layer that is not stale (or not audited).
 
@@ -345,16 +262,6 @@ def _first_stale(order: tuple[str, ...], stale: set[str]) -> tuple[str, ...]:
     when it already disagrees with the data, the data may be what differs from training.
     """
     return tuple(itertools.takewhile(lambda name: name in stale, order))
-
-
-def _with_overrides(options: AuditOptions, overrides: dict[str, Any]) -> AuditOptions:
-    own = {f.name for f in dataclasses.fields(AuditOptions)} - {"thresholds"}
-    mine = {k: v for k, v in overrides.items() if k in own}
-    if "fail_on" in mine:
-        mine["fail_on"] = FailOn(mine["fail_on"])
-    rest = {k: v for k, v in overrides.items() if k not in own}
-    thresholds = options.thresholds.replace(**rest) if rest else options.thresholds
-    return dataclasses.replace(options, thresholds=thresholds, **mine)
 
 
 def _fold_note(pairs: Pairs, layers: int) -> str:
@@ -367,7 +274,7 @@ def _fold_note(pairs: Pairs, layers: int) -> str:
     return note
 
 
-def _notes(results: list[LayerResult], batches: int) -> tuple[str, ...]:
+def _notes(results: tuple[LayerResult, ...], batches: int) -> tuple[str, ...]:
     """Why some verdicts were not drawn, once per reason, with the layers it applies to."""
     reasons: dict[str, list[str]] = {}
     for r in results:

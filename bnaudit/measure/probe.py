@@ -11,7 +11,8 @@ after the pass.
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -25,16 +26,57 @@ from bnaudit.measure.rows import Key, Rows, UpdateCheck
 from bnaudit.measure.statistics import LayerStats, RegimeStats
 from bnaudit.measure.updates import Ledger, Update
 
+T = TypeVar("T")
+
+
+@dataclass(slots=True, eq=False)
+class Tally:
+    """What one layer's measured calls add up to, both regimes: the accumulators (`stats`, the
+    `diagnosis` per regime, the non-finite counts) and the fused kernel's results not folded
+    into them yet (`rows`, and those `waiting` for their train-mode update)."""
+
+    rows: Rows
+    stats: LayerStats = field(default_factory=LayerStats)
+    diagnosis: dict[str, Diagnosis] = field(
+        default_factory=lambda: {"train": Diagnosis(), "eval": Diagnosis()}
+    )
+    nonfinite_inputs: int = 0
+    nonfinite_outputs: int = 0
+    waiting: list[tuple[Key, Tensor, Update]] = field(default_factory=list)
+
+
+class _InTally(Generic[T]):
+    """A probe attribute kept in its `Tally`: the audit reads it, `bnaudit.distributed` replaces
+    it with every rank's merged."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, probe: Probe, owner: type | None = None) -> T:
+        return getattr(probe.tally, self.name)
+
+    def __set__(self, probe: Probe, value: T) -> None:
+        setattr(probe.tally, self.name, value)
+
 
 class Probe:
     """Forward hook of one BN layer; `regime` is switched by the engine between passes.
 
     A probe that does not `measure` only has its train-mode update undone: every BN layer must
     start each batch from the checkpoint's statistics, audited or not. The updates are read and
-    undone by the `ledger`, a pass at a time (`bnaudit.measure.updates`). A probe with a `group`
-    hands small activations of a standard BN layer to it, to be measured with the other small
-    layers after the forward pass (`bnaudit.measure.grouped`).
+    undone by the `ledger`, a pass at a time (`bnaudit.measure.updates`).
+
+    Each measured call takes one of three routes, chosen in `_measure` and `measure_batch`:
+    later, with the other small layers after the forward pass (a standard layer's small
+    activations, handed to its `group`, `bnaudit.measure.grouped`); now by the `kernel`
+    prepared for this layer, when it applies and every value is finite; else now by the general
+    float64 path. All of them add to one place, the probe's `tally`.
     """
+
+    stats: _InTally[LayerStats] = _InTally()
+    diagnosis: _InTally[dict[str, Diagnosis]] = _InTally()
+    nonfinite_inputs: _InTally[int] = _InTally()
+    nonfinite_outputs: _InTally[int] = _InTally()
 
     def __init__(
         self,
@@ -58,13 +100,7 @@ class Probe:
         self.buffer_table = module._buffers
         self.ledger = ledger
         self.holding = False  # the buffers hold a train-mode update the ledger has not undone
-        # Train-mode results whose update the ledger has not read yet: recorded when it has.
-        self._waiting: list[tuple[Key, Tensor, Update]] = []
-        self.stats = LayerStats()
-        self.diagnosis = {"train": Diagnosis(), "eval": Diagnosis()}
         self.regime = "eval"
-        self.nonfinite_inputs = 0
-        self.nonfinite_outputs = 0
         self.checks_update = a.kind is not Kind.FROZEN and a.has_running_stats
         # A BatchNormAct-style layer is measured at the input of its first child (`tap`): the
         # normalisation there, before dropout and the activation (`bnaudit.core.layers.act_tap`).
@@ -79,9 +115,10 @@ class Probe:
             factor = F.update_factor(a.momentum, a.num_batches_tracked or 0)
             dtype = a.buffer_dtype or a.dtype
             check = UpdateCheck(a.running_mean, a.running_var, factor, a.eps, dtype)
-        self.rows = Rows(a.num_features, check)  # the fast path's results, folded in blocks
+        self.tally = Tally(Rows(a.num_features, check))
         running = (a.running_mean, a.running_var) if a.has_running_stats else None
         self.kernel = fused.Prepared(a.weight, a.bias, a.eps, running, a.num_features)  # type: ignore[arg-type]
+        self.prepared = a.kind is not Kind.INSTANCE  # the kernel's formula is batch (or frozen) BN
         # Standard BN layers (their forward is torch's) whose finite outputs match the formula
         # on every healthy model: the ones worth measuring in groups.
         standard = a.kind is not Kind.INSTANCE and (not a.overrides_forward or self.tap is not None)
@@ -117,7 +154,7 @@ class Probe:
 
     def finish(self) -> None:
         """Fold the kept results into `stats` (after the passes)."""
-        self.rows.fold(self.stats)
+        self.tally.rows.fold(self.tally.stats)
 
     @property
     def measured_at(self) -> str:
@@ -147,50 +184,48 @@ class Probe:
         if x.dim() < 2 or y.shape != x.shape:
             return
         train = self.regime == "train"
-        later = (
-            self.group is not None and x.shape[1] == self.attrs.num_features and self.group.takes(x)
-        )
         update = None
         if train and self.checks_update:  # read by the ledger, after the pass as a rule
             update = Update()
             self.ledger.hold(self, update)
-        if later:
-            assert self.group is not None
-            # Copies: the forward goes on and may change these tensors in place (a ReLU).
-            self.group.add(self, train, x.clone(), y.clone(), update)
+        group = self.group
+        if group is not None and x.shape[1] == self.attrs.num_features and group.takes(x):
+            # Later. Copies: the forward goes on and may change these tensors in place (a ReLU).
+            group.add(self, train, x.clone(), y.clone(), update)
         else:
             self.measure_batch(x, y, train, update)
 
     def updated(self) -> None:
         """The ledger has read this probe's update: record the results that waited for it."""
-        waiting, self._waiting = self._waiting, []
+        t = self.tally
+        waiting, t.waiting = t.waiting, []
         for key, measured, update in waiting:
             self._record(key, measured, update)
 
     def _record(self, key: Key, measured: Tensor, update: Update | None) -> None:
         if update is not None:
             self._count_step(update)
-        self.rows.add(
-            self.stats, key, measured, None if update is None else [update.mean, update.var]
-        )
+        t = self.tally
+        t.rows.add(t.stats, key, measured, None if update is None else [update.mean, update.var])
 
     def measure_batch(self, x: Tensor, y: Tensor, train: bool, update: Update | None) -> None:
-        """Measure one call: input `x`, output `y`, and the running stats it left (train)."""
-        if not self._measure_finite(x, y, train, update):
+        """Measure one call now: input `x`, output `y`, and the running stats it left (train);
+        by the prepared kernel where its formula applies to a floating, non-empty input and it
+        finds every value finite, else by the general path."""
+        prepared = self.prepared and x.is_floating_point() and x.numel() != 0
+        if not (prepared and self._measure_prepared(x, y, train, update)):
             self._measure_general(x, y, train, update)
 
-    def _measure_finite(self, x: Tensor, y: Tensor, train: bool, update: Update | None) -> bool:
-        """The common case, without a float64 copy of the activations; False: not applicable.
+    def _measure_prepared(self, x: Tensor, y: Tensor, train: bool, update: Update | None) -> bool:
+        """The common case, without a float64 copy of the activations; False: not finite.
 
-        Applies to batch and frozen BN when the input, the statistics and the errors are all
-        finite, which is decided on the reductions it computes anyway (NaN and Inf survive a
-        sum; a float64 sum of finite values of a float32 or narrower input cannot overflow).
-        It then records exactly what `_measure_general` would; otherwise the caller goes there,
-        and nothing has been recorded.
+        Applies to a floating input of batch and frozen BN (`measure_batch` checks) when the
+        input, the statistics and the errors are all finite, which is decided on the reductions
+        it computes anyway (NaN and Inf survive a sum; a float64 sum of finite values of a
+        float32 or narrower input cannot overflow). It then records exactly what
+        `_measure_general` would; otherwise the caller goes there, and nothing has been recorded.
         """
         a = self.attrs
-        if a.kind is Kind.INSTANCE or not x.is_floating_point() or x.numel() == 0:
-            return False
         uses_batch = a.kind is not Kind.FROZEN and (train or not a.has_running_stats)
         running = None if uses_batch else (a.running_mean, a.running_var)
         got = self.kernel.measure(x, y, running, y.dtype)  # type: ignore[arg-type]
@@ -207,7 +242,7 @@ class Probe:
         # Finite inputs and outputs: nothing to add to the non-finite counts.
         key = (train, n, x.shape[0], F.sum_roundoff(x))
         if update is not None and not update.ready:
-            self._waiting.append((key, got.block, update))
+            self.tally.waiting.append((key, got.block, update))
         else:
             self._record(key, got.block, update)
         return True
@@ -233,7 +268,8 @@ class Probe:
         # torch's own batch sums may carry rounding (channels-last); per-sample ones do not.
         u = F.sum_roundoff(x) if a.kind is not Kind.INSTANCE else 0.0
         rounding = F.stat_rounding(n, batch_mean, batch_var, u) if u else None
-        regime = self.stats.train if train else self.stats.eval
+        t = self.tally
+        regime = t.stats.train if train else t.stats.eval
         ratio = _record_error(
             regime, x64, y64, ref_mean, ref_var, a, y.dtype, rounding if uses_batch else None
         )
@@ -250,9 +286,9 @@ class Probe:
             pooled=(F.values_per_channel(x), batch_mean, batch_var),
         )
         bad_in = int((~torch.isfinite(x)).sum())
-        self.nonfinite_inputs += bad_in
+        t.nonfinite_inputs += bad_in
         if not bad_in:  # a NaN arriving from upstream is that layer's finding, not this one's
-            self.nonfinite_outputs += int((~torch.isfinite(y)).sum())
+            t.nonfinite_outputs += int((~torch.isfinite(y)).sum())
         if update is not None:
             self.check_update(stat_mean, stat_var, n, update, rounding)
 
@@ -275,7 +311,7 @@ class Probe:
             x64, y64, ref_mean, ref_var, batch_mean, batch_var, a.running_mean, a.running_var,
             a.weight, a.bias, a.eps, n, uses_batch, dtype, roundoff,
         )  # fmt: skip
-        self.diagnosis[self.regime].add(case)
+        self.tally.diagnosis[self.regime].add(case)
 
     def check_update(
         self,
@@ -293,7 +329,7 @@ class Probe:
         instance = a.kind is Kind.INSTANCE
         factor = F.update_factor(a.momentum, t_before, instance=instance)
         got_mean, got_var = update.mean, update.var
-        self.stats.update.add(
+        self.tally.stats.update.add(
             *F.update_residuals(
                 a.running_mean,
                 a.running_var,
@@ -316,7 +352,7 @@ class Probe:
         expected_t = (a.num_batches_tracked or 0) + (0 if a.kind is Kind.INSTANCE else 1)
         got_t = update.count
         if a.num_batches_tracked is not None and got_t is not None and got_t != expected_t:
-            self.stats.update.count_errors += 1
+            self.tally.stats.update.count_errors += 1
 
 
 def _record_error(

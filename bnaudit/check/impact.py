@@ -1,0 +1,194 @@
+"""The audit's output-impact stage: how much recalibrated statistics change the model's output,
+each flagged layer's share (attribution), and with labels the task metric's evidence.
+
+It runs after the passes and the metrics (`bnaudit.check.audit`), on the batches the passes kept,
+with the model's modes and buffers put back when it is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from bnaudit.check.options import AuditOptions
+from bnaudit.core.errors import DataError, describe
+from bnaudit.core.layers import preserved
+from bnaudit.inputs.batches import call_model
+from bnaudit.measure.evidence import applies, top1
+from bnaudit.measure.evidence import measure as measure_evidence
+from bnaudit.measure.impact import TOP1, Across, Evidence, OutputImpact, compare_outputs
+from bnaudit.measure.passes import Passes, recalibrated_stats
+from bnaudit.measure.progress import ProgressFn, Ticking, impact_stage
+from bnaudit.verdict.findings import Thresholds, has_gap, is_stale
+from bnaudit.verdict.results import LayerMetrics
+
+if TYPE_CHECKING:
+    from bnaudit.distributed import Ranks
+
+
+@dataclass(frozen=True)
+class Impacted:
+    """The output impact (None: not measured) and what it says, or why it was not measured."""
+
+    impact: OutputImpact | None = None
+    notes: tuple[str, ...] = ()
+
+
+def output_impact(
+    model: nn.Module,
+    passes: Passes,
+    metrics: dict[str, LayerMetrics],
+    options: AuditOptions,
+    ranks: Ranks | None,
+    progress: ProgressFn | None,
+) -> Impacted:
+    if not (options.impact and passes.count and not options.synthetic_data):
+        return Impacted()
+    try:
+        return _impact(model, passes, metrics, options, ranks, progress)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        if ranks is not None:  # the other ranks wait for this one's comparison: stop them
+            raise DataError(f"output impact: the forward failed ({describe(exc)})") from exc
+        # e.g. quantization observers fed the stored non-finite statistics
+        return Impacted(
+            notes=(f"output impact not measured: the forward failed ({describe(exc)})",)
+        )
+
+
+def _impact(
+    model: nn.Module,
+    passes: Passes,
+    metrics: dict[str, LayerMetrics],
+    options: AuditOptions,
+    across: Across | None = None,
+    progress: ProgressFn | None = None,
+) -> Impacted:
+    """The output change from recalibrated statistics, and with labels the task metric's;
+    what it cannot measure, and what the metric says, in its notes."""
+    plain = passes  # the task metric's passes tick under their own stage names
+    if progress is not None:
+        ticked = Ticking(passes.batches, passes.count, progress, impact_stage)
+        passes = dataclasses.replace(passes, batches=ticked)
+    layers = [(n, m) for n, m in passes.layers.items()]
+    with preserved(model, layers), torch.no_grad():
+        stats, level_passes = recalibrated_stats(passes, options.regime, model, across)
+        cost = level_passes * passes.count
+        diff, used = compare_outputs(model, passes.batches, passes.layers, stats, passes.outputs)
+        if across is not None:
+            diff, used = across.diff(diff, used)
+        cost += used
+        per_layer, used = _attribution(model, passes, metrics, stats, options, across)
+        cost += used
+        if across is None:
+            evidence, notes = _evidence(model, plain, list(stats), options, progress)
+        else:  # cross-fitting pairs batches, which the ranks split between them
+            evidence, notes = None, ()
+            if options.metric is not None or any(c.labels is not None for c in plain.batches):
+                notes = ("task-metric evidence not measured: not supported under torchrun",)
+        cost += evidence.forward_passes if evidence else 0
+    impact = OutputImpact(
+        regime=options.regime,
+        batches=passes.count,
+        forward_passes=cost,
+        rel_l2=diff.rel_l2,
+        max_abs=diff.max_abs,
+        top1_agreement=diff.top1,
+        per_layer=per_layer,
+        evidence=evidence,
+    )
+    return Impacted(impact, notes)
+
+
+def _attribution(
+    model: nn.Module,
+    passes: Passes,
+    metrics: dict[str, LayerMetrics],
+    stats: dict[str, Any],
+    options: AuditOptions,
+    across: Across | None,
+) -> tuple[dict[str, float], int]:
+    """With `attribution`, each flagged layer's output change alone, the worst first; the
+    forward passes it took."""
+    if not options.attribution:
+        return {}, 0
+    t = options.thresholds
+    flagged = sorted(
+        (n for n, m in metrics.items() if n in stats and _flagged(m, t)),
+        key=lambda n: -max(metrics[n].stale_fraction, metrics[n].gap_fraction),
+    )[: options.attribution_max]
+    per_layer: dict[str, float] = {}
+    cost = 0
+    for name in flagged:
+        alone, used = compare_outputs(
+            model, passes.batches, passes.layers, {name: stats[name]}, passes.outputs
+        )
+        if across is not None:
+            alone, used = across.diff(alone, used)
+        per_layer[name] = alone.rel_l2
+        cost += used
+    return per_layer, cost
+
+
+def _evidence(
+    model: nn.Module,
+    passes: Passes,
+    names: list[str],
+    options: AuditOptions,
+    progress: ProgressFn | None = None,
+) -> tuple[Evidence | None, tuple[str, ...]]:
+    """The task metric with stored and cross-fitted recalibrated statistics, when the batches
+    carry labels, and the note on what it says; None (with a note saying why, where it would be
+    expected) otherwise."""
+    calls = list(passes.batches)
+    labelled = bool(calls) and all(c.labels is not None for c in calls)
+    if not labelled:
+        if options.metric is not None:
+            return None, (
+                "--metric not measured: the batches carry no labels (an integer tensor with one "
+                "class per sample beside the input, or a 'label'/'target' key)",
+            )
+        return None, ()
+    metric, name = options.metric, options.metric_name or "metric"
+    if metric is None:
+        first = passes.outputs[0] if passes.outputs else call_model(model.eval(), calls[0])
+        if not applies(first, calls[0].labels):
+            return None, (
+                "labels found, but the output is not [B, K] class scores for them: pass "
+                "--metric module:fn(outputs, labels) -> float to measure the task metric",
+            )
+        metric, name = top1, TOP1
+    if len(calls) < 2:
+        return None, (f"{name} not compared: cross-fitting needs at least 2 batches",)
+    evidence = measure_evidence(
+        model,
+        calls,
+        passes.layers,
+        names,
+        passes.outputs,
+        regime=options.regime,
+        metric=metric,
+        metric_name=name,
+        progress=progress,
+    )
+    return evidence, (_evidence_note(evidence, name),)
+
+
+def _evidence_note(evidence: Evidence, name: str) -> str:
+    if evidence.worse:
+        return (
+            f"recalibrating to these batches lowers {name} beyond noise ({evidence.describe()}): "
+            "stale verdicts are relative to these batches, which may not be the training "
+            "distribution; do not recalibrate to them (bnaudit recalibrate refuses without "
+            "--force)"
+        )
+    if evidence.better:
+        return f"recalibrating raises {name} beyond noise ({evidence.describe()})"
+    return f"recalibrating does not change {name} beyond noise ({evidence.describe()})"
+
+
+def _flagged(m: LayerMetrics, t: Thresholds) -> bool:
+    return is_stale(m, t) or has_gap(m, t)
