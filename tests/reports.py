@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,19 +29,8 @@ EVIL = "evil\n::error::pwned, 100%: ##[add-mask]x <script>alert(1)</script> | [a
 
 
 def metrics(**values: Any) -> LayerMetrics:
-    """LayerMetrics with every number unmeasured (NaN, 0, "") except `values`."""
-    defaults: dict[str, Any] = {}
-    for f in dataclasses.fields(LayerMetrics):
-        kind = str(f.type)
-        if "float" in kind:
-            defaults[f.name] = math.nan
-        elif "int" in kind:
-            defaults[f.name] = 0
-        elif "bool" in kind:
-            defaults[f.name] = False
-        else:
-            defaults[f.name] = ""
-    defaults.update(
+    """LayerMetrics with every number unmeasured (NaN, 0, "") except `values`, by flat name."""
+    defaults: dict[str, Any] = dict(
         kind="batch",
         channels=8,
         eps=1e-5,
@@ -59,8 +47,7 @@ def metrics(**values: Any) -> LayerMetrics:
         values_per_channel=16,
         batch_size=16,
     )
-    defaults.update(values)
-    return LayerMetrics(**defaults)
+    return LayerMetrics.unmeasured("", **(defaults | values))
 
 
 def finding(

@@ -53,7 +53,7 @@ def test_healthy_cnn_no_stale_no_fail(healthy_cnn: nn.Module, batch: int) -> Non
     assert codes(report, Severity.FAIL) == {}
     if batch == 64:
         assert codes(report, Severity.WARN) == {}
-        assert all(r.metrics.stale_judged == "yes" for r in report.layers)
+        assert all(r.metrics.train.drift.judged == "yes" for r in report.layers)
     assert report.passed
 
 
@@ -71,16 +71,16 @@ def test_reconstruction_is_exact_on_healthy_layers(healthy_cnn: nn.Module) -> No
     report = audit(healthy_cnn, cnn_batches(16, count=2))
     for r in report.layers:
         m = r.metrics
-        assert m.calls == 2
-        assert 0 <= m.recon_train_ratio < 0.5, r.name
-        assert 0 <= m.recon_eval_ratio < 0.5, r.name
-        assert m.update_mean_ratio < 0.5 and m.update_var_ratio < 0.5, r.name
-        assert m.update_count_errors == 0
+        assert m.seen.calls == 2
+        assert 0 <= m.train.recon.ratio < 0.5, r.name
+        assert 0 <= m.eval.recon.ratio < 0.5, r.name
+        assert m.update.mean_ratio < 0.5 and m.update.var_ratio < 0.5, r.name
+        assert m.update.count_errors == 0
 
 
 def test_small_audit_batches_are_not_judged(healthy_cnn: nn.Module) -> None:
     report = audit(healthy_cnn, cnn_batches(2, count=8))
-    assert {r.metrics.stale_judged for r in report.layers} == {"no: batch size 2 < 3"}
+    assert {r.metrics.train.drift.judged for r in report.layers} == {"no: batch size 2 < 3"}
     assert any("not judged" in n for n in report.notes)
 
 
@@ -94,7 +94,7 @@ def test_stale_stats_only_behind_the_changed_weights(healthy_cnn: nn.Module, con
     planted = CNN_LAYERS_BEHIND[conv]
     assert layers_with(report, "stale-stats") == {planted}
     assert set(codes(report, Severity.FAIL)) == {planted}
-    assert report.layer(planted).metrics.stale_fraction > 0.5
+    assert report.layer(planted).metrics.train.drift.fraction > 0.5
     # Downstream layers see the stale layer's eval output: a consequence, reported as info.
     for f in report.findings:
         if f.code == "train-eval-gap":
@@ -132,7 +132,7 @@ def test_keras_momentum(healthy_mlp: nn.Module) -> None:
     healthy_mlp[7].momentum = 0.99
     report = audit(healthy_mlp, mlp_batches(32))
     assert layers_with(report, "momentum-convention") == {"7"}
-    assert report.layer("7").metrics.momentum == 0.99
+    assert report.layer("7").metrics.attrs.momentum == 0.99
     assert healthy_mlp[7].momentum == 0.99  # audited, not changed
 
 
@@ -142,7 +142,7 @@ def test_momentum_warmup_after_few_updates() -> None:
     nets.calibrate(model, nets.mlp_data(5 * 32, seed=1), 32)  # T = 5: 0.9^5 = 0.59 remains
     report = audit(model, mlp_batches(32))
     assert layers_with(report, "momentum-warmup") == {"1", "4", "7", "10"}
-    assert report.layer("1").metrics.init_weight == pytest.approx(0.9**5)
+    assert report.layer("1").metrics.update.init_weight == pytest.approx(0.9**5)
 
 
 def test_nan_in_a_buffer(healthy_cnn: nn.Module) -> None:
@@ -152,8 +152,8 @@ def test_nan_in_a_buffer(healthy_cnn: nn.Module) -> None:
     assert set(codes(report, Severity.FAIL)) == {"layer1.bn2"}
     # Layers after it receive NaN in eval mode: their gap is not judged, and says why.
     downstream = report.layer("layer2.bn1").metrics
-    assert downstream.nonfinite_inputs > 0
-    assert downstream.gap_judged == "no: non-finite input statistics"
+    assert downstream.seen.nonfinite_inputs > 0
+    assert downstream.eval.drift.judged == "no: non-finite input statistics"
 
 
 def test_negative_running_var(healthy_mlp: nn.Module) -> None:
@@ -169,7 +169,7 @@ def test_tiny_var_amplification(healthy_mlp: nn.Module) -> None:
         healthy_mlp[7].weight[2] = 20.0
     report = audit(healthy_mlp, mlp_batches(32))
     assert layers_with(report, "tiny-var") == {"7"}
-    assert report.layer("7").metrics.max_amplification > 1000
+    assert report.layer("7").metrics.stored.max_amplification > 1000
 
 
 class UnbiasedTrainBN(nn.BatchNorm1d):
@@ -242,8 +242,8 @@ def test_unbiased_train_error_is_the_bessel_gap(healthy_mlp: nn.Sequential) -> N
     report = audit(model, mlp_batches(8, count=4))
     m = report.layer("1").metrics
     # Unbiased instead of biased: outputs shrink by sqrt((N-1)/N) = sqrt(7/8), far beyond float32.
-    assert m.recon_train_ratio > 1000
-    assert m.recon_eval_ratio < 1
+    assert m.train.recon.ratio > 1000
+    assert m.eval.recon.ratio < 1
 
 
 def test_no_running_stats_warns(healthy_mlp: nn.Sequential) -> None:
@@ -252,19 +252,19 @@ def test_no_running_stats_warns(healthy_mlp: nn.Sequential) -> None:
     report = audit(model, mlp_batches(32, count=4))
     assert layers_with(report, "no-running-stats") == {"4"}
     m = report.layer("4").metrics
-    assert m.recon_eval_ratio < 1  # eval mode used batch statistics, and so did the reference
-    assert m.stale_judged.startswith("n/a")
+    assert m.eval.recon.ratio < 1  # eval mode used batch statistics, and so did the reference
+    assert m.train.drift.judged.startswith("n/a")
 
 
 def test_var_bias_matches_bessel_at_small_n(healthy_mlp: nn.Sequential) -> None:
     report = audit(healthy_mlp, mlp_batches(8, count=64))
     assert layers_with(report, "var-bias") == {"1", "4", "7", "10"}
     m = report.layer("1").metrics
-    assert m.values_per_channel == 8
-    assert m.bessel_factor == pytest.approx(8 / 7)
-    assert m.eval_scale == pytest.approx((7 / 8) ** 0.5)
+    assert m.seen.values_per_channel == 8
+    assert m.update.bessel_factor == pytest.approx(8 / 7)
+    assert m.update.eval_scale == pytest.approx((7 / 8) ** 0.5)
     # Running var (unbiased, accumulated at batch 32) over the mean biased variance at N = 8.
-    assert m.var_ratio_observed == pytest.approx(8 / 7, rel=0.1)
+    assert m.update.var_ratio_observed == pytest.approx(8 / 7, rel=0.1)
 
 
 def test_train_eval_gap_grows_with_depth_at_small_batches() -> None:
@@ -279,7 +279,7 @@ def test_train_eval_gap_grows_with_depth_at_small_batches() -> None:
     assert "22" in gap  # the last
     assert all(f.severity == Severity.WARN for f in report.findings if f.code == "train-eval-gap")
     first, last = report.layer("1").metrics, report.layer("22").metrics
-    assert last.gap_fraction > first.gap_fraction + 0.3
+    assert last.eval.drift.fraction > first.eval.drift.fraction + 0.3
 
 
 def test_unreached_layer_is_reported() -> None:

@@ -52,8 +52,8 @@ def test_blocks_measure_as_one_pass_at_a_time(inf: bool) -> None:
     kept = bnaudit.audit(model, batches)
     assert_same_report(kept, per_pass)
     assert_same_report(kept, alone)
-    assert kept.layer("shared").metrics.calls == 2 * len(batches)
-    assert (kept.layer("plain").metrics.nonfinite_inputs > 0) == inf
+    assert kept.layer("shared").metrics.seen.calls == 2 * len(batches)
+    assert (kept.layer("plain").metrics.seen.nonfinite_inputs > 0) == inf
 
 
 def test_blocks_are_released_after_the_passes() -> None:

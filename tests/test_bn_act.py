@@ -8,7 +8,6 @@ value, so every metric must agree), and the general float64 path for the fast on
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -91,16 +90,17 @@ def assert_same_metrics(got: bnaudit.AuditReport, want: bnaudit.AuditReport) -> 
     names = {"norm1": "norm1.0", "norm2": "norm2.0"}
     for name, other in names.items():
         g, w = got.layer(name).metrics, want.layer(other).metrics
-        for f in dataclasses.fields(w):
-            a, b = getattr(g, f.name), getattr(w, f.name)
-            if f.name in ("measured_at", "fold_with", "fold_checked") or (
-                f.name.startswith("fold_") or f.name == "folded_weight_max"
+        got_flat = g.flat()
+        for field, b in w.flat().items():
+            a = got_flat[field]
+            if field in ("measured_at", "fold_with", "fold_checked") or (
+                field.startswith("fold_") or field == "folded_weight_max"
             ):
                 continue  # a BatchNormAct never folds; measured_at is the point of the test
             if isinstance(b, float) and not (math.isnan(a) and math.isnan(b)):
-                assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12), (name, f.name, a, b)
+                assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12), (name, field, a, b)
             elif not isinstance(b, float):
-                assert a == b, (name, f.name, a, b)
+                assert a == b, (name, field, a, b)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -112,8 +112,8 @@ def test_bn_act_measures_as_bn_then_act(act: str, channels_last: bool) -> None:
     assert_same_metrics(got, want)
     for name in ("norm1", "norm2"):
         r = got.layer(name)
-        assert r.metrics.measured_at == "input of drop"
-        assert r.metrics.recon_train_ratio < 1 and r.metrics.recon_eval_ratio < 1
+        assert r.metrics.seen.measured_at == "input of drop"
+        assert r.metrics.train.recon.ratio < 1 and r.metrics.eval.recon.ratio < 1
         # The same verdicts as BatchNorm2d, plus this one.
         codes = [(f.code, f.severity) for f in r.findings]
         extra = ("nonstandard-forward", Severity.INFO)
@@ -143,7 +143,7 @@ def test_bn_act_with_dropout_in_train_mode_all() -> None:
     report = bnaudit.audit(model, images(), train_mode="all")
     for name in ("norm1", "norm2"):
         m = report.layer(name).metrics
-        assert m.measured_at == "input of drop" and m.recon_train_ratio < 1
+        assert m.seen.measured_at == "input of drop" and m.train.recon.ratio < 1
     assert not model.training and not model.norm1.drop.training  # modes put back
 
 
@@ -156,13 +156,13 @@ def test_planted_eps_inside_bn_act_is_diagnosed(act: str) -> None:
     fused.norm1.eps_used = fused.norm1.eps * 10
     report = bnaudit.audit(fused, images())
     m = report.layer("norm1").metrics
-    assert m.recon_eval_ratio > 1
-    assert m.recon_eval_explanation_key == "eps" and m.recon_eval_explanation_ratio <= 1
+    assert m.eval.recon.ratio > 1
+    assert m.eval.recon.explanation_key == "eps" and m.eval.recon.explanation_ratio <= 1
     codes = {f.code: f for f in report.layer("norm1").findings}
     assert codes["nonstandard-forward"].severity == Severity.WARN
     assert "recon-eval" in codes
     # norm2 is untouched and stays exact.
-    assert report.layer("norm2").metrics.recon_eval_ratio < 1
+    assert report.layer("norm2").metrics.eval.recon.ratio < 1
     with grouping(0), general_only():
         assert_same_report(report, bnaudit.audit(fused, images()))
 
@@ -179,7 +179,7 @@ def test_tap_not_called_falls_back_to_the_output() -> None:
     calibrate(model, make_images(32 * 10, seed=1), 32)
     report = bnaudit.audit(model.eval(), images())
     m = report.layer("norm1").metrics
-    assert m.measured_at == "" and m.calls == 3 and m.recon_train_ratio < 1
+    assert m.seen.measured_at == "" and m.seen.calls == 3 and m.train.recon.ratio < 1
     found = {f.code: f for f in report.layer("norm1").findings}
     assert "still computes plain BN" in found["nonstandard-forward"].message
 
@@ -202,4 +202,4 @@ def test_shared_activation_module_is_measured_once_per_call() -> None:
     report = bnaudit.audit(model.eval(), images())
     for name in ("0.norm1", "0.norm2"):
         m = report.layer(name).metrics
-        assert m.calls == 3 and m.measured_at == "input of act" and m.recon_eval_ratio < 1
+        assert m.seen.calls == 3 and m.seen.measured_at == "input of act" and m.eval.recon.ratio < 1

@@ -320,6 +320,6 @@ def test_autocast_bf16_measures_each_bn_in_the_dtype_it_ran_in() -> None:
     assert "forward" not in model.__dict__  # the model's own forward is back
     for p, m in zip(plain.layers, mixed.layers, strict=True):
         # bfloat16 errors: far beyond float32's tolerance, within bfloat16's.
-        assert m.metrics.recon_train_max_err > 1000 * p.metrics.recon_train_max_err
-        assert 0 < m.metrics.recon_train_ratio <= 1 and 0 < m.metrics.recon_eval_ratio <= 1
+        assert m.metrics.train.recon.max_err > 1000 * p.metrics.train.recon.max_err
+        assert 0 < m.metrics.train.recon.ratio <= 1 and 0 < m.metrics.eval.recon.ratio <= 1
     assert [f.code for f in mixed.findings] == [f.code for f in plain.findings]

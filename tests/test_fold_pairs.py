@@ -42,9 +42,9 @@ def relu_first() -> nn.Module:
 def test_untraceable_conv_relu_bn_is_not_judged_as_a_fold(relu_first: nn.Module) -> None:
     report = audit(relu_first, images())
     assert not {f.code for f in report.findings} & FOLD_CODES
-    assert report.layer("bn1").metrics.fold_with == ""
+    assert report.layer("bn1").metrics.fold.into == ""
     bn2 = report.layer("bn2").metrics
-    assert bn2.fold_with == "conv2" and bn2.fold_checked and bn2.fold_ratio < 1
+    assert bn2.fold.into == "conv2" and bn2.fold.checked and bn2.fold.ratio < 1
     assert report.passed
     (note,) = [n for n in report.notes if n.startswith("fold pairs")]
     assert note.startswith("fold pairs by observed dataflow on the first batch: 1 of 2 BN layers")
@@ -91,7 +91,7 @@ def test_in_place_relu_keeps_the_tensor_object_but_is_not_a_pair() -> None:
     assert seen["bn"] is seen["conv"]
     assert "bn1" in dict(pairs.skipped) and [p.bn for p in pairs.pairs] == ["bn2"]
     report = audit(healthy(nets.GatedNet("inplace", "none"), batches=20), images(2))
-    assert report.layer("bn1").metrics.fold_with == ""
+    assert report.layer("bn1").metrics.fold.into == ""
     assert not {f.code for f in report.findings} & FOLD_CODES
 
 
@@ -108,8 +108,8 @@ def test_pairs_follow_the_data_not_the_registration_order() -> None:
             return self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
 
     report = audit(healthy(Reordered(), batches=20), images(2))
-    assert {r.name: r.metrics.fold_with for r in report.layers} == {"bn1": "conv1", "bn2": "conv2"}
-    assert all(r.metrics.fold_checked and r.metrics.fold_ratio < 1 for r in report.layers)
+    assert {r.name: r.metrics.fold.into for r in report.layers} == {"bn1": "conv1", "bn2": "conv2"}
+    assert all(r.metrics.fold.checked and r.metrics.fold.ratio < 1 for r in report.layers)
     assert not {f.code for f in report.findings} & {"fold-mismatch"}
 
 

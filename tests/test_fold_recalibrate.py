@@ -60,8 +60,8 @@ def test_demo_pairs_are_observed() -> None:
 def test_healthy_folds_match(healthy_cnn: nn.Module) -> None:
     report = audit(healthy_cnn, images(count=2))
     for r in report.layers:
-        assert r.metrics.fold_with and r.metrics.fold_checked, r.name
-        assert r.metrics.fold_ratio < 1, r.name
+        assert r.metrics.fold.into and r.metrics.fold.checked, r.name
+        assert r.metrics.fold.ratio < 1, r.name
     assert not {f.code for f in report.findings} & {"fold-mismatch", "fold-risk"}
 
 
@@ -82,7 +82,7 @@ def test_fold_mismatch_when_the_layer_is_not_the_eval_formula() -> None:
     report = audit(model.eval(), images(count=2))
     # Both layers forget eps; the fold (which keeps it) misses most where the variance is tiny.
     assert {f.layer for f in report.findings if f.code == "fold-mismatch"} == {"norm1", "norm2"}
-    ratio = {r.name: r.metrics.fold_ratio for r in report.layers}
+    ratio = {r.name: r.metrics.fold.ratio for r in report.layers}
     assert ratio["norm2"] > 10 * ratio["norm1"] > 10
 
 

@@ -264,16 +264,16 @@ def test_audit_of_a_healthy_single_bn_model_passes_the_formula_checks(cfg: Confi
     modes = [module.training for module in model.modules()]
     report = bnaudit.audit(model, batches)
     m = report.layers[0].metrics
-    assert m.calls == 3
-    assert m.recon_train_ratio < 1, m.recon_train_ratio
-    assert m.recon_eval_ratio < 1, m.recon_eval_ratio
+    assert m.seen.calls == 3
+    assert m.train.recon.ratio < 1, m.train.recon.ratio
+    assert m.eval.recon.ratio < 1, m.eval.recon.ratio
     if cfg.track:
-        assert m.update_mean_ratio < 1, m.update_mean_ratio
-        assert m.update_var_ratio < 1, m.update_var_ratio
-        assert m.update_count_errors == 0
+        assert m.update.mean_ratio < 1, m.update.mean_ratio
+        assert m.update.var_ratio < 1, m.update.var_ratio
+        assert m.update.count_errors == 0
     else:
         # Nothing is updated without running stats: the ratios are "not measured".
-        assert math.isnan(m.update_mean_ratio) and math.isnan(m.update_var_ratio)
+        assert math.isnan(m.update.mean_ratio) and math.isnan(m.update.var_ratio)
     codes = {f.code for f in report.layers[0].findings}
     assert not codes & CHECKED_CODES, report.layers[0].findings
     after = model.state_dict()

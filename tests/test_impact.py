@@ -123,6 +123,6 @@ def test_eval_regime_closes_the_train_eval_gap() -> None:
     as_deployed = audit(fixed, batches, regime="eval")
     assert not {f.layer for f in as_deployed.findings if f.code == "stale-stats"}
     deepest = "16"
-    assert before.layer(deepest).metrics.gap_fraction >= 0.3
-    assert as_deployed.layer(deepest).metrics.stale_fraction < 0.1  # judged on eval inputs
-    assert as_deployed.layer(deepest).metrics.gap_judged == "n/a: regime eval"
+    assert before.layer(deepest).metrics.eval.drift.fraction >= 0.3
+    assert as_deployed.layer(deepest).metrics.train.drift.fraction < 0.1  # judged on eval inputs
+    assert as_deployed.layer(deepest).metrics.eval.drift.judged == "n/a: regime eval"

@@ -126,14 +126,14 @@ def test_drift_is_the_torch_formulation_bit_for_bit(layer: tuple[LayerAttrs, Lay
 def test_measure_figures_match_the_torch_reductions(layer: tuple[LayerAttrs, LayerStats]) -> None:
     a, s = layer
     m = measure(a, s, Thresholds())
-    assert m.nonfinite_values == sum(
+    assert m.stored.nonfinite_values == sum(
         int((~torch.isfinite(v)).sum()) for v in (a.weight, a.bias, a.running_mean, a.running_var)
     )
-    assert m.negative_var_channels == int((a.running_var < 0).sum())
-    assert m.zero_var_channels == int((a.running_var == 0).sum())
+    assert m.stored.negative_var_channels == int((a.running_var < 0).sum())
+    assert m.stored.zero_var_channels == int((a.running_var == 0).sum())
     for got, tracker in (
-        (m.recon_train_max_err, s.train.err_abs),
-        (m.recon_eval_ratio, s.eval.err_ratio),
+        (m.train.recon.max_err, s.train.err_abs),
+        (m.eval.recon.ratio, s.eval.err_ratio),
     ):
         want = float(tracker.value.max())
         assert got == want or (math.isnan(got) and math.isnan(want))
@@ -145,4 +145,4 @@ def test_measure_figures_match_the_torch_reductions(layer: tuple[LayerAttrs, Lay
                 F.ema_jitter_var(v_mean, a.momentum, a.num_batches_tracked or 0).sqrt() / run_sd
             ).median()
         )
-        assert m.ema_jitter == want or (math.isnan(m.ema_jitter) and math.isnan(want))
+        assert m.update.ema_jitter == want or (math.isnan(m.update.ema_jitter) and math.isnan(want))

@@ -76,7 +76,7 @@ def reference_measure(
             observed = float(ratio.log().median().exp()) if bool((ratio > 0).all()) else NAN
     train_why = _explanation(train_diagnosis)
     eval_why = _explanation(eval_diagnosis)
-    return LayerMetrics(
+    return LayerMetrics.from_flat(
         kind=a.kind.value,
         channels=a.num_features,
         eps=a.eps,
@@ -379,7 +379,7 @@ def test_audits_are_the_reference_bit_for_bit(  # type: ignore[no-untyped-def]
     assert fast.notes == slow.notes
     assert same_bits(fast.verdict, slow.verdict)
     # The planted defects are there to be compared: the audit did see them.
-    assert any(r.metrics.stale_fraction > 0 for r in fast.layers)
+    assert any(r.metrics.train.drift.fraction > 0 for r in fast.layers)
 
 
 def test_audit_with_impact_and_attribution_is_the_reference(

@@ -3,7 +3,6 @@ helper's message, and the training-loop callbacks (Lightning stubbed: it is not 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -153,7 +152,9 @@ def test_audit_after_epoch_logs_per_layer_metrics(healthy_mlp: nn.Module) -> Non
 
 def test_layer_metrics_leave_out_what_was_not_measured() -> None:
     unmeasured = LayerMetrics.unmeasured("no batches", channels=4, kind="batch")
-    measured = dataclasses.replace(unmeasured, stale_shift_max=0.5, recon_eval_ratio=math.inf)
+    measured = LayerMetrics.from_flat(
+        **(unmeasured.flat() | {"stale_shift_max": 0.5, "recon_eval_ratio": math.inf})
+    )
     report = bnaudit.AuditReport(
         layers=(LayerResult("a", "BatchNorm2d", unmeasured), LayerResult("b", "X", measured))
     )
@@ -227,3 +228,83 @@ def test_lightning_callback_without_lightning_says_what_to_do(
     monkeypatch.delitem(bnaudit.integrations.callbacks.__dict__, "BNAuditCallback", raising=False)
     with pytest.raises(ImportError, match=r"pip install lightning; without it, call"):
         bnaudit.integrations.callbacks.BNAuditCallback  # noqa: B018 - the attribute access is the test
+
+
+# The reports' flat metric names, in order: CSV columns, JSON `metrics` keys, to_frame columns.
+REPORT_METRICS = (
+    "kind",
+    "channels",
+    "eps",
+    "momentum",
+    "affine",
+    "track_running_stats",
+    "num_batches_tracked",
+    "dtype",
+    "buffer_dtype",
+    "nonfinite_values",
+    "negative_var_channels",
+    "zero_var_channels",
+    "initial_stats",
+    "max_amplification",
+    "calls",
+    "values_per_channel",
+    "batch_size",
+    "nonfinite_inputs",
+    "nonfinite_outputs",
+    "recon_train_max_err",
+    "recon_train_ratio",
+    "recon_eval_max_err",
+    "recon_eval_ratio",
+    "recon_train_explanation",
+    "recon_train_explanation_key",
+    "recon_train_explanation_err",
+    "recon_train_explanation_ratio",
+    "recon_eval_explanation",
+    "recon_eval_explanation_key",
+    "recon_eval_explanation_err",
+    "recon_eval_explanation_ratio",
+    "update_mean_ratio",
+    "update_var_ratio",
+    "update_count_errors",
+    "stale_shift_max",
+    "stale_shift_median",
+    "stale_log_var_max",
+    "stale_log_var_median",
+    "stale_fraction",
+    "stale_p",
+    "stale_channel",
+    "stale_judged",
+    "gap_shift_max",
+    "gap_log_var_max",
+    "gap_fraction",
+    "gap_p",
+    "gap_channel",
+    "gap_judged",
+    "bessel_factor",
+    "var_ratio_observed",
+    "eval_scale",
+    "init_weight",
+    "ema_window",
+    "ema_jitter",
+    "step_shift",
+    "step_log_var",
+    "output_change_alone",
+    "fold_with",
+    "fold_checked",
+    "fold_max_err",
+    "fold_ratio",
+    "folded_weight_max",
+    "fold_int8_levels",
+    "counter_problem",
+    "measured_at",
+)
+
+
+def test_layer_metrics_flat_names_are_the_report_columns_in_order() -> None:
+    m = LayerMetrics.unmeasured("no batches", channels=4, kind="batch")
+    assert tuple(m.flat()) == REPORT_METRICS
+    assert repr(LayerMetrics.from_flat(**m.flat())) == repr(m)  # NaN != NaN: compare the text
+    assert m.flat()["stale_judged"] == m.train.drift.judged == "no: no batches"
+    assert m.flat()["gap_channel"] == m.eval.drift.channel == -1
+    with pytest.raises(TypeError, match="no metric named stale_shift"):
+        LayerMetrics.from_flat(**m.flat(), stale_shift=1.0)

@@ -81,10 +81,10 @@ def test_healthy_state_dict_passes_with_the_notes(mlp: nn.Module) -> None:
     assert "assumed 1e-05" in notes and "momentum is not stored" in notes
     for r in report.layers:
         assert r.type == "BatchNorm"
-        assert r.metrics.eps == 1e-5
-        assert math.isnan(r.metrics.momentum)
-        assert r.metrics.num_batches_tracked == 40
-        assert r.metrics.stale_judged == "no: static audit"
+        assert r.metrics.attrs.eps == 1e-5
+        assert math.isnan(r.metrics.attrs.momentum)
+        assert r.metrics.attrs.num_batches_tracked == 40
+        assert r.metrics.train.drift.judged == "no: static audit"
 
 
 def test_planted_defects_on_exactly_their_layers(mlp: nn.Module) -> None:
@@ -110,8 +110,10 @@ def test_static_checks_match_the_full_audit(mlp: nn.Module) -> None:
     for s, f in zip(static.layers, full.layers, strict=True):
         assert s.name == f.name
         for field in fields:
-            assert getattr(s.metrics, field) == getattr(f.metrics, field), (s.name, field)
-        assert s.metrics.max_amplification == pytest.approx(f.metrics.max_amplification)
+            assert getattr(s.metrics.stored, field) == getattr(f.metrics.stored, field), field
+        assert s.metrics.stored.max_amplification == pytest.approx(
+            f.metrics.stored.max_amplification
+        )
 
 
 def test_unknown_momentum_raises_no_momentum_warmup(mlp: nn.Module) -> None:
@@ -123,8 +125,8 @@ def test_unknown_momentum_raises_no_momentum_warmup(mlp: nn.Module) -> None:
     assert set(codes(full)) == set(BN) and codes(full)["1"] == {"momentum-warmup"}
     static = audit_state_dict(mlp.state_dict())
     assert static.findings == []
-    assert all(math.isnan(r.metrics.init_weight) for r in static.layers)
-    assert all(math.isnan(r.metrics.ema_window) for r in static.layers)
+    assert all(math.isnan(r.metrics.update.init_weight) for r in static.layers)
+    assert all(math.isnan(r.metrics.update.ema_window) for r in static.layers)
     # Where an archive records the momentum (TorchScript), the check runs again.
     known = {name: KnownAttrs("BatchNorm1d", 1e-5, 0.1) for name in BN}
     told = audit_state_dict(mlp.state_dict(), known=known)
@@ -137,7 +139,7 @@ def test_half_precision_buffers(mlp: nn.Module, dtype: torch.dtype) -> None:
     mlp.to(dtype)
     static = audit_state_dict(mlp.state_dict())
     assert codes(static) == {name: {"half-buffers"} for name in BN}
-    assert static.layer("1").metrics.buffer_dtype == str(dtype).removeprefix("torch.")
+    assert static.layer("1").metrics.attrs.buffer_dtype == str(dtype).removeprefix("torch.")
     assert codes(audit(mlp, [])) == codes(static)  # the full audit raises it too
 
 
@@ -157,7 +159,7 @@ def test_frozen_batchnorm_style_groups() -> None:
     assert {r.type for r in report.layers} == {"FrozenBatchNorm-style"}
     assert codes(report) == {r.name: {"no-counter"} for r in report.layers}
     assert report.passed  # info only
-    assert all(r.metrics.num_batches_tracked is None for r in report.layers)
+    assert all(r.metrics.attrs.num_batches_tracked is None for r in report.layers)
 
 
 def test_only_bn_tensors_are_read_and_odd_groups_are_findings(mlp: nn.Module) -> None:
@@ -182,7 +184,7 @@ def test_a_counter_of_any_real_dtype_is_a_count(mlp: nn.Module, dtype: torch.dty
     report = audit_state_dict(_float_counters(mlp.state_dict(), dtype))
     assert [r.name for r in report.layers] == BN
     assert report.findings == [] and report.passed
-    assert all(r.metrics.num_batches_tracked == 40 for r in report.layers)
+    assert all(r.metrics.attrs.num_batches_tracked == 40 for r in report.layers)
     name = str(dtype).removeprefix("torch.")
     assert any(
         n.startswith(f"num_batches_tracked stored as {name} in 6 layers: 1, 4, 7, 10, 13, 16")
@@ -224,7 +226,7 @@ def test_a_counter_that_is_no_count_is_a_finding(
     assert codes(report) == {"7": {"bad-counter"}}  # and no no-counter: it has one
     finding = report.layer("7").findings[0]
     assert finding.severity.label == "warn" and says in finding.message, finding.message
-    assert report.layer("7").metrics.num_batches_tracked is None
+    assert report.layer("7").metrics.attrs.num_batches_tracked is None
     assert report.passed  # warn: the counter does not enter the output
 
 

@@ -74,11 +74,11 @@ def test_a_layer_run_twice_per_forward_has_each_update_checked() -> None:
     report = bnaudit.audit(model, data)
     for name in ("bn", "head"):
         m = report.layer(name).metrics
-        assert m.calls == 2 * len(data)
+        assert m.seen.calls == 2 * len(data)
         # Had the second call started from the first's update, T would be off by one and the
         # update off by a whole momentum step.
-        assert m.update_count_errors == 0
-        assert m.update_mean_ratio <= 1 and m.update_var_ratio <= 1
+        assert m.update.count_errors == 0
+        assert m.update.mean_ratio <= 1 and m.update.var_ratio <= 1
         assert "running-update" not in {f.code for f in report.layer(name).findings}
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -88,9 +88,9 @@ def test_a_wrong_update_of_a_layer_run_twice_is_found() -> None:
     model = calibrated(Twice(Skewed(8)), data)
     report = bnaudit.audit(model, data)
     m = report.layer("bn").metrics
-    assert m.update_mean_ratio > 1
+    assert m.update.mean_ratio > 1
     assert "running-update" in {f.code for f in report.layer("bn").findings}
-    assert report.layer("head").metrics.update_mean_ratio <= 1
+    assert report.layer("head").metrics.update.mean_ratio <= 1
 
 
 def test_a_call_on_the_general_path_reads_the_update_in_the_middle_of_the_pass() -> None:
@@ -101,9 +101,9 @@ def test_a_call_on_the_general_path_reads_the_update_in_the_middle_of_the_pass()
     before = state(model)
     report = bnaudit.audit(model, data)
     bn = report.layer("bn").metrics
-    assert bn.nonfinite_inputs > 0
-    assert bn.update_count_errors == 0
-    assert report.layer("head").metrics.update_count_errors == 0
+    assert bn.seen.nonfinite_inputs > 0
+    assert bn.update.count_errors == 0
+    assert report.layer("head").metrics.update.count_errors == 0
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 

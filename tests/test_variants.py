@@ -41,8 +41,8 @@ def assert_healthy(report) -> None:
     """No warn or fail anywhere, and every layer reproduced within tolerance."""
     assert [f for f in report.findings if f.severity >= Severity.WARN] == []
     for r in report.layers:
-        assert r.metrics.calls > 0, r.name
-        assert r.metrics.recon_train_ratio < 1 and r.metrics.recon_eval_ratio < 1, r.name
+        assert r.metrics.seen.calls > 0, r.name
+        assert r.metrics.train.recon.ratio < 1 and r.metrics.eval.recon.ratio < 1, r.name
 
 
 class ConvNet(nn.Module):
@@ -98,9 +98,9 @@ def test_instance_norm_with_running_stats() -> None:
     model = calibrated(ConvNet(nn.InstanceNorm2d, track_running_stats=True, affine=True))
     report = audit(model, images())
     assert_healthy(report)
-    assert {r.metrics.kind for r in report.layers} == {"instance"}
-    assert all(r.metrics.update_mean_ratio < 1 for r in report.layers)
-    assert report.layer("norm1").metrics.values_per_channel == 32 * 32  # per sample
+    assert {r.metrics.attrs.kind for r in report.layers} == {"instance"}
+    assert all(r.metrics.update.mean_ratio < 1 for r in report.layers)
+    assert report.layer("norm1").metrics.seen.values_per_channel == 32 * 32  # per sample
     stale = audit(stale_first(model), images())
     assert codes_on(stale, "norm1") >= {"stale-stats"}
     assert worst(stale, "norm2") < Severity.WARN
@@ -140,9 +140,9 @@ def test_frozen_batchnorm_found_by_its_buffers() -> None:
     torch.manual_seed(0)
     model = frozen_from(calibrated(ConvNet(nn.BatchNorm2d)))
     report = audit(model, images())
-    assert [r.metrics.kind for r in report.layers] == ["frozen", "frozen"]
+    assert [r.metrics.attrs.kind for r in report.layers] == ["frozen", "frozen"]
     assert_healthy(report)
-    assert report.layer("norm1").metrics.stale_judged == "n/a: frozen statistics"
+    assert report.layer("norm1").metrics.train.drift.judged == "n/a: frozen statistics"
     model.norm2.running_var[1] = -1.0
     broken = audit(model, images())
     assert codes_on(broken, "norm2") >= {"bad-var"} and worst(broken, "norm2") == Severity.FAIL
@@ -165,7 +165,7 @@ def test_frozen_batchnorm_that_forgets_eps_is_diagnosed() -> None:
     model.load_state_dict({k: v for k, v in source.state_dict().items() if "num_b" not in k})
     report = audit(model.eval(), images())
     assert codes_on(report, "norm2") >= {"recon-eval"}
-    assert report.layer("norm2").metrics.recon_eval_explanation_key == "eps"
+    assert report.layer("norm2").metrics.eval.recon.explanation_key == "eps"
     assert "eps = " in next(f.message for f in report.findings if f.code == "recon-eval")
 
 
@@ -243,9 +243,9 @@ def test_bn_act_is_a_variant_not_a_failure(act: nn.Module, name: str) -> None:
         assert "BatchNormAct2d" in found[0].message
         m = report.layer(layer).metrics
         # Read where the normalisation happens: nothing to explain.
-        assert m.measured_at == "input of drop"
-        assert m.recon_train_ratio < 1 and m.recon_eval_ratio < 1
-        assert m.recon_train_explanation_key == "" == m.recon_eval_explanation_key
+        assert m.seen.measured_at == "input of drop"
+        assert m.train.recon.ratio < 1 and m.eval.recon.ratio < 1
+        assert m.train.recon.explanation_key == "" == m.eval.recon.explanation_key
     stale = audit(stale_first(model), images())
     assert "stale-stats" in codes_on(stale, "norm1")
 
@@ -351,11 +351,12 @@ def test_each_mistake_is_diagnosed(mistake: str) -> None:
     regime, key = MISTAKES[mistake]
     code = f"recon-{regime}"
     m = report.layer("0").metrics
+    recon = (m.train if regime == "train" else m.eval).recon
     assert code in codes_on(report, "0")
-    assert getattr(m, f"recon_{regime}_explanation_key") == key
-    assert getattr(m, f"recon_{regime}_explanation_ratio") <= 1
+    assert recon.explanation_key == key
+    assert recon.explanation_ratio <= 1
     message = next(f.message for f in report.findings if f.code == code)
-    assert "it matches" in message and getattr(m, f"recon_{regime}_explanation") in message
+    assert "it matches" in message and recon.explanation in message
 
 
 class InlineSiLU(nn.BatchNorm2d):
@@ -370,7 +371,7 @@ def test_inline_activation_is_diagnosed() -> None:
     torch.manual_seed(0)
     report = audit(calibrated(ConvNet(InlineSiLU), batches=30), images(count=2))
     m = report.layer("norm1").metrics
-    assert m.measured_at == "" and m.recon_train_explanation_key == "act:silu"
+    assert m.seen.measured_at == "" and m.train.recon.explanation_key == "act:silu"
     (found,) = report.layer("norm1").findings
     assert found.code == "nonstandard-forward" and "BN followed by silu" in found.message
 
@@ -402,7 +403,7 @@ def test_bn_act_diagnosis_settles_after_the_first_batch(monkeypatch: pytest.Monk
     monkeypatch.setattr(explain.Diagnosis, "add", full)
     everything = audit(model, images(count=4))
     assert_same_report(settled, everything)
-    assert settled.layer("norm1").metrics.recon_train_explanation_key == "act:silu"
+    assert settled.layer("norm1").metrics.train.recon.explanation_key == "act:silu"
     # 2 layers × 2 regimes: a full diagnosis on the first batch, then one hypothesis a batch
     # (about 20 hypotheses make a full diagnosis)
     assert 2 * 2 * 3 < settled_count < evaluated[0] / 3

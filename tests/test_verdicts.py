@@ -212,10 +212,10 @@ def test_stale_alpha_is_the_bar_for_the_count(small_mlp: nn.Module) -> None:
         report = audit(model, batches, impact=False, fold=False)
         strict = audit(model, batches, impact=False, fold=False, stale_alpha=1e-40)
     m = report.layer("4").metrics
-    assert m.stale_p == pytest.approx(
-        S.noise_p(round(m.stale_fraction * 16), 16, 4, 4.0), rel=1e-12
+    assert m.train.drift.p == pytest.approx(
+        S.noise_p(round(m.train.drift.fraction * 16), 16, 4, 4.0), rel=1e-12
     )
-    assert m.stale_p < 1e-3 and "stale-stats" in {f.code for f in report.layer("4").findings}
+    assert m.train.drift.p < 1e-3 and "stale-stats" in {f.code for f in report.layer("4").findings}
     assert "stale-stats" not in {f.code for f in strict.layer("4").findings}
     assert strict.thresholds["stale_alpha"] == 1e-40
 
@@ -231,14 +231,14 @@ def test_too_few_batches_for_a_small_layer_is_said_not_judged() -> None:
         two = audit(model.eval(), batches[:2], impact=False, fold=False)
         three = audit(model, batches, impact=False, fold=False)
     reason = "no: too few batches (K=2) for 4 channels, needs K >= 3"
-    assert two.layer("1").metrics.stale_judged == reason
-    assert two.layer("1").metrics.gap_judged == reason
+    assert two.layer("1").metrics.train.drift.judged == reason
+    assert two.layer("1").metrics.eval.drift.judged == reason
     assert "stale-stats" not in {f.code for f in two.findings}
     assert (
         "stale-stats not judged (too few batches (K=2) for 4 channels, needs K >= 3): 1"
         in two.notes
     )
-    assert three.layer("1").metrics.stale_judged == "yes"
+    assert three.layer("1").metrics.train.drift.judged == "yes"
     assert "stale-stats" in {f.code for f in three.layer("1").findings}
 
 

@@ -34,7 +34,7 @@ from bnaudit.measure.progress import AUDIT, ProgressFn, batch_count, one_stage
 from bnaudit.report.audit_report import AuditReport
 from bnaudit.verdict.findings import Thresholds, is_stale, judge_layer, judge_model, weigh_evidence
 from bnaudit.verdict.metrics import figures_of, measure
-from bnaudit.verdict.results import LayerMetrics, LayerResult
+from bnaudit.verdict.results import Folding, LayerMetrics, LayerResult
 
 if TYPE_CHECKING:
     from bnaudit.distributed import Ranks
@@ -169,13 +169,8 @@ def _joined(
         changes: dict[str, Any] = {}
         c = checks.get(name)
         if c is not None:
-            changes.update(
-                fold_with=c.conv,
-                fold_checked=c.checked,
-                fold_max_err=c.max_err,
-                fold_ratio=c.ratio,
-                folded_weight_max=c.weight_max,
-                fold_int8_levels=c.int8_levels,
+            changes["fold"] = Folding(
+                c.conv, c.checked, c.max_err, c.ratio, c.weight_max, c.int8_levels
             )
         if name in alone:
             changes["output_change_alone"] = alone[name]
@@ -279,8 +274,8 @@ def _notes(results: tuple[LayerResult, ...], batches: int) -> tuple[str, ...]:
     reasons: dict[str, list[str]] = {}
     for r in results:
         for label, status in (
-            ("stale-stats", r.metrics.stale_judged),
-            ("train-eval-gap", r.metrics.gap_judged),
+            ("stale-stats", r.metrics.train.drift.judged),
+            ("train-eval-gap", r.metrics.eval.drift.judged),
         ):
             if status.startswith("no") and status != "no: synthetic data":  # said once
                 reasons.setdefault(

@@ -118,7 +118,7 @@ def _attribution(
     t = options.thresholds
     flagged = sorted(
         (n for n, m in metrics.items() if n in stats and _flagged(m, t)),
-        key=lambda n: -max(metrics[n].stale_fraction, metrics[n].gap_fraction),
+        key=lambda n: -max(metrics[n].train.drift.fraction, metrics[n].eval.drift.fraction),
     )[: options.attribution_max]
     per_layer: dict[str, float] = {}
     cost = 0

@@ -21,7 +21,7 @@ from bnaudit.report.audit_report import AuditReport
 from bnaudit.verdict.codes import CODES
 from bnaudit.verdict.findings import Thresholds, judge_layer, not_audited
 from bnaudit.verdict.metrics import measure
-from bnaudit.verdict.results import FailOn, LayerMetrics, LayerResult
+from bnaudit.verdict.results import FailOn, LayerMetrics, LayerResult, Regime
 
 # Which finding codes a static audit can raise, and what the others need.
 STATIC_CODES = (
@@ -111,7 +111,7 @@ def audit_state_dict(
         if after_read is not None:
             after_read()
         m = measure(a, LayerStats(), t, nonfinite_inputs=0, nonfinite_outputs=0, synthetic=False)
-        m = dataclasses.replace(m, stale_judged=NOT_JUDGED, gap_judged=NOT_JUDGED)
+        m = _not_judged(m)
         findings = judge_layer(
             name, m, t, type_name=a.type_name, overrides_forward=False, batches=0
         )
@@ -130,6 +130,15 @@ def audit_state_dict(
         checks_run=STATIC_CODES + (MOMENTUM_CODES if momentum_known else ()),
         checks_need="--model and --data",
     )
+
+
+def _not_judged(m: LayerMetrics) -> LayerMetrics:
+    """`m` with neither drift judged: a static audit has no batches to compare with."""
+
+    def regime(r: Regime) -> Regime:
+        return dataclasses.replace(r, drift=dataclasses.replace(r.drift, judged=NOT_JUDGED))
+
+    return dataclasses.replace(m, train=regime(m.train), eval=regime(m.eval))
 
 
 def _static_notes(attrs: Mapping[str, LayerAttrs], groups: int, assumed: int) -> list[str]:

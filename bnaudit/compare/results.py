@@ -61,6 +61,10 @@ class DiffMetrics:
     fed_by: str = ""  # the conv/linear whose output feeds it (with a model)
     nonfinite: int = 0  # non-finite values in its tensors, both checkpoints together
 
+    def flat(self) -> dict[str, Any]:
+        """Every metric under its report name, as `LayerMetrics.flat()` gives an audit's."""
+        return dataclasses.asdict(self)
+
     @property
     def stats_changed(self) -> bool:
         return bool(self.mean_changed or self.var_changed)
@@ -159,7 +163,7 @@ class DiffReport(Gated):
             row: dict[str, Any] = {"layer": r.name, "type": r.type, "verdict": r.verdict}
             row["codes"] = " ".join(sorted({f.code for f in r.findings if f.counts}))
             row["waived"] = " ".join(sorted({f.code for f in r.waived}))
-            row.update(dataclasses.asdict(r.metrics))
+            row.update(r.metrics.flat())
             rows.append(row)
         columns = ["layer", "type", "verdict", "codes", "waived"]
         columns += [f.name for f in dataclasses.fields(DiffMetrics)]

@@ -23,7 +23,7 @@ from bnaudit.check.audit import audit
 from bnaudit.report.audit_report import AuditReport
 
 DEFAULT_BATCHES = 4
-# The per-layer numbers logged (bnaudit.verdict.results.LayerMetrics fields): how far the running
+# The per-layer numbers logged (`LayerMetrics.flat()` names): how far the running
 # stats are from the data, and how well the layer reproduces its formulas.
 LOGGED = (
     "stale_shift_max",
@@ -41,8 +41,9 @@ def layer_metrics(report: AuditReport, prefix: str = "bn/") -> dict[str, float]:
     that fail the gate). NaN (not measured) is left out: loggers reject or plot it badly."""
     out: dict[str, float] = {}
     for layer in report.layers:
+        flat = layer.metrics.flat()
         for name in LOGGED:
-            value = float(getattr(layer.metrics, name))
+            value = float(flat[name])
             if math.isfinite(value):
                 out[f"{prefix}{layer.name}/{name}"] = value
         out[f"{prefix}{layer.name}/severity"] = float(layer.severity)

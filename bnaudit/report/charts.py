@@ -127,11 +127,12 @@ def charts(report: AuditRecord) -> list[Chart]:
 
     for r in report.layers:
         m = r.metrics
-        pair = [v for v in (m.recon_train_ratio, m.recon_eval_ratio) if not math.isnan(v)]
+        pair = [v for v in (m.train.recon.ratio, m.eval.recon.ratio) if not math.isnan(v)]
         recon.append(max(pair) if pair else None)
-        judged = m.stale_judged == "yes"
-        shift.append(m.stale_shift_max if judged and not math.isnan(m.stale_shift_max) else None)
-        lv = m.stale_log_var_max
+        stale = m.train.drift
+        judged = stale.judged == "yes"
+        shift.append(stale.shift_max if judged and not math.isnan(stale.shift_max) else None)
+        lv = stale.log_var_max
         var.append(math.exp(lv) if judged and not math.isnan(lv) else None)
     return [
         Chart(

@@ -163,9 +163,9 @@ _COLUMNS = [  # (key for #sort=, header, numeric)
 
 
 def _row(i: int, r: LayerResult) -> str:
-    m = r.metrics
-    judged = m.stale_judged == "yes"
-    gap = m.gap_fraction if m.gap_judged == "yes" else None
+    m, a, stale = r.metrics, r.metrics.attrs, r.metrics.train.drift
+    judged = stale.judged == "yes"
+    gap = m.eval.drift.fraction if m.eval.drift.judged == "yes" else None
     name = _e(r.name)
     link = f'<a href="#findings-{i}">{name}</a>' if r.findings else name
     codes = [_e(f.code) for f in r.findings if f.counts]
@@ -173,20 +173,20 @@ def _row(i: int, r: LayerResult) -> str:
     cells = [
         f'<td data-v="{name}">{link}</td>',
         f"<td>{_e(r.type)}</td>",
-        f'<td data-v="{m.channels}">{m.channels}</td>',
-        f'<td data-v="{_data(m.values_per_channel or None)}">'
-        f"{num(m.values_per_channel or None)}</td>",
+        f'<td data-v="{a.channels}">{a.channels}</td>',
+        f'<td data-v="{_data(m.seen.values_per_channel or None)}">'
+        f"{num(m.seen.values_per_channel or None)}</td>",
         f'<td data-v="{int(r.severity)}"><span class="badge {r.verdict}">{r.verdict}</span></td>',
-        f'<td data-v="{_data(m.recon_train_ratio)}">{num(m.recon_train_ratio, 2)}</td>',
-        f'<td data-v="{_data(m.recon_eval_ratio)}">{num(m.recon_eval_ratio, 2)}</td>',
-        f'<td data-v="{_data(m.stale_shift_max if judged else None)}">'
-        f"{num(m.stale_shift_max, 2) if judged else '-'}</td>",
-        f'<td data-v="{_data(m.stale_log_var_max if judged else None)}">'
-        f"{num(m.stale_log_var_max, 2) if judged else '-'}</td>",
+        f'<td data-v="{_data(m.train.recon.ratio)}">{num(m.train.recon.ratio, 2)}</td>',
+        f'<td data-v="{_data(m.eval.recon.ratio)}">{num(m.eval.recon.ratio, 2)}</td>',
+        f'<td data-v="{_data(stale.shift_max if judged else None)}">'
+        f"{num(stale.shift_max, 2) if judged else '-'}</td>",
+        f'<td data-v="{_data(stale.log_var_max if judged else None)}">'
+        f"{num(stale.log_var_max, 2) if judged else '-'}</td>",
         f'<td data-v="{_data(gap)}">{num(gap, 2)}</td>',
-        f'<td data-v="{_data(m.momentum)}">'
-        f"{'cumul.' if m.momentum is None else num(m.momentum)}</td>",
-        f'<td data-v="{_data(m.num_batches_tracked)}">{num(m.num_batches_tracked)}</td>',
+        f'<td data-v="{_data(a.momentum)}">'
+        f"{'cumul.' if a.momentum is None else num(a.momentum)}</td>",
+        f'<td data-v="{_data(a.num_batches_tracked)}">{num(a.num_batches_tracked)}</td>',
         f"<td>{' '.join(codes)}</td>",
     ]
     return f'<tr id="layer-{i}" class="{r.verdict}">{"".join(cells)}</tr>'

@@ -3,7 +3,6 @@ rule that a non-finite number is null (JSON has no NaN)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 
@@ -39,7 +38,7 @@ def layer_dict(r: Layer) -> dict[str, Any]:
         "name": r.name,
         "type": r.type,
         "verdict": r.verdict,
-        "metrics": dataclasses.asdict(r.metrics),
+        "metrics": r.metrics.flat(),
         "findings": [finding_dict(f) for f in r.findings],
     }
 

@@ -7,7 +7,6 @@ the renderers of this package read it, and `bnaudit.report.audit_report.AuditRep
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -40,6 +39,12 @@ class BaselineCheck:
     written: bool = False  # the baseline was written by this run from its own findings
 
 
+class Metrics(Protocol):
+    """A layer's metrics (`LayerMetrics` or `DiffMetrics`) under their flat report names."""
+
+    def flat(self) -> dict[str, Any]: ...
+
+
 class Layer(Protocol):
     """What the renderers read of a layer, of an audit (`LayerResult`) or of a diff
     (`LayerDiff`): the summaries and the JSON layer entries serve both."""
@@ -49,7 +54,7 @@ class Layer(Protocol):
     @property
     def type(self) -> str: ...
     @property
-    def metrics(self) -> Any: ...  # a frozen dataclass: LayerMetrics or DiffMetrics
+    def metrics(self) -> Metrics: ...
     @property
     def findings(self) -> tuple[Finding, ...]: ...
     @property
@@ -171,6 +176,6 @@ class AuditRecord(Gated):
             row = {"layer": r.name, "type": r.type, "verdict": r.verdict}
             row["codes"] = " ".join(sorted({f.code for f in r.findings if f.counts}))
             row["waived"] = " ".join(sorted({f.code for f in r.waived}))
-            row.update(dataclasses.asdict(r.metrics))
+            row.update(r.metrics.flat())
             rows.append(row)
         return pd.DataFrame(rows)

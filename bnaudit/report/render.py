@@ -149,13 +149,15 @@ def render_changes(before: AuditRecord, after: AuditRecord, layers: list[str]) -
     rows = []
     for name in layers:
         b, a = before.layer(name), after.layer(name)
+        b_stale, a_stale = b.metrics.train.drift, a.metrics.train.drift
+        b_gap, a_gap = b.metrics.eval.drift, a.metrics.eval.drift
         rows.append(
             [
                 printable(name),
                 f"{b.verdict} -> {a.verdict}",
-                f"{num(b.metrics.stale_shift_max, 2)} -> {num(a.metrics.stale_shift_max, 2)}",
-                f"{num(b.metrics.stale_log_var_max, 2)} -> {num(a.metrics.stale_log_var_max, 2)}",
-                f"{num(b.metrics.gap_fraction, 2)} -> {num(a.metrics.gap_fraction, 2)}",
+                f"{num(b_stale.shift_max, 2)} -> {num(a_stale.shift_max, 2)}",
+                f"{num(b_stale.log_var_max, 2)} -> {num(a_stale.log_var_max, 2)}",
+                f"{num(b_gap.fraction, 2)} -> {num(a_gap.fraction, 2)}",
             ]
         )
     grid = tabulate(

@@ -28,7 +28,7 @@ def codes(r: Judged) -> str:
 
 
 def _judged(r: LayerResult, value: float, digits: int = 2) -> str:
-    return num(value, digits) if r.metrics.stale_judged == "yes" else "-"
+    return num(value, digits) if r.metrics.train.drift.judged == "yes" else "-"
 
 
 @dataclass(frozen=True)
@@ -42,41 +42,43 @@ class Column:
 COLUMNS: tuple[Column, ...] = (
     Column("layer", lambda r: printable(r.name), 0, ""),
     Column("type", lambda r: printable(r.type), 6, ""),
-    Column("C", lambda r: str(r.metrics.channels), 5, "C channels"),
-    Column("N", lambda r: num(r.metrics.values_per_channel or None), 4, "N values/channel"),
+    Column("C", lambda r: str(r.metrics.attrs.channels), 5, "C channels"),
+    Column("N", lambda r: num(r.metrics.seen.values_per_channel or None), 4, "N values/channel"),
     Column("verdict", lambda r: r.verdict, 0, ""),
     Column(
         "train×tol",
-        lambda r: num(r.metrics.recon_train_ratio, 2),
+        lambda r: num(r.metrics.train.recon.ratio, 2),
         1,
         "×tol: worst output error / tolerance (>1 fails)",
     ),
-    Column("eval×tol", lambda r: num(r.metrics.recon_eval_ratio, 2), 1, ""),
+    Column("eval×tol", lambda r: num(r.metrics.eval.recon.ratio, 2), 1, ""),
     Column(
         "shift",
-        lambda r: _judged(r, r.metrics.stale_shift_max),
+        lambda r: _judged(r, r.metrics.train.drift.shift_max),
         2,
         "shift: mean shift in running sds",
     ),
     Column(
         "ln var",
-        lambda r: _judged(r, r.metrics.stale_log_var_max),
+        lambda r: _judged(r, r.metrics.train.drift.log_var_max),
         2,
         "ln var: ln(batch var / running var)",
     ),
     Column(
         "gap",
-        lambda r: num(r.metrics.gap_fraction, 2) if r.metrics.gap_judged == "yes" else "-",
+        lambda r: (
+            num(r.metrics.eval.drift.fraction, 2) if r.metrics.eval.drift.judged == "yes" else "-"
+        ),
         3,
         "gap: share of channels off in eval",
     ),
     Column(
         "momentum",
-        lambda r: "cumul." if r.metrics.momentum is None else num(r.metrics.momentum),
+        lambda r: "cumul." if r.metrics.attrs.momentum is None else num(r.metrics.attrs.momentum),
         7,
         "momentum: cumul. = cumulative average",
     ),
-    Column("T", lambda r: num(r.metrics.num_batches_tracked), 7, "T num_batches_tracked"),
+    Column("T", lambda r: num(r.metrics.attrs.num_batches_tracked), 7, "T num_batches_tracked"),
     Column("findings", codes, 0, ""),
 )
 

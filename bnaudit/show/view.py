@@ -203,13 +203,13 @@ def render_layer(v: LayerView) -> str:
         m = v.result.metrics
         parts += [
             "",
-            f"Measured ({m.calls} calls, N = {m.values_per_channel} values per channel):",
-            f"  train mode: max abs err {_fmt(m.recon_train_max_err)} "
-            f"({_fmt(m.recon_train_ratio)}x the tolerance)",
-            f"  eval mode:  max abs err {_fmt(m.recon_eval_max_err)} "
-            f"({_fmt(m.recon_eval_ratio)}x the tolerance)",
-            f"  running update: {_fmt(m.update_mean_ratio)}x (mean), "
-            f"{_fmt(m.update_var_ratio)}x (var) the tolerance",
+            f"Measured ({m.seen.calls} calls, N = {m.seen.values_per_channel} values per channel):",
+            f"  train mode: max abs err {_fmt(m.train.recon.max_err)} "
+            f"({_fmt(m.train.recon.ratio)}x the tolerance)",
+            f"  eval mode:  max abs err {_fmt(m.eval.recon.max_err)} "
+            f"({_fmt(m.eval.recon.ratio)}x the tolerance)",
+            f"  running update: {_fmt(m.update.mean_ratio)}x (mean), "
+            f"{_fmt(m.update.var_ratio)}x (var) the tolerance",
             f"  verdict: {v.result.verdict}",
         ]
         parts += [f"  {f.severity.label.upper()} {f.code}: {f.message}" for f in v.result.findings]

@@ -6,6 +6,7 @@ import dataclasses
 import enum
 import math
 from dataclasses import dataclass
+from typing import Any
 
 MODEL = "<model>"  # the layer name of findings about the whole model
 
@@ -79,10 +80,9 @@ class Finding:
 
 
 @dataclass(frozen=True)
-class LayerMetrics:
-    """Every number measured on one layer. NaN means not measured (see the report notes)."""
+class Attributes:
+    """What the layer is, read off its attributes and buffers."""
 
-    # attributes
     kind: str  # batch, instance or frozen (see bnaudit.core.layers.Kind)
     channels: int
     eps: float
@@ -92,94 +92,230 @@ class LayerMetrics:
     num_batches_tracked: int | None
     dtype: str
     buffer_dtype: str  # of the running stats, "" without them
-    # static checks
+    # why num_batches_tracked is not a count (then num_batches_tracked is None); "" when it is
+    counter_problem: str = ""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """The static checks of the stored buffers: what holds without any data."""
+
     nonfinite_values: int
     negative_var_channels: int
     zero_var_channels: int
     initial_stats: bool  # μ_r exactly 0 and σ²_r exactly 1 everywhere: never updated
     max_amplification: float  # max |γ|/sqrt(σ²_r + ε)
-    # what the passes saw
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the passes saw of the layer."""
+
     calls: int
     values_per_channel: int  # N, fewest in one batch
     batch_size: int  # smallest leading dim seen
     nonfinite_inputs: int  # non-finite values arriving from upstream
     nonfinite_outputs: int  # non-finite outputs this layer made from finite inputs
-    # 1. reconstruction
-    recon_train_max_err: float
-    recon_train_ratio: float  # worst |y − ref| / (atol + rtol·scale)
-    recon_eval_max_err: float
-    recon_eval_ratio: float
+    # where the output was read: "" the layer's own; "input of drop": a BatchNormAct's
+    # normalisation, before its dropout and activation (bnaudit.core.layers.act_tap)
+    measured_at: str = ""
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """The layer's output in one mode against the BN formula."""
+
+    max_err: float
+    ratio: float  # worst |y − ref| / (atol + rtol·scale)
     # the best explanation of a mismatch (bnaudit.measure.explain), "" when the output matched
-    recon_train_explanation: str
-    recon_train_explanation_key: str
-    recon_train_explanation_err: float
-    recon_train_explanation_ratio: float
-    recon_eval_explanation: str
-    recon_eval_explanation_key: str
-    recon_eval_explanation_err: float
-    recon_eval_explanation_ratio: float
-    update_mean_ratio: float
-    update_var_ratio: float
-    update_count_errors: int
-    # 2. stale running stats (train-mode regime)
-    stale_shift_max: float  # |μ − μ_r| / sqrt(σ²_r + ε), worst channel
-    stale_shift_median: float
-    stale_log_var_max: float  # ln((σ² + ε)/(σ²_r + ε)), largest in magnitude, signed
-    stale_log_var_median: float
-    stale_fraction: float  # channels beyond the thresholds and beyond noise
-    stale_p: (
-        float  # chance that noise alone puts that many channels off (bnaudit.verdict.significance)
-    )
-    stale_channel: int  # worst channel, -1 when none
-    stale_judged: str  # "yes", or why the verdict was not drawn
-    # 3. train/eval gap (eval-mode regime)
-    gap_shift_max: float
-    gap_log_var_max: float
-    gap_fraction: float
-    gap_p: float
-    gap_channel: int
-    gap_judged: str
-    # 4. biased vs unbiased variance
+    explanation: str
+    explanation_key: str
+    explanation_err: float
+    explanation_ratio: float
+
+
+@dataclass(frozen=True)
+class Drifted:
+    """How far the running stats are from one regime's input, and whether that was judged."""
+
+    shift_max: float  # |μ − μ_r| / sqrt(σ²_r + ε), worst channel
+    log_var_max: float  # ln((σ² + ε)/(σ²_r + ε)), largest in magnitude, signed
+    fraction: float  # channels beyond the thresholds and beyond noise
+    p: float  # chance that noise alone puts that many channels off (bnaudit.verdict.significance)
+    channel: int  # worst channel, -1 when none
+    judged: str  # "yes", or why the verdict was not drawn
+    # the medians are reported for the train-mode regime only
+    shift_median: float = math.nan
+    log_var_median: float = math.nan
+
+
+@dataclass(frozen=True)
+class Regime:
+    """One mode's figures: its output against the formula, its input against the running stats.
+
+    Train mode: the drift is staleness (the running stats against train-mode batches).
+    Eval mode: the drift is the train/eval gap.
+    """
+
+    recon: Reconstruction
+    drift: Drifted
+
+
+@dataclass(frozen=True)
+class Update:
+    """The running-stats update: the check of one update, momentum and variance-bias figures."""
+
+    mean_ratio: float
+    var_ratio: float
+    count_errors: int
+    # biased vs unbiased variance
     bessel_factor: float  # N/(N−1)
     var_ratio_observed: float  # σ²_r / mean biased batch variance, median channel
     eval_scale: float  # sqrt((N−1)/N): eval output scale relative to train mode
-    # 5. momentum
+    # momentum
     init_weight: float  # (1 − m)^T
     ema_window: float  # (2 − m)/m batches
     ema_jitter: float  # expected EMA sd of the running mean, in σ_r units, median channel
     step_shift: float  # how far one more train step moves μ_r, in σ_r units, worst
     step_log_var: float  # |ln(σ²_r,new/σ²_r)| for one more train step, worst
+
+
+@dataclass(frozen=True)
+class Folding:
+    """conv/linear → BN folding (bnaudit.measure.fold)."""
+
+    into: str = ""  # the conv or linear this BN folds into; "" when none
+    checked: bool = False  # the fold was run on the first batch
+    max_err: float = math.nan
+    ratio: float = math.nan
+    weight_max: float = math.nan  # max |W'| and |b'|
+    int8_levels: float = math.nan  # median output channel, int8 per-tensor
+
+
+def _named(path: str, names: str, prefix: str = "") -> tuple[tuple[str, str, str], ...]:
+    return tuple((prefix + n, path, n) for n in names.split())
+
+
+# The flat names of the reports (CSV columns, JSON `metrics` keys, to_frame columns, the logged
+# numbers), in report order: (flat name, group path in LayerMetrics, field of that group).
+FLAT: tuple[tuple[str, str, str], ...] = (
+    *_named(
+        "attrs",
+        "kind channels eps momentum affine track_running_stats num_batches_tracked dtype"
+        " buffer_dtype",
+    ),
+    *_named(
+        "stored",
+        "nonfinite_values negative_var_channels zero_var_channels initial_stats max_amplification",
+    ),
+    *_named("seen", "calls values_per_channel batch_size nonfinite_inputs nonfinite_outputs"),
+    *_named("train.recon", "max_err ratio", "recon_train_"),
+    *_named("eval.recon", "max_err ratio", "recon_eval_"),
+    *_named(
+        "train.recon",
+        "explanation explanation_key explanation_err explanation_ratio",
+        "recon_train_",
+    ),
+    *_named(
+        "eval.recon", "explanation explanation_key explanation_err explanation_ratio", "recon_eval_"
+    ),
+    *_named("update", "mean_ratio var_ratio count_errors", "update_"),
+    *_named(
+        "train.drift",
+        "shift_max shift_median log_var_max log_var_median fraction p channel judged",
+        "stale_",
+    ),
+    *_named("eval.drift", "shift_max log_var_max fraction p channel judged", "gap_"),
+    *_named(
+        "update",
+        "bessel_factor var_ratio_observed eval_scale init_weight ema_window ema_jitter"
+        " step_shift step_log_var",
+    ),
+    ("output_change_alone", "", "output_change_alone"),
+    ("fold_with", "fold", "into"),
+    *_named("fold", "checked max_err ratio", "fold_"),
+    ("folded_weight_max", "fold", "weight_max"),
+    ("fold_int8_levels", "fold", "int8_levels"),
+    ("counter_problem", "attrs", "counter_problem"),
+    ("measured_at", "seen", "measured_at"),
+)
+_GROUPS: dict[str, type] = {
+    "attrs": Attributes,
+    "stored": Stored,
+    "seen": Seen,
+    "train.recon": Reconstruction,
+    "train.drift": Drifted,
+    "eval.recon": Reconstruction,
+    "eval.drift": Drifted,
+    "update": Update,
+    "fold": Folding,
+}
+
+
+@dataclass(frozen=True)
+class LayerMetrics:
+    """Every number measured on one layer, grouped by what it describes. NaN means not
+    measured (see the report notes). `flat()` gives them under the reports' flat names."""
+
+    attrs: Attributes
+    stored: Stored
+    seen: Seen
+    train: Regime  # train mode: reconstruction and staleness
+    eval: Regime  # eval mode: reconstruction and the train/eval gap
+    update: Update
+    fold: Folding = Folding()
     # output impact (--attribution): rel L2 change of the output with only this layer recalibrated
     output_change_alone: float = math.nan
-    # conv/linear → BN folding (bnaudit.measure.fold)
-    fold_with: str = ""  # the conv or linear this BN folds into; "" when none
-    fold_checked: bool = False  # the fold was run on the first batch
-    fold_max_err: float = math.nan
-    fold_ratio: float = math.nan
-    folded_weight_max: float = math.nan  # max |W'| and |b'|
-    fold_int8_levels: float = math.nan  # median output channel, int8 per-tensor
-    # why num_batches_tracked is not a count (then num_batches_tracked is None); "" when it is
-    counter_problem: str = ""
-    # where the output was read: "" the layer's own; "input of drop": a BatchNormAct's
-    # normalisation, before its dropout and activation (bnaudit.core.layers.act_tap)
-    measured_at: str = ""
+
+    def flat(self) -> dict[str, Any]:
+        """Every metric under its flat report name (`FLAT`), in report order."""
+        return {name: getattr(self._group(path), field) for name, path, field in FLAT}
+
+    def _group(self, path: str) -> Any:
+        group: Any = self
+        for part in path.split(".") if path else ():
+            group = getattr(group, part)
+        return group
 
     @classmethod
-    def unmeasured(cls, why: str, **known: object) -> LayerMetrics:
-        """Metrics of a layer that could not be audited (`why`): nothing measured but `known`.
+    def from_flat(cls, **values: Any) -> LayerMetrics:
+        """The metrics from their flat report names (`FLAT`), the inverse of `flat()`."""
+        unknown = sorted(set(values) - {name for name, _, _ in FLAT})
+        if unknown:
+            raise TypeError(f"LayerMetrics has no metric named {', '.join(unknown)}")
+        parts: dict[str, dict[str, Any]] = {path: {} for path in [*_GROUPS, ""]}
+        for name, path, field in FLAT:
+            if name in values:
+                parts[path][field] = values[name]
+        made = {path: group(**parts[path]) for path, group in _GROUPS.items()}
+        return cls(
+            attrs=made["attrs"],
+            stored=made["stored"],
+            seen=made["seen"],
+            train=Regime(made["train.recon"], made["train.drift"]),
+            eval=Regime(made["eval.recon"], made["eval.drift"]),
+            update=made["update"],
+            fold=made["fold"],
+            **parts[""],
+        )
+
+    @classmethod
+    def unmeasured(cls, why: str, **known: Any) -> LayerMetrics:
+        """Metrics of a layer that could not be audited (`why`): nothing measured but `known`,
+        given by flat name.
 
         Numbers are NaN (not measured), counts 0, texts empty; momentum is unknown (NaN, as
         None would mean a cumulative average) and no channel is the worst.
         """
         blank = {"float": math.nan, "int": 0, "str": "", "bool": False}
-        values: dict[str, object] = {
-            f.name: blank.get(str(f.type))
-            for f in dataclasses.fields(cls)
-            if f.default is dataclasses.MISSING
-        }
+        values: dict[str, Any] = {}
+        for name, path, field in FLAT:
+            f = next(f for f in dataclasses.fields(_GROUPS.get(path, cls)) if f.name == field)
+            if f.default is dataclasses.MISSING:
+                values[name] = blank.get(str(f.type))
         values |= {"momentum": math.nan, "stale_channel": -1, "gap_channel": -1}
         values |= {"stale_judged": f"no: {why}", "gap_judged": f"no: {why}"}
-        return cls(**(values | known))  # type: ignore[arg-type]
+        return cls.from_flat(**(values | known))
 
 
 class Judged:

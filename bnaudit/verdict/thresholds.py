@@ -6,10 +6,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from bnaudit.verdict.results import LayerMetrics
+from bnaudit.verdict.results import Drifted, LayerMetrics
 from bnaudit.verdict.significance import CountRule
 
-JUDGED = "yes"  # `stale_judged`/`gap_judged` when the comparison is meaningful
+JUDGED = "yes"  # `Drifted.judged` (stale_judged, gap_judged) when the comparison is meaningful
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,14 @@ def off_channels(fraction: float, channels: int) -> int:
 
 def is_stale(m: LayerMetrics, t: Thresholds) -> bool:
     """Enough channels off, beyond what noise from these batches explains."""
-    off = off_channels(m.stale_fraction, m.channels)
-    return m.stale_judged == JUDGED and count_rule(t).holds(off, m.channels, m.stale_p)
+    return _drifted(m.train.drift, m.attrs.channels, t)
 
 
 def has_gap(m: LayerMetrics, t: Thresholds) -> bool:
     """The same rule for the eval-mode input."""
-    off = off_channels(m.gap_fraction, m.channels)
-    return m.gap_judged == JUDGED and count_rule(t).holds(off, m.channels, m.gap_p)
+    return _drifted(m.eval.drift, m.attrs.channels, t)
+
+
+def _drifted(d: Drifted, channels: int, t: Thresholds) -> bool:
+    off = off_channels(d.fraction, channels)
+    return d.judged == JUDGED and count_rule(t).holds(off, channels, d.p)

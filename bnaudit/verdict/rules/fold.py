@@ -14,42 +14,42 @@ MIN_INT8_LEVELS = 8.0  # int8 levels a folded channel keeps, below which the fol
 
 
 def fold_mismatch(c: LayerContext) -> Iterator[Finding]:
-    m, t = c.m, c.t
-    if m.fold_with and m.fold_checked and over(m.fold_ratio, t.max_error_ratio):
+    f, t = c.m.fold, c.t
+    if f.into and f.checked and over(f.ratio, t.max_error_ratio):
         yield c.finding(
             "fold-mismatch",
             Severity.FAIL,
-            f"folded into {m.fold_with}, the output differs from {m.fold_with} -> BN: max abs err "
-            f"{fmt(m.fold_max_err)}, {fmt(m.fold_ratio)}x the tolerance (limit "
+            f"folded into {f.into}, the output differs from {f.into} -> BN: max abs err "
+            f"{fmt(f.max_err)}, {fmt(f.ratio)}x the tolerance (limit "
             f"{fmt(t.max_error_ratio)}x)",
-            m.fold_ratio,
+            f.ratio,
             t.max_error_ratio,
         )
 
 
 def fold_risk(c: LayerContext) -> Iterator[Finding]:
-    m = c.m
-    if not m.fold_with:
+    f, amplification = c.m.fold, c.m.stored.max_amplification
+    if not f.into:
         return
-    if m.folded_weight_max > FLOAT16_MAX:
+    if f.weight_max > FLOAT16_MAX:
         yield c.finding(
             "fold-risk",
             Severity.WARN,
-            f"folded into {m.fold_with}, max |weight| or |bias| is {fmt(m.folded_weight_max)}: "
+            f"folded into {f.into}, max |weight| or |bias| is {fmt(f.weight_max)}: "
             f"overflows float16 (max {FLOAT16_MAX:g}); fold scale up to "
-            f"{fmt(m.max_amplification)}",
-            m.folded_weight_max,
+            f"{fmt(amplification)}",
+            f.weight_max,
             FLOAT16_MAX,
             "float16",
         )
-    elif m.fold_int8_levels < MIN_INT8_LEVELS:
+    elif f.int8_levels < MIN_INT8_LEVELS:
         yield c.finding(
             "fold-risk",
             Severity.WARN,
-            f"folded into {m.fold_with}, the median output channel keeps "
-            f"{fmt(m.fold_int8_levels)} of 127 int8 per-tensor levels (limit "
-            f"{MIN_INT8_LEVELS:g}); fold scale up to {fmt(m.max_amplification)}",
-            m.fold_int8_levels,
+            f"folded into {f.into}, the median output channel keeps "
+            f"{fmt(f.int8_levels)} of 127 int8 per-tensor levels (limit "
+            f"{MIN_INT8_LEVELS:g}); fold scale up to {fmt(amplification)}",
+            f.int8_levels,
             MIN_INT8_LEVELS,
             "int8",
         )

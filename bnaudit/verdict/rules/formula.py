@@ -34,7 +34,7 @@ class Mismatch:
 
 
 def not_reached(c: LayerContext) -> Iterator[Finding]:
-    if c.batches and c.m.calls == 0:
+    if c.batches and c.m.seen.calls == 0:
         yield c.finding(
             "not-reached",
             Severity.INFO,
@@ -55,29 +55,29 @@ def recon_eval(c: LayerContext) -> Iterator[Finding]:
 
 
 def running_update(c: LayerContext) -> Iterator[Finding]:
-    m, t = c.m, c.t
-    frozen = m.kind == "frozen"  # never updated
-    if not (m.calls and m.track_running_stats and not frozen):
+    m, u, t = c.m, c.m.update, c.t
+    frozen = m.attrs.kind == "frozen"  # never updated
+    if not (m.seen.calls and m.attrs.track_running_stats and not frozen):
         return
-    pair = (m.update_mean_ratio, m.update_var_ratio)
+    pair = (u.mean_ratio, u.var_ratio)
     worst = math.nan if any(map(math.isnan, pair)) else max(pair)  # max() may drop a NaN
     if over(worst, t.max_error_ratio):
         yield c.finding(
             "running-update",
             Severity.FAIL,
             "one train step moves the running stats away "
-            f"from (1-m)*old + m*batch: {fmt(m.update_mean_ratio)}x (mean), "
-            f"{fmt(m.update_var_ratio)}x (var) the tolerance",
+            f"from (1-m)*old + m*batch: {fmt(u.mean_ratio)}x (mean), "
+            f"{fmt(u.var_ratio)}x (var) the tolerance",
             worst,
             t.max_error_ratio,
             "stats",
         )
-    if m.update_count_errors:
+    if u.count_errors:
         yield c.finding(
             "running-update",
             Severity.FAIL,
-            f"num_batches_tracked did not grow by 1 in {m.update_count_errors} train step(s)",
-            m.update_count_errors,
+            f"num_batches_tracked did not grow by 1 in {u.count_errors} train step(s)",
+            u.count_errors,
             0,
             "counter",
         )
@@ -86,7 +86,7 @@ def running_update(c: LayerContext) -> Iterator[Finding]:
 def nonstandard_forward(c: LayerContext) -> Iterator[Finding]:
     if not c.overrides_forward:
         return
-    m = c.m
+    seen = c.m.seen
     formula = (recon_train, recon_eval, running_update)
     variants = [mismatch(c, mode).variant for mode in ("train", "eval")]
     variant = variants[1] or variants[0]  # eval's when both
@@ -94,10 +94,10 @@ def nonstandard_forward(c: LayerContext) -> Iterator[Finding]:
         sev, what, situation = Severity.WARN, "and does not compute plain BN", "mismatch"
     elif variant:
         sev, what, situation = Severity.INFO, f"and its output is {variant}", "variant"
-    elif m.measured_at and m.calls:
-        what = f"and computes plain BN before what it adds (measured at the {m.measured_at})"
+    elif seen.measured_at and seen.calls:
+        what = f"and computes plain BN before what it adds (measured at the {seen.measured_at})"
         sev, situation = Severity.INFO, "inside"
-    elif not m.calls:  # nothing ran: there is no output to speak of
+    elif not seen.calls:  # nothing ran: there is no output to speak of
         sev, what, situation = Severity.INFO, "(not run, so not checked)", "unchecked"
     else:
         sev, what, situation = Severity.INFO, "and still computes plain BN", "plain"
@@ -108,10 +108,10 @@ def nonstandard_forward(c: LayerContext) -> Iterator[Finding]:
 
 def mismatch(c: LayerContext, mode: str) -> Mismatch:
     """recon-train (`mode` "train") or recon-eval ("eval"): the output against the formula."""
-    m, t = c.m, c.t
+    t = c.t
     code = f"recon-{mode}"
     ratio, err, why = _measured(c, mode)
-    if not (m.calls and over(ratio, t.max_error_ratio)):
+    if not (c.m.seen.calls and over(ratio, t.max_error_ratio)):
         return Mismatch()
     if why is None:
         reason, situation = "", "undiagnosed"
@@ -140,14 +140,9 @@ def mismatch(c: LayerContext, mode: str) -> Mismatch:
 
 def _measured(c: LayerContext, mode: str) -> tuple[float, float, Why | None]:
     """(error ratio, max abs err, closest known mistake or None) of `mode`'s output."""
-    m = c.m
-    if mode == "train":
-        label, key = m.recon_train_explanation, m.recon_train_explanation_key
-        why = Why(label, m.recon_train_explanation_err, m.recon_train_explanation_ratio, key)
-        return m.recon_train_ratio, m.recon_train_max_err, why if label else None
-    label, key = m.recon_eval_explanation, m.recon_eval_explanation_key
-    why = Why(label, m.recon_eval_explanation_err, m.recon_eval_explanation_ratio, key)
-    return m.recon_eval_ratio, m.recon_eval_max_err, why if label else None
+    r = (c.m.train if mode == "train" else c.m.eval).recon
+    why = Why(r.explanation, r.explanation_err, r.explanation_ratio, r.explanation_key)
+    return r.ratio, r.max_err, why if r.explanation else None
 
 
 def _explained(code: str, key: str) -> str:

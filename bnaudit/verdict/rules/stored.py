@@ -18,89 +18,90 @@ HALF = {
 
 
 def nonfinite(c: LayerContext) -> Iterator[Finding]:
-    m = c.m
-    if m.nonfinite_values:
+    s, seen = c.m.stored, c.m.seen
+    if s.nonfinite_values:
         yield c.finding(
             "nonfinite",
             Severity.FAIL,
-            f"{m.nonfinite_values} NaN/Inf value(s) in weight, bias or running stats",
-            m.nonfinite_values,
+            f"{s.nonfinite_values} NaN/Inf value(s) in weight, bias or running stats",
+            s.nonfinite_values,
             0,
             "values",
         )
-    elif m.nonfinite_outputs:  # finite values turned into NaN/Inf by the layer itself
+    elif seen.nonfinite_outputs:  # finite values turned into NaN/Inf by the layer itself
         yield c.finding(
             "nonfinite",
             Severity.FAIL,
-            f"{m.nonfinite_outputs} non-finite output value(s) on the sample batches",
-            m.nonfinite_outputs,
+            f"{seen.nonfinite_outputs} non-finite output value(s) on the sample batches",
+            seen.nonfinite_outputs,
             0,
             "outputs",
         )
 
 
 def bad_var(c: LayerContext) -> Iterator[Finding]:
-    m = c.m
-    if m.negative_var_channels:
+    s = c.m.stored
+    if s.negative_var_channels:
         yield c.finding(
             "bad-var",
             Severity.FAIL,
-            f"running_var < 0 in {m.negative_var_channels} channel(s)",
-            m.negative_var_channels,
+            f"running_var < 0 in {s.negative_var_channels} channel(s)",
+            s.negative_var_channels,
             0,
             "negative",
         )
-    if m.zero_var_channels:
+    if s.zero_var_channels:
         yield c.finding(
             "bad-var",
             Severity.WARN,
-            f"running_var exactly 0 in {m.zero_var_channels} "
+            f"running_var exactly 0 in {s.zero_var_channels} "
             "channel(s): eval mode divides by sqrt(eps) there",
-            m.zero_var_channels,
+            s.zero_var_channels,
             0,
             "zero",
         )
 
 
 def tiny_var(c: LayerContext) -> Iterator[Finding]:
-    m, t = c.m, c.t
-    if math.isfinite(m.max_amplification) and m.max_amplification > t.max_amplification:
+    s, t = c.m.stored, c.t
+    if math.isfinite(s.max_amplification) and s.max_amplification > t.max_amplification:
         yield c.finding(
             "tiny-var",
             Severity.WARN,
             f"max |gamma|/sqrt(running_var + eps) = "
-            f"{fmt(m.max_amplification)} > {fmt(t.max_amplification)}",
-            m.max_amplification,
+            f"{fmt(s.max_amplification)} > {fmt(t.max_amplification)}",
+            s.max_amplification,
             t.max_amplification,
         )
 
 
 def half_buffers(c: LayerContext) -> Iterator[Finding]:
-    if c.m.buffer_dtype in HALF:
-        step, also = HALF[c.m.buffer_dtype]
+    a = c.m.attrs
+    if a.buffer_dtype in HALF:
+        step, also = HALF[a.buffer_dtype]
         yield c.finding(
             "half-buffers",
             Severity.WARN,
-            f"running stats stored in {c.m.buffer_dtype}: relative precision "
+            f"running stats stored in {a.buffer_dtype}: relative precision "
             f"{step:.1g}, so an update m*(batch - running) smaller than that "
             f"is rounded away and the statistics stall{also}",
         )
 
 
 def bad_counter(c: LayerContext) -> Iterator[Finding]:
-    if c.m.counter_problem:
+    if c.m.attrs.counter_problem:
         yield c.finding(
             "bad-counter",
             Severity.WARN,
-            f"num_batches_tracked is not a count of batches: {c.m.counter_problem}",
+            f"num_batches_tracked is not a count of batches: {c.m.attrs.counter_problem}",
         )
 
 
 def no_counter(c: LayerContext) -> Iterator[Finding]:
-    m = c.m
+    a = c.m.attrs
     # A counter that is there but wrong is bad-counter's.
-    missing = m.num_batches_tracked is None and not m.counter_problem
-    if missing and m.track_running_stats and m.kind != "instance":
+    missing = a.num_batches_tracked is None and not a.counter_problem
+    if missing and a.track_running_stats and a.kind != "instance":
         yield c.finding(
             "no-counter",
             Severity.INFO,
@@ -109,7 +110,7 @@ def no_counter(c: LayerContext) -> Iterator[Finding]:
 
 
 def no_running_stats(c: LayerContext) -> Iterator[Finding]:
-    if not c.m.track_running_stats:
+    if not c.m.attrs.track_running_stats:
         yield c.finding(
             "no-running-stats",
             Severity.WARN,
@@ -118,10 +119,10 @@ def no_running_stats(c: LayerContext) -> Iterator[Finding]:
 
 
 def init_stats(c: LayerContext) -> Iterator[Finding]:
-    m = c.m
-    if not m.track_running_stats:
+    a, initial = c.m.attrs, c.m.stored.initial_stats
+    if not a.track_running_stats:
         return
-    if m.num_batches_tracked == 0 and not m.initial_stats:
+    if a.num_batches_tracked == 0 and not initial:
         yield c.finding(
             "init-stats",
             Severity.INFO,
@@ -129,7 +130,7 @@ def init_stats(c: LayerContext) -> Iterator[Finding]:
             "the initial values: saved before the counter existed, or the counter was reset",
             situation="no-count",
         )
-    elif m.initial_stats and m.kind == "frozen":
+    elif initial and a.kind == "frozen":
         yield c.finding(
             "init-stats",
             Severity.FAIL,
@@ -137,37 +138,37 @@ def init_stats(c: LayerContext) -> Iterator[Finding]:
             "which never updates them: they were never loaded",
             situation="frozen",
         )
-    elif m.initial_stats and (m.num_batches_tracked or 0) > 0:
+    elif initial and (a.num_batches_tracked or 0) > 0:
         yield c.finding(
             "init-stats",
             Severity.FAIL,
             "running stats are exactly the initial values (mean 0, var 1) although "
-            f"num_batches_tracked = {m.num_batches_tracked}: reset or overwritten after the "
+            f"num_batches_tracked = {a.num_batches_tracked}: reset or overwritten after the "
             "updates it counts",
             situation="reset",
         )
-    elif m.initial_stats:
+    elif initial:
         yield c.finding(
             "init-stats",
             Severity.FAIL,
             "running stats are exactly the initial values "
-            f"(mean 0, var 1; num_batches_tracked = {m.num_batches_tracked}): never updated",
+            f"(mean 0, var 1; num_batches_tracked = {a.num_batches_tracked}): never updated",
             situation="never-updated",
         )
 
 
 def momentum_warmup(c: LayerContext) -> Iterator[Finding]:
-    m, t = c.m, c.t
+    m, a, t = c.m, c.m.attrs, c.t
     # Initial stats are init-stats' (T >= 1 leaves it no other case).
-    if not m.track_running_stats or m.initial_stats or (m.num_batches_tracked or 0) < 1:
+    if not a.track_running_stats or m.stored.initial_stats or (a.num_batches_tracked or 0) < 1:
         return
     # NaN init_weight from an unknown momentum is not a finding.
-    known = m.momentum is None or not math.isnan(m.momentum)
-    if not (known and over(m.init_weight, t.max_init_weight)):
+    known = a.momentum is None or not math.isnan(a.momentum)
+    if not (known and over(m.update.init_weight, t.max_init_weight)):
         return
     # A few updates may also be a cumulative average over few batches (update_bn leaves
     # T = batches): when the data confirms the stats, the residue is only a possibility.
-    if m.stale_judged != JUDGED:
+    if m.train.drift.judged != JUDGED:
         sev, situation, why = Severity.WARN, "unverified", ""
     elif is_stale(m, t):
         sev, situation, why = Severity.WARN, "stale", "; the stats do not fit the data either"
@@ -177,24 +178,24 @@ def momentum_warmup(c: LayerContext) -> Iterator[Finding]:
     yield c.finding(
         "momentum-warmup",
         sev,
-        f"after T = {m.num_batches_tracked} updates an EMA would still carry "
-        f"(1-m)^T = {fmt(m.init_weight)} of the initial values (limit "
+        f"after T = {a.num_batches_tracked} updates an EMA would still carry "
+        f"(1-m)^T = {fmt(m.update.init_weight)} of the initial values (limit "
         f"{fmt(t.max_init_weight)}){why}",
-        m.init_weight,
+        m.update.init_weight,
         t.max_init_weight,
         situation,
     )
 
 
 def momentum_convention(c: LayerContext) -> Iterator[Finding]:
-    m, t = c.m, c.t
-    if m.momentum is not None and m.momentum >= t.keras_momentum:
+    a, t = c.m.attrs, c.t
+    if a.momentum is not None and a.momentum >= t.keras_momentum:
         yield c.finding(
             "momentum-convention",
             Severity.WARN,
-            f"momentum = {fmt(m.momentum)} >= "
+            f"momentum = {fmt(a.momentum)} >= "
             f"{fmt(t.keras_momentum)}: likely a Keras/TF value; the running stats are "
             "essentially the last batch",
-            m.momentum,
+            a.momentum,
             t.keras_momentum,
         )
