@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from bnaudit.checkpoint.bn_groups import find_bn_groups
 from bnaudit.checkpoint.selection import unwrap
 from bnaudit.core.errors import NothingToAudit
-from bnaudit.core.layers import DEFAULT_EPS, Kind, KnownAttrs, LayerAttrs, counter_notes
+from bnaudit.core.layers import DEFAULT_EPS, KnownAttrs, LayerAttrs, LayerKind, counter_notes
 from bnaudit.measure.statistics import LayerStats
 from bnaudit.report.audit_report import AuditReport
 from bnaudit.verdict.codes import CODES
@@ -101,7 +101,7 @@ def audit_state_dict(
         name = f"{g.prefix}."[len(wrapping.prefix) :].removesuffix(".")
         if g.problem:
             type_name = known[g.prefix].type_name if g.prefix in known else "unknown"
-            m = LayerMetrics.unmeasured("not audited", kind=Kind.BATCH.value, channels=0)
+            m = LayerMetrics.unmeasured("not audited", kind=LayerKind.BATCH.value, channels=0)
             results.append(LayerResult(name, type_name, m, (not_audited(name, g.problem),)))
             continue
         a = LayerAttrs.from_state(

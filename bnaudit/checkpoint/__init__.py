@@ -21,7 +21,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
     submod_attrs={
         "loading": ["Checkpoint", "load_checkpoint"],
         "into_model": ["load_into"],
-        "formats": ["Kind", "detect"],
+        "formats": ["FileKind", "detect"],
         "selection": ["Selection", "select", "unwrap"],
         "bn_groups": ["BnGroup", "find_bn_groups"],
         "digest": ["sha256_file", "prefetch"],

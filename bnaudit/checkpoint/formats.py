@@ -58,7 +58,7 @@ _FOREIGN = (
 )
 
 
-class Kind(enum.Enum):
+class FileKind(enum.Enum):
     """The formats bnaudit loads. The value says what the file is, for messages and reports."""
 
     TORCH_ZIP = "a torch.save zip archive"
@@ -70,7 +70,7 @@ class Kind(enum.Enum):
     @property
     def is_code(self) -> bool:
         """Loading it runs code the file carries."""
-        return self in (Kind.TORCHSCRIPT, Kind.EXPORT)
+        return self in (FileKind.TORCHSCRIPT, FileKind.EXPORT)
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class ZipArchive:
         return out
 
 
-def detect(path: Path) -> tuple[Kind, ZipArchive | None]:
+def detect(path: Path) -> tuple[FileKind, ZipArchive | None]:
     """The file's format from its bytes (never its name); anything else raises CheckpointError."""
     size = path.stat().st_size
     with path.open("rb") as f:
@@ -142,9 +142,9 @@ def detect(path: Path) -> tuple[Kind, ZipArchive | None]:
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return _detect_zip(path)
     if _is_pickle(head) and LEGACY_MAGIC in head[:24]:
-        return Kind.TORCH_LEGACY, None
+        return FileKind.TORCH_LEGACY, None
     if _looks_safetensors(head):
-        return Kind.SAFETENSORS, None
+        return FileKind.SAFETENSORS, None
     if size == 0:
         raise CheckpointError(f"{path}: the file is empty (0 bytes); was the save interrupted?")
     if ends_like_zip(path, size):  # zipfile would read it, torch's reader would not
@@ -156,7 +156,7 @@ def detect(path: Path) -> tuple[Kind, ZipArchive | None]:
     raise CheckpointError(f"{path}: {_foreign(path, head, size)}; {_READS}")
 
 
-def _detect_zip(path: Path) -> tuple[Kind, ZipArchive | None]:
+def _detect_zip(path: Path) -> tuple[FileKind, ZipArchive | None]:
     try:
         with zipfile.ZipFile(path) as zf:
             full_names = zf.namelist()
@@ -177,16 +177,16 @@ def _detect_zip(path: Path) -> tuple[Kind, ZipArchive | None]:
     names = tuple(n.split("/", 1)[1] for n in full_names)
     archive = ZipArchive(path, folder, names)
     if "constants.pkl" in names:
-        return Kind.TORCHSCRIPT, archive
+        return FileKind.TORCHSCRIPT, archive
     if "archive_format" in names or any(n.startswith("models/") for n in names):
-        return Kind.EXPORT, archive
+        return FileKind.EXPORT, archive
     if ".data/extern_modules" in names:
         raise CheckpointError(
             f"{path}: a torch.package archive (code and pickles); bnaudit does not load these: "
             "save the model's state dict with torch.save(model.state_dict(), path) instead"
         )
     if "data.pkl" in names:
-        return Kind.TORCH_ZIP, archive
+        return FileKind.TORCH_ZIP, archive
     raise _not_torch_zip(path, full_names)
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from bnaudit.checkpoint.digest import sha256_file
-from bnaudit.checkpoint.formats import Kind, ZipArchive, detect, safetensors_header
+from bnaudit.checkpoint.formats import FileKind, ZipArchive, detect, safetensors_header
 from bnaudit.checkpoint.pages import mapped_ranges, release_ranges
 from bnaudit.checkpoint.pickles import SAFE_GLOBALS, pickle_protocol, unsafe_globals
 from bnaudit.checkpoint.refusals import check_bn_tensors, refuse_allocations
@@ -40,7 +40,7 @@ from bnaudit.core.untrusted import quote, shorten
 class Checkpoint:
     path: Path
     sha256: str | None  # None: not computed (load_checkpoint(hashed=False))
-    kind: Kind = Kind.TORCH_ZIP
+    kind: FileKind = FileKind.TORCH_ZIP
     state_dict: dict[str, Tensor] | None = None
     module: nn.Module | None = None  # a whole pickled module, loaded with trust=True
     source: str = "top level"  # where the state dict was found
@@ -112,7 +112,7 @@ def load_checkpoint(
         sha = sha256_file(path) if hashed else None
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read it ({describe(exc)})") from exc
-    if kind is Kind.SAFETENSORS:
+    if kind is FileKind.SAFETENSORS:
         return _from_safetensors(path, sha, key)
     if kind.is_code:
         from bnaudit.checkpoint.programs import (
@@ -141,7 +141,7 @@ def load_checkpoint(
 def _from_pickle(
     path: Path,
     sha: str | None,
-    kind: Kind,
+    kind: FileKind,
     archive: ZipArchive | None,
     trust: bool,
     key: str | None,
@@ -202,7 +202,7 @@ def _from_pickle(
     )
 
 
-def _torch_load(path: Path, kind: Kind, *, weights_only: bool, meta: bool = False) -> Any:
+def _torch_load(path: Path, kind: FileKind, *, weights_only: bool, meta: bool = False) -> Any:
     # mmap: a tensor's bytes are read only when it is used, so a multi-gigabyte checkpoint costs
     # what its BN layers cost. The legacy format cannot be mapped. torch's warnings (pickle
     # protocol, storage deprecations) are dropped: bnaudit's own message says what went wrong,
@@ -217,12 +217,12 @@ def _torch_load(path: Path, kind: Kind, *, weights_only: bool, meta: bool = Fals
             name,
             map_location="meta" if meta else "cpu",
             weights_only=weights_only,
-            mmap=kind is Kind.TORCH_ZIP,
+            mmap=kind is FileKind.TORCH_ZIP,
         )
 
 
 def _record_map(
-    path: Path, kind: Kind, archive: ZipArchive, sel: Selection
+    path: Path, kind: FileKind, archive: ZipArchive, sel: Selection
 ) -> dict[str, str] | None:
     """State-dict key → the zip record holding its storage, or None when it cannot be told.
 
@@ -305,10 +305,10 @@ def _refusal(path: Path, found: list[str], exc: BaseException, protocol: int) ->
     )
 
 
-def _damaged(path: Path, kind: Kind, exc: BaseException) -> str:
+def _damaged(path: Path, kind: FileKind, exc: BaseException) -> str:
     why = (
         "the legacy format has no checksums, so it is probably truncated or damaged"
-        if kind is Kind.TORCH_LEGACY
+        if kind is FileKind.TORCH_LEGACY
         else "it is damaged or was written by something other than torch.save"
     )
     cause = _torch_cause(exc)
@@ -344,22 +344,22 @@ def _from_safetensors(path: Path, sha: str | None, key: str | None) -> Checkpoin
     return Checkpoint(
         path,
         sha,
-        Kind.SAFETENSORS,
+        FileKind.SAFETENSORS,
         state_dict=sel.apply(state),
         source=sel.source,
-        notes=_source_notes(Kind.SAFETENSORS, sel),
+        notes=_source_notes(FileKind.SAFETENSORS, sel),
     )
 
 
-def _source_notes(kind: Kind, sel: Selection) -> tuple[str, ...]:
+def _source_notes(kind: FileKind, sel: Selection) -> tuple[str, ...]:
     notes = [f"checkpoint: {kind.value}; state dict from the {sel.source}"]
     if sel.others:
         alt = ", ".join(f"--key {k}" for k in sel.others)
         notes.append(f"the checkpoint holds other state dicts too; audit them with {alt}")
-    if kind is Kind.TORCH_ZIP:
+    if kind is FileKind.TORCH_ZIP:
         notes.append("integrity: CRC-32 checked for data.pkl and every tensor record read")
-    elif kind is Kind.TORCH_LEGACY:
+    elif kind is FileKind.TORCH_LEGACY:
         notes.append("integrity: the legacy format has no checksums; corruption may go unseen")
-    elif kind is Kind.SAFETENSORS:
+    elif kind is FileKind.SAFETENSORS:
         notes.append("integrity: header and offsets checked; safetensors has no checksums")
     return tuple(notes)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnaudit.checkpoint.formats import Kind, ZipArchive
+from bnaudit.checkpoint.formats import FileKind, ZipArchive
 from bnaudit.core.errors import CheckpointError, describe
 from bnaudit.core.layers import UNKNOWN_MOMENTUM, KnownAttrs
 
@@ -39,7 +39,7 @@ class Program:
     notes: tuple[str, ...]
 
 
-def load_program(path: Path, kind: Kind, archive: ZipArchive) -> Program:
+def load_program(path: Path, kind: FileKind, archive: ZipArchive) -> Program:
     """Load a TorchScript or torch.export file on the CPU; the caller has the user's --trust."""
     archive.verify(archive.names)  # torch reads every record: check them all first
     try:
@@ -47,7 +47,7 @@ def load_program(path: Path, kind: Kind, archive: ZipArchive) -> Program:
             # torch's deprecation notices about its own serialization internals are not the
             # user's concern, and would turn into errors under `python -W error`.
             warnings.simplefilter("ignore")
-            program = _script(path) if kind is Kind.TORCHSCRIPT else _export(path)
+            program = _script(path) if kind is FileKind.TORCHSCRIPT else _export(path)
     except Exception as exc:
         raise CheckpointError(
             f"{path}: {kind.value} that torch cannot load ({describe(exc)}); was it saved by "

@@ -30,7 +30,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "describe",
         ],
         "layers": [
-            "Kind",
+            "LayerKind",
             "KnownAttrs",
             "LayerAttrs",
             "find_bn_layers",

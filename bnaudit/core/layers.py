@@ -45,7 +45,7 @@ class KnownAttrs:
     momentum: float | None = UNKNOWN_MOMENTUM
 
 
-class Kind(str, enum.Enum):
+class LayerKind(str, enum.Enum):
     """How a layer normalises, which decides the formulas the audit checks it against."""
 
     BATCH = "batch"  # _BatchNorm: batch statistics in train mode, running ones in eval
@@ -53,16 +53,16 @@ class Kind(str, enum.Enum):
     FROZEN = "frozen"  # FrozenBatchNorm-style: always the eval formula, never updated
 
 
-def layer_kind(module: nn.Module) -> Kind | None:
+def layer_kind(module: nn.Module) -> LayerKind | None:
     if isinstance(module, _BatchNorm):
-        return Kind.BATCH
+        return LayerKind.BATCH
     if isinstance(module, _InstanceNorm):
-        return Kind.INSTANCE if module.track_running_stats else None
+        return LayerKind.INSTANCE if module.track_running_stats else None
     if isinstance(module, _NormBase):
         return None
     own = {name for name, _ in module.named_buffers(recurse=False)}
     if own >= _FROZEN_BUFFERS and _vector_stats(module):
-        return Kind.FROZEN
+        return LayerKind.FROZEN
     return None
 
 
@@ -102,7 +102,9 @@ def act_tap(module: nn.Module) -> tuple[str, nn.Module] | None:
     input really is the BN formula is measured like any output; a miss is a finding.
     """
     kind = layer_kind(module)
-    if kind is None or (kind is not Kind.FROZEN and type(module).forward in _STANDARD_FORWARDS):
+    if kind is None or (
+        kind is not LayerKind.FROZEN and type(module).forward in _STANDARD_FORWARDS
+    ):
         return None
     children = dict(module.named_children())
     if not children or not set(children) <= set(ACT_CHILDREN):
@@ -133,22 +135,22 @@ class LayerAttrs:
     dtype: torch.dtype
     buffer_dtype: torch.dtype | None  # of running_mean: half precision here loses the EMA
     overrides_forward: bool
-    kind: Kind = Kind.BATCH
+    kind: LayerKind = LayerKind.BATCH
     counter_dtype: torch.dtype | None = None  # of num_batches_tracked, None without one
     counter_problem: str = ""  # why the stored counter is not a count (then T is None)
 
     @classmethod
     def of(cls, module: nn.Module) -> LayerAttrs:
-        kind = layer_kind(module) or Kind.BATCH
+        kind = layer_kind(module) or LayerKind.BATCH
         # InstanceNorm has the buffer but never counts: its T says nothing.
-        nbt = None if kind is Kind.INSTANCE else getattr(module, "num_batches_tracked", None)
+        nbt = None if kind is LayerKind.INSTANCE else getattr(module, "num_batches_tracked", None)
         count, problem = read_counter(nbt)
         weight = getattr(module, "weight", None)
-        momentum = getattr(module, "momentum", None) if kind is not Kind.FROZEN else None
+        momentum = getattr(module, "momentum", None) if kind is not LayerKind.FROZEN else None
         return cls(
             type_name=type(module).__name__,
             num_features=int(
-                module.running_mean.numel() if kind is Kind.FROZEN else module.num_features
+                module.running_mean.numel() if kind is LayerKind.FROZEN else module.num_features
             ),
             eps=float(getattr(module, "eps", 1e-5)),
             momentum=None if momentum is None else float(momentum),
@@ -161,7 +163,7 @@ class LayerAttrs:
             num_batches_tracked=count,
             dtype=weight.dtype if weight is not None else _buffer_dtype(module),
             buffer_dtype=None if module.running_mean is None else module.running_mean.dtype,
-            overrides_forward=kind is not Kind.FROZEN
+            overrides_forward=kind is not LayerKind.FROZEN
             and type(module).forward not in _STANDARD_FORWARDS,
             kind=kind,
             counter_dtype=None if nbt is None else nbt.dtype,
@@ -199,7 +201,7 @@ class LayerAttrs:
             dtype=weight.dtype if weight is not None else mean.dtype,
             buffer_dtype=mean.dtype,
             overrides_forward=False,
-            kind=Kind.FROZEN if frozen else Kind.BATCH,
+            kind=LayerKind.FROZEN if frozen else LayerKind.BATCH,
             counter_dtype=None if nbt is None else nbt.dtype,
             counter_problem=problem,
         )

@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode, _pop_mode, _push_mode
 from torch.overrides import _get_current_function_mode as _current_mode
 from torch.utils._pytree import tree_leaves
 
-from bnaudit.core.layers import Kind, LayerAttrs, find_bn_layers
+from bnaudit.core.layers import LayerAttrs, LayerKind, find_bn_layers
 from bnaudit.measure.fx_graph import FOLDABLE, METADATA, fx_users
 
 METHOD = "observed dataflow on the first batch"
@@ -337,7 +337,7 @@ def _unfoldable(a: LayerAttrs | None) -> str:
     whatever feeds it; "" when it can."""
     if a is None:
         return "no running statistics to fold (track_running_stats=False)"
-    if a.kind is Kind.INSTANCE:
+    if a.kind is LayerKind.INSTANCE:
         return f"a {a.type_name} normalises each sample with its own statistics"
     if a.overrides_forward:
         # An activation or dropout after the normalisation is not part of a fold.

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from bnaudit.core import formulas as F
-from bnaudit.core.layers import Kind, LayerAttrs
+from bnaudit.core.layers import LayerAttrs, LayerKind
 from bnaudit.measure import fused
 from bnaudit.measure.rows import Rows, UpdateCheck
 from bnaudit.measure.statistics import LayerStats
@@ -224,7 +224,7 @@ def _kind(call: _Call) -> _Kind:
 
 def _uses_batch(a: LayerAttrs, train: bool) -> bool:
     """Whether the output normalises with the batch's statistics (else the running ones)."""
-    return a.kind is not Kind.FROZEN and (train or not a.has_running_stats)
+    return a.kind is not LayerKind.FROZEN and (train or not a.has_running_stats)
 
 
 class _Group:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from bnaudit.core import formulas as F
-from bnaudit.core.layers import Kind, layer_kind, preserved
+from bnaudit.core.layers import LayerKind, layer_kind, preserved
 from bnaudit.inputs.calls import call_model
 from bnaudit.inputs.containers import tensors
 from bnaudit.measure import fused
@@ -323,7 +323,7 @@ class _InputMoments:
     """
 
     def __init__(self, module: nn.Module, means: Moments, variances: Moments) -> None:
-        self.instance = layer_kind(module) is Kind.INSTANCE
+        self.instance = layer_kind(module) is LayerKind.INSTANCE
         self.means, self.variances = means, variances
         # One read of x, no float64 copy: what update_bn's pass costs.
         channels = getattr(module, "num_features", 0)

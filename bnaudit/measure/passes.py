@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from bnaudit.core.errors import DataError, NothingToAudit, describe
-from bnaudit.core.layers import Kind, find_bn_layers, preserved
+from bnaudit.core.layers import LayerKind, find_bn_layers, preserved
 from bnaudit.inputs.calls import Call, InputChoice, call_model, move_batch, to_call
 from bnaudit.inputs.containers import map_tensors, tensors
 from bnaudit.measure.fold import FoldWatch
@@ -211,7 +211,7 @@ def recalibrated_stats(
             like_buffer(p.stats.train.batch_vars.mean, p.module.running_var),
         )
         for p in passes.probes
-        if p.attrs.kind is not Kind.FROZEN
+        if p.attrs.kind is not LayerKind.FROZEN
         and p.attrs.has_running_stats
         and p.stats.train.batch_means.mean is not None
         and p.stats.train.batch_vars.mean is not None

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from bnaudit.core import formulas as F
-from bnaudit.core.layers import Kind, LayerAttrs, act_tap
+from bnaudit.core.layers import LayerAttrs, LayerKind, act_tap
 from bnaudit.measure import fused
 from bnaudit.measure.explain import Case, Diagnosis
 from bnaudit.measure.grouped import Deferred
@@ -101,7 +101,7 @@ class Probe:
         self.ledger = ledger
         self.holding = False  # the buffers hold a train-mode update the ledger has not undone
         self.regime = "eval"
-        self.checks_update = a.kind is not Kind.FROZEN and a.has_running_stats
+        self.checks_update = a.kind is not LayerKind.FROZEN and a.has_running_stats
         # A BatchNormAct-style layer is measured at the input of its first child (`tap`): the
         # normalisation there, before dropout and the activation (`bnaudit.core.layers.act_tap`).
         found = act_tap(module)
@@ -118,10 +118,13 @@ class Probe:
         self.tally = Tally(Rows(a.num_features, check))
         running = (a.running_mean, a.running_var) if a.has_running_stats else None
         self.kernel = fused.Prepared(a.weight, a.bias, a.eps, running, a.num_features)  # type: ignore[arg-type]
-        self.prepared = a.kind is not Kind.INSTANCE  # the kernel's formula is batch (or frozen) BN
+        # The kernel's formula is batch (or frozen) BN.
+        self.prepared = a.kind is not LayerKind.INSTANCE
         # Standard BN layers (their forward is torch's) whose finite outputs match the formula
         # on every healthy model: the ones worth measuring in groups.
-        standard = a.kind is not Kind.INSTANCE and (not a.overrides_forward or self.tap is not None)
+        standard = a.kind is not LayerKind.INSTANCE and (
+            not a.overrides_forward or self.tap is not None
+        )
         self.group = group if standard else None
 
     def hooks(self) -> list[Any]:
@@ -226,7 +229,7 @@ class Probe:
         `_measure_general` would; otherwise the caller goes there, and nothing has been recorded.
         """
         a = self.attrs
-        uses_batch = a.kind is not Kind.FROZEN and (train or not a.has_running_stats)
+        uses_batch = a.kind is not LayerKind.FROZEN and (train or not a.has_running_stats)
         running = None if uses_batch else (a.running_mean, a.running_var)
         got = self.kernel.measure(x, y, running, y.dtype)  # type: ignore[arg-type]
         if not got.finite:
@@ -255,7 +258,7 @@ class Probe:
         x64, y64 = x.double(), y.double()
         batch_mean, batch_var = F.batch_stats(x64)
         # `stat_*` is what the running stats estimate; `ref_*` what this output normalised with.
-        if a.kind is Kind.INSTANCE:
+        if a.kind is LayerKind.INSTANCE:
             inst_mean, inst_var = F.instance_stats(x64)
             n = x[0, 0].numel()
             stat_mean, stat_var = inst_mean.mean(0), inst_var.mean(0)
@@ -263,10 +266,10 @@ class Probe:
             inst_mean, inst_var = batch_mean, batch_var
             n = F.values_per_channel(x)
             stat_mean, stat_var = batch_mean, batch_var
-        uses_batch = a.kind is not Kind.FROZEN and (train or not a.has_running_stats)
+        uses_batch = a.kind is not LayerKind.FROZEN and (train or not a.has_running_stats)
         ref_mean, ref_var = (inst_mean, inst_var) if uses_batch else (a.running_mean, a.running_var)
         # torch's own batch sums may carry rounding (channels-last); per-sample ones do not.
-        u = F.sum_roundoff(x) if a.kind is not Kind.INSTANCE else 0.0
+        u = F.sum_roundoff(x) if a.kind is not LayerKind.INSTANCE else 0.0
         rounding = F.stat_rounding(n, batch_mean, batch_var, u) if u else None
         t = self.tally
         regime = t.stats.train if train else t.stats.eval
@@ -326,7 +329,7 @@ class Probe:
         a = self.attrs
         assert a.running_mean is not None and a.running_var is not None  # checks_update
         t_before = a.num_batches_tracked or 0
-        instance = a.kind is Kind.INSTANCE
+        instance = a.kind is LayerKind.INSTANCE
         factor = F.update_factor(a.momentum, t_before, instance=instance)
         got_mean, got_var = update.mean, update.var
         self.tally.stats.update.add(
@@ -349,7 +352,7 @@ class Probe:
     def _count_step(self, update: Update) -> None:
         """Count a train step where num_batches_tracked did not become T + 1 (InstanceNorm: T)."""
         a = self.attrs
-        expected_t = (a.num_batches_tracked or 0) + (0 if a.kind is Kind.INSTANCE else 1)
+        expected_t = (a.num_batches_tracked or 0) + (0 if a.kind is LayerKind.INSTANCE else 1)
         got_t = update.count
         if a.num_batches_tracked is not None and got_t is not None and got_t != expected_t:
             self.tally.stats.update.count_errors += 1

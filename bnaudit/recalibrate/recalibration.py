@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from bnaudit.core.errors import BnauditError, NothingToAudit
-from bnaudit.core.layers import Kind, find_bn_layers, layer_kind
+from bnaudit.core.layers import LayerKind, find_bn_layers, layer_kind
 from bnaudit.inputs.calls import InputChoice
 from bnaudit.measure.impact import Across, precise_stats
 from bnaudit.measure.passes import Moved
@@ -69,7 +69,7 @@ def recalibrate(
     names = [
         n
         for n, m in found
-        if layer_kind(m) is not Kind.FROZEN
+        if layer_kind(m) is not LayerKind.FROZEN
         and m.running_mean is not None
         and m.running_var is not None
     ]

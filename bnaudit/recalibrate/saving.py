@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnaudit.checkpoint.formats import Kind, detect
+from bnaudit.checkpoint.formats import FileKind, detect
 from bnaudit.checkpoint.selection import Selection, select
 from bnaudit.core.errors import CheckpointError, ReportError
 from bnaudit.recalibrate.recalibration import Recalibration, updated_state_dict
@@ -44,7 +44,7 @@ def write_recalibrated(src: Path, dst: Path, r: Recalibration, key: str | None =
             f"{src}: {kind.value} is a compiled program, not a container bnaudit can rewrite; "
             "recalibrate the checkpoint it was made from"
         )
-    if kind is Kind.SAFETENSORS:
+    if kind is FileKind.SAFETENSORS:
         from safetensors import safe_open
         from safetensors.torch import load_file, save_file
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from bnaudit.core import formulas as F
 from bnaudit.core.errors import BnauditError
-from bnaudit.core.layers import Kind, LayerAttrs, find_bn_layers
+from bnaudit.core.layers import LayerAttrs, LayerKind, find_bn_layers
 from bnaudit.verdict.results import LayerResult
 
 CHANNELS_SHOWN = 4  # the first channels, then as many of the most amplifying ones
@@ -99,13 +99,13 @@ def formulas_text(v: LayerView) -> list[str]:
     gamma = "bn.weight · " if a.weight is not None else ""
     beta = " + bn.bias" if a.bias is not None else ""
     lines = []
-    if a.kind is Kind.FROZEN:
+    if a.kind is LayerKind.FROZEN:
         lines += [
             "Every mode (a frozen BN never uses batch statistics and is never updated):",
             f"  y = {gamma}(x − bn.running_mean) / sqrt(bn.running_var + bn.eps){beta}",
         ]
         return lines
-    if a.kind is Kind.INSTANCE:
+    if a.kind is LayerKind.INSTANCE:
         lines += [
             "Train mode (bn.training is True): per-sample statistics over the spatial dims",
             "  mean_s = x.mean(dims, keepdim=True),  var_s = x.var(dims, unbiased=False, "
@@ -120,7 +120,7 @@ def formulas_text(v: LayerView) -> list[str]:
             f"  y = {gamma}(x − mean_b) / sqrt(var_b + bn.eps){beta}",
         ]
     if a.has_running_stats:
-        if a.kind is Kind.INSTANCE:
+        if a.kind is LayerKind.INSTANCE:
             factor = "bn.momentum" if a.momentum is not None else "0 (momentum None: no update)"
             upd_mean, upd_var = "mean_s averaged over the batch", "var_s·N/(N−1) averaged"
         else:
@@ -135,7 +135,7 @@ def formulas_text(v: LayerView) -> list[str]:
             f"    bn.running_mean ← (1 − m)·bn.running_mean + m·{upd_mean}",
             f"    bn.running_var  ← (1 − m)·bn.running_var + m·{upd_var}",
         ]
-        if a.kind is Kind.BATCH and a.num_batches_tracked is not None:
+        if a.kind is LayerKind.BATCH and a.num_batches_tracked is not None:
             lines.append("    bn.num_batches_tracked ← bn.num_batches_tracked + 1")
         lines += [
             "Eval mode (bn.training is False): the running statistics",
@@ -152,11 +152,11 @@ def formulas_text(v: LayerView) -> list[str]:
 def snippet(v: LayerView) -> str:
     """Runnable PyTorch that reproduces the layer's output from its attributes."""
     a = v.attrs
-    if a.kind is Kind.INSTANCE:
+    if a.kind is LayerKind.INSTANCE:
         stats = "    dims = list(range(2, x.dim()))  # per sample and channel"
     else:
         stats = "    dims = [0, *range(2, x.dim())]  # every dim but the channels (dim 1)"
-    if a.kind is Kind.FROZEN:
+    if a.kind is LayerKind.FROZEN:
         use_batch = "False:  # a frozen BN always uses its buffers"
     else:
         use_batch = "bn.training or bn.running_mean is None:"

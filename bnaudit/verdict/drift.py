@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from bnaudit.core import formulas as F
-from bnaudit.core.layers import Kind, LayerAttrs
+from bnaudit.core.layers import LayerAttrs, LayerKind
 from bnaudit.measure.statistics import RegimeStats
 from bnaudit.verdict import significance as S
 from bnaudit.verdict.thresholds import JUDGED, Thresholds
@@ -124,7 +124,7 @@ def judged(
     """`JUDGED` when the stale comparison is meaningful, else why not (shown in the report)."""
     if not a.has_running_stats:
         return "n/a: no running stats"
-    if a.kind is Kind.FROZEN:
+    if a.kind is LayerKind.FROZEN:
         return "n/a: frozen statistics"
     if synthetic:
         return "no: synthetic data"

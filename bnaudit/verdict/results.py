@@ -83,7 +83,7 @@ class Finding:
 class Attributes:
     """What the layer is, read off its attributes and buffers."""
 
-    kind: str  # batch, instance or frozen (see bnaudit.core.layers.Kind)
+    kind: str  # batch, instance or frozen (see bnaudit.core.layers.LayerKind)
     channels: int
     eps: float
     momentum: float | None  # None: cumulative average; NaN: unknown (a bare state dict)
