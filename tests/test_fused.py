@@ -11,6 +11,7 @@ ratios agree within 1e-9 (relative, for ratios above 1).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import bnaudit
+from bnaudit.core import blocked
 from bnaudit.core import formulas as F
 from bnaudit.measure import fused
 from tests import nets
@@ -244,10 +246,13 @@ def test_audits_agree_across_paths(dtype: torch.dtype, channels_last: bool) -> N
     fast = bnaudit.audit(model, images)
     with torch_kernel():
         blocks = bnaudit.audit(model, images)
+        note = fused.unavailable()
     with grouping(0), general_only():
         general = bnaudit.audit(model, images)
     assert_same_report(fast, general)
-    assert_same_report(blocks, general)
+    # The torch path says so in the first note; everything else is the same.
+    assert note is not None and blocks.notes[0] == note
+    assert_same_report(dataclasses.replace(blocks, notes=blocks.notes[1:]), general)
 
 
 @needs_numba
@@ -278,3 +283,33 @@ def test_parallel_rows_kernel_gives_the_serial_numbers(defect: str, batch_stats:
     ratio = reference(call)[3]
     assert bool(((parallel.ratio <= 1) == (ratio <= 1)).all())
     assert torch.allclose(parallel.ratio, ratio, rtol=1e-6)
+
+
+def test_the_report_says_when_the_torch_path_ran(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One note names the path that ran and how to get the fast one; none with the kernel."""
+    model, images = conv_model(torch.float32, False)
+    if fused.kernels() is not None:
+        assert not [n for n in bnaudit.audit(model, images).notes if "torch path" in n]
+    with torch_kernel():
+        turned_off = [n for n in bnaudit.audit(model, images).notes if "torch path" in n]
+    assert len(turned_off) == 1 and "BNAUDIT_KERNEL=torch is set" in turned_off[0]
+    monkeypatch.setattr(fused, "_kernels", "numba is not installed")
+    missing = [n for n in bnaudit.audit(model, images).notes if "torch path" in n]
+    assert len(missing) == 1
+    assert "numba is not installed" in missing[0] and "pip install numba" in missing[0]
+
+
+def test_the_torch_path_runs_on_one_thread_and_puts_the_count_back() -> None:
+    """The block operations run on one torch thread (no parallel region per small op, which
+    a busy machine slows 10-17x), and the caller's thread count is restored, also on error."""
+    seen: list[int] = []
+    blocked_fn = blocked.one_thread(lambda fail: seen.append(torch.get_num_threads()) or fail())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        blocked_fn(lambda: None)
+        with pytest.raises(ZeroDivisionError):
+            blocked_fn(lambda: 1 / 0)
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

@@ -26,6 +26,7 @@ from bnaudit.check.impact import output_impact
 from bnaudit.check.options import AuditOptions, with_overrides
 from bnaudit.check.static import NO_BATCH_CODES
 from bnaudit.core.layers import counter_notes, find_bn_layers
+from bnaudit.measure import fused
 from bnaudit.measure.dataflow import METHOD, Pairs
 from bnaudit.measure.fold import FoldCheck, FoldWatch
 from bnaudit.measure.impact import OutputImpact
@@ -114,7 +115,19 @@ def _run(
         "; the model holds it so (Module.type() converts every tensor, the counter included), "
         "read as the count it holds",
     )
-    return _Ran(passes, folds, (*feed, *counters))
+    return _Ran(passes, folds, (*feed, *counters, *_torch_path(passes)))
+
+
+def _torch_path(passes: Passes) -> tuple[str, ...]:
+    """The note that CPU layers were measured on the torch path (numba missing or turned off):
+    the same numbers, slower, so the report says which path ran and how to get the fast one."""
+    on_cpu = passes.count > 0 and any(
+        t.device.type == "cpu"
+        for p in passes.probes
+        for t in itertools.chain(p.module.parameters(False), p.module.buffers(False))
+    )
+    note = fused.unavailable() if on_cpu else None
+    return (note,) if note else ()
 
 
 def _metrics(passes: Passes, options: AuditOptions) -> dict[str, LayerMetrics]:

@@ -8,7 +8,9 @@ tests/test_fast_paths.py holds each to its formula over many shapes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import wraps
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -22,6 +24,32 @@ CHUNK_VALUES = 1 << 16
 # vectors then broadcast along contiguous rows and reductions run down the rows, which on CPU is
 # several times faster than over a short inner dimension.
 SHORT_INNER = 64
+
+
+_R = TypeVar("_R")
+
+
+def one_thread(fn: Callable[..., _R]) -> Callable[..., _R]:
+    """Run `fn` with torch on one thread, then put the caller's count back.
+
+    Each block operation is small (CHUNK_VALUES values), and torch would run every one as a
+    parallel region: on a busy machine each region waits until all its threads are scheduled,
+    which made these operations 10-17x slower under load (issue 25). On one thread they cost
+    what they cost on a quiet machine, give or take the machine's share.
+    """
+
+    @wraps(fn)
+    def run(*args, **kwargs):
+        threads = torch.get_num_threads()
+        if threads == 1:
+            return fn(*args, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
 
 
 class Blocks:
@@ -69,6 +97,7 @@ class Blocks:
         return v if self.channels_last else v.unsqueeze(-1)
 
 
+@one_thread
 def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance in float64, of an input of any floating dtype.
 
@@ -92,6 +121,7 @@ def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.cat(sums), torch.cat(squares)
 
 
+@one_thread
 def reconstruction_error(
     x: Tensor,
     y: Tensor,

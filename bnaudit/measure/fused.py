@@ -5,7 +5,7 @@ reconstruction error of y with its ratio to the tolerance (`blocked.reconstructi
 formula), plus whether all of it is finite. On CPU, for float32/float16/bfloat16 activations laid
 out NCHW (contiguous) or channels-last, a numba kernel (`bnaudit.measure.fused_kernels`) reads x and
 y once per call, keeping the channel's values in cache between its passes; everywhere else (CUDA,
-float64, odd strides, numba not installed: it is the `fast` extra) the float64 blocks of
+float64, odd strides, numba not installed or BNAUDIT_KERNEL=torch) the float64 blocks of
 `bnaudit.core.blocked` compute the same numbers. Both are the fast path of the engine: a call that
 is not finite, or that misses the formula, is measured again on the general float64 path, so
 verdicts never depend on which of the two ran.
@@ -103,7 +103,8 @@ def cache_dir() -> Path:
 
 
 _UNLOADED = object()
-_kernels: ModuleType | object | None = _UNLOADED
+# The kernels module once loaded, or why it could not be (a sentence); _UNLOADED before.
+_kernels: ModuleType | str | object = _UNLOADED
 
 
 def kernels() -> ModuleType | None:
@@ -114,14 +115,29 @@ def kernels() -> ModuleType | None:
         return None
     if _kernels is _UNLOADED:
         _kernels = _load()
-    return _kernels  # type: ignore[return-value]
+    return _kernels if isinstance(_kernels, ModuleType) else None
 
 
-def _load() -> ModuleType | None:
+def unavailable() -> str | None:
+    """Why CPU calls take the torch path instead of the numba kernel, as the report's note
+    says it (what ran, and how to get the fast path); None when the kernel is in use."""
+    if os.environ.get(KERNEL_ENV, "").lower() == "torch":
+        why, fix = f"{KERNEL_ENV}=torch is set", f"unset {KERNEL_ENV} for the numba kernel"
+    elif kernels() is not None:
+        return None
+    else:
+        why, fix = str(_kernels), "`pip install numba` (or `pip install 'bnaudit[fast]'`) gives it"
+    return (
+        f"CPU layers were measured on the torch path, not the numba kernel ({why}): the same "
+        f"numbers, at a higher cost per value (docs/cost.md); {fix}"
+    )
+
+
+def _load() -> ModuleType | str:
     try:
         from numba.core import config
     except ImportError:
-        return None
+        return "numba is not installed"
     before = config.CACHE_DIR
     # The cache folder is bound when the kernels are decorated; numba's own setting for
     # everything else in the process is put back.
@@ -129,8 +145,8 @@ def _load() -> ModuleType | None:
         config.CACHE_DIR = str(cache_dir())
     try:
         from bnaudit.measure import fused_kernels
-    except Exception:  # no usable cache folder, an LLVM problem: the torch path still works
-        return None
+    except Exception as error:  # no usable cache folder, an LLVM problem: the torch path works
+        return f"numba's kernels did not load: {type(error).__name__}: {error}"
     finally:
         config.CACHE_DIR = before
     return fused_kernels
