@@ -235,6 +235,105 @@ def small_cnn() -> nn.Module:
     return SmallCNN()
 
 
+# --- the shapes users have (issue 25): each a factory of no argument, as a --model spec ------
+
+
+class AudioNet1d(nn.Sequential):
+    """M5-style raw-audio classifier on [B, 1, T]: a strided Conv1d stem, then Conv1d →
+    BatchNorm1d → ReLU → MaxPool1d, 4 BatchNorm1d on [B, C, L] activations."""
+
+    def __init__(self, classes: int = 35, width: int = 64) -> None:
+        layers: list[nn.Module] = []
+        w, w2 = width, 2 * width
+        steps = ((1, w, 80, 4), (w, w, 3, 1), (w, w2, 3, 1), (w2, w2, 3, 1))
+        for i, (cin, cout, kernel, stride) in enumerate(steps):
+            layers += [nn.Conv1d(cin, cout, kernel, stride, kernel // 2 if i else 38)]
+            layers += [nn.BatchNorm1d(cout), nn.ReLU(), nn.MaxPool1d(4 if i < 3 else 2)]
+        super().__init__(
+            *layers, nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(2 * width, classes)
+        )
+
+
+def double_conv(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(*conv_bn(cin, cout, 3), nn.ReLU(), *conv_bn(cout, cout, 3), nn.ReLU())
+
+
+class UNet(nn.Module):
+    """A U-Net: 4 down steps and 4 up steps whose inputs concatenate the encoder's skip
+    activations, 18 BatchNorm2d (two per double conv)."""
+
+    def __init__(self, classes: int = 2, base: int = 16) -> None:
+        super().__init__()
+        widths = [base * 2**i for i in range(5)]
+        self.down = nn.ModuleList([double_conv(3, widths[0])])
+        self.down.extend(double_conv(a, b) for a, b in itertools.pairwise(widths))
+        self.up = nn.ModuleList(
+            nn.ConvTranspose2d(b, a, 2, 2) for a, b in itertools.pairwise(widths)
+        )
+        self.merge = nn.ModuleList(double_conv(2 * a, a) for a in widths[:-1])
+        self.head = nn.Conv2d(widths[0], classes, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else torch.max_pool2d(x, 2))
+            skips.append(x)
+        x = skips.pop()
+        for up, merge in zip(reversed(self.up), reversed(self.merge), strict=True):
+            x = merge(torch.cat((skips.pop(), up(x)), 1))
+        return self.head(x)
+
+
+class Temporal3d(nn.Sequential):
+    """An R(2+1)D-style video net: each block a spatial (1×3×3) and a temporal (3×1×1) Conv3d,
+    each followed by BatchNorm3d and ReLU; 8 BatchNorm3d."""
+
+    def __init__(self, classes: int = 10) -> None:
+        layers: list[nn.Module] = []
+        for cin, cout, stride in ((3, 32, 2), (32, 64, 1), (64, 64, 2), (64, 128, 1)):
+            layers += [nn.Conv3d(cin, cout, (1, 3, 3), (1, stride, stride), (0, 1, 1))]
+            layers += [nn.BatchNorm3d(cout), nn.ReLU()]
+            layers += [nn.Conv3d(cout, cout, (3, 1, 1), 1, (1, 0, 0)), nn.BatchNorm3d(cout)]
+            layers.append(nn.ReLU())
+        super().__init__(*layers, nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(128, classes))
+
+
+class CRNN(nn.Module):
+    """A text-line recogniser: Conv2d → BatchNorm2d → ReLU stages on [B, 1, 32, W], the height
+    pooled away, then a bidirectional GRU over the width and a per-step classifier; 5
+    BatchNorm2d."""
+
+    def __init__(self, classes: int = 37, hidden: int = 128) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for cin, cout, pool in ((1, 32, (2, 2)), (32, 64, (2, 2)), (64, 128, (2, 1))):
+            layers += [*conv_bn(cin, cout, 3), nn.ReLU(), nn.MaxPool2d(pool)]
+        layers += [*conv_bn(128, 128, 3), nn.ReLU(), *conv_bn(128, 256, 3), nn.ReLU()]
+        self.conv = nn.Sequential(*layers)
+        self.rnn = nn.GRU(256, hidden, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(2 * hidden, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.conv(x).mean(2).transpose(1, 2)  # [B, W', C]
+        return self.fc(self.rnn(features)[0])
+
+
+def audio1d() -> nn.Module:
+    return AudioNet1d()
+
+
+def unet() -> nn.Module:
+    return UNet()
+
+
+def temporal3d() -> nn.Module:
+    return Temporal3d()
+
+
+def crnn() -> nn.Module:
+    return CRNN()
+
+
 def bn_layers(model: nn.Module) -> list[_BatchNorm]:
     return [m for m in model.modules() if isinstance(m, _BatchNorm)]
 
