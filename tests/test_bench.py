@@ -3,8 +3,10 @@ and the measuring helpers do what they claim. The benchmark itself is run by `ma
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -212,3 +214,109 @@ def test_memory_stages_reset_the_peak_between_stages(bench) -> None:
     )  # fmt: skip
     assert f"| {bench.CASES[0].name} | without | {second['peak']:.0f} |" in text
     assert "not reset between stages" not in text
+
+
+# --- the shapes users have (benchmarks/shapes.py), both install paths, under contention -----
+
+
+def test_the_user_shape_models_have_the_layers_they_claim(bench) -> None:
+    models = bench.models
+    audio, unet, video, crnn = models.audio1d(), models.unet(), models.temporal3d(), models.crnn()
+    assert count(audio, nn.BatchNorm1d) == 4
+    assert count(unet, nn.BatchNorm2d) == 18
+    assert count(video, nn.BatchNorm3d) == 8
+    assert count(crnn, nn.BatchNorm2d) == 5 and count(crnn, nn.GRU) == 1
+    seen: list[int] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(i[0].dim())) for m in
+             models.bn_layers(audio)]  # fmt: skip
+    with torch.no_grad():
+        assert audio.eval()(torch.randn(2, 1, 2000)).shape == (2, 35)
+        # the skips are concatenated: the first merge sees twice the decoder's channels
+        assert unet.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 2, 32, 32)
+        assert unet.merge[0][0].in_channels == 2 * unet.up[0].out_channels
+        assert video.eval()(torch.randn(1, 3, 4, 16, 16)).shape == (1, 10)
+        assert crnn.eval()(torch.randn(2, 1, 32, 64)).shape[:2] == (2, 16)
+    for h in hooks:
+        h.remove()
+    assert seen == [3] * 4  # BatchNorm1d on [B, C, T]
+
+
+def test_every_shape_case_names_a_factory_and_a_quick_shape(bench) -> None:
+    shapes = bench.shapes
+    assert set(shapes.CASES) == set(shapes.QUICK_SHAPES)
+    assert {"mobilenetv2-224", "audio1d", "unet", "temporal3d", "crnn"} <= set(shapes.CASES)
+    assert {c.name for c in bench.CASES} <= set(shapes.CASES)  # the original five as well
+    assert shapes.CASES["mobilenetv2-224"][1] == (32, 3, 224, 224)
+    assert all(callable(getattr(bench.models, f)) for f, *_ in shapes.CASES.values())
+
+
+def test_kernel_switches_the_path_and_puts_the_variable_back(bench, monkeypatch) -> None:
+    shapes = bench.shapes
+    monkeypatch.setenv(shapes.KERNEL_ENV, "before")
+    with shapes.kernel("torch"):
+        assert os.environ[shapes.KERNEL_ENV] == "torch"
+    with shapes.kernel(""):
+        assert shapes.KERNEL_ENV not in os.environ
+    assert os.environ[shapes.KERNEL_ENV] == "before"
+    monkeypatch.delenv(shapes.KERNEL_ENV)
+    with pytest.raises(RuntimeError), shapes.kernel("torch"):
+        raise RuntimeError
+    assert shapes.KERNEL_ENV not in os.environ
+
+
+def test_burners_spin_and_are_stopped_even_on_error(bench, monkeypatch) -> None:
+    monkeypatch.setattr(bench.shapes, "SETTLE_S", 0.0)
+    with pytest.raises(RuntimeError), bench.shapes.burners(1) as procs:
+        assert len(procs) == 1 and procs[0].poll() is None  # running
+        raise RuntimeError
+    assert procs[0].poll() is not None  # stopped and reaped
+
+
+def test_rounds_alternate_the_order(bench) -> None:
+    calls: list[str] = []
+    runs = {k: (lambda k=k: calls.append(k)) for k in ("plain", "numba", "torch")}
+    times = bench.shapes.rounds(runs, 3)
+    assert [len(t) for t in times.values()] == [3, 3, 3]
+    forward = ["plain", "numba", "torch"]
+    assert calls == forward + forward[::-1] + forward
+
+
+def test_shape_measurement_runs_both_paths_and_renders_the_targets(bench, monkeypatch) -> None:
+    """One tiny case end to end (no burners): both paths take their own route, the model is
+    left as it was, and the table marks a missed target in bold."""
+    shapes = bench.shapes
+    from bnaudit.measure import fused
+
+    monkeypatch.setattr(shapes, "CASES", {"tiny": ("small_cnn", (2, 3, 8, 8), 1, "a small CNN")})
+    monkeypatch.setattr(shapes, "BURNERS", 0)
+    paths: list[str] = []
+    real = fused.kernels
+    monkeypatch.setattr(fused, "kernels", lambda: paths.append(os.environ.get(
+        shapes.KERNEL_ENV, "")) or real())  # fmt: skip
+    got = shapes.measure(bench, "tiny", (2, 3, 8, 8), 1, 2)
+    assert got.layers == 4 and set(got.quiet) == set(got.busy) == set(shapes.SIDES)
+    assert all(len(t) == 2 for t in (*got.quiet.values(), *got.busy.values()))
+    assert {"", "torch"} <= set(paths)
+    slow = dataclasses.replace(
+        got, quiet=dict(got.quiet, numba=[t * 9 for t in got.quiet["plain"]])
+    )
+    text = shapes.render([slow], threads=1, repeats=2)
+    assert "| tiny | 1 × 2×3×8×8 | 4 |" in text and "**9.00**" in text
+    assert "≤ 1.25 quiet: 0 of 1 models" in text
+
+
+def test_sections_are_named_by_their_module_and_timed(bench) -> None:
+    assert "shapes" in [bench.section_name(fn) for fn in bench.SECTIONS]
+    stages = bench.Stages()
+    assert stages("one", lambda: 42) == 42
+    with pytest.raises(ZeroDivisionError):
+        stages("two", lambda: 1 / 0)
+    assert list(stages) == ["one", "two"] and all(v >= 0 for v in stages.values())
+
+
+def test_quick_mode_from_the_environment(bench, monkeypatch) -> None:
+    monkeypatch.setenv("BENCH_QUICK", "1")
+    assert bench.parse_args([]).quick
+    monkeypatch.setenv("BENCH_QUICK", "0")
+    assert not bench.parse_args([]).quick
+    assert bench.parse_args(["--section", "shapes"]).section == "shapes"
