@@ -198,7 +198,10 @@ def render(recal: dict[str, Any], tiny: dict[str, Any], cold: dict[str, float], 
         "",
         "`bnaudit check` of the small CNN (4 batches) as a whole process with an empty "
         "`NUMBA_CACHE_DIR` (numba compiles the kernels), then with the cache filled (median of "
-        "3), and with the kernels off (`BNAUDIT_KERNEL=torch`, no numba import).",
+        "3), and with the kernels off (`BNAUDIT_KERNEL=torch`, no numba import). A fresh CI "
+        "runner pays the compilation once per job; keeping `~/.cache/bnaudit/numba` (or "
+        "`$NUMBA_CACHE_DIR`) between jobs, e.g. with `actions/cache`, avoids it "
+        "(docs/cost.md, docs/github-actions.yml).",
         "",
         table(
             ["cold cache s", "warm cache s", "compilation s", "kernels off s"],
