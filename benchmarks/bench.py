@@ -433,6 +433,7 @@ def growth_with_depth(shape: tuple[int, ...], repeats: int, depths: tuple[int, .
 
 
 STATIC_BYTES = 2 * 1024**3
+QUICK_STATIC_BYTES = 64 * 1024**2
 STATIC_OVER_IMPORT_S = 0.5  # the static audit's target: `import torch` + this, same rounds
 STATIC_RSS_MIB = 300.0
 # Runs `python -m bnaudit` as a process of its own and writes its peak RSS (VmHWM) to stderr at
@@ -968,8 +969,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--static-size",
         type=parse_size,
-        default=STATIC_BYTES,
-        help="size of the static audit's generated checkpoint (200M, 2G) [default: 2G]",
+        default=None,
+        help="size of the static audit's generated checkpoint (200M, 2G) [default: 2G, "
+        "--quick: 64M]",
     )
     parser.add_argument(
         "--memory-only",
@@ -993,6 +995,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {args.models}")
     args.names = names
+    if args.static_size is None:
+        args.static_size = QUICK_STATIC_BYTES if args.quick else STATIC_BYTES
     return args
 
 

@@ -229,6 +229,12 @@ def render(got: list[Measured], threads: int, repeats: int) -> str:
             f"≤ {TARGET_BUSY} with {BURNERS} burners: {busy_ok} of {len(got)}",
             f"- torch path ≤ {TARGET_FALLBACK} × the numba kernel with {BURNERS} burners: "
             f"{fallback_ok} of {len(got)}",
+            '- where the numba kernel misses its target, the floors above ("Where the ratio '
+            'goes: the measured floors": hooks that run the exact kernel and nothing else, on '
+            "the same layouts) show how much of it is the exact measurement itself; the torch "
+            "path's floor (about 18 float64 passes over each value, against the kernel's two "
+            'reads) and its profile are in docs/performance.md, "The default install, quiet and '
+            'under load"',
             f"- models: {what}",
             "",
         ]
