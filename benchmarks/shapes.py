@@ -56,6 +56,14 @@ QUICK_SHAPES = {
     "cnn3d": (2, 3, 4, 16, 16),
     "effnet": (2, 3, 32, 32),
 }
+# A busy loop that also ends when the benchmark is gone (killed without its `finally`).
+BURN = """
+import os, sys
+parent = int(sys.argv[1])
+while os.getppid() == parent:
+    for _ in range(100_000):
+        pass
+"""
 SIDES = ("plain", "numba", "torch")  # torch: BNAUDIT_KERNEL=torch
 KERNEL_ENV = "BNAUDIT_KERNEL"
 
@@ -87,7 +95,7 @@ def burners(count: int) -> Iterator[list[subprocess.Popen]]:
     procs: list[subprocess.Popen] = []
     try:
         for _ in range(count):
-            procs.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
+            procs.append(subprocess.Popen([sys.executable, "-c", BURN, str(os.getpid())]))
         time.sleep(SETTLE_S)
         yield procs
     finally:
@@ -217,7 +225,7 @@ def render(got: list[Measured], threads: int, repeats: int) -> str:
             f"round), median of {repeats} per-round ratios. `numba` is what `pip install "
             "bnaudit` runs; `torch path` is `BNAUDIT_KERNEL=torch`, what runs where numba has "
             f"no wheel (the report then says so in a note). Then the same {repeats} rounds "
-            f"while {BURNERS} other processes spin on the CPU (`while True: pass`, started and "
+            f"while {BURNERS} other processes spin on the CPU (busy loops, started and "
             "stopped by the benchmark), as on a shared CI runner. Calibrated running "
             "statistics (train-mode passes), seeded N(0, 1) batches. Bold: a target missed "
             f"(≤ {TARGET_QUIET} quiet, ≤ {TARGET_BUSY} under contention; the torch path ≤ "

@@ -320,3 +320,10 @@ def test_quick_mode_from_the_environment(bench, monkeypatch) -> None:
     monkeypatch.setenv("BENCH_QUICK", "0")
     assert not bench.parse_args([]).quick
     assert bench.parse_args(["--section", "shapes"]).section == "shapes"
+
+
+def test_a_burner_ends_when_its_parent_is_gone(bench) -> None:
+    """A burner outlives no benchmark, even one killed before its `finally`."""
+    # The parent given is not this process: the burner sees another parent and stops at once.
+    child = subprocess.run([sys.executable, "-c", bench.shapes.BURN, "1"], timeout=60, check=True)
+    assert child.returncode == 0
