@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from bnaudit.check.impact import output_impact
+from bnaudit.check.sites import shared_sites
 
 # AuditOptions is the audit's public companion: `bnaudit.check.audit.AuditOptions` as before.
 from bnaudit.check.options import AuditOptions, with_overrides
@@ -32,7 +34,14 @@ from bnaudit.measure.impact import OutputImpact
 from bnaudit.measure.passes import Passes, run_passes
 from bnaudit.measure.progress import AUDIT, ProgressFn, batch_count, one_stage
 from bnaudit.report.audit_report import AuditReport
-from bnaudit.verdict.findings import Thresholds, is_stale, judge_layer, judge_model, weigh_evidence
+from bnaudit.verdict.findings import Thresholds, is_stale, judge_layer, judge_model
+from bnaudit.verdict.sites import CallSites, judge_sites
+from bnaudit.verdict.staleness import (
+    StaleEvidence,
+    depth_pattern,
+    local_disagreements,
+    weigh_stale,
+)
 from bnaudit.verdict.metrics import figures_of, measure
 from bnaudit.verdict.results import Folding, LayerMetrics, LayerResult
 
@@ -72,7 +81,8 @@ def audit(
     folds = _fold_checks(ran.folds, ran.passes)
     impact = output_impact(model, ran.passes, metrics, options, ranks, progress)
     joined = _joined(metrics, folds.checks, impact.impact)
-    judged = _judged(ran.passes, joined, impact.impact, options.thresholds)
+    sites = shared_sites(model, ran.passes, metrics, options, ranks)
+    judged = _judged(ran.passes, joined, impact.impact, options.thresholds, sites)
     notes = (*ran.notes, *folds.notes, *impact.notes, *judged.notes)
     return _report(
         ran.passes.count, judged.layers, impact.impact, notes, options, checkpoint, sha256
@@ -191,11 +201,19 @@ def _judged(
     metrics: dict[str, LayerMetrics],
     impact: OutputImpact | None,
     t: Thresholds,
+    sites: dict[str, CallSites],
 ) -> _Judged:
     # Layers in the order they run, for "a consequence of stale stats upstream".
     order = passes.order
     position = {name: i for i, name in enumerate(order)}
-    stale = [n for n in order if n in metrics and is_stale(metrics[n], t)]
+    stale = [n for n in order if n in metrics and n not in sites and is_stale(metrics[n], t)]
+    evidence = StaleEvidence(
+        labels=impact.evidence if impact else None,
+        confidence=impact.confidence if impact else None,
+        output_change=impact.rel_l2 if impact else math.nan,
+        pattern=depth_pattern(order, metrics, t),
+    )
+    local = local_disagreements(order, metrics, t, set(sites))
     first = _first_stale(order, set(stale))
     notes = ()
     if first:
@@ -218,7 +236,9 @@ def _judged(
             upstream_stale=upstream,
             runs_first=p.name in first,
         )
-        findings = weigh_evidence(findings, impact.evidence if impact else None)
+        findings = weigh_stale(findings, evidence, local.get(p.name, ""))
+        if p.name in sites:
+            findings = judge_sites(p.name, findings, sites[p.name], t, evidence)
         results.append(LayerResult(p.name, p.attrs.type_name, metrics[p.name], findings))
     return _Judged(tuple(results), notes)
 
