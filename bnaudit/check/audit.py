@@ -29,6 +29,7 @@ from bnaudit.check.options import AuditOptions, with_overrides
 from bnaudit.check.static import NO_BATCH_CODES
 from bnaudit.core.layers import counter_notes, find_bn_layers
 from bnaudit.measure.dataflow import METHOD, Pairs
+from bnaudit.measure.diversity import diversity
 from bnaudit.measure.fold import FoldCheck, FoldWatch
 from bnaudit.measure.impact import OutputImpact
 from bnaudit.measure.passes import Passes, run_passes
@@ -83,7 +84,8 @@ def audit(
     joined = _joined(metrics, folds.checks, impact.impact)
     sites = shared_sites(model, ran.passes, metrics, options, ranks)
     judged = _judged(ran.passes, joined, impact.impact, options.thresholds, sites)
-    notes = (*ran.notes, *folds.notes, *impact.notes, *judged.notes)
+    sample = _sample_note(ran.passes, metrics, options)
+    notes = (*ran.notes, *folds.notes, *impact.notes, *judged.notes, *sample)
     return _report(
         ran.passes.count, judged.layers, impact.impact, notes, options, checkpoint, sha256
     )
@@ -241,6 +243,18 @@ def _judged(
             findings = judge_sites(p.name, findings, sites[p.name], t, evidence)
         results.append(LayerResult(p.name, p.attrs.type_name, metrics[p.name], findings))
     return _Judged(tuple(results), notes)
+
+
+def _sample_note(
+    passes: Passes, metrics: dict[str, LayerMetrics], options: AuditOptions
+) -> tuple[str, ...]:
+    """Whether the sample is small or of low diversity, said when some layer disagrees with
+    it (`bnaudit.measure.diversity`)."""
+    t = options.thresholds
+    if options.synthetic_data or not any(is_stale(m, t) for m in metrics.values()):
+        return ()
+    note = diversity(passes.batches).note()
+    return (note,) if note else ()
 
 
 def _report(

@@ -117,7 +117,7 @@ SITUATION_HINTS: dict[str, dict[str, str]] = {
         "for custom update code; with momentum=None the average's weights depend on it",
     },
     "stale-stats": {
-        "evidenced": "the evidence in the message says the stats are stale: recalibrate on data "
+        "stale": "the evidence in the message says the stats are stale: recalibrate on data "
         "like the served data (torch.optim.swa_utils.update_bn(loader, model), or bnaudit "
         "recalibrate) and save the checkpoint again",
         "worse": "the weights fit the stored statistics better than these batches' own: do not "
@@ -129,13 +129,6 @@ SITUATION_HINTS: dict[str, dict[str, str]] = {
         "bnaudit check measures whether recalibrating helps the task metric",
         "shared": "do not update_bn this module (it averages the call sites): give each call "
         "its own BN module and recalibrate those, or retrain with the module shared",
-        "stale": "the running stats are stale relative to these batches: if these are the data "
-        "the model serves, recalibrate on them, e.g. torch.optim.swa_utils.update_bn(loader, "
-        "model), then save the checkpoint again",
-        "first": "this is among the first BN layers to run and it already disagrees with these "
-        "batches: first check they are preprocessed as in training (normalisation, resizing, "
-        "channel order, domain); only if they are, recalibrate relative to them "
-        "(torch.optim.swa_utils.update_bn(loader, model)) and save the checkpoint again",
     },
     "train-eval-gap": {
         "gap": "stats fit train mode but not what the deployed (eval) model sees; recalibrate "

@@ -119,7 +119,7 @@ def _weighed(f: Finding, ev: StaleEvidence, local: str) -> Finding:
             f"{fmt(-conf.stored)} -> {fmt(-conf.recalibrated)} nats (cross-fitted, beyond noise)",
             ev,
         )
-    return _warn(f, f"; no evidence that they are stale: {_seen(ev)}", hint("stale-stats", "unproven"))
+    return _warn(f, f"; no evidence that they are stale: {_seen(ev)}", f.hint)
 
 
 def _seen(ev: StaleEvidence) -> str:
@@ -144,7 +144,7 @@ def _fail(f: Finding, why: str, ev: StaleEvidence, measured: bool = False) -> Fi
         else ""
     )
     risk = "" if measured else f"; {RISK}: check the task metric after"
-    fix = hint("stale-stats", "evidenced") + change + risk
+    fix = hint("stale-stats", "stale") + change + risk
     return dataclasses.replace(f, severity=Severity.FAIL, message=f.message + why, hint=fix)
 
 
