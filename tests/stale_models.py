@@ -35,11 +35,13 @@ def images(
 def crops_of_few(sources: int, n: int, seed: int) -> tuple[Tensor, Tensor]:
     """`n` random crops of `sources` images, shuffled: correlated, not independent, samples."""
     g = torch.Generator().manual_seed(seed)
-    x, y = images(sources, seed)  # crops already; take the full images again below
+    y = torch.randint(0, CLASSES, (sources,), generator=g)
     full = TEMPLATES[y] + 0.8 * torch.randn(sources, 3, SIZE, SIZE, generator=g) + OFFSETS
     which = torch.randint(0, sources, (n,), generator=g)
     corners = torch.randint(0, SIZE - CROP + 1, (n, 2), generator=g).tolist()
-    crops = [full[s, :, i : i + CROP, j : j + CROP] for s, (i, j) in zip(which, corners)]
+    crops = [
+        full[s, :, i : i + CROP, j : j + CROP] for s, (i, j) in zip(which, corners, strict=True)
+    ]
     return torch.stack(crops), y[which]
 
 

@@ -21,8 +21,10 @@ from tests.reports import single_thread
 
 
 def _batches(x, y=None, size=32):
-    return [(a, b) for a, b in zip(x.split(size), y.split(size))] if y is not None else list(
-        x.split(size)
+    return (
+        [(a, b) for a, b in zip(x.split(size), y.split(size), strict=True)]
+        if y is not None
+        else list(x.split(size))
     )
 
 
@@ -135,7 +137,9 @@ def test_finetuned_in_train_mode_old_stats_restored_fails_and_recalibration_help
         assert "changes the eval output by" in f.hint and RISK in f.hint
     e = labelled.impact.evidence
     assert e is not None and e.better
-    assert all(f.severity is Severity.FAIL and "raises top-1" in f.message for f in _stale(labelled))
+    assert all(
+        f.severity is Severity.FAIL and "raises top-1" in f.message for f in _stale(labelled)
+    )
     before = sm.accuracy(model, held_x, held_y)
     fixed = copy.deepcopy(model)
     torch.optim.swa_utils.update_bn(x.split(32), fixed)

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from bnaudit.check.impact import output_impact
-from bnaudit.check.sites import shared_sites
 
 # AuditOptions is the audit's public companion: `bnaudit.check.audit.AuditOptions` as before.
 from bnaudit.check.options import AuditOptions, with_overrides
+from bnaudit.check.sites import shared_sites
 from bnaudit.check.static import NO_BATCH_CODES
 from bnaudit.core.layers import counter_notes, find_bn_layers
 from bnaudit.measure.dataflow import METHOD, Pairs
@@ -36,6 +36,8 @@ from bnaudit.measure.passes import Passes, run_passes
 from bnaudit.measure.progress import AUDIT, ProgressFn, batch_count, one_stage
 from bnaudit.report.audit_report import AuditReport
 from bnaudit.verdict.findings import Thresholds, is_stale, judge_layer, judge_model
+from bnaudit.verdict.metrics import figures_of, measure
+from bnaudit.verdict.results import Folding, LayerMetrics, LayerResult, Severity
 from bnaudit.verdict.sites import CallSites, judge_sites
 from bnaudit.verdict.staleness import (
     StaleEvidence,
@@ -43,8 +45,6 @@ from bnaudit.verdict.staleness import (
     local_disagreements,
     weigh_stale,
 )
-from bnaudit.verdict.metrics import figures_of, measure
-from bnaudit.verdict.results import Folding, LayerMetrics, LayerResult
 
 if TYPE_CHECKING:
     from bnaudit.distributed import Ranks
@@ -84,7 +84,7 @@ def audit(
     joined = _joined(metrics, folds.checks, impact.impact)
     sites = shared_sites(model, ran.passes, metrics, options, ranks)
     judged = _judged(ran.passes, joined, impact.impact, options.thresholds, sites)
-    sample = _sample_note(ran.passes, metrics, options)
+    sample = _sample_note(ran.passes, judged.layers, options)
     notes = (*ran.notes, *folds.notes, *impact.notes, *judged.notes, *sample)
     return _report(
         ran.passes.count, judged.layers, impact.impact, notes, options, checkpoint, sha256
@@ -246,12 +246,16 @@ def _judged(
 
 
 def _sample_note(
-    passes: Passes, metrics: dict[str, LayerMetrics], options: AuditOptions
+    passes: Passes, layers: tuple[LayerResult, ...], options: AuditOptions
 ) -> tuple[str, ...]:
-    """Whether the sample is small or of low diversity, said when some layer disagrees with
-    it (`bnaudit.measure.diversity`)."""
-    t = options.thresholds
-    if options.synthetic_data or not any(is_stale(m, t) for m in metrics.values()):
+    """Whether the sample is small or of low diversity (`bnaudit.measure.diversity`), said
+    when a layer disagrees with it and no evidence says the statistics are stale."""
+    unproven = any(
+        f.code in ("stale-stats", "shared-bn") and Severity.INFO < f.severity < Severity.FAIL
+        for r in layers
+        for f in r.findings
+    )
+    if options.synthetic_data or not unproven:
         return ()
     note = diversity(passes.batches).note()
     return (note,) if note else ()

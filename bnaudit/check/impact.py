@@ -26,6 +26,7 @@ from bnaudit.measure.passes import Passes, recalibrated_stats
 from bnaudit.measure.progress import ProgressFn, Ticking, impact_stage
 from bnaudit.verdict.findings import Thresholds, has_gap, is_stale
 from bnaudit.verdict.results import LayerMetrics
+from bnaudit.verdict.staleness import local_disagreements
 
 if TYPE_CHECKING:
     from bnaudit.distributed import Ranks
@@ -87,7 +88,7 @@ def _impact(
         confident = None
         if across is None:
             evidence, notes = _evidence(model, plain, list(stats), options, progress)
-            if evidence is None and _disagree(metrics, options.thresholds, passes.count):
+            if evidence is None and _disagree(metrics, options.thresholds, plain):
                 confident = _confidence(model, plain, list(stats), options, progress)
                 cost += confident.forward_passes if confident else 0
         else:  # cross-fitting pairs batches, which the ranks split between them
@@ -183,10 +184,13 @@ def _evidence(
     return evidence, (_evidence_note(evidence, name),)
 
 
-def _disagree(metrics: dict[str, LayerMetrics], t: Thresholds, batches: int) -> bool:
-    """Some layer disagrees with the batches, or is called at several sites: what the
-    output's confidence is measured to weigh (`bnaudit.verdict.staleness`)."""
-    return any(is_stale(m, t) or m.seen.calls > batches for m in metrics.values())
+def _disagree(metrics: dict[str, LayerMetrics], t: Thresholds, passes: Passes) -> bool:
+    """A layer is called at several sites, or disagrees with the batches without a local
+    pattern that already says why: what the output's confidence is measured to weigh
+    (`bnaudit.verdict.staleness`)."""
+    shared = {n for n, m in metrics.items() if m.seen.calls > passes.count}
+    local = local_disagreements(passes.order, metrics, t, shared)
+    return bool(shared) or any(is_stale(m, t) and n not in local for n, m in metrics.items())
 
 
 def _confidence(

@@ -35,9 +35,7 @@ class Diversity:
         """What the audit says about its sample, "" when nothing."""
         said = []
         if self.samples < SMALL:
-            said.append(
-                f"small ({self.samples} samples; precise statistics want 10^3 to 10^4)"
-            )
+            said.append(f"small ({self.samples} samples; precise statistics want 10^3 to 10^4)")
         if self.near < NEAR:
             said.append(
                 f"of low diversity (the median sample's nearest neighbour is {self.near:.2g} "

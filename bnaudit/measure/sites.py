@@ -71,4 +71,3 @@ def site_moments(
         for site in h.sites:
             site.fold()
     return {n: tuple(h.moments) for n, h in hooks.items()}, count
-

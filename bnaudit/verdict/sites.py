@@ -68,9 +68,7 @@ def call_sites(
         shift = (mean.double() - running_mean.double()).abs() / sd
         log_var = ((var.double() + eps) / run_var).log()
         off = (shift > t.stale_shift) | (log_var.abs() > t.stale_log_var)
-        sites.append(
-            Site(i, batches, _median(shift), _median(log_var), float(off.double().mean()))
-        )
+        sites.append(Site(i, batches, _median(shift), _median(log_var), float(off.double().mean())))
         seen.append((mean.double(), var.double() + eps))
     pooled_off = 0.0
     if seen:

@@ -152,4 +152,3 @@ def _warn(f: Finding, why: str, fix: str) -> Finding:
     return dataclasses.replace(
         f, severity=min(f.severity, Severity.WARN), message=f.message + why, hint=fix
     )
-
