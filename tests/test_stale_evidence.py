@@ -37,7 +37,7 @@ def _fails(report):
 
 
 def _signal(report) -> str:
-    c = report.impact.confidence if report.impact else None
+    c = getattr(report.impact, "confidence", None)
     said = "not measured" if c is None else f"{c.stored:.3f} -> {c.recalibrated:.3f}"
     return f"confidence {said}; stale fractions " + ", ".join(
         f"{r.name}: {r.metrics.train.drift.fraction:.2f}" for r in report.layers
