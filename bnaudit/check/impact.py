@@ -95,6 +95,12 @@ def _impact(
             evidence, notes = None, ()
             if options.metric is not None or any(c.labels is not None for c in plain.batches):
                 notes = ("task-metric evidence not measured: not supported under torchrun",)
+            if _disagree(metrics, options.thresholds, plain):
+                notes = (
+                    *notes,
+                    "output-confidence evidence not measured: not supported under "
+                    "torchrun, so a disagreement without a local pattern stays a warning",
+                )
         cost += evidence.forward_passes if evidence else 0
     impact = OutputImpact(
         regime=options.regime,
