@@ -189,9 +189,6 @@ SITUATION_HINTS: dict[str, dict[str, str]] = {
 
 # The fixes for DIFF_CODES, with the same conventions: one hint, or one per situation.
 DIFF_HINTS: dict[str, str] = {
-    "shared-bn": "judge the sites, not the module: do not recalibrate it (update_bn and bnaudit "
-    "recalibrate average the sites into one pair that fits none); if the model should see each "
-    "site normalised on its own, give each call its own BN module",
     "frozen-stats-updated": "keep frozen BN in eval mode: call .eval() on the frozen part after "
     "every model.train() (or use FrozenBatchNorm2d); nothing to fix if it was not meant frozen",
     "unmatched-layer": "the checkpoints hold different layers here, which were not compared: "
