@@ -10,7 +10,7 @@ the checks that need no forward pass run exactly as they do there.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 from bnaudit.checkpoint.bn_groups import find_bn_groups
 from bnaudit.checkpoint.selection import unwrap
@@ -21,6 +21,7 @@ from bnaudit.report.audit_report import AuditReport
 from bnaudit.verdict.codes import CODES
 from bnaudit.verdict.findings import Thresholds, judge_layer, not_audited
 from bnaudit.verdict.metrics import measure
+from bnaudit.verdict.placement import training_mode
 from bnaudit.verdict.results import FailOn, LayerMetrics, LayerResult, Regime
 
 # Which finding codes a static audit can raise, and what the others need.
@@ -66,6 +67,8 @@ def audit_state_dict(
     checkpoint: str | None = None,
     sha256: str | None = None,
     notes: tuple[str, ...] = (),
+    training: Collection[str] = (),
+    counted: bool = True,
 ) -> AuditReport:
     """Audit every BN layer of a state dict without a model; the same report as `audit`.
 
@@ -80,6 +83,10 @@ def audit_state_dict(
         after_read: called after each layer's tensors are copied out (to unmap what reading a
             memory-mapped checkpoint mapped in).
         notes: prepended to the report's notes (how the checkpoint was read).
+        training: BN key prefixes that a compiled program or an ONNX graph runs in train mode
+            (a training-mode finding each).
+        counted: the format stores num_batches_tracked (an ONNX graph does not: no-counter
+            is not judged).
     """
     t = thresholds or Thresholds()
     known = known or {}
@@ -115,10 +122,16 @@ def audit_state_dict(
         findings = judge_layer(
             name, m, t, type_name=a.type_name, overrides_forward=False, batches=0
         )
+        if not counted:
+            findings = tuple(f for f in findings if f.code != "no-counter")
+        if g.prefix in training:
+            findings = (training_mode(name, f"its {a.type_name}"), *findings)
         results.append(LayerResult(name, a.type_name, m, findings))
         attrs[name] = a
     assumed = sum(g.prefix not in known for g in groups if not g.problem)
     static = _static_notes(attrs, len(groups), assumed)
+    if not counted:
+        static.append("no-counter not judged: the format stores no num_batches_tracked")
     momentum_known = any(a.momentum_known for a in attrs.values())
     return AuditReport(
         layers=tuple(results),
@@ -127,7 +140,9 @@ def audit_state_dict(
         checkpoint=checkpoint,
         sha256=sha256,
         thresholds=dataclasses.asdict(t),
-        checks_run=STATIC_CODES + (MOMENTUM_CODES if momentum_known else ()),
+        checks_run=STATIC_CODES
+        + (MOMENTUM_CODES if momentum_known else ())
+        + (("training-mode",) if training or not counted else ()),
         checks_need="--model and --data",
     )
 

@@ -37,6 +37,8 @@ class Program:
     state_dict: dict[str, Tensor]
     known: dict[str, KnownAttrs]  # BN layer prefix → its eps and momentum
     notes: tuple[str, ...]
+    runnable: Any = None  # what runs it: the ScriptModule, or the ExportedProgram's module()
+    training: frozenset[str] = frozenset()  # BN layer prefixes that run in train mode
 
 
 def load_program(path: Path, kind: FileKind, archive: ZipArchive) -> Program:
@@ -61,9 +63,12 @@ def load_program(path: Path, kind: FileKind, archive: ZipArchive) -> Program:
 def _script(path: Path) -> Program:
     module = torch.jit.load(str(path), map_location="cpu")
     known = {}
+    training = set()
     for name, sub in module.named_modules():
         type_name = getattr(sub, "original_name", "")
         if "BatchNorm" in type_name and hasattr(sub, "eps"):
+            if sub.training:  # saved in train mode: the loaded module normalises by batch
+                training.add(name)
             momentum = getattr(sub, "momentum", UNKNOWN_MOMENTUM)
             known[name] = KnownAttrs(
                 type_name, float(sub.eps), None if momentum is None else float(momentum)
@@ -72,7 +77,7 @@ def _script(path: Path) -> Program:
         "loaded with --trust: a TorchScript archive runs compiled code that cannot be hooked; "
         "bnaudit reads its state dict, and each BN layer's class, eps and momentum"
     )
-    return Program(dict(module.state_dict()), known, (note,))
+    return Program(dict(module.state_dict()), known, (note,), module, frozenset(training))
 
 
 def _export(path: Path) -> Program:
@@ -83,12 +88,14 @@ def _export(path: Path) -> Program:
         "hooked; bnaudit reads its state dict, and each BN layer's eps (and momentum where the "
         "graph records it) from its batch-norm call"
     )
-    return Program(state, _export_known(program), (note,))
+    known, training = _export_known(program)
+    return Program(state, known, (note,), program.module(), frozenset(training))
 
 
-def _export_known(program: Any) -> dict[str, KnownAttrs]:
+def _export_known(program: Any) -> tuple[dict[str, KnownAttrs], set[str]]:
     buffers = program.graph_signature.inputs_to_buffers  # placeholder name → state-dict key
     known = {}
+    trained = set()
     for node in program.graph.nodes:
         spec = _BN_OPS.get(str(node.target)) if node.op == "call_function" else None
         if spec is None or len(node.args) <= spec[3]:
@@ -98,6 +105,8 @@ def _export_known(program: Any) -> dict[str, KnownAttrs]:
         if not key.endswith("running_mean"):
             continue
         training = train_i is not None and bool(node.args[train_i])
+        if training:
+            trained.add(key.rpartition(".")[0])
         momentum = float(node.args[momentum_i])
         # In eval mode the op gets the layer's momentum, or 0.0 for momentum=None; in train mode
         # a cumulative average would show its per-step factor instead: neither is trusted here.
@@ -106,4 +115,4 @@ def _export_known(program: Any) -> dict[str, KnownAttrs]:
             float(node.args[eps_i]),
             momentum if not training and momentum > 0 else UNKNOWN_MOMENTUM,
         )
-    return known
+    return known, trained
