@@ -219,6 +219,8 @@ def _run_notes(s: CheckSettings, device: torch.device, ranks: Ranks | None) -> l
 def _input_files(s: CheckSettings) -> list[Path]:
     """Files other than the checkpoint that a report must never overwrite."""
     files = [s.config_file] if s.config_file else []
+    if s.against is not None:
+        files.append(s.against)
     for spec in (s.data, s.model, s.metric):
         if spec is None:
             continue

@@ -9,6 +9,7 @@ into the user's architecture for the full audit.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,12 @@ def _script(path: Path) -> Program:
     training = set()
     for name, sub in module.named_modules():
         type_name = getattr(sub, "original_name", "")
+        if "BatchNorm" in type_name and not hasattr(sub, "eps"):  # traced: eps is in the code
+            traced = _traced_call(sub)
+            if traced is not None:
+                known[name] = KnownAttrs(type_name, traced[1])
+                if traced[0]:
+                    training.add(name)
         if "BatchNorm" in type_name and hasattr(sub, "eps"):
             if sub.training:  # saved in train mode: the loaded module normalises by batch
                 training.add(name)
@@ -78,6 +85,27 @@ def _script(path: Path) -> Program:
         "bnaudit reads its state dict, and each BN layer's class, eps and momentum"
     )
     return Program(dict(module.state_dict()), known, (note,), module, frozenset(training))
+
+
+_TRACED_BN = re.compile(r"torch\.batch_norm\(([^()]*)\)")
+
+
+def _traced_call(sub: Any) -> tuple[bool, float] | None:
+    """(training, eps) of a traced BN layer, from the one batch_norm call of its code: tracing
+    keeps the values it saw as constants, not the attributes."""
+    try:
+        found = _TRACED_BN.findall(sub.code)
+    except RuntimeError:
+        return None
+    if len(found) != 1:
+        return None
+    args = [a.strip() for a in found[0].split(",")]
+    if len(args) != 9 or args[5] not in ("True", "False"):
+        return None
+    try:
+        return args[5] == "True", float(args[7])
+    except ValueError:
+        return None
 
 
 def _export(path: Path) -> Program:
