@@ -31,7 +31,7 @@ from bnaudit.measure.fold import check_folds
 from bnaudit.measure.progress import ProgressFn
 from bnaudit.report.audit_report import AuditReport
 from bnaudit.verdict.placement import judge_end_to_end, judge_output
-from bnaudit.verdict.results import LayerMetrics, LayerResult
+from bnaudit.verdict.results import LayerMetrics, LayerResult, Severity
 
 
 def run_artifact_check(
@@ -118,13 +118,18 @@ def _report(
 ) -> AuditReport:
     tolerance = output_rtol(artifact.dtype)
     results = []
+    upstream = ""  # the first layer already wrong: the outputs after it differ because of it
     for place in places:
         a = attrs[place.layer]
         gap = compared.layers.get(place.layer)
         err = gap.rel if gap is not None else float("nan")
         placement = dataclasses.replace(place.placement, output_err=err)
         metrics = dataclasses.replace(_metrics(a), artifact=placement)
-        findings = (*place.findings, *judge_output(place.layer, placement, err, tolerance))
+        findings = place.findings
+        if not upstream:
+            findings = (*findings, *judge_output(place.layer, placement, err, tolerance))
+            if any(f.severity >= Severity.FAIL for f in findings):
+                upstream = place.layer
         results.append(LayerResult(place.layer, a.type_name, metrics, findings))
     e2e = compared.output
     counts: dict[str, int] = {}
@@ -142,6 +147,11 @@ def _report(
         if artifact.exposes
         else "layer outputs not compared: a compiled program's inner tensors are not exposed",
     )
+    if upstream and artifact.exposes:
+        notes += (
+            f"layer outputs after {upstream} (in the model's order) are not judged: they "
+            "differ because of it; its artifact_output_err is still reported",
+        )
     return AuditReport(
         layers=tuple(results),
         fail_on=s.fail_on,
