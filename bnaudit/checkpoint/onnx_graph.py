@@ -109,11 +109,15 @@ def _constants(graph: Any) -> dict[str, Tensor]:
     consts = {}
     for t in graph.initializer:
         consts[t.name] = t
-    for node in graph.node:
+    for node in graph.node:  # in graph order: an Identity follows what it forwards
         if node.op_type == "Constant" and node.output:
             for attr in node.attribute:
                 if attr.name == "value" and attr.HasField("t"):
                     consts[node.output[0]] = attr.t
+        # The legacy exporter shares equal initializers (a fresh BN's running_var and weight)
+        # through Identity nodes.
+        if node.op_type == "Identity" and node.output and node.input and node.input[0] in consts:
+            consts[node.output[0]] = consts[node.input[0]]
     out = {}
     for name, t in consts.items():
         if t.data_type not in (1, 10, 11, 16):  # float, float16, double, bfloat16
