@@ -81,7 +81,7 @@ def trained(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> nn.Modul
 def namespace(folder: Path) -> dict:
     """The model module's names (`build`, `build_1d`), imported from its file."""
     scope: dict = {}
-    exec(compile(MODEL_PY, str(folder / "models.py"), "exec"), scope)  # noqa: S102
+    exec(compile(MODEL_PY, str(folder / "models.py"), "exec"), scope)
     return scope
 
 

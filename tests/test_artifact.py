@@ -66,7 +66,9 @@ def test_each_export_path_of_a_healthy_model_passes(tmp_path: Path, how: str) ->
 def test_an_onnx_model_exported_in_train_mode_fails_on_every_layer(tmp_path: Path) -> None:
     model, ckpt, data, spec = setup(tmp_path)
     training = torch.onnx.TrainingMode.TRAINING
-    artifact = export(model, torch.randn(BATCH, 3, 8, 8), tmp_path / "m.onnx", "legacy", training=training)
+    artifact = export(
+        model, torch.randn(BATCH, 3, 8, 8), tmp_path / "m.onnx", "legacy", training=training
+    )
     code, report = check(artifact, ckpt, data, spec)
     assert code == 1
     assert places(report) == dict.fromkeys(LAYERS, "training-mode")
@@ -124,7 +126,12 @@ def test_an_eps_changed_in_the_onnx_node_is_an_eps_mismatch(tmp_path: Path) -> N
     code, report = check(artifact, ckpt, data, spec)
     assert code == 1
     assert places(report) == {**EXPECTED["legacy"], "bn2": "eps-mismatch"}
-    found = [(r["name"], f) for r in report["layers"] for f in r["findings"] if f["code"] == "eps-mismatch"]
+    found = [
+        (r["name"], f)
+        for r in report["layers"]
+        for f in r["findings"]
+        if f["code"] == "eps-mismatch"
+    ]
     assert [name for name, _ in found] == ["bn2"]
     assert found[0][1]["value"] == pytest.approx(1e-2, rel=1e-6)
 
@@ -218,7 +225,10 @@ def test_the_artifact_check_takes_the_gate_options(tmp_path: Path) -> None:
     assert code == 0  # the findings it records are accepted
     code, report = check(artifact, ckpt, data, spec, "--baseline", baseline)
     assert code == 0
-    found = [*report["summary"]["model_findings"], *(f for r in report["layers"] for f in r["findings"])]
+    found = [
+        *report["summary"]["model_findings"],
+        *(f for r in report["layers"] for f in r["findings"]),
+    ]
     assert found and {f["status"] for f in found} == {"baselined"}
     code, _ = check(artifact, ckpt, data, spec, "--fail-on", "never")
     assert code == 0

@@ -5,6 +5,7 @@ within the time and memory bounds of the hostile corpus, and no file is written 
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 from pathlib import Path
@@ -18,7 +19,7 @@ from tests.hostile import Case, assert_bounded, assert_refused, hashes, run_case
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-from onnx import TensorProto, helper  # noqa: E402
+TensorProto, helper = onnx.TensorProto, onnx.helper
 
 
 def _healthy(folder: Path) -> Path:
@@ -83,7 +84,7 @@ def _claiming_external(src: Path, dst: Path) -> Path:
 def _many_nodes(dst: Path, count: int) -> Path:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     names = ["x", *(f"t{i}" for i in range(count))]
-    nodes = [helper.make_node("Relu", [a], [b]) for a, b in zip(names, names[1:], strict=False)]
+    nodes = [helper.make_node("Relu", [a], [b]) for a, b in itertools.pairwise(names)]
     y = helper.make_tensor_value_info(names[-1], TensorProto.FLOAT, [1])
     model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]))
     dst.write_bytes(model.SerializeToString())

@@ -1,5 +1,4 @@
-"""`bnaudit check ARTIFACT --against CKPT`: a deployed ONNX, TorchScript or torch.export artifact
-run and compared with the checkpoint it came from, BN layer by BN layer."""
+"""`check ARTIFACT --against CKPT`: a deployed model run and judged against its checkpoint."""
 
 import lazy_loader
 

@@ -61,7 +61,8 @@ def open_artifact(path: Path, *, trust: bool) -> Artifact:
         from bnaudit.checkpoint.onnx_graph import read_graph
 
         graph = read_graph(read_onnx(path))
-        note = f"artifact: an ONNX model (opset {graph.opset}, {graph.file.nodes} nodes), run by onnxruntime"
+        nodes = f"opset {graph.opset}, {graph.file.nodes} nodes"
+        note = f"artifact: an ONNX model ({nodes}), run by onnxruntime from a copy in memory"
         return Artifact(path, kind, graph.bn, graph.linear, graph.dtype, graph, (note,))
     if not kind.is_code:
         raise CheckpointError(

@@ -62,9 +62,7 @@ def run_artifact_check(
     report = _compare(s, artifact, prepared, progress)
     sha = sha256_file(s.checkpoint) if unhashed is None else None
     notes = (*artifact.notes, *prepared.checkpoint.notes, *prepared.notes, *report.notes)
-    report = dataclasses.replace(
-        report, notes=notes, sha256=sha, sha256_skipped=unhashed
-    )
+    report = dataclasses.replace(report, notes=notes, sha256=sha, sha256_skipped=unhashed)
     return judge(report, s, baseline)
 
 

@@ -54,7 +54,11 @@ class Gap:
     def rel(self) -> float:
         if math.isnan(self.max_abs) or math.isinf(self.max_abs):
             return self.max_abs
-        return self.max_abs / self.scale if self.scale > 0 else (0.0 if self.max_abs == 0 else math.inf)
+        return (
+            self.max_abs / self.scale
+            if self.scale > 0
+            else (0.0 if self.max_abs == 0 else math.inf)
+        )
 
 
 def _nan_max(x: float) -> float:
@@ -91,7 +95,9 @@ def compare_outputs(
     out = Compared(layers={name: Gap() for name in exposed})
     seen: dict[str, Tensor] = {}
     hooks = [
-        modules[name].register_forward_hook(_keep(seen, name)) for name in exposed if name in modules
+        modules[name].register_forward_hook(_keep(seen, name))
+        for name in exposed
+        if name in modules
     ]
     try:
         with preserved(model, find_bn_layers(model)), torch.no_grad():

@@ -59,7 +59,9 @@ def locate(
         if linear is not None and conv is not None:
             w = conv.weight.detach()
             b = None if conv.bias is None else conv.bias.detach()
-            placement, found = judge_fold(name, a, (w, b), (linear.weight, linear.bias), linear.node)
+            placement, found = judge_fold(
+                name, a, (w, b), (linear.weight, linear.bias), linear.node
+            )
             places.append(Place(name, placement, found, linear.output))
             continue
         why = "no BatchNormalization node with its name or its gamma and beta"

@@ -22,7 +22,7 @@ from bnaudit.verdict.codes import CODES
 from bnaudit.verdict.findings import Thresholds, judge_layer, not_audited
 from bnaudit.verdict.metrics import measure
 from bnaudit.verdict.placement import training_mode
-from bnaudit.verdict.results import FailOn, LayerMetrics, LayerResult, Regime
+from bnaudit.verdict.results import FailOn, Finding, LayerMetrics, LayerResult, Regime
 
 # Which finding codes a static audit can raise, and what the others need.
 STATIC_CODES = (
@@ -117,21 +117,11 @@ def audit_state_dict(
         )
         if after_read is not None:
             after_read()
-        m = measure(a, LayerStats(), t, nonfinite_inputs=0, nonfinite_outputs=0, synthetic=False)
-        m = _not_judged(m)
-        findings = judge_layer(
-            name, m, t, type_name=a.type_name, overrides_forward=False, batches=0
-        )
-        if not counted:
-            findings = tuple(f for f in findings if f.code != "no-counter")
-        if g.prefix in training:
-            findings = (training_mode(name, f"its {a.type_name}"), *findings)
+        m, findings = _judged(name, a, t, training=g.prefix in training, counted=counted)
         results.append(LayerResult(name, a.type_name, m, findings))
         attrs[name] = a
     assumed = sum(g.prefix not in known for g in groups if not g.problem)
-    static = _static_notes(attrs, len(groups), assumed)
-    if not counted:
-        static.append("no-counter not judged: the format stores no num_batches_tracked")
+    static = _static_notes(attrs, len(groups), assumed, counted)
     momentum_known = any(a.momentum_known for a in attrs.values())
     return AuditReport(
         layers=tuple(results),
@@ -147,6 +137,21 @@ def audit_state_dict(
     )
 
 
+def _judged(
+    name: str, a: LayerAttrs, t: Thresholds, *, training: bool, counted: bool
+) -> tuple[LayerMetrics, tuple[Finding, ...]]:
+    """One layer's static metrics and findings; a layer that runs in train mode (a program's,
+    an ONNX node's) fails, and a format without a counter is not asked for one."""
+    m = measure(a, LayerStats(), t, nonfinite_inputs=0, nonfinite_outputs=0, synthetic=False)
+    m = _not_judged(m)
+    findings = judge_layer(name, m, t, type_name=a.type_name, overrides_forward=False, batches=0)
+    if not counted:
+        findings = tuple(f for f in findings if f.code != "no-counter")
+    if training:
+        findings = (training_mode(name, f"its {a.type_name}"), *findings)
+    return m, findings
+
+
 def _not_judged(m: LayerMetrics) -> LayerMetrics:
     """`m` with neither drift judged: a static audit has no batches to compare with."""
 
@@ -156,7 +161,9 @@ def _not_judged(m: LayerMetrics) -> LayerMetrics:
     return dataclasses.replace(m, train=regime(m.train), eval=regime(m.eval))
 
 
-def _static_notes(attrs: Mapping[str, LayerAttrs], groups: int, assumed: int) -> list[str]:
+def _static_notes(
+    attrs: Mapping[str, LayerAttrs], groups: int, assumed: int, counted: bool = True
+) -> list[str]:
     """`attrs`: the audited layers by name, of `groups` found; `assumed`: how many of them have
     an assumed eps (no archive told it)."""
     momentum_known = sum(a.momentum_known for a in attrs.values())
@@ -184,6 +191,8 @@ def _static_notes(attrs: Mapping[str, LayerAttrs], groups: int, assumed: int) ->
             f"momentum is not stored in a state dict: unknown for {len(attrs) - momentum_known} "
             f"of {len(attrs)} layers, so {' and '.join(MOMENTUM_CODES)} were not judged there"
         )
+    if not counted:
+        notes.append("no-counter not judged: the format stores no num_batches_tracked")
     notes += counter_notes(
         {n: a.counter_dtype for n, a in attrs.items()},
         "; audited as the count it holds (load_state_dict converts it to the model's int64)",

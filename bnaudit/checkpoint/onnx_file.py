@@ -23,8 +23,7 @@ from bnaudit.core.limits import MAX_ONNX_BYTES, MAX_ONNX_NODES
 from bnaudit.core.untrusted import quote
 
 EXTRA = (
-    "reading ONNX models needs the onnx extra: pip install 'bnaudit[onnx]' (onnx and "
-    "onnxruntime)"
+    "reading ONNX models needs the onnx extra: pip install 'bnaudit[onnx]' (onnx and onnxruntime)"
 )
 _MAX_DEPTH = 32  # subgraphs (If/Loop bodies) nested deeper than this are refused
 

@@ -72,10 +72,13 @@ def read_graph(file: OnnxFile) -> OnnxGraph:
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "BatchNormalization" and node.output:
-            found = {k: consts[i] for k, i in zip(_BN_INPUTS, node.input[1:5]) if i in consts}
-            missing = [k for k, i in zip(_BN_INPUTS, node.input[1:5]) if i not in consts]
+            named = list(zip(_BN_INPUTS, node.input[1:5], strict=False))
+            found = {k: consts[i] for k, i in named if i in consts}
+            missing = [k for k, i in named if i not in consts]
             name = _unique(_layer_name(node, found.keys(), node.input[1:5]), seen)
-            problem = f"{', '.join(missing)} computed in the graph, not constants" if missing else ""
+            problem = (
+                f"{', '.join(missing)} computed in the graph, not constants" if missing else ""
+            )
             bn.append(
                 BnNode(
                     name,
@@ -93,12 +96,18 @@ def read_graph(file: OnnxFile) -> OnnxGraph:
                 weight = weight.t()  # Gemm computes x·B: output channels on B's dim 1
             bias = consts.get(node.input[2]) if len(node.input) > 2 else None
             scopes = tuple(_scopes(node))
-            linear.append(LinearNode(clean(node.name), node.op_type, node.output[0], weight, bias, scopes))
+            linear.append(
+                LinearNode(clean(node.name), node.op_type, node.output[0], weight, bias, scopes)
+            )
     initializers = {t.name for t in graph.initializer}
     inputs = tuple(i.name for i in graph.input if i.name not in initializers)
     dtype = _dtype(graph, inputs)
-    opset = max((o.version for o in file.model.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    return OnnxGraph(file, tuple(bn), tuple(linear), inputs, tuple(o.name for o in graph.output), dtype, opset)
+    opset = max(
+        (o.version for o in file.model.opset_import if o.domain in ("", "ai.onnx")), default=0
+    )
+    return OnnxGraph(
+        file, tuple(bn), tuple(linear), inputs, tuple(o.name for o in graph.output), dtype, opset
+    )
 
 
 def _constants(graph: Any) -> dict[str, Tensor]:
@@ -133,7 +142,7 @@ def _constants(graph: Any) -> dict[str, Tensor]:
 def _layer_name(node: Any, found: Any, inputs: Any) -> str:
     """The module path: from `<layer>.running_mean`, the dynamo name scopes, the legacy node
     name `/a/b/BatchNormalization`, else the node's own name or output."""
-    names = dict(zip(_BN_INPUTS, inputs))
+    names = dict(zip(_BN_INPUTS, inputs, strict=False))
     mean = names.get("running_mean", "")
     if mean.endswith(".running_mean"):
         return clean(mean.removesuffix(".running_mean"))
