@@ -232,3 +232,24 @@ def test_the_artifact_check_takes_the_gate_options(tmp_path: Path) -> None:
     assert found and {f["status"] for f in found} == {"baselined"}
     code, _ = check(artifact, ckpt, data, spec, "--fail-on", "never")
     assert code == 0
+
+
+def test_every_artifact_code_has_a_hint_and_a_row_in_the_findings_page() -> None:
+    from bnaudit.verdict.codes import ALL_CODES, ARTIFACT_CODES, ARTIFACT_HINTS
+
+    page = (Path(__file__).parent.parent / "docs" / "findings.md").read_text(encoding="utf-8")
+    assert set(ARTIFACT_CODES) == set(ARTIFACT_HINTS)
+    assert set(ARTIFACT_CODES) <= set(ALL_CODES)  # an ignore entry may name them
+    for code in ARTIFACT_CODES:
+        assert f"| `{code}` |" in page, code
+
+
+def test_without_the_onnx_extra_the_message_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, ckpt, data, spec = setup(tmp_path)
+    artifact = export(model, torch.randn(BATCH, 3, 8, 8), tmp_path / "m.onnx", "legacy")
+    monkeypatch.setitem(__import__("sys").modules, "onnx", None)  # import onnx fails
+    result = runner.invoke(app, ["check", str(artifact)])
+    assert result.exit_code == 2
+    assert "pip install 'bnaudit[onnx]'" in result.output
