@@ -247,7 +247,7 @@ def test_every_artifact_code_has_a_hint_and_a_row_in_the_findings_page() -> None
 def test_without_the_onnx_extra_the_message_names_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model, ckpt, data, spec = setup(tmp_path)
+    model = setup(tmp_path)[0]
     artifact = export(model, torch.randn(BATCH, 3, 8, 8), tmp_path / "m.onnx", "legacy")
     monkeypatch.setitem(__import__("sys").modules, "onnx", None)  # import onnx fails
     result = runner.invoke(app, ["check", str(artifact)])
