@@ -78,9 +78,10 @@ def test_an_onnx_model_exported_in_train_mode_fails_on_every_layer(tmp_path: Pat
     assert result.exit_code == 1 and "training-mode x3" in result.output
 
 
-def test_a_program_scripted_in_train_mode_fails_on_every_layer(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["script", "trace", "export"])
+def test_a_program_made_in_train_mode_fails_on_every_layer(tmp_path: Path, how: str) -> None:
     model, ckpt, data, spec = setup(tmp_path)
-    artifact = export(model.train(), torch.randn(BATCH, 3, 8, 8), tmp_path / "m.pt", "script")
+    artifact = export(model.train(), torch.randn(BATCH, 3, 8, 8), tmp_path / "m.pt", how)
     code, report = check(artifact, ckpt, data, spec)
     assert code == 1
     assert places(report) == dict.fromkeys(LAYERS, "training-mode")

@@ -51,15 +51,20 @@ def run_artifact_check(
             f"--against {s.against}: the comparison runs the checkpoint's model: pass --model "
             "(and --data, or --input-shape) as for check"
         )
-    prepared = prepare(dataclasses.replace(s, checkpoint=s.against), log)
-    assert isinstance(prepared, Prepared)  # --model is given: never the static report
     if not (s.data or s.input_shape):
         raise BnauditError(
             f"--against {s.against}: the comparison runs both on the same batches: pass --data "
             "(or --input-shape for synthetic ones)"
         )
+    against = dataclasses.replace(s, checkpoint=s.against)
+    prepared = prepare(against, log, hashed=unhashed is None)
+    assert isinstance(prepared, Prepared)  # --model is given: never the static report
     log_line(log, f"checking {s.checkpoint} against {s.against}")
     report = _compare(s, artifact, prepared, progress)
+    against = prepared.checkpoint.sha256
+    if against is not None:
+        checked = f"checkpoint {clean(str(s.against))}: sha256 {against}"
+        report = dataclasses.replace(report, notes=(*report.notes, checked))
     sha = sha256_file(s.checkpoint) if unhashed is None else None
     notes = (*artifact.notes, *prepared.checkpoint.notes, *prepared.notes, *report.notes)
     report = dataclasses.replace(report, notes=notes, sha256=sha, sha256_skipped=unhashed)
@@ -95,11 +100,11 @@ def _compare(
     return _report(s, artifact, places, attrs, compared)
 
 
-def _fold_partners(model: nn.Module, batch: Any) -> dict[str, nn.Module]:
-    """BN layer → the conv/linear that feeds it alone, from one eval-mode forward."""
+def _fold_partners(model: nn.Module, batch: Any) -> dict[str, tuple[str, nn.Module]]:
+    """BN layer → the conv/linear (name, module) that feeds it alone, from one eval forward."""
     pairs, _ = check_folds(model, batch)
     modules = dict(model.named_modules())
-    return {p.bn: modules[p.conv] for p in pairs.pairs}
+    return {p.bn: (p.conv, modules[p.conv]) for p in pairs.pairs}
 
 
 def _chain(first: Any, rest: Any) -> Any:

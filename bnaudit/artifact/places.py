@@ -38,10 +38,11 @@ class Place:
 def locate(
     layers: Iterable[tuple[str, nn.Module]],
     attrs: Mapping[str, LayerAttrs],
-    convs: Mapping[str, nn.Module],
+    convs: Mapping[str, tuple[str, nn.Module]],
     artifact: Artifact,
 ) -> list[Place]:
-    """Every layer's place; `convs`: BN layer → the conv/linear that feeds it in the model."""
+    """Every layer's place; `convs`: BN layer → the conv/linear (name, module) that feeds it
+    alone in the model."""
     layers = list(layers)
     # A node named after a layer of the model is that layer's: never matched to another by value.
     named = {name for name, _ in layers}
@@ -54,29 +55,25 @@ def locate(
             free.remove(node)
             places.append(_at_node(name, a, node))
             continue
-        conv = convs.get(name)
+        conv_name, conv = convs.get(name, ("", None))
         linear = _folded_into(name, conv, artifact.linear) if conv is not None else None
         if linear is not None and conv is not None:
             w = conv.weight.detach()
             b = None if conv.bias is None else conv.bias.detach()
-            placement, found = judge_fold(
-                name, a, (w, b), (linear.weight, linear.bias), linear.node
-            )
+            folded = (linear.weight, linear.bias)
+            placement, found = judge_fold(name, a, (w, b), folded, linear.node)
             places.append(Place(name, placement, found, linear.output))
             continue
         why = "no BatchNormalization node with its name or its gamma and beta"
         why += (
-            f", and no Conv/Gemm whose weights are those of {_conv_name(convs, name)}, scaled"
+            f", and no Conv/Gemm whose weights are those of {conv_name} scaled per channel "
+            "(an unscaled copy of them means the BN was dropped)"
             if conv is not None
             else ", and no conv/linear feeds it alone in the model, to be folded into"
         )
         placement, found = missing(name, why)
         places.append(Place(name, placement, found))
     return places
-
-
-def _conv_name(convs: Mapping[str, nn.Module], bn: str) -> str:
-    return type(convs[bn]).__name__
 
 
 def _at_node(name: str, a: LayerAttrs, node: BnNode) -> Place:
@@ -120,6 +117,8 @@ def _folded_into(bn: str, conv: nn.Module, linear: tuple[LinearNode, ...]) -> Li
         if tuple(node.weight.shape) != tuple(w.shape):
             continue
         got = node.weight.double().reshape(w.shape[0], -1)
+        if torch.equal(got, flat.to(node.weight.dtype).double()):
+            continue  # the model's conv itself, not scaled: nothing was folded into it
         cos = (got * flat).sum(1) / (got.norm(dim=1) * norm).clamp_min(1e-300)
         live = norm > 0
         worst = float(cos[live].abs().min()) if bool(live.any()) else 0.0

@@ -101,7 +101,11 @@ def read_graph(file: OnnxFile) -> OnnxGraph:
             )
     initializers = {t.name for t in graph.initializer}
     inputs = tuple(i.name for i in graph.input if i.name not in initializers)
-    dtype = _dtype(graph, inputs)
+    # The artifact's precision is its least precise float: a float32 graph with a float16 BN.
+    dtypes = [_dtype(graph, inputs)]
+    dtypes += [t.dtype for n in bn for t in n.tensors.values()]
+    dtypes += [n.weight.dtype for n in linear]
+    dtype = max(dtypes, key=lambda d: _PRECISION.get(d, 0))
     opset = max(
         (o.version for o in file.model.opset_import if o.domain in ("", "ai.onnx")), default=0
     )
@@ -182,6 +186,9 @@ _DTYPES: Mapping[int, torch.dtype] = {
     11: torch.float64,
     16: torch.bfloat16,
 }
+
+
+_PRECISION = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 
 
 def _dtype(graph: Any, inputs: tuple[str, ...]) -> torch.dtype:
