@@ -254,3 +254,15 @@ def test_without_the_onnx_extra_the_message_names_it(
     result = runner.invoke(app, ["check", str(artifact)])
     assert result.exit_code == 2
     assert "pip install 'bnaudit[onnx]'" in result.output
+
+
+def test_a_bn_dropped_by_the_export_is_missing_and_the_output_fails(tmp_path: Path) -> None:
+    model, ckpt, data, spec = setup(tmp_path)
+    deployed = type(model)()
+    deployed.load_state_dict(model.state_dict())
+    deployed.bn1 = torch.nn.Identity()  # conv1 ships unscaled: an unscaled copy is no fold
+    artifact = export(deployed.eval(), torch.randn(BATCH, 3, 8, 8), tmp_path / "m.onnx", "legacy")
+    code, report = check(artifact, ckpt, data, spec)
+    assert code == 1
+    assert places(report) == {**EXPECTED["legacy"], "bn1": "missing"}
+    assert {f["code"] for f in report["summary"]["model_findings"]} == {"artifact-output"}
