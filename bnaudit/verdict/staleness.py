@@ -97,7 +97,8 @@ def _weighed(f: Finding, ev: StaleEvidence, local: str) -> Finding:
     labels, conf = ev.labels, ev.confidence
     if labels is not None:
         if labels.better:
-            return _fail(f, f"; recalibrating raises {labels.change()}", ev, measured=True)
+            raised = f"recalibrating raises {labels.change()}"
+            return _fail(f, f"; {raised}", ev, measured=raised)
         if labels.worse:
             return _warn(
                 f,
@@ -136,14 +137,16 @@ def _seen(ev: StaleEvidence) -> str:
     return f"{ev.pattern}; {said}" if ev.pattern else said
 
 
-def _fail(f: Finding, why: str, ev: StaleEvidence, measured: bool = False) -> Finding:
+def _fail(f: Finding, why: str, ev: StaleEvidence, measured: str = "") -> Finding:
+    """FAIL, with a hint that says what recalibrating changes and either whether it helped
+    (`measured`, with labels) or the risk of doing it unchecked."""
     change = (
         f"; recalibrating every layer changes the eval output by {fmt(ev.output_change)} "
         "relative L2"
         if math.isfinite(ev.output_change)
         else ""
     )
-    risk = "" if measured else f"; {RISK}: check the task metric after"
+    risk = f"; measured: {measured}" if measured else f"; {RISK}: check the task metric after"
     fix = hint("stale-stats", "stale") + change + risk
     return dataclasses.replace(f, severity=Severity.FAIL, message=f.message + why, hint=fix)
 
