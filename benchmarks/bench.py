@@ -50,6 +50,7 @@ ROOT = HERE.parent
 # This checkout's bnaudit and the models next to this file, whatever is installed elsewhere.
 sys.path[:0] = [str(ROOT), str(HERE)]
 
+import artifact_cost  # noqa: E402
 import costs  # noqa: E402  (needs the path above)
 import floors  # noqa: E402
 import memory_stages  # noqa: E402
@@ -920,16 +921,12 @@ class Context:
     log: Callable[[str], None]
 
 
-# Extra sections: each a callable (Context) -> markdown, written to RESULTS.md after the
-# built-in sections, in this order; its module's name selects it with --section. Add a section
-# with one line here.
-SECTIONS: list[Callable[[Context], str]] = [
-    shapes.section,
-]
-
-
-def section_name(fn: Callable[[Context], str]) -> str:
-    return fn.__module__.rsplit(".", 1)[-1]
+# Extra sections, by name: each a callable (Context) -> markdown, written to RESULTS.md after
+# the built-in sections in this order; `--section NAME` runs one alone. A new section is one line.
+SECTIONS: dict[str, Callable[[Context], str]] = {
+    "shapes": shapes.section,
+    "artifact_cost": lambda ctx: artifact_cost.section(ctx.quick),
+}
 
 
 class Stages(dict):
@@ -986,7 +983,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--section",
-        choices=[section_name(fn) for fn in SECTIONS],
+        choices=list(SECTIONS),
         help="run only this extra section and print it (RESULTS.md is left alone)",
     )
     args = parser.parse_args(argv)
@@ -1022,7 +1019,7 @@ def main(argv: list[str] | None = None) -> None:
                     args.quick,
                     log,
                 )
-                print(next(fn for fn in SECTIONS if section_name(fn) == args.section)(ctx))
+                print(SECTIONS[args.section](ctx))
         return
     every, depths = CASES, DEPTHS
     if args.quick:
@@ -1094,7 +1091,7 @@ def run_all(
         lambda: static_audit(folder, env, max(2, args.process_repeats), args.static_size),
     )
     ctx = Context(me, folder, env, args.threads, args.repeats, args.quick, log)
-    extra = [stage(f"section {section_name(fn)}", lambda fn=fn: fn(ctx)) for fn in SECTIONS]
+    extra = [stage(f"section {name}", lambda fn=fn: fn(ctx)) for name, fn in SECTIONS.items()]
     command = " ".join(["python", *check_command(cases[0], folder)[1:]])
     command = command.replace(str(folder), "$TMP").replace(str(ROOT) + "/", "")
     results = Results(

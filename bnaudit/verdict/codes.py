@@ -26,6 +26,7 @@ CODES: tuple[str, ...] = (
     "no-counter",
     "bad-counter",
     "not-audited",
+    "shared-bn",
 )
 # `bnaudit diff`'s codes (bnaudit.diff): judged from two checkpoints, not from one.
 DIFF_CODES: tuple[str, ...] = (
@@ -34,12 +35,26 @@ DIFF_CODES: tuple[str, ...] = (
     "counter-reset",
     "unmatched-layer",
 )
-ALL_CODES = CODES + DIFF_CODES
+# An artifact checked against its checkpoint (`bnaudit check ARTIFACT --against CKPT`), and the
+# ONNX static audit's training-mode nodes.
+ARTIFACT_CODES: tuple[str, ...] = (
+    "training-mode",
+    "eps-mismatch",
+    "kept-stale",
+    "folded-stale",
+    "precision-loss",
+    "missing",
+    "artifact-output",
+)
+ALL_CODES = CODES + DIFF_CODES + ARTIFACT_CODES
 
 # How to fix a finding. A code whose messages all call for the same fix has one hint here; a code
 # whose messages describe different situations has one hint per situation (SITUATION_HINTS), so
 # that a fix never contradicts the message it follows. `{layer}` and `{upstream}` are filled in.
 HINTS: dict[str, str] = {
+    "shared-bn": "judge the sites, not the module: do not recalibrate it (update_bn and bnaudit "
+    "recalibrate average the sites into one pair that fits none); if the model should see each "
+    "site normalised on its own, give each call its own BN module",
     "tiny-var": "near-zero running variance with large gamma amplifies noise and can overflow "
     "float16: check for dead channels, raise eps, or prune the channel",
     "var-bias": "expected with this few values per channel; validate in eval mode, or use larger "
@@ -64,6 +79,28 @@ HINTS: dict[str, str] = {
     "and weight and bias of that length: find what rewrote these tensors (load_state_dict refuses "
     "them too); if the module is not BatchNorm, accept the finding with an ignore entry and a "
     "reason",
+}
+# The fixes for ARTIFACT_CODES, one hint each.
+ARTIFACT_HINTS: dict[str, str] = {
+    "training-mode": "the artifact normalises with the statistics of each batch: export the model "
+    "after model.eval() (torch.onnx.export(..., training=TrainingMode.EVAL), the default; "
+    "torch.export after .eval())",
+    "eps-mismatch": "the artifact divides by sqrt(var + another eps) than the checkpoint's layer: "
+    "export again from the model as it is, and look for an optimizer or converter that rewrites "
+    "eps",
+    "kept-stale": "the artifact's BatchNormalization holds other statistics than the checkpoint: "
+    "it was exported from another checkpoint (or before a recalibration): export it again",
+    "folded-stale": "the conv/linear was folded with other BN statistics than the checkpoint's: "
+    "the artifact comes from another checkpoint (or one saved before a recalibration): export "
+    "it again from this one",
+    "precision-loss": "rounding the BN parameters to the artifact's dtype changes what the layer "
+    "computes (a small running variance flushed to 0, say): keep BatchNorm (or the folded "
+    "weights) in float32 when converting, or raise eps",
+    "missing": "no node of the artifact holds this layer, unfolded or folded: check the export "
+    "kept it; the end-to-end comparison still covers its effect",
+    "artifact-output": "the artifact does not compute what the checkpoint's model computes in "
+    "eval mode: see the layer findings for where it goes wrong, and export it again from this "
+    "checkpoint in eval mode",
 }
 _PRUNE = "or clamp/prune the channels with huge gamma/sqrt(var + eps) before folding"
 # A reconstruction mismatch that one known mistake explains (bnaudit.measure.explain keys): its fix.
@@ -113,13 +150,18 @@ SITUATION_HINTS: dict[str, dict[str, str]] = {
         "for custom update code; with momentum=None the average's weights depend on it",
     },
     "stale-stats": {
-        "stale": "the running stats are stale relative to these batches: if these are the data "
-        "the model serves, recalibrate on them, e.g. torch.optim.swa_utils.update_bn(loader, "
-        "model), then save the checkpoint again",
-        "first": "this is among the first BN layers to run and it already disagrees with these "
-        "batches: first check they are preprocessed as in training (normalisation, resizing, "
-        "channel order, domain); only if they are, recalibrate relative to them "
-        "(torch.optim.swa_utils.update_bn(loader, model)) and save the checkpoint again",
+        "stale": "the evidence in the message says the stats are stale: recalibrate on data "
+        "like the served data (torch.optim.swa_utils.update_bn(loader, model), or bnaudit "
+        "recalibrate) and save the checkpoint again",
+        "worse": "the weights fit the stored statistics better than these batches' own: do not "
+        "recalibrate to these batches; audit with batches drawn like the training data",
+        "no-gain": "{metric} does not show the stats hurt: do not recalibrate for this finding; "
+        "audit with more labelled batches to narrow the interval",
+        "unproven": "do not recalibrate on this finding alone: if the model was trained with "
+        "frozen statistics, recalibrating breaks it. Labelled batches (or --metric) decide: "
+        "bnaudit check measures whether recalibrating helps the task metric",
+        "shared": "do not update_bn this module (it averages the call sites): give each call "
+        "its own BN module and recalibrate those, or retrain with the module shared",
     },
     "train-eval-gap": {
         "gap": "stats fit train mode but not what the deployed (eval) model sees; recalibrate "
@@ -214,3 +256,8 @@ def hint(code: str, situation: str = "", **fields: str) -> str:
     """The fix for `code` in `situation` ("": a code with one hint), its fields filled in."""
     text = SITUATION_HINTS[code][situation] if situation else HINTS[code]
     return text.format(**fields) if fields else text
+
+
+def artifact_hint(code: str) -> str:
+    """The fix for an ARTIFACT_CODES finding."""
+    return ARTIFACT_HINTS[code]
