@@ -196,7 +196,8 @@ def _judged(
     order = passes.order
     position = {name: i for i, name in enumerate(order)}
     stale = [n for n in order if n in metrics and is_stale(metrics[n], t)]
-    first = _first_stale(order, set(stale))
+    # Never-updated stats (init-stats) explain their own disagreement: not the data's.
+    first = tuple(n for n in _first_stale(order, set(stale)) if not metrics[n].stored.initial_stats)
     notes = ()
     if first:
         notes = (

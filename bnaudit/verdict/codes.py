@@ -48,7 +48,9 @@ HINTS: dict[str, str] = {
     "0.01): set momentum = 1 - keras_momentum and recalibrate",
     "no-running-stats": "eval output depends on the batch and fails on a single sample: set "
     "track_running_stats=True and calibrate, unless this is intended",
-    "not-reached": "the layer did not run on the sample batches: check the data reaches it",
+    "not-reached": "the module may be unused (defined in __init__, never called in forward): "
+    "then nothing to fix, or delete it; if the model does use it, feed batches that reach it "
+    "(another branch, task or input kind)",
     "fold-mismatch": "the folded conv does not reproduce conv -> BN in eval mode: do not deploy "
     "the folded model before finding out why (see the layer's recon-eval)",
     "output-change": "recalibrate the flagged layers (bnaudit recalibrate) and audit again; "
@@ -154,6 +156,10 @@ SITUATION_HINTS: dict[str, dict[str, str]] = {
         "unverified": "if the stats are this EMA, the initial 0/1 values still weigh in them: "
         "calibrate with more batches; a cumulative average over T batches (update_bn) carries "
         "none: an audit with data tells which",
+        "undecided": "if the stats are this EMA, the initial 0/1 values still weigh in them: "
+        "calibrate with more batches; a cumulative average over T batches (update_bn) carries "
+        "none: batches the stale check can judge here (the message says what was missing) "
+        "tell which",
         "stale": "the stats do not fit the data and still carry their initial 0/1 values: "
         "calibrate with more batches",
         "verified": "nothing to fix: the stats fit the data, as a cumulative average over T "
