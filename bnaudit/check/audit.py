@@ -25,7 +25,7 @@ from bnaudit.check.impact import output_impact
 # AuditOptions is the audit's public companion: `bnaudit.check.audit.AuditOptions` as before.
 from bnaudit.check.options import AuditOptions, with_overrides
 from bnaudit.check.static import NO_BATCH_CODES
-from bnaudit.core.layers import counter_notes, find_bn_layers
+from bnaudit.core.layers import counter_notes, find_bn_layers, other_names
 from bnaudit.measure.dataflow import METHOD, Pairs
 from bnaudit.measure.fold import FoldCheck, FoldWatch
 from bnaudit.measure.impact import OutputImpact
@@ -122,7 +122,12 @@ def _run(
         "; the model holds it so (Module.type() converts every tensor, the counter included), "
         "read as the count it holds",
     )
-    return _Ran(passes, folds, (*feed, *counters))
+    shared = tuple(
+        f"{first} is also registered as {', '.join(others)}: one module under "
+        f"{len(others) + 1} names, audited once, as {first}"
+        for first, others in other_names(model).items()
+    )
+    return _Ran(passes, folds, (*feed, *counters, *shared))
 
 
 def _metrics(passes: Passes, options: AuditOptions) -> dict[str, LayerMetrics]:

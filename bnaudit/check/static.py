@@ -12,6 +12,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 
+import torch
+from torch import Tensor
+
 from bnaudit.checkpoint.bn_groups import find_bn_groups
 from bnaudit.checkpoint.selection import unwrap
 from bnaudit.core.errors import NothingToAudit
@@ -97,6 +100,7 @@ def audit_state_dict(
         before_read([*read, *wrapping.set_aside])  # n_averaged goes into a note
     results = []
     attrs = {}
+    shared = _Shared()
     for g in groups:
         name = f"{g.prefix}."[len(wrapping.prefix) :].removesuffix(".")
         if g.problem:
@@ -110,6 +114,8 @@ def audit_state_dict(
         )
         if after_read is not None:
             after_read()
+        if shared.seen(g.prefix, name, {attr: state_dict[k] for attr, k in g.keys.items()}):
+            continue  # the module already audited under its first name
         m = measure(a, LayerStats(), t, nonfinite_inputs=0, nonfinite_outputs=0, synthetic=False)
         m = _not_judged(m)
         findings = judge_layer(
@@ -117,19 +123,86 @@ def audit_state_dict(
         )
         results.append(LayerResult(name, a.type_name, m, findings))
         attrs[name] = a
-    assumed = sum(g.prefix not in known for g in groups if not g.problem)
-    static = _static_notes(attrs, len(groups), assumed)
+    assumed = sum(g.prefix not in known for g in groups if not g.problem) - shared.assumed(known)
+    static = _static_notes(attrs, len(groups) - shared.count, assumed)
     momentum_known = any(a.momentum_known for a in attrs.values())
     return AuditReport(
         layers=tuple(results),
         fail_on=fail_on,
-        notes=(*notes, *static, *wrapping.notes(state_dict)),
+        notes=(*notes, *static, *shared.notes(), *wrapping.notes(state_dict)),
         checkpoint=checkpoint,
         sha256=sha256,
         thresholds=dataclasses.asdict(t),
         checks_run=STATIC_CODES + (MOMENTUM_CODES if momentum_known else ()),
         checks_need="--model and --data",
     )
+
+
+class _Shared:
+    """Key groups that are one module saved under several names (a module registered twice:
+    `self.b = self.a`), which `state_dict()` lists under each name with the same tensors."""
+
+    def __init__(self) -> None:
+        self._first: dict[tuple, str] = {}
+        self.aliases: dict[str, list[tuple[str, str]]] = {}
+        self._prefixes: list[str] = []
+
+    def seen(self, prefix: str, name: str, tensors: Mapping[str, object]) -> bool:
+        """Whether the group `name` with these tensors is one seen before under another name."""
+        for key in _identities(tensors):
+            first = self._first.setdefault(key, name)
+            if first != name:
+                self.aliases.setdefault(first, []).append((name, key[0]))
+                self._prefixes.append(prefix)
+                return True
+        return False
+
+    @property
+    def count(self) -> int:
+        """Key groups that were another name of a module already audited."""
+        return len(self._prefixes)
+
+    def assumed(self, known: Mapping[str, KnownAttrs]) -> int:
+        """Of those, the ones whose eps no archive told."""
+        return sum(p not in known for p in self._prefixes)
+
+    def notes(self) -> list[str]:
+        out = []
+        for first, others in self.aliases.items():
+            names = ", ".join(n for n, _ in others)
+            how = (
+                "share their storage"
+                if all(k == "storage" for _, k in others)
+                else ("hold byte-identical tensors")
+            )
+            out.append(
+                f"{first} and {names} {how}: one module registered under {len(others) + 1} "
+                f"names (a module reused by name), audited once, as {first}"
+            )
+        return out
+
+
+def _identities(tensors: Mapping[str, object]) -> list[tuple]:
+    """What makes two key groups one module: the same storage, or (for statistics that are not
+    the initial values, which every fresh layer shares) the same bytes."""
+    items = sorted((k, t) for k, t in tensors.items() if isinstance(t, Tensor))
+    if not items:
+        return []
+    where = tuple(
+        (k, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        for k, t in items
+    )
+    found = [("storage", *where)]
+    mean, var = tensors.get("running_mean"), tensors.get("running_var")
+    initial = (
+        isinstance(mean, Tensor)
+        and isinstance(var, Tensor)
+        and bool((mean == 0).all() and (var == 1).all())
+    )
+    if not initial:
+        raw = ((k, t.dtype, t.reshape(-1).contiguous().view(torch.uint8)) for k, t in items)
+        found.append(("bytes", *((k, dtype, b.numpy().tobytes()) for k, dtype, b in raw)))
+    return found
 
 
 def _not_judged(m: LayerMetrics) -> LayerMetrics:

@@ -158,6 +158,7 @@ def impact_lines(report: AuditRecord) -> list[str]:
     if i is None:
         return []
     top1 = "" if i.top1_agreement is None else f", top-1 agreement {share(i.top1_agreement)}"
+    top1 += f" ({i.top1_basis})" if top1 and i.top1_basis else ""
     lines = [
         f"output impact of recalibrating ({i.regime} regime, {i.forward_passes} extra passes): "
         f"rel L2 {num(i.rel_l2)}, max abs {num(i.max_abs)}{top1}"
