@@ -89,6 +89,8 @@ def test_small_audit_batches_are_not_judged(healthy_cnn: nn.Module) -> None:
     assert float(own.split(" and ")[1].split()[0]) < 100
     for r in rest:
         assert r.metrics.train.drift.judged.startswith("no: batch size 2 < 3 and "), r.name
+    upstream = "no: batch size 2 < 3 and stem.1 runs before it with too few effective values"
+    assert any(r.metrics.train.drift.judged.startswith(upstream) for r in rest)
     assert any("not judged" in n for n in report.notes)
     verdict = report.summary(width=None).splitlines()[-1]
     assert "judged on none of 9 layers" in verdict, verdict
