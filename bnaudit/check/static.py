@@ -10,11 +10,9 @@ the checks that need no forward pass run exactly as they do there.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 
-import torch
-from torch import Tensor
-
+from bnaudit.check.aliases import SharedGroups
 from bnaudit.checkpoint.bn_groups import find_bn_groups
 from bnaudit.checkpoint.selection import unwrap
 from bnaudit.core.errors import NothingToAudit
@@ -24,7 +22,8 @@ from bnaudit.report.audit_report import AuditReport
 from bnaudit.verdict.codes import CODES
 from bnaudit.verdict.findings import Thresholds, judge_layer, not_audited
 from bnaudit.verdict.metrics import measure
-from bnaudit.verdict.results import FailOn, LayerMetrics, LayerResult, Regime
+from bnaudit.verdict.placement import training_mode
+from bnaudit.verdict.results import FailOn, Finding, LayerMetrics, LayerResult, Regime
 
 # Which finding codes a static audit can raise, and what the others need.
 STATIC_CODES = (
@@ -69,6 +68,8 @@ def audit_state_dict(
     checkpoint: str | None = None,
     sha256: str | None = None,
     notes: tuple[str, ...] = (),
+    training: Collection[str] = (),
+    counted: bool = True,
 ) -> AuditReport:
     """Audit every BN layer of a state dict without a model; the same report as `audit`.
 
@@ -83,6 +84,10 @@ def audit_state_dict(
         after_read: called after each layer's tensors are copied out (to unmap what reading a
             memory-mapped checkpoint mapped in).
         notes: prepended to the report's notes (how the checkpoint was read).
+        training: BN key prefixes that a compiled program or an ONNX graph runs in train mode
+            (a training-mode finding each).
+        counted: the format stores num_batches_tracked (an ONNX graph does not: no-counter
+            is not judged).
     """
     t = thresholds or Thresholds()
     known = known or {}
@@ -100,7 +105,7 @@ def audit_state_dict(
         before_read([*read, *wrapping.set_aside])  # n_averaged goes into a note
     results = []
     attrs = {}
-    shared = _Shared()
+    shared = SharedGroups()
     for g in groups:
         name = f"{g.prefix}."[len(wrapping.prefix) :].removesuffix(".")
         if g.problem:
@@ -116,15 +121,11 @@ def audit_state_dict(
             after_read()
         if shared.seen(g.prefix, name, {attr: state_dict[k] for attr, k in g.keys.items()}):
             continue  # the module already audited under its first name
-        m = measure(a, LayerStats(), t, nonfinite_inputs=0, nonfinite_outputs=0, synthetic=False)
-        m = _not_judged(m)
-        findings = judge_layer(
-            name, m, t, type_name=a.type_name, overrides_forward=False, batches=0
-        )
+        m, findings = _judged(name, a, t, training=g.prefix in training, counted=counted)
         results.append(LayerResult(name, a.type_name, m, findings))
         attrs[name] = a
     assumed = sum(g.prefix not in known for g in groups if not g.problem) - shared.assumed(known)
-    static = _static_notes(attrs, len(groups) - shared.count, assumed)
+    static = _static_notes(attrs, len(groups) - shared.count, assumed, counted)
     momentum_known = any(a.momentum_known for a in attrs.values())
     return AuditReport(
         layers=tuple(results),
@@ -133,76 +134,26 @@ def audit_state_dict(
         checkpoint=checkpoint,
         sha256=sha256,
         thresholds=dataclasses.asdict(t),
-        checks_run=STATIC_CODES + (MOMENTUM_CODES if momentum_known else ()),
+        checks_run=STATIC_CODES
+        + (MOMENTUM_CODES if momentum_known else ())
+        + (("training-mode",) if training or not counted else ()),
         checks_need="--model and --data",
     )
 
 
-class _Shared:
-    """Key groups that are one module saved under several names (a module registered twice:
-    `self.b = self.a`), which `state_dict()` lists under each name with the same tensors."""
-
-    def __init__(self) -> None:
-        self._first: dict[tuple, str] = {}
-        self.aliases: dict[str, list[tuple[str, str]]] = {}
-        self._prefixes: list[str] = []
-
-    def seen(self, prefix: str, name: str, tensors: Mapping[str, object]) -> bool:
-        """Whether the group `name` with these tensors is one seen before under another name."""
-        for key in _identities(tensors):
-            first = self._first.setdefault(key, name)
-            if first != name:
-                self.aliases.setdefault(first, []).append((name, key[0]))
-                self._prefixes.append(prefix)
-                return True
-        return False
-
-    @property
-    def count(self) -> int:
-        """Key groups that were another name of a module already audited."""
-        return len(self._prefixes)
-
-    def assumed(self, known: Mapping[str, KnownAttrs]) -> int:
-        """Of those, the ones whose eps no archive told."""
-        return sum(p not in known for p in self._prefixes)
-
-    def notes(self) -> list[str]:
-        out = []
-        for first, others in self.aliases.items():
-            names = ", ".join(n for n, _ in others)
-            how = (
-                "share their storage"
-                if all(k == "storage" for _, k in others)
-                else ("hold byte-identical tensors")
-            )
-            out.append(
-                f"{first} and {names} {how}: one module registered under {len(others) + 1} "
-                f"names (a module reused by name), audited once, as {first}"
-            )
-        return out
-
-
-def _identities(tensors: Mapping[str, object]) -> list[tuple]:
-    """What makes two key groups one module: the same storage, or (for statistics that are not
-    the initial values, which every fresh layer shares) the same bytes."""
-    items = sorted((k, t) for k, t in tensors.items() if isinstance(t, Tensor))
-    if not items:
-        return []
-    where = tuple(
-        (k, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
-        for k, t in items
-    )
-    found = [("storage", *where)]
-    mean, var = tensors.get("running_mean"), tensors.get("running_var")
-    initial = (
-        isinstance(mean, Tensor)
-        and isinstance(var, Tensor)
-        and bool((mean == 0).all() and (var == 1).all())
-    )
-    if not initial:
-        raw = ((k, t.dtype, t.reshape(-1).contiguous().view(torch.uint8)) for k, t in items)
-        found.append(("bytes", *((k, dtype, b.numpy().tobytes()) for k, dtype, b in raw)))
-    return found
+def _judged(
+    name: str, a: LayerAttrs, t: Thresholds, *, training: bool, counted: bool
+) -> tuple[LayerMetrics, tuple[Finding, ...]]:
+    """One layer's static metrics and findings; a layer that runs in train mode (a program's,
+    an ONNX node's) fails, and a format without a counter is not asked for one."""
+    m = measure(a, LayerStats(), t, nonfinite_inputs=0, nonfinite_outputs=0, synthetic=False)
+    m = _not_judged(m)
+    findings = judge_layer(name, m, t, type_name=a.type_name, overrides_forward=False, batches=0)
+    if not counted:
+        findings = tuple(f for f in findings if f.code != "no-counter")
+    if training:
+        findings = (training_mode(name, f"its {a.type_name}"), *findings)
+    return m, findings
 
 
 def _not_judged(m: LayerMetrics) -> LayerMetrics:
@@ -214,7 +165,9 @@ def _not_judged(m: LayerMetrics) -> LayerMetrics:
     return dataclasses.replace(m, train=regime(m.train), eval=regime(m.eval))
 
 
-def _static_notes(attrs: Mapping[str, LayerAttrs], groups: int, assumed: int) -> list[str]:
+def _static_notes(
+    attrs: Mapping[str, LayerAttrs], groups: int, assumed: int, counted: bool = True
+) -> list[str]:
     """`attrs`: the audited layers by name, of `groups` found; `assumed`: how many of them have
     an assumed eps (no archive told it)."""
     momentum_known = sum(a.momentum_known for a in attrs.values())
@@ -242,6 +195,8 @@ def _static_notes(attrs: Mapping[str, LayerAttrs], groups: int, assumed: int) ->
             f"momentum is not stored in a state dict: unknown for {len(attrs) - momentum_known} "
             f"of {len(attrs)} layers, so {' and '.join(MOMENTUM_CODES)} were not judged there"
         )
+    if not counted:
+        notes.append("no-counter not judged: the format stores no num_batches_tracked")
     notes += counter_notes(
         {n: a.counter_dtype for n, a in attrs.items()},
         "; audited as the count it holds (load_state_dict converts it to the model's int64)",

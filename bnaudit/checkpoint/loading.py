@@ -48,6 +48,7 @@ class Checkpoint:
     known: Mapping[str, KnownAttrs] = field(default_factory=dict)  # BN prefix → eps, momentum
     archive: ZipArchive | None = None
     records: Mapping[str, str] | None = None  # state-dict key → zip record, for CRC checks
+    training: frozenset[str] = frozenset()  # BN prefixes a program or ONNX graph runs in train mode
     # The file's private mappings, found at the first `release_pages` (empty: not looked for).
     _mapped: list[list[tuple[int, int]]] = field(
         default_factory=list, init=False, repr=False, compare=False
@@ -114,6 +115,20 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: cannot read it ({describe(exc)})") from exc
     if kind is FileKind.SAFETENSORS:
         return _from_safetensors(path, sha, key)
+    if kind is FileKind.ONNX:
+        from bnaudit.checkpoint.onnx_state import onnx_state  # onnx only when asked
+
+        found = onnx_state(path)
+        return Checkpoint(
+            path,
+            sha,
+            kind,
+            state_dict=found.state_dict,
+            source="BatchNormalization nodes",
+            notes=found.notes,
+            known=found.known,
+            training=found.training,
+        )
     if kind.is_code:
         from bnaudit.checkpoint.programs import (
             load_program,  # torch.jit / torch.export only when asked
@@ -134,6 +149,9 @@ def load_checkpoint(
                 for k, v in program.known.items()
                 if k.startswith(sel.prefix)
             },
+            training=frozenset(
+                k[len(sel.prefix) :] for k in program.training if k.startswith(sel.prefix)
+            ),
         )
     return _from_pickle(path, sha, kind, archive, trust, key)
 

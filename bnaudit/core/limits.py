@@ -14,6 +14,8 @@ MAX_SAFETENSORS_HEADER = 16 << 20  # bytes of JSON (a 10^4-tensor LLM shard has 
 MAX_SAFETENSORS_KEYS = 65_536  # tensors in one safetensors file
 MAX_KEY_NODES = 1 << 16  # elements of one tuple a pickle hashes (a dict key, a set member),
 # nested tuples counted as often as they are referenced: a state dict's keys are strings
+MAX_ONNX_BYTES = (2 << 30) - 1  # an ONNX file with its external data: protobuf's own 2 GiB cap
+MAX_ONNX_NODES = 50_000  # nodes of every graph (exported CNNs have 10^2-10^4, LLM layers ~2*10^4)
 
 # Sample batches (--data)
 MAX_DATA_BYTES = 4 << 30  # a data file's tensors, expanded (10^4 images of 3x224x224 is 6 GB
