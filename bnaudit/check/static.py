@@ -103,9 +103,7 @@ def audit_state_dict(
     if before_read is not None:
         read = [k for g in groups if not g.problem for k in g.keys.values()]
         before_read([*read, *wrapping.set_aside])  # n_averaged goes into a note
-    results = []
-    attrs = {}
-    shared = SharedGroups()
+    results, attrs, shared = [], {}, SharedGroups()
     for g in groups:
         name = f"{g.prefix}."[len(wrapping.prefix) :].removesuffix(".")
         if g.problem:
