@@ -117,6 +117,8 @@ class OutputImpact:
     # what top1_agreement assumes, shown beside it: "" when class labels showed the output
     # holds class scores
     top1_basis: str = ""
+    # without labels, the output's own confidence, cross-fitted alike (bnaudit.verdict.staleness)
+    confidence: Evidence | None = None
 
 
 @dataclass
