@@ -162,13 +162,14 @@ def test_a_3d_model_at_batch_2_is_judged_from_its_values_per_channel() -> None:
     assert report.passed, report.summary()
     assert any(n.startswith("stale-stats judged at batch size 2 < 3") for n in report.notes)
     assert "judged on" not in verdict_line(report)  # every comparison ran
-    # The same model with its weights changed after the statistics were taken: stale, found.
+    # The same model with its weights changed after the statistics were taken: the comparison,
+    # judged at batch 2, finds the layer behind them (fail or warn is the evidence rule's call).
     with torch.no_grad():
         model.c2.weight.mul_(2.0)
         model.c2.bias.add_(0.5)
     stale = audit(model, volumes(8, seed=2))
-    assert {r.name for r in stale.layers if r.verdict == "fail"} == {"b2"}
-    assert {f.code for f in stale.layer("b2").findings} >= {"stale-stats"}
+    flagged = {r.name for r in stale.layers if any(f.code == "stale-stats" for f in r.findings)}
+    assert flagged == {"b2"}, stale.summary()
 
 
 def test_batches_worth_few_values_per_channel_are_not_judged_and_the_verdict_says_so() -> None:
