@@ -31,8 +31,8 @@ _EXPORTS = {
     "Format": "bnaudit.report.render",
     "assert_bn_healthy": "bnaudit.integrations.testing",
     "audit_after_epoch": "bnaudit.integrations.callbacks",
-    "watch": "bnaudit.watch.watcher",
-    "WatchReport": "bnaudit.watch.report",
+    "watch": "bnaudit.watching.watcher",
+    "WatchReport": "bnaudit.watching.report",
 }
 
 if TYPE_CHECKING:
@@ -45,8 +45,8 @@ if TYPE_CHECKING:
     from bnaudit.report.render import Format
     from bnaudit.verdict.results import FailOn, Finding, LayerResult, Severity
     from bnaudit.verdict.thresholds import Thresholds
-    from bnaudit.watch.report import WatchReport
-    from bnaudit.watch.watcher import watch
+    from bnaudit.watching.report import WatchReport
+    from bnaudit.watching.watcher import watch
 
 
 def __getattr__(name: str) -> Any:

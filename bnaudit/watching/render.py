@@ -17,7 +17,7 @@ from bnaudit.report.summary import finding_lines, worst_lines
 from bnaudit.report.table import codes
 from bnaudit.report.terminal import printable
 from bnaudit.verdict.results import counted
-from bnaudit.watch.results import WatchLayer, WatchRecord
+from bnaudit.watching.results import WatchLayer, WatchRecord
 
 HEADERS = [
     "layer",

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from bnaudit.core.untrusted import plain
 from bnaudit.verdict.codes import WATCH_HINTS
 from bnaudit.verdict.results import Finding, Severity
-from bnaudit.watch.results import WatchLayer, WatchMetrics
-from bnaudit.watch.steps import Event, StepLayer
+from bnaudit.watching.results import WatchLayer, WatchMetrics
+from bnaudit.watching.steps import Event, StepLayer
 
 STEPS_SHOWN = 8  # step numbers listed in a finding's message before "..."
 

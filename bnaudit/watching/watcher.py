@@ -27,10 +27,10 @@ from bnaudit.core.layers import find_bn_layers
 from bnaudit.core.untrusted import plain
 from bnaudit.distributed.drift import compare_ranks
 from bnaudit.verdict.results import FailOn
-from bnaudit.watch.ledger import LayerAccount, drift_event
-from bnaudit.watch.probes import Probe, read_calls
-from bnaudit.watch.report import WatchReport
-from bnaudit.watch.steps import Event, StepLayer, judge_step
+from bnaudit.watching.ledger import LayerAccount, drift_event
+from bnaudit.watching.probes import Probe, read_calls
+from bnaudit.watching.report import WatchReport
+from bnaudit.watching.steps import Event, StepLayer, judge_step
 
 WRAPPER_PREFIX = "module."  # DDP, DataParallel
 
@@ -197,7 +197,7 @@ class Watcher:
         """Whether ranks can drift apart: distributed, and the buffers are not broadcast."""
         if self.world < 2 or not self.probes:
             return False
-        if isinstance(self.model, DistributedDataParallel) and self.model.broadcast_buffers:
+        if isinstance(self.model, DistributedDataParallel) and _syncs_buffers(self.model):
             self.notes.append(
                 "DDP broadcasts rank 0's buffers before every forward: the ranks cannot drift "
                 "apart, and the running statistics follow rank 0's batches alone"
@@ -309,6 +309,16 @@ def watch(
 def _watchable(m: nn.Module) -> bool:
     """A torch BN layer with running statistics: what a train-mode forward updates."""
     return isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None
+
+
+def _syncs_buffers(ddp: DistributedDataParallel) -> bool:
+    """Whether DDP copies rank 0's buffers to every rank before each forward: the attribute is
+    `forward_sync_buffers` from torch 2.13, `broadcast_buffers` before."""
+    for name in ("forward_sync_buffers", "broadcast_buffers"):
+        value = getattr(ddp, name, None)
+        if isinstance(value, bool):
+            return value
+    return True
 
 
 def _world() -> int:

@@ -35,11 +35,9 @@ class Call:
 
     @property
     def updated(self) -> bool:
-        """The call updated the running statistics: its counter grew, or without a counter
-        (or with momentum 0 ...) its running mean moved."""
-        if math.isnan(self.counted):
-            return self.moved > 0
-        return self.counted > 0
+        """The call updated the running statistics: its counter grew, or its running mean
+        moved (a forward calling F.batch_norm itself leaves the counter alone)."""
+        return self.counted > 0 or self.moved > 0
 
     @classmethod
     def from_row(cls, row: list[float]) -> Call:

@@ -1,7 +1,7 @@
 """One optimizer step of one BN layer, and the rules that judge it: one function per code.
 
 A rule returns the `Event` it found in the step, or None. The watcher gathers a layer's events
-of one code over the steps into one finding (`bnaudit.watch.results`).
+of one code over the steps into one finding (`bnaudit.watching.results`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bnaudit.verdict.results import Severity
-from bnaudit.watch.probes import Call
+from bnaudit.watching.probes import Call
 
 # |implied − configured| momentum beyond this share of the configured one (float32 buffers
 # round each update by about 1e-7 relative; the batch mean is recomputed in float32 too).

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bnaudit.report.render import Format
-from bnaudit.watch.render import render, summary_lines
-from bnaudit.watch.results import WatchRecord
+from bnaudit.watching.render import render, summary_lines
+from bnaudit.watching.results import WatchRecord
 
 
 # repr=False: one line, not a generated repr of every field.
