@@ -124,6 +124,22 @@ BatchSize = Annotated[
         "[default: 32]; use the training batch size where known.",
     ),
 ]
+StepsPerEpoch = Annotated[
+    int | None,
+    typer.Option(
+        rich_help_panel=INPUTS,
+        help="Optimizer steps per epoch, for a training checkpoint that holds an epoch but no "
+        "step count: its BN counters are compared with epoch x this.",
+    ),
+]
+Accumulate = Annotated[
+    int | None,
+    typer.Option(
+        rich_help_panel=INPUTS,
+        help="Forward micro-batches per optimizer step (gradient accumulation): a training "
+        "checkpoint's BN counters are expected at steps x this [default: 1].",
+    ),
+]
 Batches = Annotated[
     int | None,
     typer.Option(rich_help_panel=INPUTS, help="Use at most this many batches [default: all]."),
