@@ -50,6 +50,7 @@ import costs  # noqa: E402  (needs the path above)
 import floors  # noqa: E402
 import memory_stages  # noqa: E402
 import models  # noqa: E402
+import watch_cost  # noqa: E402
 
 TARGET_TIME = 1.25  # audit / plain passes
 TARGET_RSS = 1.3  # audit / plain eval forward
@@ -989,6 +990,7 @@ def main(argv: list[str] | None = None) -> None:
     results.memory = memory_stages.render(
         sys.modules[__name__], cases, {c.name: rss[c.name]["stages"] for c in cases}
     )
+    results.costs += [watch_cost.section(args.quick, args.repeats), ""]  # bnaudit.watch
     results.elapsed = time.perf_counter() - started
     args.out.write_text(results.render() + "\n" + kept)
     log(f"wrote {args.out} in {results.elapsed:.0f} s")

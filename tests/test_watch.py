@@ -172,9 +172,9 @@ def test_strict_raises_at_the_first_bad_step_naming_layer_and_cause_and_unhooks(
     torch.manual_seed(0)
     model = Net(checkpointed=(1,))
     optimizer = sgd(model)
-    with pytest.raises(BadTrainingStep, match=r"step 1: BN layer blocks\.1\.1: double-update") as e:
-        with bnaudit.watch(model, optimizer, strict=True):
-            train(model, optimizer, 3)
+    raised = pytest.raises(BadTrainingStep, match=r"step 1: BN layer blocks\.1\.1: double-update")
+    with raised as e, bnaudit.watch(model, optimizer, strict=True):
+        train(model, optimizer, 3)
     assert e.value.step == 1 and e.value.layer == "blocks.1.1"
     assert_no_hooks(model, optimizer)
 
@@ -227,7 +227,7 @@ def test_the_report_renders_in_every_format() -> None:
 )
 def test_bad_options_are_refused(options, error) -> None:
     model = Net()
-    with pytest.raises(error, match="bnaudit.watch"):
+    with pytest.raises(error, match=r"bnaudit\.watch"):
         bnaudit.watch(model, sgd(model), **options)
     assert_no_hooks(model, torch.optim.SGD(model.parameters()))
 
