@@ -107,7 +107,7 @@ class Probe:
                     counted,
                     (delta * d).sum().double(),
                     (d * d).sum().double(),
-                    delta.abs().amax().double() if delta.numel() else counted.new_zeros(()),
+                    delta.abs().amax().double(),
                     now,
                     torch.isfinite(batch_mean).all().double(),
                     (torch.isfinite(after).all() & torch.isfinite(var).all()).double(),
