@@ -303,3 +303,22 @@ def test_ddp_without_syncbn_drifts_apart_unless_buffers_are_synced(tmp_path) -> 
     assert {code for _, code in drifting["found"]} == {"rank-drift"}
     assert synced["found"] == []
     assert any("broadcasts rank 0's buffers" in n for n in synced["notes"])
+
+
+def test_a_skipped_optimizer_step_folds_its_micro_batches_into_the_next() -> None:
+    """What GradScaler does on an overflow: forward and backward, but no optimizer.step()."""
+    torch.manual_seed(0)
+    model = Net()
+    optimizer = sgd(model)
+    data = iter(training.batches(8))
+    with bnaudit.watch(model, optimizer, accumulate=2) as w:
+        for stepped in (False, True, True):
+            for _ in range(2):
+                x, y = next(data)
+                nn.functional.cross_entropy(model(x), y).backward()
+            if stepped:
+                optimizer.step()
+            optimizer.zero_grad()
+    report = w.report()
+    assert report.findings == [] and report.steps == 2
+    assert report.layer("blocks.0.1").metrics.micro_batches == 6
