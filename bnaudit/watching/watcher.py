@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from bnaudit.core.layers import find_bn_layers
 from bnaudit.core.untrusted import plain
 from bnaudit.distributed.drift import compare_ranks
+from bnaudit.verdict.codes import WATCH_HINTS
 from bnaudit.verdict.results import FailOn
 from bnaudit.watching.ledger import LayerAccount, drift_event
 from bnaudit.watching.probes import Probe, read_calls
@@ -157,8 +158,6 @@ class Watcher:
         self._hook_gradients()
         failing = [(name, ev) for name, ev in bad if self.fail_on.fails(ev.severity)]
         if self.strict and failing:
-            from bnaudit.verdict.codes import WATCH_HINTS
-
             name, ev = failing[0]
             self.close()
             raise BadTrainingStep(step, name, ev, WATCH_HINTS[ev.code])
