@@ -987,6 +987,7 @@ def main(argv: list[str] | None = None) -> None:
         head, cases, inproc, procs, rss, profiles, growth, by_batches, by_depth, static, command
     )
     results.costs = costs.render(recal, tiny, cold, met, table, TARGET_TIME)
+    results.costs.append(importlib.import_module("artifact_cost").section(args.quick))
     results.memory = memory_stages.render(
         sys.modules[__name__], cases, {c.name: rss[c.name]["stages"] for c in cases}
     )

@@ -297,6 +297,10 @@ REPORT_METRICS = (
     "fold_int8_levels",
     "counter_problem",
     "measured_at",
+    "artifact_place",
+    "artifact_node",
+    "artifact_param_ratio",
+    "artifact_output_err",
 )
 
 

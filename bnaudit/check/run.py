@@ -20,6 +20,7 @@ from torch import nn
 from bnaudit.check.audit import AuditOptions, audit
 from bnaudit.check.counters import with_counter_findings
 from bnaudit.check.static import audit_state_dict
+from bnaudit.checkpoint.formats import FileKind
 from bnaudit.checkpoint.into_model import load_into
 from bnaudit.checkpoint.loading import Checkpoint, load_checkpoint
 from bnaudit.core.errors import BnauditError, ReportError
@@ -118,6 +119,11 @@ def prepare(
         )
     torch.manual_seed(s.seed)
     ckpt = load_checkpoint(s.checkpoint, trust=s.trust, key=s.key, hashed=hashed)
+    if ckpt.kind is FileKind.ONNX and s.model is not None:
+        raise BnauditError(
+            f"{s.checkpoint}: an ONNX model holds no PyTorch state dict to load into --model; "
+            "to compare it with the checkpoint it came from, pass --against CKPT as well"
+        )
     if s.model is None and ckpt.module is None:
         return _static(s, ckpt, log)
     model, notes = _model(s, ckpt)
@@ -221,6 +227,8 @@ def _run_notes(s: CheckSettings, device: torch.device, ranks: Ranks | None) -> l
 def _input_files(s: CheckSettings) -> list[Path]:
     """Files other than the checkpoint that a report must never overwrite."""
     files = [s.config_file] if s.config_file else []
+    if s.against is not None:
+        files.append(s.against)
     for spec in (s.data, s.model, s.metric):
         if spec is None:
             continue
@@ -264,6 +272,8 @@ def _static(s: CheckSettings, ckpt: Checkpoint, log: Any) -> AuditReport:
         checkpoint=clean(str(s.checkpoint)),
         sha256=ckpt.sha256,
         notes=ckpt.notes,
+        training=ckpt.training,
+        counted=ckpt.kind is not FileKind.ONNX,
     )
     return _counters(report, ckpt, s)
 

@@ -10,7 +10,7 @@ the checks that need no forward pass run exactly as they do there.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 from bnaudit.checkpoint.bn_groups import find_bn_groups
 from bnaudit.checkpoint.selection import unwrap
@@ -21,7 +21,8 @@ from bnaudit.report.audit_report import AuditReport
 from bnaudit.verdict.codes import CODES
 from bnaudit.verdict.findings import Thresholds, judge_layer, not_audited
 from bnaudit.verdict.metrics import measure
-from bnaudit.verdict.results import FailOn, LayerMetrics, LayerResult, Regime
+from bnaudit.verdict.placement import training_mode
+from bnaudit.verdict.results import FailOn, Finding, LayerMetrics, LayerResult, Regime
 
 # Which finding codes a static audit can raise, and what the others need.
 STATIC_CODES = (
@@ -66,6 +67,8 @@ def audit_state_dict(
     checkpoint: str | None = None,
     sha256: str | None = None,
     notes: tuple[str, ...] = (),
+    training: Collection[str] = (),
+    counted: bool = True,
 ) -> AuditReport:
     """Audit every BN layer of a state dict without a model; the same report as `audit`.
 
@@ -80,6 +83,10 @@ def audit_state_dict(
         after_read: called after each layer's tensors are copied out (to unmap what reading a
             memory-mapped checkpoint mapped in).
         notes: prepended to the report's notes (how the checkpoint was read).
+        training: BN key prefixes that a compiled program or an ONNX graph runs in train mode
+            (a training-mode finding each).
+        counted: the format stores num_batches_tracked (an ONNX graph does not: no-counter
+            is not judged).
     """
     t = thresholds or Thresholds()
     known = known or {}
@@ -110,15 +117,11 @@ def audit_state_dict(
         )
         if after_read is not None:
             after_read()
-        m = measure(a, LayerStats(), t, nonfinite_inputs=0, nonfinite_outputs=0, synthetic=False)
-        m = _not_judged(m)
-        findings = judge_layer(
-            name, m, t, type_name=a.type_name, overrides_forward=False, batches=0
-        )
+        m, findings = _judged(name, a, t, training=g.prefix in training, counted=counted)
         results.append(LayerResult(name, a.type_name, m, findings))
         attrs[name] = a
     assumed = sum(g.prefix not in known for g in groups if not g.problem)
-    static = _static_notes(attrs, len(groups), assumed)
+    static = _static_notes(attrs, len(groups), assumed, counted)
     momentum_known = any(a.momentum_known for a in attrs.values())
     return AuditReport(
         layers=tuple(results),
@@ -127,9 +130,26 @@ def audit_state_dict(
         checkpoint=checkpoint,
         sha256=sha256,
         thresholds=dataclasses.asdict(t),
-        checks_run=STATIC_CODES + (MOMENTUM_CODES if momentum_known else ()),
+        checks_run=STATIC_CODES
+        + (MOMENTUM_CODES if momentum_known else ())
+        + (("training-mode",) if training or not counted else ()),
         checks_need="--model and --data",
     )
+
+
+def _judged(
+    name: str, a: LayerAttrs, t: Thresholds, *, training: bool, counted: bool
+) -> tuple[LayerMetrics, tuple[Finding, ...]]:
+    """One layer's static metrics and findings; a layer that runs in train mode (a program's,
+    an ONNX node's) fails, and a format without a counter is not asked for one."""
+    m = measure(a, LayerStats(), t, nonfinite_inputs=0, nonfinite_outputs=0, synthetic=False)
+    m = _not_judged(m)
+    findings = judge_layer(name, m, t, type_name=a.type_name, overrides_forward=False, batches=0)
+    if not counted:
+        findings = tuple(f for f in findings if f.code != "no-counter")
+    if training:
+        findings = (training_mode(name, f"its {a.type_name}"), *findings)
+    return m, findings
 
 
 def _not_judged(m: LayerMetrics) -> LayerMetrics:
@@ -141,7 +161,9 @@ def _not_judged(m: LayerMetrics) -> LayerMetrics:
     return dataclasses.replace(m, train=regime(m.train), eval=regime(m.eval))
 
 
-def _static_notes(attrs: Mapping[str, LayerAttrs], groups: int, assumed: int) -> list[str]:
+def _static_notes(
+    attrs: Mapping[str, LayerAttrs], groups: int, assumed: int, counted: bool = True
+) -> list[str]:
     """`attrs`: the audited layers by name, of `groups` found; `assumed`: how many of them have
     an assumed eps (no archive told it)."""
     momentum_known = sum(a.momentum_known for a in attrs.values())
@@ -169,6 +191,8 @@ def _static_notes(attrs: Mapping[str, LayerAttrs], groups: int, assumed: int) ->
             f"momentum is not stored in a state dict: unknown for {len(attrs) - momentum_known} "
             f"of {len(attrs)} layers, so {' and '.join(MOMENTUM_CODES)} were not judged there"
         )
+    if not counted:
+        notes.append("no-counter not judged: the format stores no num_batches_tracked")
     notes += counter_notes(
         {n: a.counter_dtype for n, a in attrs.items()},
         "; audited as the count it holds (load_state_dict converts it to the model's int64)",

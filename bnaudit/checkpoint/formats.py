@@ -30,7 +30,10 @@ from bnaudit.core.untrusted import quote, short_repr
 LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 _CHUNK = 1 << 20  # CRC checks stream records in pieces this size
 _SHOWN = 8  # names listed in a message before "and N more"
-_READS = "bnaudit reads torch.save checkpoints (.pt, .pth, .bin, .ckpt) and .safetensors files"
+_READS = (
+    "bnaudit reads torch.save checkpoints (.pt, .pth, .bin, .ckpt), .safetensors files and ONNX "
+    "models"
+)
 
 # safetensors dtype names → bytes per element (safetensors' own table).
 SAFETENSORS_ITEMSIZE = {
@@ -66,6 +69,7 @@ class FileKind(enum.Enum):
     SAFETENSORS = "a safetensors file"
     TORCHSCRIPT = "a TorchScript archive (torch.jit.save)"
     EXPORT = "a torch.export program (.pt2, torch.export.save)"
+    ONNX = "an ONNX model (protobuf)"
 
     @property
     def is_code(self) -> bool:
@@ -145,6 +149,8 @@ def detect(path: Path) -> tuple[FileKind, ZipArchive | None]:
         return FileKind.TORCH_LEGACY, None
     if _looks_safetensors(head):
         return FileKind.SAFETENSORS, None
+    if _looks_onnx(head):
+        return FileKind.ONNX, None
     if size == 0:
         raise CheckpointError(f"{path}: the file is empty (0 bytes); was the save interrupted?")
     if ends_like_zip(path, size):  # zipfile would read it, torch's reader would not
@@ -204,6 +210,16 @@ def _looks_safetensors(head: bytes) -> bool:
         return False
     (n,) = struct.unpack("<Q", head[:8])
     return 2 <= n <= SAFETENSORS_MAX_HEADER and head[8:9] == b"{"
+
+
+def _looks_onnx(head: bytes) -> bool:
+    """A ModelProto as every writer serialises it: field 1 (ir_version, a small varint) first,
+    then the tag of another ModelProto field (2 to 20, a known wire type). Protobuf has no magic
+    number; this is what `onnx.save` and the exporters write."""
+    if len(head) < 3 or head[0] != 0x08 or not 1 <= head[1] <= 0x7F:
+        return False
+    field, wire = head[2] >> 3, head[2] & 7
+    return 2 <= field <= 20 and wire in (0, 2)
 
 
 def _foreign(path: Path, head: bytes, size: int) -> str:

@@ -29,7 +29,7 @@ from bnaudit.checkpoint.pages import mapped_ranges, release_ranges
 from bnaudit.checkpoint.pickles import SAFE_GLOBALS, pickle_protocol, unsafe_globals
 from bnaudit.checkpoint.refusals import check_bn_tensors, refuse_allocations
 from bnaudit.checkpoint.selection import Selection, select
-from bnaudit.checkpoint.training import StepCount, find_step_count
+from bnaudit.checkpoint.training import StepCount, step_count_of
 from bnaudit.core.errors import CheckpointError, describe
 from bnaudit.core.layers import KnownAttrs
 from bnaudit.core.paths import input_problem
@@ -50,6 +50,7 @@ class Checkpoint:
     steps: StepCount | None = None  # a training checkpoint's step count (None: none found)
     archive: ZipArchive | None = None
     records: Mapping[str, str] | None = None  # state-dict key → zip record, for CRC checks
+    training: frozenset[str] = frozenset()  # BN prefixes a program or ONNX graph runs in train mode
     # The file's private mappings, found at the first `release_pages` (empty: not looked for).
     _mapped: list[list[tuple[int, int]]] = field(
         default_factory=list, init=False, repr=False, compare=False
@@ -116,6 +117,20 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: cannot read it ({describe(exc)})") from exc
     if kind is FileKind.SAFETENSORS:
         return _from_safetensors(path, sha, key)
+    if kind is FileKind.ONNX:
+        from bnaudit.checkpoint.onnx_state import onnx_state  # onnx only when asked
+
+        found = onnx_state(path)
+        return Checkpoint(
+            path,
+            sha,
+            kind,
+            state_dict=found.state_dict,
+            source="BatchNormalization nodes",
+            notes=found.notes,
+            known=found.known,
+            training=found.training,
+        )
     if kind.is_code:
         from bnaudit.checkpoint.programs import (
             load_program,  # torch.jit / torch.export only when asked
@@ -136,6 +151,9 @@ def load_checkpoint(
                 for k, v in program.known.items()
                 if k.startswith(sel.prefix)
             },
+            training=frozenset(
+                k[len(sel.prefix) :] for k in program.training if k.startswith(sel.prefix)
+            ),
         )
     return _from_pickle(path, sha, kind, archive, trust, key)
 
@@ -180,7 +198,7 @@ def _from_pickle(
         raise CheckpointError(_damaged(path, kind, exc)) from exc
     sel = select(obj, key, path, trust=trust)
     value = sel.apply(obj)
-    steps = _steps(obj)
+    steps = step_count_of(obj)
     if isinstance(value, dict):
         check_bn_tensors(value, path)
     notes += _source_notes(kind, sel)
@@ -211,14 +229,6 @@ def _from_pickle(
         records=records,
         steps=steps,
     )
-
-
-def _steps(obj: Any) -> StepCount | None:
-    """The training step count the loaded object holds, if any."""
-    try:
-        return find_step_count(obj)
-    except Exception:  # an object unpickled with --trust may fail any lookup: no step count
-        return None
 
 
 def _torch_load(path: Path, kind: FileKind, *, weights_only: bool, meta: bool = False) -> Any:

@@ -9,6 +9,7 @@ into the user's architecture for the full audit.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ class Program:
     state_dict: dict[str, Tensor]
     known: dict[str, KnownAttrs]  # BN layer prefix → its eps and momentum
     notes: tuple[str, ...]
+    runnable: Any = None  # what runs it: the ScriptModule, or the ExportedProgram's module()
+    training: frozenset[str] = frozenset()  # BN layer prefixes that run in train mode
 
 
 def load_program(path: Path, kind: FileKind, archive: ZipArchive) -> Program:
@@ -61,9 +64,18 @@ def load_program(path: Path, kind: FileKind, archive: ZipArchive) -> Program:
 def _script(path: Path) -> Program:
     module = torch.jit.load(str(path), map_location="cpu")
     known = {}
+    training = set()
     for name, sub in module.named_modules():
         type_name = getattr(sub, "original_name", "")
+        if "BatchNorm" in type_name and not hasattr(sub, "eps"):  # traced: eps is in the code
+            traced = _traced_call(sub)
+            if traced is not None:
+                known[name] = KnownAttrs(type_name, traced[1])
+                if traced[0]:
+                    training.add(name)
         if "BatchNorm" in type_name and hasattr(sub, "eps"):
+            if sub.training:  # saved in train mode: the loaded module normalises by batch
+                training.add(name)
             momentum = getattr(sub, "momentum", UNKNOWN_MOMENTUM)
             known[name] = KnownAttrs(
                 type_name, float(sub.eps), None if momentum is None else float(momentum)
@@ -72,7 +84,28 @@ def _script(path: Path) -> Program:
         "loaded with --trust: a TorchScript archive runs compiled code that cannot be hooked; "
         "bnaudit reads its state dict, and each BN layer's class, eps and momentum"
     )
-    return Program(dict(module.state_dict()), known, (note,))
+    return Program(dict(module.state_dict()), known, (note,), module, frozenset(training))
+
+
+_TRACED_BN = re.compile(r"torch\.batch_norm\(([^()]*)\)")
+
+
+def _traced_call(sub: Any) -> tuple[bool, float] | None:
+    """(training, eps) of a traced BN layer, from the one batch_norm call of its code: tracing
+    keeps the values it saw as constants, not the attributes."""
+    try:
+        found = _TRACED_BN.findall(sub.code)
+    except RuntimeError:
+        return None
+    if len(found) != 1:
+        return None
+    args = [a.strip() for a in found[0].split(",")]
+    if len(args) != 9 or args[5] not in ("True", "False"):
+        return None
+    try:
+        return args[5] == "True", float(args[7])
+    except ValueError:
+        return None
 
 
 def _export(path: Path) -> Program:
@@ -83,12 +116,14 @@ def _export(path: Path) -> Program:
         "hooked; bnaudit reads its state dict, and each BN layer's eps (and momentum where the "
         "graph records it) from its batch-norm call"
     )
-    return Program(state, _export_known(program), (note,))
+    known, training = _export_known(program)
+    return Program(state, known, (note,), program.module(), frozenset(training))
 
 
-def _export_known(program: Any) -> dict[str, KnownAttrs]:
+def _export_known(program: Any) -> tuple[dict[str, KnownAttrs], set[str]]:
     buffers = program.graph_signature.inputs_to_buffers  # placeholder name → state-dict key
     known = {}
+    trained = set()
     for node in program.graph.nodes:
         spec = _BN_OPS.get(str(node.target)) if node.op == "call_function" else None
         if spec is None or len(node.args) <= spec[3]:
@@ -98,6 +133,8 @@ def _export_known(program: Any) -> dict[str, KnownAttrs]:
         if not key.endswith("running_mean"):
             continue
         training = train_i is not None and bool(node.args[train_i])
+        if training:
+            trained.add(key.rpartition(".")[0])
         momentum = float(node.args[momentum_i])
         # In eval mode the op gets the layer's momentum, or 0.0 for momentum=None; in train mode
         # a cumulative average would show its per-step factor instead: neither is trusted here.
@@ -106,4 +143,4 @@ def _export_known(program: Any) -> dict[str, KnownAttrs]:
             float(node.args[eps_i]),
             momentum if not training and momentum > 0 else UNKNOWN_MOMENTUM,
         )
-    return known
+    return known, trained

@@ -59,6 +59,14 @@ class StepCount:
         )
 
 
+def step_count_of(obj: Any) -> StepCount | None:
+    """`find_step_count`, and None where looking fails."""
+    try:
+        return find_step_count(obj)
+    except Exception:  # an object unpickled with --trust may fail any lookup: no step count
+        return None
+
+
 def find_step_count(obj: Any) -> StepCount | None:
     """The step count of a loaded checkpoint; `StepCount("")` (not `found`) for a dict holding
     none; None for a bare state dict or a module, which never hold one."""

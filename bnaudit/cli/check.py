@@ -52,7 +52,12 @@ def _audit_rank(given: Given, ranks: Ranks | None) -> int:
     bar = Progress(sys.stderr) if not quiet and is_terminal(sys.stderr) else None
     try:
         log = None if quiet else bar or sys.stderr  # a log line does not run into the bar
-        report = run_check(settings, log=log, progress=bar, ranks=ranks)
+        if settings.against is not None:
+            from bnaudit.artifact import run_artifact_check
+
+            report = run_artifact_check(settings, log=log, progress=bar, ranks=ranks)
+        else:
+            report = run_check(settings, log=log, progress=bar, ranks=ranks)
     except NothingToAudit as exc:
         error(f"bnaudit: nothing to audit: {exc}")
         return EXIT_NOTHING

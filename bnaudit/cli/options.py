@@ -26,13 +26,26 @@ THRESHOLDS = "Thresholds"
 # The checkpoint: `check` audits it, `config` may go without.
 AuditedCheckpoint = Annotated[
     Path,
-    typer.Argument(help="Checkpoint to audit (only read, never changed).", show_default=False),
+    typer.Argument(
+        help="Checkpoint, or ONNX model, to audit (only read, never changed).",
+        show_default=False,
+    ),
 ]
 OptionalCheckpoint = Annotated[
     Path | None, typer.Argument(help="Checkpoint (optional).", show_default=False)
 ]
 
 # Inputs: what `check` and `config` take.
+Against = Annotated[
+    Path | None,
+    typer.Option(
+        "--against",
+        rich_help_panel=INPUTS,
+        help="The checkpoint the audited artifact (ONNX, TorchScript, .pt2) was exported from: "
+        "run both on --data with --model, and find and judge every BN layer in the artifact "
+        "(ONNX needs pip install 'bnaudit[onnx]').",
+    ),
+]
 Key = Annotated[
     str | None,
     typer.Option(

@@ -51,6 +51,7 @@ def settings_command(
 
     def command(
         checkpoint: checkpoint_type = checkpoint_default,
+        against: o.Against = None,
         key: o.Key = None,
         model: o.Model = None,
         model_arg: o.ModelArg = None,

@@ -189,12 +189,13 @@ def apply_baseline(
         was = "" if entry.value is None else f" (value {_num(entry.value)} then)"
         return dataclasses.replace(f, status=Status.BASELINED, status_reason=f"in {path}{was}")
 
+    model = tuple(judge(f) for f in report.model_findings)  # recorded like a layer's
     layers = tuple(
         dataclasses.replace(r, findings=tuple(judge(f) for f in r.findings)) for r in report.layers
     )
     left = sorted(i for queue in pending.values() for i in queue)
     check = BaselineCheck(path, margin, tuple(baseline.entries[i] for i in left), written)
-    return dataclasses.replace(report, layers=layers, baseline=check)
+    return dataclasses.replace(report, layers=layers, model_findings=model, baseline=check)
 
 
 def _finite(value: float | None) -> float | None:

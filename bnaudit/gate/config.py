@@ -50,6 +50,7 @@ class Regime(str, enum.Enum):
 @dataclass(frozen=True)
 class CheckSettings:
     checkpoint: Path
+    against: Path | None = None  # the checkpoint a deployed artifact (`checkpoint`) came from
     key: str | None = None  # which state dict in a checkpoint dict
     model: str | None = None
     model_args: tuple[str, ...] = ()  # NAME=VALUE keyword arguments of the --model factory
@@ -99,7 +100,7 @@ COMMAND_LINE = "command line"
 # Keys the command line may take but a config file may not: trusting a file runs its code, and
 # that decision belongs to the person running the command, not to a file in the repository;
 # writing the baseline on every run would accept every new finding.
-CLI_ONLY = frozenset({"checkpoint", "trust", "write_baseline", "config_file"})
+CLI_ONLY = frozenset({"checkpoint", "against", "trust", "write_baseline", "config_file"})
 _PATHS = {"markdown", "csv", "json", "html", "junit", "baseline"}
 _THRESHOLDS = {f.name: f for f in dataclasses.fields(Thresholds)}
 _SETTINGS = {f.name for f in dataclasses.fields(CheckSettings)}

@@ -94,9 +94,13 @@ def apply_ignores(report: AuditReport, ignores: Iterable[Ignore]) -> AuditReport
     layers = tuple(
         dataclasses.replace(r, findings=tuple(mark(f) for f in r.findings)) for r in report.layers
     )
+    # The model's findings too (output-change, artifact-output): an entry for layer <model>.
     unused = [
         f"ignore entry {e.describe()} ({e.origin}) matched no finding: remove it or fix it"
         for e in ignores
         if e not in used
     ]
-    return dataclasses.replace(report, layers=layers, notes=(*report.notes, *unused))
+    model = tuple(mark(f) for f in report.model_findings)
+    return dataclasses.replace(
+        report, layers=layers, model_findings=model, notes=(*report.notes, *unused)
+    )

@@ -34,6 +34,17 @@ DIFF_CODES: tuple[str, ...] = (
     "counter-reset",
     "unmatched-layer",
 )
+# An artifact checked against its checkpoint (`bnaudit check ARTIFACT --against CKPT`), and the
+# ONNX static audit's training-mode nodes.
+ARTIFACT_CODES: tuple[str, ...] = (
+    "training-mode",
+    "eps-mismatch",
+    "kept-stale",
+    "folded-stale",
+    "precision-loss",
+    "missing",
+    "artifact-output",
+)
 # The training watcher's codes (bnaudit.watch), also raised from a training checkpoint's
 # counters by `check` (bnaudit.verdict.counters); `nonfinite` and `bad-counter` are check's own.
 WATCH_CODES: tuple[str, ...] = (
@@ -43,7 +54,7 @@ WATCH_CODES: tuple[str, ...] = (
     "momentum-mismatch",
     "rank-drift",
 )
-ALL_CODES = CODES + DIFF_CODES + WATCH_CODES
+ALL_CODES = CODES + DIFF_CODES + ARTIFACT_CODES + WATCH_CODES
 
 # How to fix a finding. A code whose messages all call for the same fix has one hint here; a code
 # whose messages describe different situations has one hint per situation (SITUATION_HINTS), so
@@ -73,6 +84,28 @@ HINTS: dict[str, str] = {
     "and weight and bias of that length: find what rewrote these tensors (load_state_dict refuses "
     "them too); if the module is not BatchNorm, accept the finding with an ignore entry and a "
     "reason",
+}
+# The fixes for ARTIFACT_CODES, one hint each.
+ARTIFACT_HINTS: dict[str, str] = {
+    "training-mode": "the artifact normalises with the statistics of each batch: export the model "
+    "after model.eval() (torch.onnx.export(..., training=TrainingMode.EVAL), the default; "
+    "torch.export after .eval())",
+    "eps-mismatch": "the artifact divides by sqrt(var + another eps) than the checkpoint's layer: "
+    "export again from the model as it is, and look for an optimizer or converter that rewrites "
+    "eps",
+    "kept-stale": "the artifact's BatchNormalization holds other statistics than the checkpoint: "
+    "it was exported from another checkpoint (or before a recalibration): export it again",
+    "folded-stale": "the conv/linear was folded with other BN statistics than the checkpoint's: "
+    "the artifact comes from another checkpoint (or one saved before a recalibration): export "
+    "it again from this one",
+    "precision-loss": "rounding the BN parameters to the artifact's dtype changes what the layer "
+    "computes (a small running variance flushed to 0, say): keep BatchNorm (or the folded "
+    "weights) in float32 when converting, or raise eps",
+    "missing": "no node of the artifact holds this layer, unfolded or folded: check the export "
+    "kept it; the end-to-end comparison still covers its effect",
+    "artifact-output": "the artifact does not compute what the checkpoint's model computes in "
+    "eval mode: see the layer findings for where it goes wrong, and export it again from this "
+    "checkpoint in eval mode",
 }
 # The watcher's findings (bnaudit.watch) and the same codes judged from a training
 # checkpoint's counters (bnaudit.verdict.counters), whose evidence is weaker: a count, not a step.
@@ -258,3 +291,8 @@ def hint(code: str, situation: str = "", **fields: str) -> str:
     """The fix for `code` in `situation` ("": a code with one hint), its fields filled in."""
     text = SITUATION_HINTS[code][situation] if situation else HINTS[code]
     return text.format(**fields) if fields else text
+
+
+def artifact_hint(code: str) -> str:
+    """The fix for an ARTIFACT_CODES finding."""
+    return ARTIFACT_HINTS[code]

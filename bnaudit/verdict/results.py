@@ -192,6 +192,17 @@ class Folding:
     int8_levels: float = math.nan  # median output channel, int8 per-tensor
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a BN layer of the checkpoint is in a deployed artifact (`bnaudit.artifact`)."""
+
+    place: str = ""  # kept, folded, folded-stale, ... (PLACES); "" when no artifact was checked
+    node: str = ""  # the artifact's BatchNormalization node, or the Conv/Gemm it was folded into
+    param_ratio: float = math.nan  # worst parameter difference / the artifact dtype's tolerance
+    output_err: float = math.nan  # the layer's output in the artifact against the model's, max
+    # |difference| relative to max |model output|, over the batches
+
+
 def _named(path: str, names: str, prefix: str = "") -> tuple[tuple[str, str, str], ...]:
     return tuple((prefix + n, path, n) for n in names.split())
 
@@ -238,6 +249,7 @@ FLAT: tuple[tuple[str, str, str], ...] = (
     ("fold_int8_levels", "fold", "int8_levels"),
     ("counter_problem", "attrs", "counter_problem"),
     ("measured_at", "seen", "measured_at"),
+    *_named("artifact", "place node param_ratio output_err", "artifact_"),
 )
 _GROUPS: dict[str, type] = {
     "attrs": Attributes,
@@ -249,6 +261,7 @@ _GROUPS: dict[str, type] = {
     "eval.drift": Drifted,
     "update": Update,
     "fold": Folding,
+    "artifact": Placement,
 }
 
 
@@ -264,6 +277,7 @@ class LayerMetrics:
     eval: Regime  # eval mode: reconstruction and the train/eval gap
     update: Update
     fold: Folding = Folding()
+    artifact: Placement = Placement()  # only in an artifact check (check ARTIFACT --against)
     # output impact (--attribution): rel L2 change of the output with only this layer recalibrated
     output_change_alone: float = math.nan
 
@@ -296,6 +310,7 @@ class LayerMetrics:
             eval=Regime(made["eval.recon"], made["eval.drift"]),
             update=made["update"],
             fold=made["fold"],
+            artifact=made["artifact"],
             **parts[""],
         )
 
