@@ -50,7 +50,6 @@ import costs  # noqa: E402  (needs the path above)
 import floors  # noqa: E402
 import memory_stages  # noqa: E402
 import models  # noqa: E402
-import watch_cost  # noqa: E402
 
 TARGET_TIME = 1.25  # audit / plain passes
 TARGET_RSS = 1.3  # audit / plain eval forward
@@ -988,10 +987,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     results.costs = costs.render(recal, tiny, cold, met, table, TARGET_TIME)
     results.costs.append(importlib.import_module("artifact_cost").section(args.quick))
+    results.costs.append(importlib.import_module("watch_cost").section(args.quick, args.repeats))
     results.memory = memory_stages.render(
         sys.modules[__name__], cases, {c.name: rss[c.name]["stages"] for c in cases}
     )
-    results.costs += [watch_cost.section(args.quick, args.repeats), ""]  # bnaudit.watch
     results.elapsed = time.perf_counter() - started
     args.out.write_text(results.render() + "\n" + kept)
     log(f"wrote {args.out} in {results.elapsed:.0f} s")

@@ -114,6 +114,7 @@ def section(quick: bool = False, repeats: int = 5) -> str:
             f"| every={EVERY}, per step over {EVERY} steps | - | {_spread(every)} |",
             "",
             f"Target: a watched step at most {TARGET}x a plain one: {verdict} it.",
+            "",
         ]
     )
 
