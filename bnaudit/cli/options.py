@@ -137,21 +137,14 @@ BatchSize = Annotated[
         "[default: 32]; use the training batch size where known.",
     ),
 ]
+_COUNTERS = "a training checkpoint's BN counters are compared with"
 StepsPerEpoch = Annotated[
     int | None,
-    typer.Option(
-        rich_help_panel=INPUTS,
-        help="Optimizer steps per epoch, for a training checkpoint that holds an epoch but no "
-        "step count: its BN counters are compared with epoch x this.",
-    ),
+    typer.Option(rich_help_panel=INPUTS, help=f"Steps per epoch: {_COUNTERS} its epoch x this."),
 ]
 Accumulate = Annotated[
     int | None,
-    typer.Option(
-        rich_help_panel=INPUTS,
-        help="Forward micro-batches per optimizer step (gradient accumulation): a training "
-        "checkpoint's BN counters are expected at steps x this [default: 1].",
-    ),
+    typer.Option(rich_help_panel=INPUTS, help=f"Micro-batches per step: {_COUNTERS} steps x this."),
 ]
 Batches = Annotated[
     int | None,
