@@ -93,6 +93,12 @@ def test_stale_stats_only_behind_the_changed_weights(healthy_cnn: nn.Module, con
     report = audit(healthy_cnn, cnn_batches(32))
     planted = CNN_LAYERS_BEHIND[conv]
     assert layers_with(report, "stale-stats") == {planted}
+    if conv == "stem.0":
+        # The first BN layer: a changed stem and differently normalised data look the same
+        # without labels, so no FAIL (issue 24); every later plant is local, hence evidenced.
+        (f,) = [f for f in report.findings if f.code == "stale-stats"]
+        assert f.severity is Severity.WARN and "no evidence that they are stale" in f.message
+        return
     assert set(codes(report, Severity.FAIL)) == {planted}
     assert report.layer(planted).metrics.train.drift.fraction > 0.5
     # Downstream layers see the stale layer's eval output: a consequence, reported as info.
@@ -108,10 +114,12 @@ def test_stale_stats_mlp_after_shift_and_scale(healthy_mlp: nn.Module) -> None:
         healthy_mlp[0].bias.add_(0.7)
     report = audit(healthy_mlp, mlp_batches(32))
     assert layers_with(report, "stale-stats") == {"1"}
-    assert set(codes(report, Severity.FAIL)) == {"1"}
     finding = next(f for f in report.findings if f.code == "stale-stats")
     assert finding.value is not None and finding.threshold == 0.1
-    assert "limit" in finding.message and "update_bn" in finding.hint
+    # The first BN layer, no labels: nothing tells a changed Linear from shifted data, so a
+    # warning saying what would decide, not a FAIL with update_bn (issue 24).
+    assert finding.severity is Severity.WARN and not codes(report, Severity.FAIL)
+    assert "limit" in finding.message and "Labelled batches" in finding.hint
 
 
 def test_never_updated_stats(healthy_cnn: nn.Module) -> None:

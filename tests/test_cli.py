@@ -71,9 +71,11 @@ def by_name(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def plant_stale_mlp(model: nn.Module) -> nn.Module:
-    """Scale the first Linear's outputs, as fine-tuning with frozen BN would: BN "1" goes stale."""
+    """Scale the second Linear's outputs, as fine-tuning with frozen BN would: BN "4" goes
+    stale, while BN "1" before it and BN "7" after it fit the data (the evidence that it is
+    stale, not the data different: `bnaudit.verdict.staleness`)."""
     model = copy.deepcopy(model)
-    linear = model[0]
+    linear = model[3]
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         linear.weight.mul_((1.5 + 1.5 * torch.rand(linear.out_features, generator=gen))[:, None])
@@ -153,8 +155,8 @@ def test_stale_mlp_exits_1_on_the_planted_layer(stale_ckpt: Path, mlp_data: Path
     result = invoke("check", stale_ckpt, "--model", MLP_SPEC, "--data", mlp_data, "-f", "json")
     assert result.exit_code == 1, result.stderr
     layers = by_name(strict_json(result.stdout))
-    assert "stale-stats" in codes(layers["1"])
-    assert all("stale-stats" not in codes(layers[n]) for n in MLP_LAYERS[1:])
+    assert "stale-stats" in codes(layers["4"])
+    assert all("stale-stats" not in codes(layers[n]) for n in MLP_LAYERS if n != "4")
 
 
 def test_model_without_batchnorm_exits_3(tmp_path: Path) -> None:
@@ -250,7 +252,7 @@ def test_fail_on_never_passes_a_failing_checkpoint(stale_ckpt: Path, mlp_data: P
     doc = strict_json(result.stdout)
     assert doc["summary"]["verdict"] == "pass"
     assert doc["summary"]["counts"]["fail"] >= 1  # the finding is still reported
-    assert "stale-stats" in codes(by_name(doc)["1"])
+    assert "stale-stats" in codes(by_name(doc)["4"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -495,7 +497,7 @@ def test_command_line_wins_over_pyproject(
     assert result.exit_code == 1, result.stderr
     doc = strict_json(result.stdout)
     assert doc["thresholds"]["stale_fraction"] == 0.1
-    assert "stale-stats" in codes(by_name(doc)["1"])
+    assert "stale-stats" in codes(by_name(doc)["4"])
 
 
 @pytest.mark.parametrize("key", ["stale_shfit", "trust"])

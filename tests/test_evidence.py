@@ -58,10 +58,12 @@ def test_frozen_on_purpose_recalibration_measured_worse(frozen: nn.Module) -> No
     assert all("lowers top-1 accuracy" in f.message for f in stale)
     assert all("do not recalibrate" in f.hint for f in stale)
     assert report.passed and not audit(frozen, labelled.loader(), fail_on="warn").passed
+    # Without labels nothing says the statistics are stale rather than frozen in on purpose
+    # (recalibrating makes this model's output less confident): a warning naming the risk.
     without_labels = audit(frozen, [x for x, _ in labelled.loader()])
-    assert {f.severity for f in without_labels.findings if f.code == "stale-stats"} == {
-        Severity.FAIL
-    }
+    unlabelled = [f for f in without_labels.findings if f.code == "stale-stats"]
+    assert {f.severity for f in unlabelled} == {Severity.WARN}
+    assert all("trained with frozen statistics" in f.hint for f in unlabelled)
 
 
 def _save(model: nn.Module, path: Path) -> Path:

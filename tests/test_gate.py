@@ -71,6 +71,14 @@ def statuses(report_doc: dict[str, Any]) -> dict[tuple[str, str], str]:
     }
 
 
+def reset(model: nn.Module, bn: int) -> nn.Module:
+    """The BN's statistics reset after the updates its counter still counts."""
+    with torch.no_grad():
+        model[bn].reset_running_stats()
+        model[bn].num_batches_tracked.fill_(5)
+    return model
+
+
 def plant_stale(model: nn.Module, linear: int) -> nn.Module:
     """Rescale one Linear's outputs (fine-tuning with frozen BN): the BN behind it goes stale."""
     model = copy.deepcopy(model)
@@ -93,14 +101,16 @@ def _one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    """State dicts as bytes: healthy, BN "1" stale, BN "1" and BN "4" stale; and the data."""
+    """State dicts as bytes: healthy; BN "4" stale (its neighbours fit the data, so the
+    disagreement is local: evidence of staleness); that and BN "7" reset after its updates;
+    and the data."""
     folder = tmp_path_factory.mktemp("ckpts")
     healthy = nets.healthy_mlp()
     out = {}
     for name, model in (
         ("healthy", healthy),
-        ("stale", plant_stale(healthy, 0)),
-        ("staler", plant_stale(plant_stale(healthy, 0), 3)),
+        ("stale", plant_stale(healthy, 3)),
+        ("staler", reset(plant_stale(healthy, 3), 7)),
     ):
         torch.save(model.state_dict(), folder / name)
         out[name] = (folder / name).read_bytes()
@@ -147,13 +157,13 @@ def test_gate_with_config_ignore_and_baseline(repo: Path, checkpoints: dict[str,
     first = invoke("check", "model.pt", "--batch-size", "16")
     assert first.exit_code == 1, first.stderr
     d = report_doc(repo)
-    assert statuses(d)[("1", "stale-stats")] == "open"
+    assert statuses(d)[("4", "stale-stats")] == "open"
     # The ignore (glob "1?" is layer "10"; "var-*" is var-bias) accepts only that finding.
     by_layer = {layer["name"]: layer for layer in d["layers"]}
     ignored = [f for f in by_layer["10"]["findings"] if f["code"] == "var-bias"]
     assert [f["status"] for f in ignored] == ["ignored"]
     assert ignored[0]["status_reason"].startswith("the 10-unit BN")
-    assert statuses(d)[("4", "var-bias")] == "open"  # other layers keep theirs
+    assert statuses(d)[("1", "var-bias")] == "open"  # other layers keep theirs
     assert d["summary"]["findings"]["ignored"] == 1
     assert "var-bias(ignored)" in first.stdout
 
@@ -162,7 +172,7 @@ def test_gate_with_config_ignore_and_baseline(repo: Path, checkpoints: dict[str,
     assert written.exit_code == 0, written.stderr
     entries = json.loads((repo / "base.json").read_text())["findings"]
     recorded = {(e["layer"], e["code"]) for e in entries}
-    assert ("1", "stale-stats") in recorded
+    assert ("4", "stale-stats") in recorded
     assert ("10", "var-bias") not in recorded  # ignored findings are not baselined
 
     # 3. The baseline is configured once; the same checkpoint passes, nothing stale.
@@ -171,26 +181,26 @@ def test_gate_with_config_ignore_and_baseline(repo: Path, checkpoints: dict[str,
     same = invoke("check", "model.pt")
     assert same.exit_code == 0, same.stderr
     d = report_doc(repo)
-    assert statuses(d)[("1", "stale-stats")] == "baselined"
+    assert statuses(d)[("4", "stale-stats")] == "baselined"
     assert d["baseline"]["stale"] == []
     assert d["summary"]["verdict"] == "pass"
 
-    # 4. A second stale layer is new: the gate fails on it alone.
+    # 4. A second broken layer is new: the gate fails on it alone.
     (repo / "model.pt").write_bytes(checkpoints["staler"])
     new = invoke("check", "model.pt")
     assert new.exit_code == 1, new.stderr
     d = report_doc(repo)
-    assert statuses(d)[("4", "stale-stats")] == "new"
-    assert statuses(d)[("1", "stale-stats")] == "baselined"
-    assert "stale-stats [new]" in new.stdout
+    assert statuses(d)[("7", "init-stats")] == "new"
+    assert statuses(d)[("4", "stale-stats")] == "baselined"
+    assert "init-stats [new]" in new.stdout
 
     # 5. The healthy checkpoint passes, and the baseline entry it no longer needs is stale.
     (repo / "model.pt").write_bytes(checkpoints["healthy"])
     fixed = invoke("check", "model.pt")
     assert fixed.exit_code == 0, fixed.stderr
     stale = report_doc(repo)["baseline"]["stale"]
-    assert {"layer": "1", "code": "stale-stats"}.items() <= stale[0].items()
-    assert "stale baseline entry: 1 stale-stats" in fixed.stdout
+    assert {"layer": "4", "code": "stale-stats"}.items() <= stale[0].items()
+    assert "stale baseline entry: 4 stale-stats" in fixed.stdout
     assert f"--write-baseline {repo / 'base.json'}" in fixed.stdout
 
 
@@ -548,11 +558,11 @@ def test_junit_has_a_case_per_layer_and_fails_as_the_gate(repo: Path) -> None:
     assert suite is not None
     cases = {c.get("name"): c for c in suite.iter("testcase")}
     assert list(cases) == ["1", "4", "7", "10"]
-    assert cases["1"].find("failure") is not None
-    assert "stale-stats" in (cases["1"].find("failure").get("type") or "")  # type: ignore[union-attr]
-    assert all(cases[n].find("failure") is None for n in ("4", "7", "10"))
+    assert cases["4"].find("failure") is not None
+    assert "stale-stats" in (cases["4"].find("failure").get("type") or "")  # type: ignore[union-attr]
+    assert all(cases[n].find("failure") is None for n in ("1", "7", "10"))
     # var-bias warns do not fail with fail-on = fail; the ignored one says why.
-    assert "var-bias" in (cases["4"].findtext("system-out") or "")
+    assert "var-bias" in (cases["1"].findtext("system-out") or "")
     assert "[ignored: the 10-unit BN" in (cases["10"].findtext("system-out") or "")
     assert root.get("tests") == suite.get("tests") == "4"
     assert root.get("failures") == suite.get("failures") == "1"

@@ -63,12 +63,13 @@ class Page(HTMLParser):
 
 @pytest.fixture(scope="module")
 def stale_report() -> AuditReport:
-    """A real audit: the MLP with BN "1" stale, small batches (var-bias warns), one ignore."""
+    """A real audit: the MLP with BN "4" stale (a local disagreement: BN "1" and "7" fit, so
+    the finding fails), small batches (var-bias warns), one ignore."""
     with single_thread():
         model = nets.healthy_mlp()
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():
-            model[0].weight.mul_((1.5 + 1.5 * torch.rand(32, generator=gen))[:, None])
+            model[3].weight.mul_((1.5 + 1.5 * torch.rand(32, generator=gen))[:, None])
         batches = torch.split(nets.mlp_data(4 * 16, seed=5), 16)
         report = bnaudit.audit(model, batches, checkpoint="stale.pt")
     return apply_ignores(report, [Ignore("10", "var-bias", "head layer, small N by design")])
@@ -94,7 +95,7 @@ def test_summary_table_and_findings_are_linked(stale_report: AuditReport, page: 
     assert page.find("span", id="verdict")[0]["class"] == "badge fail"
     rows = [a for t, a in page.tags if t == "tr" and a.get("id", "").startswith("layer-")]
     assert [r["id"] for r in rows] == [f"layer-{i}" for i in range(len(stale_report.layers))]
-    assert rows[0]["class"] == "fail"  # BN "1" is the stale one
+    assert rows[1]["class"] == "fail"  # BN "4" is the stale one
     links = {a["href"] for a in page.find("a") if a.get("href", "").startswith("#findings-")}
     with_findings = {f"#findings-{i}" for i, r in enumerate(stale_report.layers) if r.findings}
     assert links == with_findings and len(with_findings) == 4
@@ -258,14 +259,14 @@ def test_report_renders_in_headless_chromium(stale_report: AuditReport, tmp_path
     url = report.as_uri()
 
     # The script ran (it marks the page) and sorting works: #sort=shift orders the rows by
-    # ascending stale mean shift, so the stale layer (first in the report) comes last.
+    # ascending stale mean shift, so the stale layer (second in the report) comes last.
     dom = run_browser(exe, tmp_path / "profile", "--dump-dom", url + "#sort=shift")
     assert dom.returncode == 0, dom.stderr[-2000:]
     page = Page(dom.stdout)
     assert page.find("html")[0].get("data-ready") == "1", "the inline script did not run"
     assert page.find("th", **{"data-key": "shift"})[0]["aria-sort"] == "ascending"
     rows = [a["id"] for t, a in page.tags if t == "tr" and a.get("id", "").startswith("layer-")]
-    assert rows[-1] == "layer-0"  # the stale layer has the largest shift
+    assert rows[-1] == "layer-1"  # the stale layer has the largest shift
     assert sorted(rows) == [f"layer-{i}" for i in range(len(stale_report.layers))]
 
     shot = tmp_path / "report.png"

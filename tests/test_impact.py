@@ -53,6 +53,9 @@ def test_attribution_names_the_layer_that_matters(stale_cnn) -> None:
 def test_impact_reuses_the_eval_outputs(stale_cnn) -> None:
     kept = audit(stale_cnn, images(count=3))
     recomputed = audit(stale_cnn, images(count=3), output_budget_mb=0)
+    # The planted layer's disagreement is local, which decides: the output's confidence is not
+    # measured (it would cost passes of its own).
+    assert kept.impact.confidence is None
     assert kept.impact.forward_passes == 3  # one recalibrated pass per batch
     assert recomputed.impact.forward_passes == 6  # the stored-stat outputs run again
     assert kept.impact.rel_l2 == pytest.approx(recomputed.impact.rel_l2, rel=1e-6)

@@ -65,12 +65,13 @@ def assert_clean_error(result: Result, *fragments: str) -> None:
 
 @pytest.fixture
 def stale_mlp(healthy_mlp: nn.Module) -> nn.Module:
-    """The healthy MLP after its first Linear was rescaled: BN "1" has stale running stats."""
+    """The healthy MLP after its second Linear was rescaled: BN "4" has stale running stats,
+    a local disagreement (BN "1" and "7" fit the data), so the finding fails."""
     model = copy.deepcopy(healthy_mlp)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        model[0].weight.mul_(
-            (1.5 + 1.5 * torch.rand(model[0].out_features, generator=gen))[:, None]
+        model[3].weight.mul_(
+            (1.5 + 1.5 * torch.rand(model[3].out_features, generator=gen))[:, None]
         )
     return model
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,17 +25,26 @@ from bnaudit.check.impact import output_impact
 
 # AuditOptions is the audit's public companion: `bnaudit.check.audit.AuditOptions` as before.
 from bnaudit.check.options import AuditOptions, with_overrides
+from bnaudit.check.sites import shared_sites
 from bnaudit.check.static import NO_BATCH_CODES
 from bnaudit.core.layers import counter_notes, find_bn_layers
 from bnaudit.measure.dataflow import METHOD, Pairs
+from bnaudit.measure.diversity import diversity
 from bnaudit.measure.fold import FoldCheck, FoldWatch
 from bnaudit.measure.impact import OutputImpact
 from bnaudit.measure.passes import Passes, run_passes
 from bnaudit.measure.progress import AUDIT, ProgressFn, batch_count, one_stage
 from bnaudit.report.audit_report import AuditReport
-from bnaudit.verdict.findings import Thresholds, is_stale, judge_layer, judge_model, weigh_evidence
+from bnaudit.verdict.findings import Thresholds, is_stale, judge_layer, judge_model
 from bnaudit.verdict.metrics import figures_of, measure
-from bnaudit.verdict.results import Folding, LayerMetrics, LayerResult
+from bnaudit.verdict.results import Folding, LayerMetrics, LayerResult, Severity
+from bnaudit.verdict.sites import CallSites, judge_sites
+from bnaudit.verdict.staleness import (
+    StaleEvidence,
+    depth_pattern,
+    local_disagreements,
+    weigh_stale,
+)
 
 if TYPE_CHECKING:
     from bnaudit.distributed import Ranks
@@ -72,8 +82,10 @@ def audit(
     folds = _fold_checks(ran.folds, ran.passes)
     impact = output_impact(model, ran.passes, metrics, options, ranks, progress)
     joined = _joined(metrics, folds.checks, impact.impact)
-    judged = _judged(ran.passes, joined, impact.impact, options.thresholds)
-    notes = (*ran.notes, *folds.notes, *impact.notes, *judged.notes)
+    sites = shared_sites(model, ran.passes, metrics, options, ranks)
+    judged = _judged(ran.passes, joined, impact.impact, options.thresholds, sites)
+    sample = _sample_note(ran.passes, judged.layers, options)
+    notes = (*ran.notes, *folds.notes, *impact.notes, *judged.notes, *sample)
     return _report(
         ran.passes.count, judged.layers, impact.impact, notes, options, checkpoint, sha256
     )
@@ -191,11 +203,19 @@ def _judged(
     metrics: dict[str, LayerMetrics],
     impact: OutputImpact | None,
     t: Thresholds,
+    sites: dict[str, CallSites],
 ) -> _Judged:
     # Layers in the order they run, for "a consequence of stale stats upstream".
     order = passes.order
     position = {name: i for i, name in enumerate(order)}
-    stale = [n for n in order if n in metrics and is_stale(metrics[n], t)]
+    stale = [n for n in order if n in metrics and n not in sites and is_stale(metrics[n], t)]
+    evidence = StaleEvidence(
+        labels=impact.evidence if impact else None,
+        confidence=impact.confidence if impact else None,
+        output_change=impact.rel_l2 if impact else math.nan,
+        pattern=depth_pattern(order, metrics, t),
+    )
+    local = local_disagreements(order, metrics, t, set(sites))
     first = _first_stale(order, set(stale))
     notes = ()
     if first:
@@ -218,9 +238,27 @@ def _judged(
             upstream_stale=upstream,
             runs_first=p.name in first,
         )
-        findings = weigh_evidence(findings, impact.evidence if impact else None)
+        findings = weigh_stale(findings, evidence, local.get(p.name, ""))
+        if p.name in sites:
+            findings = judge_sites(p.name, findings, sites[p.name], t, evidence)
         results.append(LayerResult(p.name, p.attrs.type_name, metrics[p.name], findings))
     return _Judged(tuple(results), notes)
+
+
+def _sample_note(
+    passes: Passes, layers: tuple[LayerResult, ...], options: AuditOptions
+) -> tuple[str, ...]:
+    """Whether the sample is small or of low diversity (`bnaudit.measure.diversity`), said
+    when a layer disagrees with it and no evidence says the statistics are stale."""
+    unproven = any(
+        f.code in ("stale-stats", "shared-bn") and Severity.INFO < f.severity < Severity.FAIL
+        for r in layers
+        for f in r.findings
+    )
+    if options.synthetic_data or not unproven:
+        return ()
+    note = diversity(passes.batches).note()
+    return (note,) if note else ()
 
 
 def _report(

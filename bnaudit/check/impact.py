@@ -8,6 +8,7 @@ with the model's modes and buffers put back when it is done.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,13 +19,14 @@ from bnaudit.check.options import AuditOptions
 from bnaudit.core.errors import DataError, describe
 from bnaudit.core.layers import preserved
 from bnaudit.inputs.batches import call_model
-from bnaudit.measure.evidence import applies, top1
+from bnaudit.measure.evidence import CONFIDENCE, CONFIDENCE_STAGE, applies, confidence, top1
 from bnaudit.measure.evidence import measure as measure_evidence
 from bnaudit.measure.impact import TOP1, Across, Evidence, OutputImpact, compare_outputs
 from bnaudit.measure.passes import Passes, recalibrated_stats
 from bnaudit.measure.progress import ProgressFn, Ticking, impact_stage
 from bnaudit.verdict.findings import Thresholds, has_gap, is_stale
 from bnaudit.verdict.results import LayerMetrics
+from bnaudit.verdict.staleness import local_disagreements
 
 if TYPE_CHECKING:
     from bnaudit.distributed import Ranks
@@ -83,12 +85,22 @@ def _impact(
         cost += used
         per_layer, used = _attribution(model, passes, metrics, stats, options, across)
         cost += used
+        confident = None
         if across is None:
             evidence, notes = _evidence(model, plain, list(stats), options, progress)
+            if evidence is None and _disagree(metrics, options.thresholds, plain):
+                confident = _confidence(model, plain, list(stats), options, progress)
+                cost += confident.forward_passes if confident else 0
         else:  # cross-fitting pairs batches, which the ranks split between them
             evidence, notes = None, ()
             if options.metric is not None or any(c.labels is not None for c in plain.batches):
                 notes = ("task-metric evidence not measured: not supported under torchrun",)
+            if _disagree(metrics, options.thresholds, plain):
+                notes = (
+                    *notes,
+                    "output-confidence evidence not measured: not supported under "
+                    "torchrun, so a disagreement without a local pattern stays a warning",
+                )
         cost += evidence.forward_passes if evidence else 0
     impact = OutputImpact(
         regime=options.regime,
@@ -99,6 +111,7 @@ def _impact(
         top1_agreement=diff.top1,
         per_layer=per_layer,
         evidence=evidence,
+        confidence=confident,
     )
     return Impacted(impact, notes)
 
@@ -175,6 +188,44 @@ def _evidence(
         progress=progress,
     )
     return evidence, (_evidence_note(evidence, name),)
+
+
+def _disagree(metrics: dict[str, LayerMetrics], t: Thresholds, passes: Passes) -> bool:
+    """A layer is called at several sites, or disagrees with the batches without a local
+    pattern that already says why: what the output's confidence is measured to weigh
+    (`bnaudit.verdict.staleness`)."""
+    shared = {n for n, m in metrics.items() if m.seen.calls > passes.count}
+    local = local_disagreements(passes.order, metrics, t, shared)
+    return bool(shared) or any(is_stale(m, t) and n not in local for n, m in metrics.items())
+
+
+def _confidence(
+    model: nn.Module,
+    passes: Passes,
+    names: list[str],
+    options: AuditOptions,
+    progress: ProgressFn | None = None,
+) -> Evidence | None:
+    """Without labels, the output's own confidence with stored and cross-fitted recalibrated
+    statistics: None when the output is not scores or there are fewer than 2 batches."""
+    calls = list(passes.batches)
+    if len(calls) < 2:
+        return None
+    first = passes.outputs[0] if passes.outputs else call_model(model.eval(), calls[0])
+    if math.isnan(confidence(first)):
+        return None
+    return measure_evidence(
+        model,
+        calls,
+        passes.layers,
+        names,
+        passes.outputs,
+        regime=options.regime,
+        metric=confidence,
+        metric_name=CONFIDENCE,
+        progress=progress,
+        stage=CONFIDENCE_STAGE,
+    )
 
 
 def _evidence_note(evidence: Evidence, name: str) -> str:

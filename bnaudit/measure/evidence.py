@@ -19,6 +19,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from bnaudit.inputs.calls import Call, call_model
@@ -28,6 +29,9 @@ from bnaudit.measure.progress import ProgressFn, ticking
 
 Metric = Callable[[Any, Tensor], float]
 STAGE = "task metric"
+# --- the output's own confidence, the evidence measured without labels
+CONFIDENCE = "output confidence (minus mean entropy, nats)"
+CONFIDENCE_STAGE = "output confidence"
 
 
 def top1(outputs: Any, labels: Tensor) -> float:
@@ -36,6 +40,29 @@ def top1(outputs: Any, labels: Tensor) -> float:
     if scores is None:
         return math.nan
     return float((scores.argmax(1) == labels.to(scores.device)).double().mean())
+
+
+def confidence(outputs: Any, labels: Tensor | None = None) -> float:
+    """Minus the mean entropy (nats) of the output read as scores (`score_dim`): higher is more
+    confident. NaN when the output is not one floating tensor of at least two dims."""
+    floats = [t for t in tensors(outputs) if t.is_floating_point()]
+    if len(floats) != 1 or floats[0].dim() < 2 or not floats[0].numel():
+        return math.nan
+    scores = floats[0].detach().double()
+    dim = score_dim(scores)
+    if scores.shape[dim] == 1:  # one logit: a binary probability (a mask's, say)
+        p = torch.sigmoid(scores)
+        ent = -(torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p))
+    else:
+        logp = scores.log_softmax(dim)
+        ent = -(logp.exp() * logp).sum(dim)
+    return -float(ent.mean())
+
+
+def score_dim(scores: Tensor) -> int:
+    """The dim a score tensor spreads its classes over: dim 1 of [B, K] and of NCHW/NCDHW
+    maps, the last of [B, T, K] sequences."""
+    return scores.dim() - 1 if scores.dim() == 3 else 1
 
 
 def applies(outputs: Any, labels: Tensor | None) -> bool:
@@ -74,6 +101,7 @@ def measure(
     metric: Metric,
     metric_name: str,
     progress: ProgressFn | None = None,
+    stage: str = STAGE,
 ) -> Evidence:
     """Score every batch with the stored statistics and with statistics recalibrated on the other
     half of the batches; `names` are the layers to recalibrate. `progress` is called after each
@@ -81,19 +109,19 @@ def measure(
     passes = 0
     stored: list[float] = []
     model.eval()
-    for i, c in enumerate(ticking(list(calls), progress, _named(f"{STAGE}, stored stats"))):
+    for i, c in enumerate(ticking(list(calls), progress, _named(f"{stage}, stored stats"))):
         out, used = stored_output(model, c, i, stored_outputs)
         passes += used
         stored.append(metric(out, c.labels))
     recal: list[float] = [math.nan] * len(calls)
     halves = [list(range(0, len(calls), 2)), list(range(1, len(calls), 2))]
     for h, (fit, score) in enumerate((halves, halves[::-1]), 1):
-        fitting = ticking([calls[i] for i in fit], progress, _fit_stage(h, regime))
+        fitting = ticking([calls[i] for i in fit], progress, _fit_stage(h, regime, stage))
         stats, used = precise_stats(model, fitting, layers, names, regime)
         passes += used
         with statistics(layers, stats):
             model.eval()
-            for i in ticking(score, progress, _named(f"{STAGE}, score half {3 - h}")):
+            for i in ticking(score, progress, _named(f"{stage}, score half {3 - h}")):
                 recal[i] = metric(call_model(model, calls[i]), calls[i].labels)
                 passes += 1
     weights = [float(_rows(c)) for c in calls]
@@ -112,12 +140,12 @@ def measure(
     )
 
 
-def _fit_stage(half: int, regime: str) -> Callable[[int], str]:
+def _fit_stage(half: int, regime: str, stage: str = STAGE) -> Callable[[int], str]:
     """The name of the k-th pass recalibrating on `half`: one pass in the train regime, one
     per BN depth level in the eval regime (`bnaudit.measure.impact.eval_regime_stats`)."""
     if regime == "eval":
-        return lambda k: f"{STAGE}, fit half {half}, pass {k}"
-    return _named(f"{STAGE}, fit half {half}")
+        return lambda k: f"{stage}, fit half {half}, pass {k}"
+    return _named(f"{stage}, fit half {half}")
 
 
 def _named(stage: str) -> Callable[[int], str]:

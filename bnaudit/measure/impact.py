@@ -114,6 +114,8 @@ class OutputImpact:
     top1_agreement: float | None  # for [B, K] class scores
     per_layer: dict[str, float] = field(default_factory=dict)  # rel L2, one layer swapped
     evidence: Evidence | None = None  # the task metric, with labels (bnaudit.measure.evidence)
+    # without labels, the output's own confidence, cross-fitted alike (bnaudit.verdict.staleness)
+    confidence: Evidence | None = None
 
 
 @dataclass

@@ -26,6 +26,7 @@ CODES: tuple[str, ...] = (
     "no-counter",
     "bad-counter",
     "not-audited",
+    "shared-bn",
 )
 # `bnaudit diff`'s codes (bnaudit.diff): judged from two checkpoints, not from one.
 DIFF_CODES: tuple[str, ...] = (
@@ -60,6 +61,9 @@ ALL_CODES = CODES + DIFF_CODES + ARTIFACT_CODES + WATCH_CODES
 # whose messages describe different situations has one hint per situation (SITUATION_HINTS), so
 # that a fix never contradicts the message it follows. `{layer}` and `{upstream}` are filled in.
 HINTS: dict[str, str] = {
+    "shared-bn": "judge the sites, not the module: do not recalibrate it (update_bn and bnaudit "
+    "recalibrate average the sites into one pair that fits none); if the model should see each "
+    "site normalised on its own, give each call its own BN module",
     "tiny-var": "near-zero running variance with large gamma amplifies noise and can overflow "
     "float16: check for dead channels, raise eps, or prune the channel",
     "var-bias": "expected with this few values per channel; validate in eval mode, or use larger "
@@ -190,13 +194,18 @@ SITUATION_HINTS: dict[str, dict[str, str]] = {
         "for custom update code; with momentum=None the average's weights depend on it",
     },
     "stale-stats": {
-        "stale": "the running stats are stale relative to these batches: if these are the data "
-        "the model serves, recalibrate on them, e.g. torch.optim.swa_utils.update_bn(loader, "
-        "model), then save the checkpoint again",
-        "first": "this is among the first BN layers to run and it already disagrees with these "
-        "batches: first check they are preprocessed as in training (normalisation, resizing, "
-        "channel order, domain); only if they are, recalibrate relative to them "
-        "(torch.optim.swa_utils.update_bn(loader, model)) and save the checkpoint again",
+        "stale": "the evidence in the message says the stats are stale: recalibrate on data "
+        "like the served data (torch.optim.swa_utils.update_bn(loader, model), or bnaudit "
+        "recalibrate) and save the checkpoint again",
+        "worse": "the weights fit the stored statistics better than these batches' own: do not "
+        "recalibrate to these batches; audit with batches drawn like the training data",
+        "no-gain": "{metric} does not show the stats hurt: do not recalibrate for this finding; "
+        "audit with more labelled batches to narrow the interval",
+        "unproven": "do not recalibrate on this finding alone: if the model was trained with "
+        "frozen statistics, recalibrating breaks it. Labelled batches (or --metric) decide: "
+        "bnaudit check measures whether recalibrating helps the task metric",
+        "shared": "do not update_bn this module (it averages the call sites): give each call "
+        "its own BN module and recalibrate those, or retrain with the module shared",
     },
     "train-eval-gap": {
         "gap": "stats fit train mode but not what the deployed (eval) model sees; recalibrate "

@@ -1,9 +1,9 @@
 """From a layer's metrics to its findings: the rule table run in order; the model's and an
-unaudited group's findings; stale findings weighed against the task metric."""
+unaudited group's findings. Stale findings are weighed against the evidence in
+`bnaudit.verdict.staleness`."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 from bnaudit.verdict.codes import HINTS, hint
@@ -33,7 +33,6 @@ __all__ = [
     "judge_model",
     "not_audited",
     "off_channels",
-    "weigh_evidence",
 ]
 
 
@@ -93,31 +92,3 @@ def judge_model(impact, t: Thresholds) -> tuple[Finding, ...]:
             t.max_output_change,
         ),
     )
-
-
-def weigh_evidence(findings: tuple[Finding, ...], evidence) -> tuple[Finding, ...]:
-    """Stale findings in the light of the task metric (`bnaudit.measure.evidence.Evidence`).
-
-    When recalibrating to the audit batches lowers the metric beyond noise, the statistics are
-    stale relative to these batches only: the weights fit the stored ones. The finding stays,
-    as a warning with the measurement, so that the gate does not fail on a model that works;
-    when recalibrating raises the metric, the hint says by how much.
-    """
-    if evidence is None:
-        return findings
-    out = []
-    for f in findings:
-        if f.code == "stale-stats" and evidence.worse:
-            f = dataclasses.replace(
-                f,
-                severity=min(f.severity, Severity.WARN),
-                message=f"{f.message}; but recalibrating to these batches lowers "
-                f"{evidence.change()}",
-                hint="the weights fit the stored statistics better than these batches' own: "
-                "do not recalibrate to these batches; audit with batches drawn like the training "
-                "data",
-            )
-        elif f.code == "stale-stats" and evidence.better:
-            f = dataclasses.replace(f, hint=f"{f.hint}; recalibrating raises {evidence.change()}")
-        out.append(f)
-    return tuple(out)
