@@ -987,6 +987,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     results.costs = costs.render(recal, tiny, cold, met, table, TARGET_TIME)
     results.costs.append(importlib.import_module("artifact_cost").section(args.quick))
+    results.costs.append(importlib.import_module("watch_cost").section(args.quick, args.repeats))
     results.memory = memory_stages.render(
         sys.modules[__name__], cases, {c.name: rss[c.name]["stages"] for c in cases}
     )

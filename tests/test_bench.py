@@ -212,3 +212,12 @@ def test_memory_stages_reset_the_peak_between_stages(bench) -> None:
     )  # fmt: skip
     assert f"| {bench.CASES[0].name} | without | {second['peak']:.0f} |" in text
     assert "not reset between stages" not in text
+
+
+def test_the_watch_cost_section_runs_healthy_steps_and_says_its_ratios(bench) -> None:
+    import watch_cost  # on the path bench.py put it on
+
+    # The small CNN, not the ResNet-50 layout: the test checks the code path, not the numbers.
+    times = watch_cost.measure((4, 3, 16, 16), 2, bench.models.small_cnn)  # raises on a finding
+    assert {k: len(v) for k, v in times.items()} == {"plain": 2, "watched": 2, "idle": 2}
+    assert all(t > 0 for side in times.values() for t in side)
