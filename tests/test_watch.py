@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import bnaudit
 from bnaudit.watching import BadTrainingStep
@@ -143,6 +144,23 @@ def test_gradient_checkpointing_of_a_shared_bn_is_a_double_update(reentrant) -> 
     # Two sites: 2 updates per step expected, 4 made (the recompute in backward adds 2).
     assert (f.value, f.threshold) == (4.0, 2.0)
     assert "2 of them outside the model's forward" in f.message
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointing_the_whole_model_is_a_second_forward_of_it(reentrant) -> None:
+    torch.manual_seed(0)
+    model = SharedNet()
+    optimizer = sgd(model)
+    with bnaudit.watch(model, optimizer) as w:
+        for x, y in training.batches(2):
+            optimizer.zero_grad()
+            out = checkpoint(model, x.requires_grad_(), use_reentrant=reentrant)
+            nn.functional.cross_entropy(out, y).backward()
+            optimizer.step()
+    found = {f.layer: f for f in w.report().findings}
+    assert set(found) == {"pair.bn", "tail.1"} and found["pair.bn"].code == "double-update"
+    assert (found["pair.bn"].value, found["pair.bn"].threshold) == (4.0, 2.0)
+    assert "the model's forward ran twice" in found["pair.bn"].message
 
 
 def test_a_second_forward_per_step_with_a_shared_bn_is_a_double_update() -> None:

@@ -79,7 +79,8 @@ def double_update(s: StepLayer) -> Event | None:
     if s.forwards > s.micro_batches:
         causes.append(
             f"the model's forward ran {_plural(s.forwards, 'time')} in train mode for "
-            f"{_plural(s.micro_batches, 'micro-batch')}: a second forward per micro-batch"
+            f"{_plural(s.micro_batches, 'micro-batch')}: a second forward per micro-batch, "
+            "or the whole model under gradient checkpointing"
         )
     cause = "; ".join(causes) or (
         "gradient checkpointing recomputes the forward, or a second forward ran in train mode"
