@@ -10,11 +10,12 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import bnaudit
 from bnaudit.watching import BadTrainingStep
 from tests import training
-from tests.training import BN, Net, sgd, train
+from tests.training import BN, Net, SharedNet, sgd, train
 
 
 def codes(report) -> set[tuple[str, str]]:
@@ -106,6 +107,97 @@ def test_a_second_forward_per_step_is_a_double_update_on_every_layer() -> None:
     report = watched(Net(), extra_forward=True)
     assert codes(report) == {(name, "double-update") for name in BN}
     assert report.findings[0].value == 2.0
+
+
+# -- a BN module shared by two convs: two call sites per forward, two updates by design ---------
+
+
+def test_a_bn_shared_by_two_convs_updates_once_per_site_and_is_a_note_not_a_finding() -> None:
+    torch.manual_seed(0)
+    report = watched(SharedNet())
+    assert report.findings == [] and report.passed
+    shared, plain = report.layer("pair.bn").metrics, report.layer("tail.1").metrics
+    assert (shared.sites, shared.updates, shared.micro_batches) == (2, 6, 3)
+    assert (plain.sites, plain.updates) == (1, 3)
+    [note] = [n for n in report.notes if "shared BN" in n]
+    assert "pair.bn" in note and "2 sites" in note and "tail.1" not in note
+
+
+def test_a_shared_bn_with_counted_accumulation_is_still_no_finding() -> None:
+    torch.manual_seed(0)
+    report = watched(SharedNet(), steps=2, accumulate=None, data=training.batches(6))
+    assert report.findings == []
+    model = SharedNet()
+    optimizer = sgd(model)
+    with bnaudit.watch(model, optimizer) as w:
+        train(model, optimizer, 2, accumulate=3)
+    metrics = w.report().layer("pair.bn").metrics
+    assert w.report().findings == [] and (metrics.updates, metrics.micro_batches) == (12, 6)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_of_a_shared_bn_is_a_double_update(reentrant) -> None:
+    torch.manual_seed(0)
+    report = watched(SharedNet(checkpointed=True, use_reentrant=reentrant))
+    assert codes(report) == {("pair.bn", "double-update")}
+    f = report.findings[0]
+    # Two sites: 2 updates per step expected, 4 made (the recompute in backward adds 2).
+    assert (f.value, f.threshold) == (4.0, 2.0)
+    assert "2 of them outside the model's forward" in f.message
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointing_the_whole_model_is_a_second_forward_of_it(reentrant) -> None:
+    torch.manual_seed(0)
+    model = SharedNet()
+    optimizer = sgd(model)
+    with bnaudit.watch(model, optimizer) as w:
+        for x, y in training.batches(2):
+            optimizer.zero_grad()
+            out = checkpoint(model, x.requires_grad_(), use_reentrant=reentrant)
+            nn.functional.cross_entropy(out, y).backward()
+            optimizer.step()
+    found = {f.layer: f for f in w.report().findings}
+    assert set(found) == {"pair.bn", "tail.1"} and found["pair.bn"].code == "double-update"
+    assert (found["pair.bn"].value, found["pair.bn"].threshold) == (4.0, 2.0)
+    assert "the model's forward ran twice" in found["pair.bn"].message
+
+
+def test_a_second_forward_per_step_with_a_shared_bn_is_a_double_update() -> None:
+    torch.manual_seed(0)
+    report = watched(SharedNet(), extra_forward=True)
+    assert codes(report) == {("pair.bn", "double-update"), ("tail.1", "double-update")}
+    found = {f.layer: f for f in report.findings}
+    assert (found["pair.bn"].value, found["pair.bn"].threshold) == (4.0, 2.0)
+    assert (found["tail.1"].value, found["tail.1"].threshold) == (2.0, 1.0)
+    assert "forward ran twice in train mode for 1 micro-batch" in found["pair.bn"].message
+
+
+def test_a_layer_the_loop_calls_outside_the_models_forward_counts_as_one_site() -> None:
+    """A submodule called by the loop itself (no forward of the watched model) is judged as
+    before: one update per micro-batch, so a shared BN there is not told from a double one."""
+    torch.manual_seed(0)
+    model = Net()
+    optimizer = sgd(model)
+    with bnaudit.watch(model, optimizer) as w:
+        for x, y in training.batches(2):
+            optimizer.zero_grad()
+            features = model.blocks[2](model.blocks[1](model.blocks[0](x)))
+            nn.functional.cross_entropy(model.head(features.mean((2, 3))), y).backward()
+            optimizer.step()
+    report = w.report()
+    assert report.findings == [] and report.layer("blocks.0.1").metrics.sites == 0
+
+
+def test_a_forward_that_raises_leaves_the_models_forward() -> None:
+    torch.manual_seed(0)
+    model = SharedNet()
+    optimizer = sgd(model)
+    with bnaudit.watch(model, optimizer) as w:
+        with pytest.raises(RuntimeError):
+            model(torch.randn(2, 5, 8, 8))  # 5 channels where 3 are expected
+        train(model, optimizer, 2)
+    assert w.report().findings == [] and w.report().layer("pair.bn").metrics.sites == 2
 
 
 def test_declared_accumulation_with_checkpointing_still_flags_the_checkpointed_layer() -> None:

@@ -40,6 +40,39 @@ class Net(nn.Module):
 BN = ("blocks.0.1", "blocks.1.1", "blocks.2.1")
 
 
+class SharedNet(nn.Module):
+    """A U-Net `DoubleConv` that applies one BatchNorm2d after both of its convs (two call sites
+    per forward, by design) after a 1×1 stem, then a plain block and the head; `checkpointed`
+    runs the double conv under torch.utils.checkpoint. BN layers: pair.bn (shared), tail.1."""
+
+    def __init__(self, checkpointed: bool = False, use_reentrant: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)  # reentrant checkpointing needs an input with a gradient
+        self.pair = DoubleConv(8, 8)
+        self.tail = block(8, 8)
+        self.head = nn.Linear(8, CLASSES)
+        self.checkpointed, self.use_reentrant = checkpointed, use_reentrant
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        if self.checkpointed and torch.is_grad_enabled():
+            x = checkpoint(self.pair, x, use_reentrant=self.use_reentrant)
+        else:
+            x = self.pair(x)
+        return self.head(self.tail(x).mean((2, 3)))
+
+
+class DoubleConv(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.bn(self.conv2(F.relu(self.bn(self.conv1(x))))))
+
+
 def batches(count: int, seed: int = 0, shift: float = 0.0) -> list[tuple[Tensor, Tensor]]:
     g = torch.Generator().manual_seed(seed)
     return [

@@ -5,7 +5,7 @@ import lazy_loader
 # Imported on first use: the command line reaches a stage without paying for the ones it skips.
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
-    submodules=["ledger", "probes", "render", "report", "results", "steps", "watcher"],
+    submodules=["forwards", "ledger", "probes", "render", "report", "results", "steps", "watcher"],
     submod_attrs={
         "watcher": ["watch", "Watcher", "BadTrainingStep"],
         "report": ["WatchReport"],

@@ -37,6 +37,7 @@ class LayerAccount:
     updates: int = 0
     updates_per_step_max: int = 0
     micro_batches: int = 0
+    sites: int = 0
     frozen: str = ""
     implied: list[float] = field(default_factory=list)
     events: dict[str, Occurrences] = field(default_factory=dict)
@@ -49,6 +50,7 @@ class LayerAccount:
         self.updates += s.updates
         self.updates_per_step_max = max(self.updates_per_step_max, s.updates)
         self.micro_batches += s.micro_batches
+        self.sites = max(self.sites, s.sites)
         # A bounded sample: the median of the first updates says what the momentum is.
         if len(self.implied) < 1000:
             self.implied += [c.implied_momentum for c in s.calls if c.updated]
@@ -73,6 +75,7 @@ class LayerAccount:
             updates=self.updates,
             updates_per_step_max=self.updates_per_step_max,
             micro_batches=self.micro_batches,
+            sites=self.sites,
             implied_momentum_median=statistics.median(finite) if finite else float("nan"),
             frozen=self.frozen,
             nonfinite_steps=len(self.events["nonfinite"].steps)

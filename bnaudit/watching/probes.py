@@ -3,7 +3,9 @@
 A forward pre-hook notes the running mean, the counter and the batch mean before the call; the
 forward hook reads the buffers after it. Everything stays on the layer's device as one small
 row per call, so a watched step costs a few tiny kernels per layer and one transfer to the
-host at its end (`Probe.take` of every layer, stacked), not a synchronisation per layer.
+host at its end (`Probe.take` of every layer, stacked), not a synchronisation per layer. Each
+train-mode call is also placed, with counters only: in the model's own forward (the j-th call
+of one forward is call site j) or outside it (a recomputation during backward).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from bnaudit.watching.forwards import Forwards
 
 # The columns of a call's row: the counter's growth, the two sums of the implied momentum
 # (Σ Δμ·d and Σ d², d = batch mean − running mean before), the largest |Δμ|, the counter after
@@ -53,14 +57,26 @@ class Call:
         )
 
 
+@dataclass(frozen=True)
+class Taken:
+    """What one layer's hooks recorded in a step."""
+
+    train_calls: int
+    eval_calls: int
+    outside_calls: int  # train-mode calls outside the model's own forward
+    sites: int  # most train-mode calls within one forward of the model (0: none seen in one)
+    rows: list[Tensor]
+
+
 class Probe:
     """The hooks on one BN layer: counts its calls by mode and, while `on`, keeps one row per
     train-mode call. `take()` hands over what the step recorded and starts the next."""
 
-    def __init__(self, name: str, module: nn.Module) -> None:
-        self.name, self.module = name, module
+    def __init__(self, name: str, module: nn.Module, forwards: Forwards) -> None:
+        self.name, self.module, self.forwards = name, module, forwards
         self.on = False
-        self.train_calls = self.eval_calls = 0
+        self.train_calls = self.eval_calls = self.outside_calls = self.sites = 0
+        self._forward = self._in_forward = 0  # the model's forward last seen, calls within it
         self.rows: list[Tensor] = []
         self._before: tuple[Tensor, Tensor | None, Tensor] | None = None
         self._handles = [
@@ -75,6 +91,7 @@ class Probe:
             self.eval_calls += 1
             return
         self.train_calls += 1
+        self._place()
         x = args[0] if args else None
         mean = getattr(module, "running_mean", None)
         if not isinstance(x, Tensor) or not isinstance(mean, Tensor) or x.dim() < 2:
@@ -86,6 +103,17 @@ class Probe:
             counter = getattr(module, "num_batches_tracked", None)
             counter = counter.detach().clone() if isinstance(counter, Tensor) else None
             self._before = (mean.detach().float().clone(), counter, batch_mean)
+
+    def _place(self) -> None:
+        """Count the call as the next site of the model's running forward, or as outside it."""
+        f = self.forwards
+        if not f.depth:
+            self.outside_calls += 1
+            return
+        if self._forward != f.number:
+            self._forward, self._in_forward = f.number, 0
+        self._in_forward += 1
+        self.sites = max(self.sites, self._in_forward)
 
     def _post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if self._before is None:
@@ -115,10 +143,10 @@ class Probe:
             )
         self.rows.append(row)
 
-    def take(self) -> tuple[int, int, list[Tensor]]:
-        """(train-mode calls, eval-mode calls, rows) since the last take; starts afresh."""
-        out = (self.train_calls, self.eval_calls, self.rows)
-        self.train_calls = self.eval_calls = 0
+    def take(self) -> Taken:
+        """What the hooks recorded since the last take; starts afresh."""
+        out = Taken(self.train_calls, self.eval_calls, self.outside_calls, self.sites, self.rows)
+        self.train_calls = self.eval_calls = self.outside_calls = self.sites = 0
         self.rows = []
         self._before = None
         return out

@@ -29,7 +29,8 @@ class WatchMetrics:
     eval_calls: int
     updates: int  # running-stat updates read from the buffers
     updates_per_step_max: int
-    micro_batches: int  # expected updates, all watched steps together (declared or counted)
+    micro_batches: int  # forward micro-batches, all watched steps together (declared or counted)
+    sites: int = 0  # most train-mode calls within one forward of the model (0: none seen)
     implied_momentum_median: float = math.nan  # of the updates it could read
     frozen: str = ""  # why its affine parameters were not trained, at the last watched step
     nonfinite_steps: int = 0

@@ -30,6 +30,9 @@ class StepLayer:
     train_calls: int
     eval_calls: int
     calls: tuple[Call, ...]  # the train-mode calls it could read (a tensor input)
+    sites: int  # most train-mode calls within one forward of the model (0: none seen)
+    outside_calls: int  # train-mode calls outside the model's forward (backward recompute)
+    forwards: int  # train-mode forwards of the model in the step (0: none seen)
     momentum: float | None  # the layer's, at the step's end
     frozen: str  # why its affine parameters are not trained ("" when they are, or no affine)
     judge_momentum: bool  # False for SyncBatchNorm across ranks: its batch mean is global
@@ -37,6 +40,12 @@ class StepLayer:
     @property
     def updates(self) -> int:
         return sum(c.updated for c in self.calls)
+
+    @property
+    def expected(self) -> int:
+        """Updates the step should make: one per call site and micro-batch. A layer not seen in
+        the model's forward (the loop calls a submodule itself) counts as one site."""
+        return max(1, self.sites) * self.micro_batches
 
 
 @dataclass(frozen=True)
@@ -57,18 +66,33 @@ def _plural(n: int, word: str) -> str:
 
 
 def double_update(s: StepLayer) -> Event | None:
-    if s.updates <= s.micro_batches or s.micro_batches < 1:
+    if s.updates <= s.expected or s.micro_batches < 1:
         return None
     how = "declared" if s.declared else "counted (backward passes)"
+    sites = f" × {s.sites} call sites per forward" if s.sites > 1 else ""
+    causes = []
+    if s.outside_calls:
+        causes.append(
+            f"{s.outside_calls} of them outside the model's forward: a recomputation during "
+            "backward, as gradient checkpointing does"
+        )
+    if s.forwards > s.micro_batches:
+        causes.append(
+            f"the model's forward ran {_plural(s.forwards, 'time')} in train mode for "
+            f"{_plural(s.micro_batches, 'micro-batch')}: a second forward per micro-batch, "
+            "or the whole model under gradient checkpointing"
+        )
+    cause = "; ".join(causes) or (
+        "gradient checkpointing recomputes the forward, or a second forward ran in train mode"
+    )
     return Event(
         "double-update",
         Severity.FAIL,
         f"{s.updates} running-stat updates in one optimizer step for "
-        f"{_plural(s.micro_batches, 'micro-batch')} {how}, from {s.train_calls} train-mode "
-        "forward calls: gradient checkpointing recomputes the forward, or a second forward "
-        "ran in train mode",
+        f"{_plural(s.micro_batches, 'micro-batch')} {how}{sites}, from {s.train_calls} "
+        f"train-mode forward calls: {cause}",
         s.updates,
-        s.micro_batches,
+        s.expected,
     )
 
 

@@ -8,9 +8,13 @@
 
 A step ends where `optimizer.step()` returns (a post-hook torch offers, so Lightning's closure,
 which runs the forward inside `step`, belongs to its own step). What a step should do to a
-layer is one update per forward micro-batch: `accumulate=k` declares k, otherwise the watcher
-counts the backward passes since the last step (hooks on the parameters' gradient
-accumulation). Nothing of the model or the optimizer is changed; `close()` removes every hook.
+layer is one update per call site and forward micro-batch. `accumulate=k` declares k
+micro-batches, otherwise the watcher counts the backward passes since the last step (hooks on
+the parameters' gradient accumulation). A layer's call sites are its train-mode calls within one
+forward of the model (hooks on the model's own forward, `bnaudit.watching.forwards`): a BN
+module shared by two convs has two, while a recomputation in backward or a second forward
+adds updates beyond them. Nothing of the model or the optimizer is changed; `close()` removes
+every hook.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from bnaudit.core.untrusted import plain
 from bnaudit.distributed.drift import compare_ranks
 from bnaudit.verdict.codes import WATCH_HINTS
 from bnaudit.verdict.results import FailOn
+from bnaudit.watching.forwards import Forwards
 from bnaudit.watching.ledger import LayerAccount, drift_event
 from bnaudit.watching.probes import Probe, read_calls
 from bnaudit.watching.report import WatchReport
@@ -78,7 +83,8 @@ class Watcher:
         self.closed = False
         layers = [(n, m) for n, m in find_bn_layers(model) if _watchable(m)]
         skipped = len(find_bn_layers(model)) - len(layers)
-        self.probes = [Probe(n.removeprefix(WRAPPER_PREFIX), m) for n, m in layers]
+        self.forwards = Forwards(model)
+        self.probes = [Probe(n.removeprefix(WRAPPER_PREFIX), m, self.forwards) for n, m in layers]
         self.accounts = [LayerAccount(p.name, type(p.module).__name__) for p in self.probes]
         self.notes: list[str] = []
         if skipped:
@@ -97,7 +103,7 @@ class Watcher:
     # -- hooks ---------------------------------------------------------------------------------
 
     def _set(self, on: bool) -> None:
-        self._on = on
+        self._on = self.forwards.on = on
         for p in self.probes:
             p.on = on
 
@@ -128,13 +134,14 @@ class Watcher:
     def _close_step(self, step: int) -> None:
         self.watched += 1
         taken = [p.take() for p in self.probes]
-        calls = read_calls(self.probes, [rows for _, _, rows in taken])
+        calls = read_calls(self.probes, [t.rows for t in taken])
+        forwards = self.forwards.take()
         backwards = max(self._grads.values(), default=0)
         micro, declared = self._micro_batches(backwards)
-        ran = backwards > 0 or any(t or e for t, e, _ in taken)
+        ran = backwards > 0 or any(t.train_calls or t.eval_calls for t in taken)
         trained = self._trained_ids()
         bad: list[tuple[str, Event]] = []
-        for probe, account, (t, e, _), layer_calls in zip(
+        for probe, account, t, layer_calls in zip(
             self.probes, self.accounts, taken, calls, strict=True
         ):
             m = probe.module
@@ -143,9 +150,12 @@ class Watcher:
                 micro_batches=micro,
                 declared=declared,
                 model_ran=ran,
-                train_calls=t,
-                eval_calls=e,
+                train_calls=t.train_calls,
+                eval_calls=t.eval_calls,
                 calls=tuple(layer_calls),
+                sites=t.sites,
+                outside_calls=t.outside_calls,
+                forwards=forwards,
                 momentum=m.momentum,
                 frozen=self._frozen(m, trained, backwards),
                 judge_momentum=not (isinstance(m, nn.SyncBatchNorm) and self.world > 1),
@@ -237,6 +247,7 @@ class Watcher:
         self._grad_handles.clear()
         for p in self.probes:
             p.remove()
+        self.forwards.remove()
 
     def __enter__(self) -> Watcher:
         return self
@@ -256,6 +267,7 @@ class Watcher:
                 "optimizer.step() calls"
             ),
             *self.notes,
+            *_shared_notes(self.accounts),
         ]
         if not self.watched:
             notes.append("no optimizer step was watched: nothing was judged")
@@ -303,6 +315,20 @@ def watch(
     return Watcher(
         model, optimizer, accumulate=accumulate, every=every, strict=strict, fail_on=fail_on
     )
+
+
+def _shared_notes(accounts: list[LayerAccount]) -> list[str]:
+    """One note per number of call sites k > 1: the layers called k times in one forward."""
+    by_sites: dict[int, list[str]] = {}
+    for a in accounts:
+        if a.sites > 1:
+            by_sites.setdefault(a.sites, []).append(plain(a.name))
+    return [
+        f"shared BN module(s), called at {k} sites of each forward of the model: "
+        f"{', '.join(names)}; {k} updates per micro-batch are expected, and the running "
+        f"statistics are a blend of the {k} sites' (bnaudit check judges each site: shared-bn)"
+        for k, names in sorted(by_sites.items())
+    ]
 
 
 def _watchable(m: nn.Module) -> bool:
