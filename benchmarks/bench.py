@@ -56,6 +56,7 @@ import floors  # noqa: E402
 import memory_stages  # noqa: E402
 import models  # noqa: E402
 import shapes  # noqa: E402
+import watch_cost  # noqa: E402
 
 TARGET_TIME = 1.25  # audit / plain passes
 TARGET_RSS = 1.3  # audit / plain eval forward
@@ -926,6 +927,7 @@ class Context:
 SECTIONS: dict[str, Callable[[Context], str]] = {
     "shapes": shapes.section,
     "artifact_cost": lambda ctx: artifact_cost.section(ctx.quick),
+    "watch_cost": lambda ctx: watch_cost.section(ctx.quick, ctx.repeats),
 }
 
 

@@ -4,6 +4,7 @@
     print(report.summary())                   # or report.render("markdown" | "csv" | "json")
     bnaudit.assert_bn_healthy(model, batches)  # in a test: raises AssertionError naming layers
     bnaudit.audit_after_epoch(model, val_batches, log=print)  # in a training loop
+    with bnaudit.watch(model, optimizer) as w: ...  # every BN update checked at every step
 
 The names below are imported on first use, so `import bnaudit` (and the command line until it
 needs them) does not pay for importing torch; `dir(bnaudit)` lists them all.
@@ -30,6 +31,8 @@ _EXPORTS = {
     "Format": "bnaudit.report.render",
     "assert_bn_healthy": "bnaudit.integrations.testing",
     "audit_after_epoch": "bnaudit.integrations.callbacks",
+    "watch": "bnaudit.watching.watcher",
+    "WatchReport": "bnaudit.watching.report",
 }
 
 if TYPE_CHECKING:
@@ -42,6 +45,8 @@ if TYPE_CHECKING:
     from bnaudit.report.render import Format
     from bnaudit.verdict.results import FailOn, Finding, LayerResult, Severity
     from bnaudit.verdict.thresholds import Thresholds
+    from bnaudit.watching.report import WatchReport
+    from bnaudit.watching.watcher import watch
 
 
 def __getattr__(name: str) -> Any:
@@ -67,9 +72,11 @@ __all__ = [
     "LayerResult",
     "Severity",
     "Thresholds",
+    "WatchReport",
     "__version__",
     "assert_bn_healthy",
     "audit",
     "audit_after_epoch",
     "diff",
+    "watch",
 ]

@@ -79,9 +79,21 @@ def test_reconstruction_is_exact_on_healthy_layers(healthy_cnn: nn.Module) -> No
 
 
 def test_small_audit_batches_are_not_judged(healthy_cnn: nn.Module) -> None:
+    # Whole images differ in brightness: two of them are worth few independent values per
+    # channel at the stem, and every layer after it is normalised with those batch statistics.
     report = audit(healthy_cnn, cnn_batches(2, count=8))
-    assert {r.metrics.train.drift.judged for r in report.layers} == {"no: batch size 2 < 3"}
+    stem, *rest = report.layers
+    assert stem.name == "stem.1"
+    own = stem.metrics.train.drift.judged
+    assert own.startswith("no: batch size 2 < 3 and ") and own.endswith(" < 100"), own
+    assert float(own.split(" and ")[1].split()[0]) < 100
+    for r in rest:
+        assert r.metrics.train.drift.judged.startswith("no: batch size 2 < 3 and "), r.name
+    upstream = "no: batch size 2 < 3 and stem.1 runs before it with too few effective values"
+    assert any(r.metrics.train.drift.judged.startswith(upstream) for r in rest)
     assert any("not judged" in n for n in report.notes)
+    verdict = report.summary(width=None).splitlines()[-1]
+    assert "judged on none of 9 layers" in verdict, verdict
 
 
 # --- planted defects -------------------------------------------------------------------------

@@ -327,3 +327,12 @@ def test_a_burner_ends_when_its_parent_is_gone(bench) -> None:
     # The parent given is not this process: the burner sees another parent and stops at once.
     child = subprocess.run([sys.executable, "-c", bench.shapes.BURN, "1"], timeout=60, check=True)
     assert child.returncode == 0
+
+
+def test_the_watch_cost_section_runs_healthy_steps_and_says_its_ratios(bench) -> None:
+    import watch_cost  # on the path bench.py put it on
+
+    # The small CNN, not the ResNet-50 layout: the test checks the code path, not the numbers.
+    times = watch_cost.measure((4, 3, 16, 16), 2, bench.models.small_cnn)  # raises on a finding
+    assert {k: len(v) for k, v in times.items()} == {"plain": 2, "watched": 2, "idle": 2}
+    assert all(t > 0 for side in times.values() for t in side)

@@ -5,7 +5,9 @@ or gigabytes, end within seconds and bounded memory, with exit 2 and a message.
 from __future__ import annotations
 
 import json
+import pickle
 import struct
+import zipfile
 from pathlib import Path
 
 import torch
@@ -13,6 +15,7 @@ import torch
 from bnaudit.core.limits import (
     DEFAULT_MAX_BATCHES,
     MAX_BN_ELEMENTS,
+    MAX_KEY_NODES,
     MAX_SAFETENSORS_HEADER,
     MAX_SAFETENSORS_KEYS,
 )
@@ -42,6 +45,60 @@ def _dag(depth: int) -> tuple:
     for _ in range(depth):
         t = (t, t)
     return t
+
+
+def _tuple_key_pickle(depth: int) -> bytes:
+    """{"levels": [...], key: 1} whose key is `_dag(depth)`, written opcode by opcode: each
+    level is BINGET i, BINGET i, TUPLE2, BINPUT i+1 (so 2^depth leaves in a few hundred
+    bytes), parked in a list since the weights-only loader has no POP. Never expanded here."""
+    text = b"levels"
+    ops = [pickle.PROTO + b"\x02", pickle.EMPTY_DICT]
+    ops += [pickle.BINUNICODE + struct.pack("<I", len(text)) + text, pickle.EMPTY_LIST]
+    ops += [pickle.EMPTY_TUPLE, pickle.BINPUT + b"\x00", pickle.APPEND]
+    for i in range(depth):
+        get = pickle.BINGET + bytes([i])
+        ops += [get, get, pickle.TUPLE2, pickle.BINPUT + bytes([i + 1]), pickle.APPEND]
+    ops += [pickle.SETITEM, pickle.BINGET + bytes([depth]), pickle.BININT1 + b"\x01"]
+    return b"".join([*ops, pickle.SETITEM, pickle.STOP])
+
+
+def _with_pickle(template: Path, data: bytes, dst: Path) -> Path:
+    """`template`'s torch.save archive with its data.pkl replaced by `data`."""
+    with zipfile.ZipFile(template) as zf, zipfile.ZipFile(dst, "w") as out:
+        for info in zf.infolist():
+            body = data if info.filename.endswith("/data.pkl") else zf.read(info)
+            out.writestr(info.filename, body)
+    return dst
+
+
+def test_the_tuple_key_pickle_is_what_it_claims() -> None:
+    small = pickle.loads(_tuple_key_pickle(3))
+    assert small == {"levels": [_dag(d) for d in range(4)], _dag(3): 1}
+    assert len(_tuple_key_pickle(40)) < 700
+
+
+def test_dict_keys_of_nested_shared_tuples_are_refused_from_the_opcodes(tmp_path: Path) -> None:
+    ckpt = save(healthy_state(), tmp_path / "ck.pt")
+    bomb = _with_pickle(ckpt, _tuple_key_pickle(40), tmp_path / "keys.pt")
+    data = _with_pickle(ckpt, _tuple_key_pickle(40), tmp_path / "keys-data.pt")
+    # Under the limit the same construction is an ordinary (odd) pickle: not refused for it.
+    small = _with_pickle(ckpt, _tuple_key_pickle(8), tmp_path / "small.pt")
+    assert bomb.stat().st_size < 10_000 and MAX_KEY_NODES > (1 << 9) - 1
+    before = hashes([bomb, data, ckpt])
+    model = model_file(tmp_path)
+    cases = [
+        Case(["check", bomb]),
+        Case(["check", bomb, "--model", model]),
+        Case(["check", ckpt, "--model", model, "--data", data]),
+        Case(["check", small]),
+    ]
+    outcomes = run_cases(cases, tmp_path)
+    for o in outcomes[:3]:
+        err = assert_refused(o, "hashes a tuple of 2199023255551", "MAX_KEY_NODES")
+        assert "crafted or damaged" in err
+    assert "--data" in outcomes[2].error_lines[0]
+    assert_refused(outcomes[3], "no state dict found")  # read in full: no state dict in it
+    assert hashes([bomb, data, ckpt]) == before
 
 
 def _safetensors(path: Path, keys: int) -> Path:

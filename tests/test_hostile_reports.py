@@ -179,3 +179,45 @@ def test_a_closed_or_full_stdout_is_one_error_line(tmp_path: Path) -> None:
         assert len(lines) <= 2 and lines[-1].startswith("bnaudit: error: "), (how, lines)
         assert "stdout" in lines[-1] and "Traceback" not in "".join(lines)
         assert float(peak) < MEMORY_LIMIT_MB
+
+
+_INTERRUPTED_RENAME = """
+import os, signal, sys
+from bnaudit.report import writing
+if sys.argv[1] == "ignored":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+real = os.replace
+def replace(src, dst):
+    print("held:", signal.getsignal(signal.SIGINT) != signal.SIG_IGN, file=sys.stderr)
+    os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C in the middle of the renames
+    real(src, dst)
+writing.os.replace = replace
+from bnaudit.cli.application import main
+sys.argv = ["bnaudit", "check", *sys.argv[2:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("disposition", ["default", "ignored"])
+def test_a_sigint_held_during_the_renames_is_acted_on_after_them(
+    tmp_path: Path, disposition: str
+) -> None:
+    ckpt = save(healthy_state(), tmp_path / "ck.pt")
+    reports = [tmp_path / "r.json", tmp_path / "r.md"]
+    args = [ckpt, "--json", reports[0], "--markdown", reports[1], "-q"]
+    run = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_RENAME, disposition, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert "Traceback" not in run.stderr
+    assert all(r.stat().st_size > 0 for r in reports)  # the set is complete either way
+    assert not _left(tmp_path)
+    if disposition == "default":  # held, then an interrupt: never exit 0 after a Ctrl-C
+        assert run.returncode == 2, run
+        assert "held: True" in run.stderr and "bnaudit: interrupted" in run.stderr
+    else:  # a process that ignores SIGINT ignores it here as everywhere: nothing held
+        assert run.returncode == 0, run
+        assert "held: False" in run.stderr and "interrupted" not in run.stderr

@@ -18,7 +18,7 @@ from typer.testing import CliRunner, Result
 from bnaudit.check.static import MOMENTUM_CODES, STATIC_CODES
 from bnaudit.cli import app
 from bnaudit.report.render import render_table
-from bnaudit.report.table import COLUMNS, shorten
+from bnaudit.report.table import COLUMNS, shorten, shorten_all
 from bnaudit.verdict.codes import CODES
 from bnaudit.verdict.results import FailOn, LayerResult, Severity
 from tests import nets
@@ -79,7 +79,34 @@ def test_wider_terminals_show_more_columns_and_wide_shows_all() -> None:
     assert "backbone.stages.1.blocks.3.conv_pw.bn2" in wide  # names in full
     narrow = "\n".join(table_lines(render_table(report, width=80)))
     assert "backbone.stages.1.blocks.3.conv_pw.bn2" not in narrow
-    assert "backbone…conv_pw.bn2" in narrow  # both ends kept
+    rows = [ln.split()[0] for ln in table_lines(render_table(report, width=80))[2:32]]
+    full = [r.name for r in report.layers]
+    assert len(set(rows)) == len(rows) == 30  # no two rows read alike
+    for row, name in zip(rows, full, strict=True):  # both ends kept, and what tells them apart
+        assert row.startswith("backbone…") and row.endswith(name.rsplit(".", 1)[1]), row
+        assert row.split("…")[1:3] == [name.split(".")[2], name.split(".")[4]], row
+
+
+def test_mobilenet_rows_keep_their_block_index_at_80_columns() -> None:
+    # torchvision's mobilenet_v2 names: shortened from the start they all read features…conv.N
+    names = ["features.0.1", "features.1.conv.0.1", "features.1.conv.2"]
+    names += [f"features.{i}.conv.{j}" for i in range(2, 18) for j in ("0.1", "1.1", "3")]
+    names += ["features.18.1"]
+    layers = tuple(LayerResult(n, "BatchNorm2d", metrics(), ()) for n in names)
+    lines = table_lines(render_table(hostile_report(layers=layers), width=80))
+    rows = [ln.split()[0] for ln in lines[2 : 2 + len(names)]]
+    assert len(set(rows)) == len(rows)
+    by_name = dict(zip(names, rows, strict=True))
+    assert by_name["features.17.conv.3"].startswith("features.17")
+    assert by_name["features.16.conv.3"].startswith("features.16")
+    assert shorten_all(["features.16.conv.1.1", "features.17.conv.1.1"], 18) == [
+        "features.16…1.1",
+        "features.17…1.1",
+    ]
+    assert shorten_all(["features.16.conv.1.1", "features.17.conv.2"], 18) == [
+        "features…conv.1.1",  # nothing alike: shortened as before
+        "features.17.conv.2",
+    ]
 
 
 def test_every_column_shown_is_in_the_legend() -> None:

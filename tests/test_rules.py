@@ -185,12 +185,17 @@ def test_init_stats_silent_on_updated_stats() -> None:
 
 def test_momentum_warmup_weighs_the_data() -> None:
     warmup = {"num_batches_tracked": 3, "init_weight": 0.729}
-    f = one(momentum_warmup, **warmup, stale_judged="no: synthetic data")
+    f = one(momentum_warmup, **warmup, stale_judged="no: static audit", batches=0)
     assert (f.severity, f.hint) == (Severity.WARN, hint("momentum-warmup", "unverified"))
     assert f.message == (
         "after T = 3 updates an EMA would still carry (1-m)^T = 0.729 of the initial values "
         "(limit 0.05)"
     )
+    # Batches that could not tell: the message says why, the hint does not promise "data".
+    f = one(momentum_warmup, **warmup, stale_judged="no: batch size 2 < 3")
+    assert (f.severity, f.hint) == (Severity.WARN, hint("momentum-warmup", "undecided"))
+    assert f.message.endswith("; these batches cannot tell: batch size 2 < 3")
+    assert "an audit with data" not in f.hint
     f = one(momentum_warmup, **warmup, **STALE)
     assert (f.severity, f.hint) == (Severity.WARN, hint("momentum-warmup", "stale"))
     f = one(momentum_warmup, **warmup)
@@ -214,6 +219,16 @@ def test_not_reached_only_when_batches_ran() -> None:
     assert (f.severity, f.hint) == (Severity.INFO, HINTS["not-reached"])
     assert silent(not_reached, calls=0, batches=0)
     assert silent(not_reached, calls=1)
+    assert "may be unused" in f.hint
+
+
+def test_an_unreached_layer_fails_no_check_that_needs_it_to_run() -> None:
+    never = {"initial_stats": True, "num_batches_tracked": 0, "calls": 0}
+    assert silent(init_stats, **never)  # the initial values of a module that never runs
+    f = one(not_reached, **never)
+    assert "initial values" in f.message and f.severity == Severity.INFO
+    assert one(init_stats, **never, batches=0).severity == Severity.FAIL  # static: no forward
+    assert one(init_stats, **{**never, "calls": 3}).severity == Severity.FAIL  # ran, not updated
 
 
 @pytest.mark.parametrize(("rule", "mode"), [(recon_train, "train"), (recon_eval, "eval")])

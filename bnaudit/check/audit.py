@@ -27,7 +27,7 @@ from bnaudit.check.impact import output_impact
 from bnaudit.check.options import AuditOptions, with_overrides
 from bnaudit.check.sites import shared_sites
 from bnaudit.check.static import NO_BATCH_CODES
-from bnaudit.core.layers import counter_notes, find_bn_layers
+from bnaudit.core.layers import counter_notes, find_bn_layers, other_names
 from bnaudit.measure import fused
 from bnaudit.measure.dataflow import METHOD, Pairs
 from bnaudit.measure.diversity import diversity
@@ -36,8 +36,9 @@ from bnaudit.measure.impact import OutputImpact
 from bnaudit.measure.passes import Passes, run_passes
 from bnaudit.measure.progress import AUDIT, ProgressFn, batch_count, one_stage
 from bnaudit.report.audit_report import AuditReport
-from bnaudit.verdict.findings import Thresholds, is_stale, judge_layer, judge_model
-from bnaudit.verdict.metrics import figures_of, measure
+from bnaudit.verdict.drift import MIN_EFFECTIVE_VALUES
+from bnaudit.verdict.findings import JUDGED, Thresholds, is_stale, judge_layer, judge_model
+from bnaudit.verdict.metrics import behind_small_batches, figures_of, measure
 from bnaudit.verdict.results import Folding, LayerMetrics, LayerResult, Severity
 from bnaudit.verdict.sites import CallSites, judge_sites
 from bnaudit.verdict.staleness import (
@@ -127,7 +128,12 @@ def _run(
         "; the model holds it so (Module.type() converts every tensor, the counter included), "
         "read as the count it holds",
     )
-    return _Ran(passes, folds, (*feed, *counters, *_torch_path(passes)))
+    shared = tuple(
+        f"{first} is also registered as {', '.join(others)}: one module under "
+        f"{len(others) + 1} names, audited once, as {first}"
+        for first, others in other_names(model).items()
+    )
+    return _Ran(passes, folds, (*feed, *counters, *shared, *_torch_path(passes)))
 
 
 def _torch_path(passes: Passes) -> tuple[str, ...]:
@@ -148,7 +154,7 @@ def _metrics(passes: Passes, options: AuditOptions) -> dict[str, LayerMetrics]:
     figured = figures_of(
         [(p.attrs, p.stats) for p in probes], t, options.regime, options.synthetic_data
     )
-    return {
+    measured = {
         p.name: measure(
             p.attrs,
             p.stats,
@@ -164,6 +170,9 @@ def _metrics(passes: Passes, options: AuditOptions) -> dict[str, LayerMetrics]:
         )
         for p, f in zip(probes, figured, strict=True)
     }
+    if options.regime != "train":  # eval-mode batches normalise with running statistics
+        return measured
+    return behind_small_batches(passes.order, measured, t)
 
 
 @dataclass(frozen=True)
@@ -229,7 +238,8 @@ def _judged(
         pattern=depth_pattern(order, metrics, t),
     )
     local = local_disagreements(order, metrics, t, set(sites))
-    first = _first_stale(order, set(stale))
+    # Never-updated stats (init-stats) explain their own disagreement: not the data's.
+    first = tuple(n for n in _first_stale(order, set(stale)) if not metrics[n].stored.initial_stats)
     notes = ()
     if first:
         notes = (
@@ -290,7 +300,7 @@ def _report(
         batches=count,
         forward_passes=2 * count + (impact.forward_passes if impact else 0),
         synthetic_data=options.synthetic_data,
-        notes=(*notes, *_notes(layers, count)),
+        notes=(*notes, *_notes(layers, count, t.min_batch)),
         checkpoint=checkpoint,
         sha256=sha256,
         thresholds=dataclasses.asdict(t),
@@ -320,8 +330,9 @@ def _fold_note(pairs: Pairs, layers: int) -> str:
     return note
 
 
-def _notes(results: tuple[LayerResult, ...], batches: int) -> tuple[str, ...]:
-    """Why some verdicts were not drawn, once per reason, with the layers it applies to."""
+def _notes(results: tuple[LayerResult, ...], batches: int, min_batch: int) -> tuple[str, ...]:
+    """Why some verdicts were not drawn, once per reason, with the layers it applies to; and
+    where batches below `min_batch` were judged, on what grounds."""
     reasons: dict[str, list[str]] = {}
     for r in results:
         for label, status in (
@@ -329,8 +340,14 @@ def _notes(results: tuple[LayerResult, ...], batches: int) -> tuple[str, ...]:
             ("train-eval-gap", r.metrics.eval.drift.judged),
         ):
             if status.startswith("no") and status != "no: synthetic data":  # said once
+                reasons.setdefault(f"{label} not judged ({_reason(status)})", []).append(r.name)
+            elif status == JUDGED and 0 < r.metrics.seen.batch_size < min_batch:
+                size = r.metrics.seen.batch_size
                 reasons.setdefault(
-                    f"{label} not judged ({status.removeprefix('no: ')})", []
+                    f"{label} judged at batch size {size} < {min_batch}, since each batch is "
+                    f"worth {MIN_EFFECTIVE_VALUES}+ independent values per channel there and "
+                    "upstream",
+                    [],
                 ).append(r.name)
     notes = []
     for reason, names in reasons.items():
@@ -339,3 +356,12 @@ def _notes(results: tuple[LayerResult, ...], batches: int) -> tuple[str, ...]:
     if batches == 0:
         notes.insert(0, "no batch was run: only the static checks ran")
     return tuple(notes)
+
+
+def _reason(status: str) -> str:
+    """A judged status as a note groups it: small batches once, whatever each layer's count."""
+    reason = status.removeprefix("no: ")
+    if "effective values" in reason:  # each layer's own count is in its `judged` field
+        size = reason.split(" and ")[0]
+        return f"{size}, and too few independent values per channel in a batch, here or upstream"
+    return reason

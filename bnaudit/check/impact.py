@@ -21,7 +21,14 @@ from bnaudit.core.layers import preserved
 from bnaudit.inputs.batches import call_model
 from bnaudit.measure.evidence import CONFIDENCE, CONFIDENCE_STAGE, applies, confidence, top1
 from bnaudit.measure.evidence import measure as measure_evidence
-from bnaudit.measure.impact import TOP1, Across, Evidence, OutputImpact, compare_outputs
+from bnaudit.measure.impact import (
+    TOP1,
+    Across,
+    Evidence,
+    OutputDiff,
+    OutputImpact,
+    compare_outputs,
+)
 from bnaudit.measure.passes import Passes, recalibrated_stats
 from bnaudit.measure.progress import ProgressFn, Ticking, impact_stage
 from bnaudit.verdict.findings import Thresholds, has_gap, is_stale
@@ -102,18 +109,38 @@ def _impact(
                     "torchrun, so a disagreement without a local pattern stays a warning",
                 )
         cost += evidence.forward_passes if evidence else 0
+    top1, basis = _top1(diff, plain, model)
     impact = OutputImpact(
         regime=options.regime,
         batches=passes.count,
         forward_passes=cost,
         rel_l2=diff.rel_l2,
         max_abs=diff.max_abs,
-        top1_agreement=diff.top1,
+        top1_agreement=top1,
         per_layer=per_layer,
         evidence=evidence,
+        top1_basis=basis,
         confidence=confident,
     )
     return Impacted(impact, notes)
+
+
+def _top1(diff: OutputDiff, passes: Passes, model: nn.Module) -> tuple[float | None, str]:
+    """The top-1 agreement only where the output may be class scores, and what it assumes.
+
+    By shape: one [B, K] tensor, K >= 2, on every batch (`OutputDiff`); per-frame logits
+    [B, T, ...], embeddings or maps of other ranks never qualify. A [B, K] output is not
+    always class scores (per-frame logits [B, T], embeddings [B, 1280]): class labels, one
+    integer in [0, K) per sample, show that it is; labels of another form show that it is
+    not; without labels the report says what it assumed.
+    """
+    if diff.top1 is None:
+        return None, ""
+    calls = list(passes.batches)
+    if calls and all(c.labels is not None for c in calls):
+        first = passes.outputs[0] if passes.outputs else call_model(model.eval(), calls[0])
+        return (diff.top1, "") if applies(first, calls[0].labels) else (None, "")
+    return diff.top1, f"assumes the [B, {diff.width}] output is class scores"
 
 
 def _attribution(

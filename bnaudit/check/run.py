@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from bnaudit.check.audit import AuditOptions, audit
+from bnaudit.check.counters import with_counter_findings
 from bnaudit.check.static import audit_state_dict
 from bnaudit.checkpoint.formats import FileKind
 from bnaudit.checkpoint.into_model import load_into
@@ -199,7 +200,14 @@ def run_check(
         )
     notes = [*p.checkpoint.notes, *p.notes, *report.notes, *_run_notes(s, device, ranks)]
     report = dataclasses.replace(report, notes=tuple(notes), sha256_skipped=unhashed)
-    return judge(report, s, baseline)
+    return judge(_counters(report, p.checkpoint, s), s, baseline)
+
+
+def _counters(report: AuditReport, ckpt: Checkpoint, s: CheckSettings) -> AuditReport:
+    """The BN counters against the checkpoint's step count, when it is a training one."""
+    return with_counter_findings(
+        report, ckpt.steps, steps_per_epoch=s.steps_per_epoch, accumulate=s.accumulate
+    )
 
 
 def _run_notes(s: CheckSettings, device: torch.device, ranks: Ranks | None) -> list[str]:
@@ -254,7 +262,7 @@ def _static(s: CheckSettings, ckpt: Checkpoint, log: Any) -> AuditReport:
         )
     assert ckpt.state_dict is not None  # a checkpoint holds a module or a state dict
     log_line(log, f"auditing {s.checkpoint} ({ckpt.source}) statically: no --model")
-    return audit_state_dict(
+    report = audit_state_dict(
         ckpt.state_dict,
         thresholds=s.thresholds,
         fail_on=s.fail_on,
@@ -267,6 +275,7 @@ def _static(s: CheckSettings, ckpt: Checkpoint, log: Any) -> AuditReport:
         training=ckpt.training,
         counted=ckpt.kind is not FileKind.ONNX,
     )
+    return _counters(report, ckpt, s)
 
 
 def _model(s: CheckSettings, ckpt: Checkpoint) -> tuple[nn.Module, tuple[str, ...]]:

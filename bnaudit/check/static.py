@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Collection, Iterable, Mapping
 
+from bnaudit.check.aliases import SharedGroups
 from bnaudit.checkpoint.bn_groups import find_bn_groups
 from bnaudit.checkpoint.selection import unwrap
 from bnaudit.core.errors import NothingToAudit
@@ -102,8 +103,7 @@ def audit_state_dict(
     if before_read is not None:
         read = [k for g in groups if not g.problem for k in g.keys.values()]
         before_read([*read, *wrapping.set_aside])  # n_averaged goes into a note
-    results = []
-    attrs = {}
+    results, attrs, shared = [], {}, SharedGroups()
     for g in groups:
         name = f"{g.prefix}."[len(wrapping.prefix) :].removesuffix(".")
         if g.problem:
@@ -117,16 +117,18 @@ def audit_state_dict(
         )
         if after_read is not None:
             after_read()
+        if shared.seen(g.prefix, name, {attr: state_dict[k] for attr, k in g.keys.items()}):
+            continue  # the module already audited under its first name
         m, findings = _judged(name, a, t, training=g.prefix in training, counted=counted)
         results.append(LayerResult(name, a.type_name, m, findings))
         attrs[name] = a
-    assumed = sum(g.prefix not in known for g in groups if not g.problem)
-    static = _static_notes(attrs, len(groups), assumed, counted)
+    assumed = sum(g.prefix not in known for g in groups if not g.problem) - shared.assumed(known)
+    static = _static_notes(attrs, len(groups) - shared.count, assumed, counted)
     momentum_known = any(a.momentum_known for a in attrs.values())
     return AuditReport(
         layers=tuple(results),
         fail_on=fail_on,
-        notes=(*notes, *static, *wrapping.notes(state_dict)),
+        notes=(*notes, *static, *shared.notes(), *wrapping.notes(state_dict)),
         checkpoint=checkpoint,
         sha256=sha256,
         thresholds=dataclasses.asdict(t),

@@ -29,6 +29,7 @@ from bnaudit.checkpoint.pages import mapped_ranges, release_ranges
 from bnaudit.checkpoint.pickles import SAFE_GLOBALS, pickle_protocol, unsafe_globals
 from bnaudit.checkpoint.refusals import check_bn_tensors, refuse_allocations
 from bnaudit.checkpoint.selection import Selection, select
+from bnaudit.checkpoint.training import StepCount, step_count_of
 from bnaudit.core.errors import CheckpointError, describe
 from bnaudit.core.layers import KnownAttrs
 from bnaudit.core.paths import input_problem
@@ -46,6 +47,7 @@ class Checkpoint:
     source: str = "top level"  # where the state dict was found
     notes: tuple[str, ...] = ()  # how it was read, for the report
     known: Mapping[str, KnownAttrs] = field(default_factory=dict)  # BN prefix → eps, momentum
+    steps: StepCount | None = None  # a training checkpoint's step count (None: none found)
     archive: ZipArchive | None = None
     records: Mapping[str, str] | None = None  # state-dict key → zip record, for CRC checks
     training: frozenset[str] = frozenset()  # BN prefixes a program or ONNX graph runs in train mode
@@ -196,12 +198,20 @@ def _from_pickle(
         raise CheckpointError(_damaged(path, kind, exc)) from exc
     sel = select(obj, key, path, trust=trust)
     value = sel.apply(obj)
+    steps = step_count_of(obj)
     if isinstance(value, dict):
         check_bn_tensors(value, path)
     notes += _source_notes(kind, sel)
     if isinstance(value, nn.Module):
         return Checkpoint(
-            path, sha, kind, module=value, source=sel.source, notes=tuple(notes), archive=archive
+            path,
+            sha,
+            kind,
+            module=value,
+            source=sel.source,
+            notes=tuple(notes),
+            archive=archive,
+            steps=steps,
         )
     records = None
     if archive is not None and not trusted:
@@ -217,6 +227,7 @@ def _from_pickle(
         notes=tuple(notes),
         archive=archive,
         records=records,
+        steps=steps,
     )
 
 

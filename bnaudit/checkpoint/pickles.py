@@ -7,6 +7,7 @@ from it runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import pickletools
 import zipfile
 from collections.abc import Iterator
@@ -155,3 +156,81 @@ def oversized_allocation(stream: IO[bytes], pickles: int, limit: int) -> int | N
             if name == "STOP":
                 break
     return None
+
+
+_MARK = object()  # a MARK on the simulated stack
+_TUPLES = ("EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3")
+_HASHING = ("SETITEM", "SETITEMS", "DICT", "ADDITEMS", "FROZENSET")
+
+
+def hashed_tuple_size(stream: IO[bytes], pickles: int, limit: int) -> int | None:
+    """The size of a tuple over `limit` that the next `pickles` pickles would hash, or None.
+
+    Unpickling a dict key or a set member hashes it, and hashing a tuple visits every element
+    of every nested tuple, once per reference: tuples that reference the memo twice over make
+    2^40 elements of a few hundred bytes. The stack is simulated from each opcode's stack
+    effect, keeping for each tuple how many elements hashing it would visit. Disassembly only;
+    raises ValueError on a garbled pickle.
+    """
+    for _ in range(pickles):
+        stack: list[Any] = []
+        memo: dict[int, Any] = {}
+        for op, arg, _pos in pickletools.genops(stream):
+            name = op.name
+            if name == "STOP":
+                break
+            if name == "MEMOIZE" or name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[len(memo) if name == "MEMOIZE" else int(arg)] = stack[-1] if stack else 1
+                continue
+            if name in ("GET", "BINGET", "LONG_BINGET", "DUP"):
+                stack.append(memo.get(int(arg), 1) if name != "DUP" else stack[-1])
+                continue
+            items = _pop(stack, op.stack_before)
+            if name in _HASHING:
+                size = max(_hashed(name, items), default=0)
+                if size > limit:
+                    return size
+            if name in _TUPLES:
+                stack.append(1 + sum(i for i in items if i is not _MARK))
+            else:
+                stack.extend(_pushed(op))
+    return None
+
+
+def _pop(stack: list[Any], before: list[Any]) -> list[Any]:
+    """The items an opcode takes off `stack`: down to its MARK and what lies below the mark,
+    or its fixed count. A stack too short for them is a garbled pickle."""
+    if pickletools.markobject in before:
+        if _MARK not in stack:
+            raise ValueError("a pickle opcode needs a MARK that is not on the stack")
+        at = len(stack) - 1 - stack[::-1].index(_MARK)
+        below = before.index(pickletools.markobject)
+        if at < below:
+            raise ValueError("pickle stack underflow")
+        items = stack[at + 1 :]
+        del stack[at - below :]
+        return items
+    if len(stack) < len(before):
+        raise ValueError("pickle stack underflow")
+    items = stack[len(stack) - len(before) :]
+    del stack[len(stack) - len(before) :]
+    return items
+
+
+@functools.cache
+def _pushed(op: pickletools.OpcodeInfo) -> tuple[Any, ...]:
+    """What `op` leaves on the simulated stack: a MARK, or a value of size 1 (not a tuple)."""
+    return tuple(_MARK if s is pickletools.markobject else 1 for s in op.stack_after)
+
+
+def _hashed(name: str, items: list[Any]) -> list[int]:
+    """The sizes of the values opcode `name` hashes among its `items`."""
+    if name == "SETITEM":
+        hashed = items[1:2]
+    elif name in ("SETITEMS", "DICT"):
+        hashed = items[0::2]
+    elif name in ("ADDITEMS", "FROZENSET"):
+        hashed = items
+    else:
+        return []
+    return [i for i in hashed if isinstance(i, int)]

@@ -17,14 +17,15 @@ import torch
 from torch import Tensor
 
 from bnaudit.checkpoint.bn_groups import find_bn_groups
-from bnaudit.checkpoint.pickles import oversized_allocation
+from bnaudit.checkpoint.pickles import hashed_tuple_size, oversized_allocation
 from bnaudit.core.errors import CheckpointError
-from bnaudit.core.limits import MAX_BN_ELEMENTS, MAX_PICKLE_BYTES
+from bnaudit.core.limits import MAX_BN_ELEMENTS, MAX_KEY_NODES, MAX_PICKLE_BYTES
 from bnaudit.core.untrusted import quote
 
 
 def refuse_allocations(path: Path, data_pkl: str | None) -> None:
-    """Refuse a pickle that would build a huge bytearray before torch unpickles it."""
+    """Refuse a pickle that would build a huge bytearray, or hash a huge tuple, before torch
+    unpickles it."""
     try:
         if data_pkl is not None:
             with zipfile.ZipFile(path) as zf, zf.open(data_pkl) as f:
@@ -34,11 +35,19 @@ def refuse_allocations(path: Path, data_pkl: str | None) -> None:
             with path.open("rb") as f:
                 head = f.read(MAX_PICKLE_BYTES)
             pickles = 4
-        if b"bytearray" not in head:  # the common case costs one substring search
-            return
-        size = oversized_allocation(io.BytesIO(head), pickles, MAX_PICKLE_BYTES)
+        nodes = hashed_tuple_size(io.BytesIO(head), pickles, MAX_KEY_NODES)
+        size = None
+        if b"bytearray" in head:  # the common case costs one substring search
+            size = oversized_allocation(io.BytesIO(head), pickles, MAX_PICKLE_BYTES)
     except (ValueError, EOFError, OSError, zipfile.BadZipFile, KeyError):
         return  # unreadable: torch.load says why
+    if nodes is not None:
+        raise CheckpointError(
+            f"{path}: refused to load: its pickle hashes a tuple of {nodes} nested elements "
+            f"(nested tuples reused through the memo), over bnaudit's limit of {MAX_KEY_NODES} "
+            "(MAX_KEY_NODES); hashing it would take hours, and a state dict's keys are strings: "
+            "the file is crafted or damaged"
+        )
     if size is not None:
         raise CheckpointError(
             f"{path}: refused to load: its pickle builds a bytearray of {size} bytes, over "

@@ -137,6 +137,15 @@ BatchSize = Annotated[
         "[default: 32]; use the training batch size where known.",
     ),
 ]
+_COUNTERS = "a training checkpoint's BN counters are compared with"
+StepsPerEpoch = Annotated[
+    int | None,
+    typer.Option(rich_help_panel=INPUTS, help=f"Steps per epoch: {_COUNTERS} its epoch x this."),
+]
+Accumulate = Annotated[
+    int | None,
+    typer.Option(rich_help_panel=INPUTS, help=f"Micro-batches per step: {_COUNTERS} steps x this."),
+]
 Batches = Annotated[
     int | None,
     typer.Option(rich_help_panel=INPUTS, help="Use at most this many batches [default: all]."),

@@ -67,6 +67,8 @@ def settings_command(
         device: o.Device = None,
         autocast: o.AutocastDtype = None,
         seed: o.Seed = None,
+        steps_per_epoch: o.StepsPerEpoch = None,
+        accumulate: o.Accumulate = None,
         train_mode: o.TrainModePass = None,
         trust: o.Trust = False,
         hash_file: o.Hash = None,

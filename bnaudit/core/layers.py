@@ -93,6 +93,16 @@ def find_bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def other_names(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """For each BN layer registered under several names (`self.b = self.a`), its first name
+    (the one `find_bn_layers` gives) and the others; state_dict() lists it under each."""
+    names: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if layer_kind(m) is not None:
+            names.setdefault(id(m), []).append(name)
+    return {found[0]: tuple(found[1:]) for found in names.values() if len(found) > 1}
+
+
 def act_tap(module: nn.Module) -> tuple[str, nn.Module] | None:
     """(name, child) whose input is the layer's normalised value, in a BN subclass that applies
     dropout and an activation after normalising (timm's BatchNormAct2d); None for any other.

@@ -12,6 +12,8 @@ MAX_PICKLE_BYTES = 64 << 20  # data.pkl: ~100 bytes per tensor, so room for 600,
 MAX_BN_ELEMENTS = 1 << 24  # channels of one BN layer (16.7 M; the widest real ones have ~10^4)
 MAX_SAFETENSORS_HEADER = 16 << 20  # bytes of JSON (a 10^4-tensor LLM shard has ~1 MB)
 MAX_SAFETENSORS_KEYS = 65_536  # tensors in one safetensors file
+MAX_KEY_NODES = 1 << 16  # elements of one tuple a pickle hashes (a dict key, a set member),
+# nested tuples counted as often as they are referenced: a state dict's keys are strings
 MAX_ONNX_BYTES = (2 << 30) - 1  # an ONNX file with its external data: protobuf's own 2 GiB cap
 MAX_ONNX_NODES = 50_000  # nodes of every graph (exported CNNs have 10^2-10^4, LLM layers ~2*10^4)
 

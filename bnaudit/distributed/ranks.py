@@ -200,7 +200,8 @@ class Ranks:
             out.max_abs = max(out.max_abs, d.max_abs)
             out.agree += d.agree
             out.rows += d.rows
-            out.classes &= d.classes
+            out.classes &= d.classes and out.width in (0, d.width)
+            out.width = d.width or out.width
             total += used
         return out, total
 

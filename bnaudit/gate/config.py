@@ -67,6 +67,9 @@ class CheckSettings:
     device: str = "cpu"
     autocast: Autocast = Autocast.OFF  # the forward under torch.autocast (bnaudit.inputs.precision)
     seed: int = 0
+    # A training checkpoint's counters against its step count (bnaudit.verdict.counters).
+    steps_per_epoch: int | None = None  # when the checkpoint holds an epoch, not a step
+    accumulate: int = 1  # forward micro-batches per optimizer step
     train_mode: TrainMode = TrainMode.BN
     trust: bool = False
     hash: bool | None = None  # the checkpoint's SHA-256; None: when a report needs it (digest)
@@ -114,6 +117,8 @@ _KINDS = {
     "image_size": "int",
     "batches": "int",
     "seed": "int",
+    "steps_per_epoch": "int",
+    "accumulate": "int",
     "max_annotations": "int",
     "baseline_margin": "float",
     "impact": "bool",
@@ -213,6 +218,12 @@ def _validate(s: CheckSettings, sources: dict[str, str]) -> None:
             f"baseline-margin = {s.baseline_margin} ({where('baseline_margin')}): expected a "
             "fraction >= 0, e.g. 0.1 for 10 %"
         )
+    for key in ("steps_per_epoch", "accumulate"):
+        value = getattr(s, key)
+        if value is not None and value < 1:
+            raise ConfigError(
+                f"{key.replace('_', '-')} = {value} ({where(key)}): expected a whole number >= 1"
+            )
     if s.max_annotations < 0:
         raise ConfigError(
             f"max-annotations = {s.max_annotations} ({where('max_annotations')}): expected >= 0"

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bnaudit.checkpoint.refusals import refuse_allocations
 from bnaudit.checkpoint.zipcheck import check_archive
 from bnaudit.core.errors import BnauditError, CheckpointError, DataError, describe
 from bnaudit.core.limits import MAX_DATA_BYTES, MAX_INFLATION
@@ -239,12 +240,17 @@ def _check_torch_data(path: Path) -> None:
     (bnaudit.checkpoint.zipcheck)."""
     with path.open("rb") as f:
         zipped = f.read(4) == b"PK\x03\x04"
+    data_pkl = None
     if zipped:
         try:
             with zipfile.ZipFile(path) as zf:
                 check_archive(path, zf)
+                data_pkl = next((n for n in zf.namelist() if n.endswith("/data.pkl")), None)
         except (zipfile.BadZipFile, OSError):
             return  # torch.load says what is wrong
+        if data_pkl is None:
+            return
+    refuse_allocations(path, data_pkl)  # the pickle bombs a checkpoint would be refused for
 
 
 def _check_size(size: int, source: str) -> None:

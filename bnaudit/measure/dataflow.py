@@ -29,7 +29,7 @@ from torch.overrides import _get_current_function_mode as _current_mode
 from torch.utils._pytree import tree_leaves
 
 from bnaudit.core.layers import LayerAttrs, LayerKind, find_bn_layers
-from bnaudit.measure.fx_graph import FOLDABLE, METADATA, fx_users
+from bnaudit.measure.fx_graph import FOLDABLE, METADATA, TRANSPOSED, fx_users
 
 METHOD = "observed dataflow on the first batch"
 MAX_CHAIN = 3  # operations named between a conv and a BN that does not get its output
@@ -78,6 +78,8 @@ class Dataflow:
         self.model = model
         self.modules = dict(model.named_modules())
         self.convs = {n: m for n, m in self.modules.items() if isinstance(m, FOLDABLE)}
+        self.others = {n: m for n, m in self.modules.items() if isinstance(m, TRANSPOSED)}
+        self._made: dict[int, tuple[weakref.ref, str]] = {}  # others' outputs, to name them
         self.bns = dict(find_bn_layers(model))
         # Read once, before the forward watched: what the BN layers hold while it runs.
         self.attrs = {
@@ -107,6 +109,8 @@ class Dataflow:
         for name, m in self.bns.items():
             handles.append(m.register_forward_pre_hook(self._enter(name), with_kwargs=True))
             handles.append(m.register_forward_hook(self._bn_done(name), always_call=True))
+        for name, m in self.others.items():
+            handles.append(m.register_forward_hook(self._other_done(name)))
         handles.append(self.model.register_forward_hook(self._returned))
         self._calls.clear()
         self._arrivals.clear()
@@ -123,11 +127,10 @@ class Dataflow:
                 o.kept = None
             self._live.clear()
             self._derived.clear()
+            self._made.clear()
             self._pending.clear()
             self._open.clear()
             self._depth, self._mode, self._suspended = 0, None, False
-
-    # --- hooks ---------------------------------------------------------------------------------
 
     def _enter(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -148,8 +151,10 @@ class Dataflow:
             if src is not None and src[0]() is x:
                 why = f"its input is not the output of {src[1]} (an operation between them: "
                 why += f"{', '.join(src[2])})"
+            elif (made := self._made.get(id(x))) is not None and made[0]() is x:
+                why = f"its input is the output of {made[1]}, which is not folded here"
             else:
-                why = "its input is not the output of a conv or linear layer"
+                why = "its input is not the output of a Conv1d/2d/3d or Linear layer"
         elif o.version is None:
             why = (
                 f"{o.conv}'s output has no version counter (an inference tensor): an in-place "
@@ -166,6 +171,14 @@ class Dataflow:
             return o
         self._arrivals.setdefault(bn, []).append(why)
         return None
+
+    def _other_done(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            if isinstance(out, Tensor):
+                gone = functools.partial(self._forget, self._made, id(out))
+                self._made[id(out)] = (weakref.ref(out, gone), f"{name} ({type(module).__name__})")
+
+        return hook
 
     def _conv_done(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
@@ -215,8 +228,6 @@ class Dataflow:
         for t in _tensors(out):
             if (o := self._output_of(t, alias=True)) is not None:
                 o.uses.append("the model's output")
-
-    # --- operations ----------------------------------------------------------------------------
 
     def op(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run one torch operation, noting which conv outputs it takes and what it returns."""

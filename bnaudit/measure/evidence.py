@@ -68,8 +68,8 @@ def score_dim(scores: Tensor) -> int:
 def applies(outputs: Any, labels: Tensor | None) -> bool:
     """Whether top-1 accuracy can be measured on this output: [B, K] class scores (`_scores`)
     and integer labels of length B with values in [0, K)."""
-    if labels is None:
-        return False
+    if labels is None or labels.dim() != 1 or labels.is_floating_point():
+        return False  # per-frame or per-pixel labels, or targets of a regression
     scores = _scores(outputs, labels)
     if scores is None or not labels.numel():
         return False

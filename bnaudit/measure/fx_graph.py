@@ -12,6 +12,7 @@ from torch import nn
 from bnaudit.core.layers import layer_kind
 
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # what an eval-mode BN folds into
+TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)  # convs not folded
 
 # Queries that read a tensor's metadata, not its values: folding cannot change their answer.
 METADATA = frozenset(

@@ -111,9 +111,12 @@ class OutputImpact:
     forward_passes: int  # what this measurement cost on top of the audit's own passes
     rel_l2: float  # ||y_recalibrated − y_stored|| / ||y_stored||
     max_abs: float
-    top1_agreement: float | None  # for [B, K] class scores
+    top1_agreement: float | None  # for [B, K] class scores (K >= 2)
     per_layer: dict[str, float] = field(default_factory=dict)  # rel L2, one layer swapped
     evidence: Evidence | None = None  # the task metric, with labels (bnaudit.measure.evidence)
+    # what top1_agreement assumes, shown beside it: "" when class labels showed the output
+    # holds class scores
+    top1_basis: str = ""
     # without labels, the output's own confidence, cross-fitted alike (bnaudit.verdict.staleness)
     confidence: Evidence | None = None
 
@@ -127,11 +130,15 @@ class OutputDiff:
     max_abs: float = 0.0
     agree: int = 0
     rows: int = 0
-    classes: bool = True  # every output was one [B, K] tensor
+    classes: bool = True  # every output was one [B, K] tensor, K >= 2 and the same K
+    width: int = 0  # that K
 
     def add(self, ref: Any, new: Any) -> None:
         a, b = _floats(ref), _floats(new)
-        self.classes &= len(a) == 1 and a[0].dim() == 2
+        self.classes &= len(a) == 1 and a[0].dim() == 2 and a[0].shape[1] >= 2
+        if self.classes:
+            self.classes = self.width in (0, a[0].shape[1])
+            self.width = a[0].shape[1]
         for x, y in zip(a, b, strict=True):
             x, y = x.double(), y.double()
             self.sq_diff += float((y - x).square().sum())

@@ -266,7 +266,8 @@ def _impact(report: AuditRecord) -> str:
         ("largest absolute change", num(i.max_abs)),
     ]
     if i.top1_agreement is not None:
-        facts.append(("top-1 agreement", share(i.top1_agreement)))
+        basis = f" ({i.top1_basis})" if i.top1_basis else ""
+        facts.append(("top-1 agreement", share(i.top1_agreement) + basis))
     facts.append(("regime", f"{i.regime} ({i.batches} batches, {i.forward_passes} extra passes)"))
     if i.evidence is not None:
         facts.append(("task metric", i.evidence.describe()))

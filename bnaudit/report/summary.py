@@ -13,6 +13,7 @@ from bnaudit.report.record import AuditRecord, Gated, Layer
 from bnaudit.report.terminal import paint, printable
 from bnaudit.verdict.codes import CODES
 from bnaudit.verdict.results import FailOn, Severity, Status, counted
+from bnaudit.verdict.thresholds import JUDGED
 
 if TYPE_CHECKING:
     from bnaudit.report.record import BaselineCheck
@@ -27,6 +28,9 @@ def summary_line(report: AuditRecord, color: bool = False) -> str:
     parts = [_gate(report)]
     if report.checks_run is not None and report.failing:  # a failing static audit says it too
         parts.append(_partial(report))
+    unjudged = _unjudged(report)
+    if unjudged:
+        parts.append(unjudged)
     counts = report.counts()
     layers = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
     parts.append(f"{counted(len(report.layers), 'BN layer')}: {layers or 'none'}")
@@ -44,6 +48,33 @@ def _partial(report: AuditRecord) -> str:
         f"static checks only, {len(report.checks_run)} of {len(CODES)} checks; pass "
         f"{report.checks_need} for the rest"
     )
+
+
+# The data-dependent comparisons, and where a layer's judged status is kept.
+COMPARISONS = (
+    ("stale-stats", lambda m: m.train.drift.judged),
+    ("train-eval-gap", lambda m: m.eval.drift.judged),
+)
+
+
+def _unjudged(report: AuditRecord) -> str:
+    """With batches, the comparisons judged on fewer layers than they apply to, e.g.
+    "stale-stats and train-eval-gap judged on 0 of 2 layers (the notes say why)": a PASS
+    must not read as if they had run. "" when they ran wherever they apply."""
+    if report.checks_run is not None or not report.batches:
+        return ""
+    counts: dict[tuple[int, int], list[str]] = {}
+    for code, status in COMPARISONS:
+        statuses = [status(r.metrics) for r in report.layers]
+        applies = [s for s in statuses if not s.startswith("n/a")]
+        judged = sum(s == JUDGED for s in applies)
+        if judged < len(applies):
+            counts.setdefault((judged, len(applies)), []).append(code)
+    said = [
+        f"{' and '.join(codes)} judged on {judged or 'none'} of {counted(applies, 'layer')}"
+        for (judged, applies), codes in counts.items()
+    ]
+    return "; ".join(said) + " (the notes say why)" if said else ""
 
 
 def _gate(report: AuditRecord) -> str:
@@ -127,6 +158,7 @@ def impact_lines(report: AuditRecord) -> list[str]:
     if i is None:
         return []
     top1 = "" if i.top1_agreement is None else f", top-1 agreement {share(i.top1_agreement)}"
+    top1 += f" ({i.top1_basis})" if top1 and i.top1_basis else ""
     lines = [
         f"output impact of recalibrating ({i.regime} regime, {i.forward_passes} extra passes): "
         f"rel L2 {num(i.rel_l2)}, max abs {num(i.max_abs)}{top1}"

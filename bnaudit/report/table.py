@@ -83,23 +83,59 @@ COLUMNS: tuple[Column, ...] = (
 )
 
 
-def shorten(name: str, width: int) -> str:
+def shorten(name: str, width: int, keep: Sequence[int] = ()) -> str:
     """`name` in at most `width` characters: the first and last dotted parts kept, the middle
-    elided (`layer3.0.downsample.1` -> `layer3…downsample.1`), as torchinfo shortens names."""
+    elided (`layer3.0.downsample.1` -> `layer3…downsample.1`), as torchinfo shortens names;
+    the parts at the indices in `keep` too where they fit (`features.17…conv.2`)."""
     if len(name) <= width:
         return name
-    if width <= 1:
-        return name[:width]
     parts = name.split(".")
-    head, tail = parts[0], ""
-    for part in reversed(parts[1:]):
-        candidate = f"{part}.{tail}" if tail else part
-        if len(head) + 1 + len(candidate) > width:
-            break
-        tail = candidate
-    if tail and len(head) + 1 + len(tail) <= width:
-        return f"{head}{ELLIPSIS}{tail}"
-    return name[: width - 1] + ELLIPSIS
+    last = len(parts) - 1
+    shown = {0, last, *keep}
+    if last == 0 or len(_elided(parts, shown)) > width:
+        if keep:
+            return shorten(name, width)
+        return name[: max(width - 1, 0)] + ELLIPSIS if width > 1 else name[:width]
+    for i in range(last - 1, 0, -1):  # then as much of the tail as fits
+        if i not in shown:
+            if len(_elided(parts, shown | {i})) > width:
+                break
+            shown.add(i)
+    return _elided(parts, shown)
+
+
+def _elided(parts: list[str], shown: set[int]) -> str:
+    """The parts at the indices `shown`, each run of the others replaced by one ellipsis."""
+    out, prev = "", None
+    for i in sorted(shown):
+        if prev is not None:
+            out += "." if i == prev + 1 else ELLIPSIS
+        out, prev = out + parts[i], i
+    return out
+
+
+def shorten_all(names: Sequence[str], width: int) -> list[str]:
+    """Each name shortened as `shorten` does, and where two would then read alike, with the
+    parts that tell them apart kept: MobileNetV2's `features.16.conv.2` and `features.17.conv.2`
+    keep their block index (`features.17…conv.2`) instead of both reading `features…conv.2`."""
+    short = [shorten(n, width) for n in names]
+    alike: dict[str, list[int]] = {}
+    for i, text in enumerate(short):
+        alike.setdefault(text, []).append(i)
+    for group in alike.values():
+        if len({names[i] for i in group}) < 2:
+            continue
+        split = [names[i].split(".") for i in group]
+        for i, parts in zip(group, split, strict=True):
+            differ = [
+                k
+                for k in range(1, len(parts) - 1)
+                if any(len(o) <= k or o[k] != parts[k] for o in split)
+            ]
+            short[i] = shorten(names[i], width, differ)
+            if short[i] == shorten(names[i], width) and differ:  # all of them do not fit
+                short[i] = shorten(names[i], width, differ[:1])
+    return short
 
 
 def _fit(natural: dict[str, int], width: int | None) -> tuple[list[Column], dict[str, int]]:
@@ -130,10 +166,8 @@ def _fit(natural: dict[str, int], width: int | None) -> tuple[list[Column], dict
     return shown, widths
 
 
-def _clip(text: str, width: int, header: str) -> str:
-    if len(text) <= width:
-        return text
-    return shorten(text, width) if header == "layer" else text[: width - 1] + ELLIPSIS
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + ELLIPSIS
 
 
 def render(
@@ -152,9 +186,11 @@ def render(
         _join([c.header for c in shown], shown, widths),
         _join(["-" * widths[c.header] for c in shown], shown, widths),
     ]
-    for r, row in zip(layers, cells, strict=True):
+    names = shorten_all([row[0] for row in cells], widths["layer"])
+    for r, row, name in zip(layers, cells, names, strict=True):
         texts = [
-            _clip(row[i], widths[c.header], c.header) for i, c in zip(index, shown, strict=True)
+            name if c.header == "layer" else _clip(row[i], widths[c.header])
+            for i, c in zip(index, shown, strict=True)
         ]
         lines.append(_join(texts, shown, widths, verdict=r.verdict if color else None))
     legend = "; ".join(c.legend for c in shown if c.legend)

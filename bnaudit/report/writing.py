@@ -183,6 +183,9 @@ def _terminate_as_interrupt() -> Iterator[None]:
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:  # the parent asked: keep it so
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
@@ -192,16 +195,20 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM wait until the renames are done: a run is never half-written.
+    """SIGINT and SIGTERM wait until the renames are done: a run is never half-written. Then
+    the first one caught acts as it would have: an interrupt (the CLI exits 2).
 
     Deferred by Python handlers rather than a signal mask: a mask holds only the calling
-    thread's signals, and torch's threads would take them.
+    thread's signals, and torch's threads would take them. A signal the process ignores (a
+    background job of a script ignores SIGINT) is left ignored: it is not deferred, and it
+    would have done nothing at any other moment of the run either.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in _SIGNALS}
+    held = [s for s in _SIGNALS if signal.getsignal(s) != signal.SIG_IGN]
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
     try:
         yield
     finally:
@@ -210,6 +217,6 @@ def _signals_held() -> Iterator[None]:
         if caught:
             handler = previous[caught[0]]
             if callable(handler):
-                handler(caught[0], None)
-            elif handler != signal.SIG_IGN:
-                raise KeyboardInterrupt
+                handler(caught[0], None)  # Python's SIGINT handler raises KeyboardInterrupt
+            else:
+                raise KeyboardInterrupt  # SIG_DFL (an ignored signal was never held)

@@ -46,7 +46,16 @@ ARTIFACT_CODES: tuple[str, ...] = (
     "missing",
     "artifact-output",
 )
-ALL_CODES = CODES + DIFF_CODES + ARTIFACT_CODES
+# The training watcher's codes (bnaudit.watch), also raised from a training checkpoint's
+# counters by `check` (bnaudit.verdict.counters); `nonfinite` and `bad-counter` are check's own.
+WATCH_CODES: tuple[str, ...] = (
+    "double-update",
+    "no-update",
+    "frozen-stats-moving",
+    "momentum-mismatch",
+    "rank-drift",
+)
+ALL_CODES = CODES + DIFF_CODES + ARTIFACT_CODES + WATCH_CODES
 
 # How to fix a finding. A code whose messages all call for the same fix has one hint here; a code
 # whose messages describe different situations has one hint per situation (SITUATION_HINTS), so
@@ -63,7 +72,9 @@ HINTS: dict[str, str] = {
     "0.01): set momentum = 1 - keras_momentum and recalibrate",
     "no-running-stats": "eval output depends on the batch and fails on a single sample: set "
     "track_running_stats=True and calibrate, unless this is intended",
-    "not-reached": "the layer did not run on the sample batches: check the data reaches it",
+    "not-reached": "the module may be unused (defined in __init__, never called in forward): "
+    "then nothing to fix, or delete it; if the model does use it, feed batches that reach it "
+    "(another branch, task or input kind)",
     "fold-mismatch": "the folded conv does not reproduce conv -> BN in eval mode: do not deploy "
     "the folded model before finding out why (see the layer's recon-eval)",
     "output-change": "recalibrate the flagged layers (bnaudit recalibrate) and audit again; "
@@ -101,6 +112,41 @@ ARTIFACT_HINTS: dict[str, str] = {
     "artifact-output": "the artifact does not compute what the checkpoint's model computes in "
     "eval mode: see the layer findings for where it goes wrong, and export it again from this "
     "checkpoint in eval mode",
+}
+# The watcher's findings (bnaudit.watch) and the same codes judged from a training
+# checkpoint's counters (bnaudit.verdict.counters), whose evidence is weaker: a count, not a step.
+WATCH_HINTS: dict[str, str] = {
+    "double-update": "each BN layer should update once per forward micro-batch: keep BN layers "
+    "out of gradient-checkpointed segments, or undo the recomputation's update (fairscale's "
+    "patch_batchnorm does); run a second forward (consistency loss, EMA teacher) with the BN "
+    "layers in eval mode; if the extra forwards are meant (two views per step), declare them "
+    "with accumulate=k",
+    "no-update": "the layer ran in eval mode, or did not run, while the model trained: call "
+    "model.train() before each training epoch (after validation); if BN is frozen on purpose, "
+    "accept the finding",
+    "frozen-stats-moving": "the layer's affine parameters are frozen, but it runs in train mode, "
+    "so its running statistics keep moving: put the frozen part in eval mode after every "
+    "model.train() (frozen.eval()), or unfreeze it",
+    "momentum-mismatch": "the running statistics moved by another factor than the layer's "
+    "momentum: look for a forward that passes its own momentum to F.batch_norm, or code that "
+    "changes bn.momentum during the step",
+    "rank-drift": "keep DDP's broadcast_buffers=True, convert the model with "
+    "nn.SyncBatchNorm.convert_sync_batchnorm, or reduce the statistics across ranks before "
+    "saving (bnaudit.distributed.compare_ranks, write_merged)",
+    "nonfinite": "a batch reached the layer with NaN/Inf: its running statistics are now NaN "
+    "for good; find the step's input or the layer upstream that overflowed (float16?), then "
+    "recalibrate or restore the last finite checkpoint",
+}
+COUNTER_HINTS: dict[str, str] = {
+    "double-update": "num_batches_tracked grows by one per train-mode forward: more counts than "
+    "steps mean gradient checkpointing or a second forward per step updated the layer twice "
+    "(watch a few steps with bnaudit.watch to see which), or gradient accumulation over "
+    "micro-batches (then pass --accumulate K)",
+    "no-update": "the layer was not updated while the model trained: it ran in eval mode "
+    "(model.eval() left on, a frozen backbone) or was skipped by a branch; recalibrate it "
+    "(bnaudit recalibrate) unless it was frozen on purpose",
+    "bad-step": "the checkpoint's step count is not a count: it was corrupted or written by "
+    "hand; the counters were not compared with it",
 }
 _PRUNE = "or clamp/prune the channels with huge gamma/sqrt(var + eps) before folding"
 # A reconstruction mismatch that one known mistake explains (bnaudit.measure.explain keys): its fix.
@@ -196,6 +242,10 @@ SITUATION_HINTS: dict[str, dict[str, str]] = {
         "unverified": "if the stats are this EMA, the initial 0/1 values still weigh in them: "
         "calibrate with more batches; a cumulative average over T batches (update_bn) carries "
         "none: an audit with data tells which",
+        "undecided": "if the stats are this EMA, the initial 0/1 values still weigh in them: "
+        "calibrate with more batches; a cumulative average over T batches (update_bn) carries "
+        "none: batches the stale check can judge here (the message says what was missing) "
+        "tell which",
         "stale": "the stats do not fit the data and still carry their initial 0/1 values: "
         "calibrate with more batches",
         "verified": "nothing to fix: the stats fit the data, as a cumulative average over T "

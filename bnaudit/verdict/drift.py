@@ -25,6 +25,10 @@ from bnaudit.verdict import significance as S
 from bnaudit.verdict.thresholds import JUDGED, Thresholds
 
 NAN = math.nan
+# Below min_batch, a layer is judged when each batch is worth this many independent values per
+# channel (`effective_values`): the batch size then biases the expected batch variance by 1 %
+# at most, 1/40 of the stale_log_var limit, with room for the spread's error over few batches.
+MIN_EFFECTIVE_VALUES = 100
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,13 @@ def judged(
     if r.batch_means.count < 2:
         return "no: needs at least 2 batches"
     if r.min_batch < t.min_batch:
-        return f"no: batch size {r.min_batch} < {t.min_batch}"
+        effective = effective_values(r)
+        if not effective >= MIN_EFFECTIVE_VALUES:  # NaN: not measurable, not judged either
+            shown = f"{effective:.3g}" if math.isfinite(effective) else "unmeasurable"
+            return (
+                f"no: batch size {r.min_batch} < {t.min_batch} and {shown} effective values "
+                f"per channel < {MIN_EFFECTIVE_VALUES}"
+            )
     k, c = batches_behind(r), a.num_features
     if k >= 2 and not judgeable(c, k, t.stale_z, t.stale_alpha):
         # Even every channel off would be likely noise: say how many batches would do.
@@ -145,6 +155,25 @@ def judged(
     if math.isnan(d.fraction):
         return "no: sample noise not measurable"
     return JUDGED
+
+
+def effective_values(r: RegimeStats) -> float:
+    """How many independent values per channel one batch is worth: the mean batch variance
+    over the variance of the batch means between batches, the fewest of any channel (NaN when
+    not measurable: fewer than 2 batches, or only constant channels).
+
+    Values within a sample are correlated, and samples differ as a whole, so N·B values count
+    for less than N·B; the variance of the batch means says how much less. A batch mean
+    off by that spread is what a small batch adds to train mode's normalisation, and the
+    expected batch variance misses about that much of the population's, so 1/this bounds the
+    relative bias a small audit batch puts into a stale comparison (BN-NOTES, "Stale
+    statistics versus a train/eval gap")."""
+    spread, var = r.batch_means.variance(), r.batch_vars.mean
+    if spread is None or var is None:
+        return NAN
+    ratio = var / spread  # a channel whose batch means never moved: inf, as good as it gets
+    ratio = ratio[~ratio.isnan()]
+    return float(ratio.min()) if ratio.numel() else NAN
 
 
 def batches_behind(r: RegimeStats) -> int:

@@ -79,6 +79,8 @@ def judge_model(impact, t: Thresholds) -> tuple[Finding, ...]:
     top1 = (
         "" if impact.top1_agreement is None else f", top-1 agreement {pct(impact.top1_agreement)}"
     )
+    basis = getattr(impact, "top1_basis", "")
+    top1 += f" ({basis})" if top1 and basis else ""
     return (
         Finding(
             MODEL,

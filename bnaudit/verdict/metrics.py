@@ -7,7 +7,9 @@ diagnosis of a reconstruction mismatch, the Bessel and momentum figures.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping, Sequence
 
 from bnaudit.core import formulas as F
 from bnaudit.core.layers import LayerAttrs
@@ -25,7 +27,7 @@ from bnaudit.verdict.results import (
     Stored,
     Update,
 )
-from bnaudit.verdict.thresholds import Thresholds
+from bnaudit.verdict.thresholds import JUDGED, Thresholds
 
 __all__ = ["NAN", "Drift", "Figures", "drift", "figures", "figures_of", "judged", "measure"]
 
@@ -129,6 +131,37 @@ def _reconstruction(max_err: float, ratio: float, d: Diagnosis | None) -> Recons
     """One mode's output against the formula, with the best explanation of a mismatch."""
     why = _explanation(d)
     return Reconstruction(max_err, ratio, why.label, why.key, why.max_err, why.ratio)
+
+
+def behind_small_batches(
+    order: Sequence[str], metrics: Mapping[str, LayerMetrics], t: Thresholds
+) -> dict[str, LayerMetrics]:
+    """`metrics` with the stale comparison withdrawn from layers that run after a layer whose
+    batches, smaller than `min_batch`, are worth too few independent values per channel.
+
+    In train mode every BN layer normalises with its batch's statistics: where those are far
+    from the population's (`bnaudit.verdict.drift.effective_values`), every layer after it
+    sees another input than at the training batch size, although its own batch statistics,
+    normalised upstream, look steady. The train/eval gap is not withdrawn: in eval mode the
+    layers before normalise with their running statistics, whatever the batch size.
+    """
+    out = dict(metrics)
+    cause = ""
+    for name in order:
+        m = metrics.get(name)
+        if m is None:
+            continue
+        status = m.train.drift.judged
+        if cause and status == JUDGED and m.seen.batch_size < t.min_batch:
+            why = (
+                f"no: batch size {m.seen.batch_size} < {t.min_batch} and {cause} runs before it "
+                "with too few effective values per channel"
+            )
+            drift = dataclasses.replace(m.train.drift, judged=why)
+            out[name] = dataclasses.replace(m, train=dataclasses.replace(m.train, drift=drift))
+        elif not cause and "effective values" in status:
+            cause = name
+    return out
 
 
 def _stale(f: Figures) -> Drifted:

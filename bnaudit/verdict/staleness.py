@@ -117,7 +117,9 @@ def _weighed(f: Finding, ev: StaleEvidence, local: str) -> Finding:
         return _fail(
             f,
             f"; recalibrated statistics make the output more confident: mean entropy "
-            f"{fmt(-conf.stored)} -> {fmt(-conf.recalibrated)} nats (cross-fitted, beyond noise)",
+            f"{fmt(-conf.stored)} -> {fmt(-conf.recalibrated)} nats (cross-fitted, beyond noise; "
+            "this reads the output as class scores, which embeddings or regression outputs are "
+            "not: labels or --metric decide there)",
             ev,
         )
     return _warn(f, f"; no evidence that they are stale: {_seen(ev)}", f.hint)

@@ -27,6 +27,11 @@ class LayerContext:
     upstream_stale: tuple[str, ...] = ()
     runs_first: bool = False
 
+    @property
+    def unreached(self) -> bool:
+        """Batches ran, and none reached this layer: only the static checks ran on it."""
+        return bool(self.batches) and self.m.seen.calls == 0
+
     def finding(
         self,
         code: str,

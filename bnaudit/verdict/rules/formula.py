@@ -34,12 +34,20 @@ class Mismatch:
 
 
 def not_reached(c: LayerContext) -> Iterator[Finding]:
-    if c.batches and c.m.seen.calls == 0:
-        yield c.finding(
-            "not-reached",
-            Severity.INFO,
-            "no forward call reached this layer; only the static checks ran",
-        )
+    if not c.unreached:
+        return
+    initial = c.m.attrs.track_running_stats and c.m.stored.initial_stats
+    why = (
+        "; its running stats are the initial values (mean 0, var 1), as an unused module's are"
+        if initial
+        else ""
+    )
+    yield c.finding(
+        "not-reached",
+        Severity.INFO,
+        f"no forward call reached this layer{why}; only the static checks that need no data "
+        "ran on it",
+    )
 
 
 def recon_train(c: LayerContext) -> Iterator[Finding]:

@@ -122,6 +122,8 @@ def init_stats(c: LayerContext) -> Iterator[Finding]:
     a, initial = c.m.attrs, c.m.stored.initial_stats
     if not a.track_running_stats:
         return
+    if initial and c.unreached:  # an unused module keeps its initial values: not-reached says it
+        return
     if a.num_batches_tracked == 0 and not initial:
         yield c.finding(
             "init-stats",
@@ -168,7 +170,10 @@ def momentum_warmup(c: LayerContext) -> Iterator[Finding]:
         return
     # A few updates may also be a cumulative average over few batches (update_bn leaves
     # T = batches): when the data confirms the stats, the residue is only a possibility.
-    if m.train.drift.judged != JUDGED:
+    if m.train.drift.judged != JUDGED and c.batches:  # data, but none that could tell
+        why = f"; these batches cannot tell: {m.train.drift.judged.removeprefix('no: ')}"
+        sev, situation = Severity.WARN, "undecided"
+    elif m.train.drift.judged != JUDGED:
         sev, situation, why = Severity.WARN, "unverified", ""
     elif is_stale(m, t):
         sev, situation, why = Severity.WARN, "stale", "; the stats do not fit the data either"
