@@ -28,21 +28,22 @@ TARGET_FALLBACK = 1.5  # torch path / numba kernel, both under contention
 BURNERS = 2
 SETTLE_S = 0.5  # the burners running before the first timed round
 # name -> (factory of models.py, one batch, batches, what). Sized for `make bench`'s 20 minutes
-# on 2 cores: per model about 150 × its plain passes (1 warm-up and 5 rounds quiet, 5 rounds with
-# the burners, where 2 threads run ~4.7× slower; each round plain + numba + torch path ≈ 5×
-# plain). The 224² MobileNetV2 is about half of the section.
+# on 2 cores: per model 100-150 × its plain passes (1 warm-up and 5 rounds quiet, 5 rounds with
+# the burners, where 2 threads run 3-5× slower; each round plain + numba + torch path ≈ 5×
+# plain): about 7-9 minutes in all, the 224² MobileNetV2 about half of it.
 CASES: dict[str, tuple[str, tuple[int, ...], int, str]] = {
     "mobilenetv2-224": ("mobilenetv2_like", (32, 3, 224, 224), 1, "MobileNetV2, 224², batch 32"),
     "audio1d": ("audio1d", (16, 1, 16000), 1, "M5-style 1-D conv audio net, [B, C, T] raw audio"),
     "unet": ("unet", (1, 3, 256, 256), 1, "U-Net with skip concatenations, 256², 18 BN2d"),
     "temporal3d": ("temporal3d", (2, 3, 8, 112, 112), 1, "R(2+1)D-style video net, 8 BN3d"),
     "crnn": ("crnn", (16, 1, 32, 128), 1, "CRNN: conv + BN2d, then a bidirectional GRU"),
-    # the benchmark's original five, one batch each (the MLP two: its batches are tiny)
-    "resnet50": ("resnet50_like", (8, 3, 112, 112), 1, "ResNet-50 layout"),
-    "mobilenetv2": ("mobilenetv2_like", (16, 3, 112, 112), 1, "MobileNetV2 layout, 112²"),
+    # the benchmark's original five, one smaller batch each (the MLP two: its batches are tiny;
+    # the full-size figures quiet are in the first section)
+    "resnet50": ("resnet50_like", (4, 3, 112, 112), 1, "ResNet-50 layout"),
+    "mobilenetv2": ("mobilenetv2_like", (8, 3, 112, 112), 1, "MobileNetV2 layout, 112²"),
     "mlp400": ("mlp400", (64, 64), 2, "400 × (Linear → BatchNorm1d → ReLU)"),
     "cnn3d": ("cnn3d", (2, 3, 16, 64, 64), 1, "6 × (Conv3d → BatchNorm3d → ReLU)"),
-    "effnet": ("efficientnet_b0_like", (16, 3, 112, 112), 1, "EfficientNet-B0, BatchNormAct2d"),
+    "effnet": ("efficientnet_b0_like", (8, 3, 112, 112), 1, "EfficientNet-B0, BatchNormAct2d"),
 }
 QUICK_SHAPES = {
     "mobilenetv2-224": (2, 3, 32, 32),
