@@ -67,9 +67,16 @@ def local_disagreements(
         m = metrics[name]
         return m.train.drift.judged == JUDGED and not is_stale(m, t)
 
+    def broad(name: str) -> bool:
+        # The typical channel is off, not a tail of them: a sample narrower than training moves
+        # deep layers a little everywhere, which puts one layer's tail past the limits while
+        # its neighbours stay under them (the median, as in a pooled check, shows it).
+        d = metrics[name].train.drift
+        return abs(d.log_var_median) >= t.stale_log_var or d.shift_median >= t.stale_shift
+
     found = {}
     for i, name in enumerate(ran):
-        if not (0 < i < len(ran) - 1 and is_stale(metrics[name], t)):
+        if not (0 < i < len(ran) - 1 and is_stale(metrics[name], t) and broad(name)):
             continue
         before, after = ran[i - 1], ran[i + 1]
         if fits(ran[0]) and fits(before) and fits(after):
