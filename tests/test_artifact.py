@@ -266,3 +266,19 @@ def test_a_bn_dropped_by_the_export_is_missing_and_the_output_fails(tmp_path: Pa
     assert code == 1
     assert places(report) == {**EXPECTED["legacy"], "bn1": "missing"}
     assert {f["code"] for f in report["summary"]["model_findings"]} == {"artifact-output"}
+
+
+def test_the_verdict_line_does_not_speak_of_comparisons_an_artifact_check_never_makes(
+    tmp_path: Path,
+) -> None:
+    # The artifact is compared with its checkpoint, not the running stats with the batches: the
+    # PASS line must not say stale-stats was "judged on none" of the layers as if it were skipped.
+    model, ckpt, data, spec = setup(tmp_path)
+    artifact = export(model, torch.randn(BATCH, 3, 8, 8), tmp_path / "m.onnx", "legacy")
+    args = [artifact, "--against", ckpt, "--model", spec, "--data", data, "--batch-size", BATCH]
+    result = runner.invoke(app, ["check", *map(str, args)])
+    assert result.exit_code == 0, result.output
+    verdict = next(line for line in result.output.splitlines() if line.startswith("PASS"))
+    assert "judged on" not in verdict, verdict
+    # and its top-1 agreement says what it assumed of an unlabelled [B, K] output
+    assert "top-1 agreement 100.0% (assumes the [B, " in " ".join(result.output.split())

@@ -139,7 +139,12 @@ def _report(
     for place in places:
         counts[place.placement.place] = counts.get(place.placement.place, 0) + 1
     top1 = compared.top1
-    agree = "" if top1 is None else f", top-1 agreement {100 * top1:.1f}%"
+    agree = (
+        ""
+        if top1 is None
+        else f", top-1 agreement {100 * top1:.1f}% (assumes the [B, {compared.width}] output is "
+        "class scores)"
+    )
     notes = (
         f"artifact check against {clean(str(s.against))}: {compared.batches} batches through "
         f"both in eval mode; end to end max abs {e2e.max_abs:.3g}, relative {e2e.rel:.3g} "
@@ -166,9 +171,16 @@ def _report(
     )
 
 
+# The batches' statistics are not compared here: the artifact is, with the checkpoint. "n/a" keeps
+# the verdict line from reading as if those comparisons had been skipped (`report.summary`).
+_NOT_COMPARED = "n/a: artifact check (the artifact against its checkpoint)"
+
+
 def _metrics(a: LayerAttrs) -> LayerMetrics:
     return LayerMetrics.unmeasured(
         "artifact check",
+        stale_judged=_NOT_COMPARED,
+        gap_judged=_NOT_COMPARED,
         kind=a.kind.value,
         channels=a.num_features,
         eps=a.eps,

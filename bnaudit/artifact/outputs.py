@@ -73,6 +73,7 @@ class Compared:
     output: Gap = field(default_factory=Gap)
     agree: int = 0  # samples whose top-1 class is the same
     classified: int = 0  # samples with [B, K] class scores (K > 1)
+    width: int = 0  # K: what the top-1 agreement assumes is a number of classes
     layers: dict[str, Gap] = field(default_factory=dict)
 
     @property
@@ -165,6 +166,7 @@ def _compare_batch(
     if w.dim() == 2 and w.shape[1] > 1 and g.shape == w.shape:
         out.agree += int((g.argmax(1) == w.argmax(1)).sum())
         out.classified += w.shape[0]
+        out.width = w.shape[1]
     for layer, tensor in exposed.items():
         if layer in seen and tensor in tensors:
             out.layers[layer].add(tensors[tensor], seen[layer].cpu())
