@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -92,14 +92,13 @@ def open_artifact(path: Path, *, trust: bool) -> Artifact:
     return Artifact(path, kind, tuple(bn), (), dtype or torch.float32, program.runnable, (note,))
 
 
-class Runner:
+class Runner(Protocol):
     """Runs the artifact on the positional inputs of one batch: (output, exposed tensors)."""
 
-    def __call__(self, args: tuple[Any, ...]) -> tuple[Any, dict[str, Tensor]]:
-        raise NotImplementedError
+    def __call__(self, args: tuple[Any, ...]) -> tuple[Any, dict[str, Tensor]]: ...
 
 
-class ProgramRunner(Runner):
+class ProgramRunner:
     def __init__(self, module: Any) -> None:
         self.module = module
 
@@ -114,7 +113,7 @@ class ProgramRunner(Runner):
             ) from exc
 
 
-class OnnxRunner(Runner):
+class OnnxRunner:
     """An onnxruntime session on an in-memory copy with `extra` tensors as graph outputs."""
 
     def __init__(self, path: Path, graph: OnnxGraph, extra: tuple[str, ...]) -> None:

@@ -30,6 +30,7 @@ from bnaudit.inputs.calls import parse_input
 from bnaudit.measure.fold import check_folds
 from bnaudit.measure.progress import ProgressFn
 from bnaudit.report.audit_report import AuditReport
+from bnaudit.verdict.metrics import attributes
 from bnaudit.verdict.placement import judge_end_to_end, judge_output
 from bnaudit.verdict.results import LayerMetrics, LayerResult, Severity
 
@@ -177,16 +178,7 @@ _NOT_COMPARED = "n/a: artifact check (the artifact against its checkpoint)"
 
 
 def _metrics(a: LayerAttrs) -> LayerMetrics:
-    return LayerMetrics.unmeasured(
-        "artifact check",
-        stale_judged=_NOT_COMPARED,
-        gap_judged=_NOT_COMPARED,
-        kind=a.kind.value,
-        channels=a.num_features,
-        eps=a.eps,
-        momentum=a.momentum,
-        affine=a.affine,
-        track_running_stats=a.track_running_stats,
-        dtype=str(a.dtype).removeprefix("torch."),
-        buffer_dtype=str(a.buffer_dtype).removeprefix("torch."),
+    unmeasured = LayerMetrics.unmeasured(
+        "artifact check", stale_judged=_NOT_COMPARED, gap_judged=_NOT_COMPARED
     )
+    return dataclasses.replace(unmeasured, attrs=attributes(a))

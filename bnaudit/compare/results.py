@@ -88,7 +88,7 @@ class LayerDiff(Judged):
 
 
 @dataclass(frozen=True)
-class DiffReport(Gated):
+class DiffReport(Gated[LayerDiff]):
     """The comparison of BASE and NEW. `bool(report)` is `report.passed`.
 
     As in `AuditReport`, `findings` lists every finding, waived ones included; `passed` and the
@@ -145,12 +145,6 @@ class DiffReport(Gated):
         for f in self.findings:
             out[f.status.value] += 1
         return out
-
-    def layer(self, name: str) -> LayerDiff:
-        for result in self.layers:
-            if result.name == name:
-                return result
-        raise KeyError(name)
 
     def to_frame(self, only_changed: bool = False) -> pd.DataFrame:
         """One row per layer, every metric a column (built once, at the output boundary)."""

@@ -8,7 +8,7 @@ the renderers of this package read it, and `bnaudit.report.audit_report.AuditRep
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from bnaudit.verdict.results import FailOn, Finding, LayerResult, Severity, Status, counted
 
@@ -63,16 +63,26 @@ class Layer(Protocol):
     def verdict(self) -> str: ...
 
 
-class Gated:
+L = TypeVar("L")  # a report's layer type
+
+
+class Gated(Generic[L]):
     """What makes a report a gate: its findings, those that fail at `fail_on`, the verdict.
 
     For the frozen dataclasses `AuditReport` and `DiffReport`, which provide `layers` (each
     with `findings` and a `verdict`), `model_findings` and `fail_on`.
     """
 
-    layers: tuple[Any, ...]
+    layers: tuple[L, ...]
     model_findings: tuple[Finding, ...]
     fail_on: FailOn
+
+    def layer(self, name: str) -> L:
+        """The layer named `name`; KeyError when there is none."""
+        for result in self.layers:
+            if result.name == name:  # type: ignore[attr-defined]
+                return result
+        raise KeyError(name)
 
     @property
     def findings(self) -> list[Finding]:
@@ -103,7 +113,7 @@ class Gated:
 
 
 @dataclass(frozen=True)
-class AuditRecord(Gated):
+class AuditRecord(Gated[LayerResult]):
     """The whole audit as data, what every renderer reads (`AuditReport` adds the rendering).
 
     `bool(report)` is `report.passed`.
@@ -160,12 +170,6 @@ class AuditRecord(Gated):
             f"{counted(self.batches, 'batch', 'batches')}"
             f"{synthetic}{where}>"
         )
-
-    def layer(self, name: str) -> LayerResult:
-        for result in self.layers:
-            if result.name == name:
-                return result
-        raise KeyError(name)
 
     def to_frame(self) -> pd.DataFrame:
         """One row per layer, every metric a column (built once, at the output boundary)."""

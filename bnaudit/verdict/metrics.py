@@ -71,7 +71,7 @@ def measure(
         step_log_var,
     ) = f.maxima
     return LayerMetrics(
-        attrs=_attributes(a),
+        attrs=attributes(a),
         stored=Stored(
             nonfinite_values=f.nonfinite_values,
             negative_var_channels=f.negative_var_channels,
@@ -110,7 +110,7 @@ def measure(
     )
 
 
-def _attributes(a: LayerAttrs) -> Attributes:
+def attributes(a: LayerAttrs) -> Attributes:
     """What the layer is, read off its attributes."""
     buffers = a.buffer_dtype
     return Attributes(

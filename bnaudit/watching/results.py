@@ -49,7 +49,7 @@ class WatchLayer(Judged):
 
 
 @dataclass(frozen=True)
-class WatchRecord(Gated):
+class WatchRecord(Gated[WatchLayer]):
     """A watched training run. `bool(report)` is `report.passed`."""
 
     layers: tuple[WatchLayer, ...]
@@ -60,12 +60,6 @@ class WatchRecord(Gated):
     fail_on: FailOn = FailOn.WARN
     notes: tuple[str, ...] = ()
     model_findings: tuple[Finding, ...] = ()
-
-    def layer(self, name: str) -> WatchLayer:
-        for result in self.layers:
-            if result.name == name:
-                return result
-        raise KeyError(name)
 
     def to_frame(self) -> pd.DataFrame:
         """One row per layer, every metric a column (built once, at the output boundary)."""
