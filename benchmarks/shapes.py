@@ -37,13 +37,13 @@ CASES: dict[str, tuple[str, tuple[int, ...], int, str]] = {
     "unet": ("unet", (1, 3, 256, 256), 1, "U-Net with skip concatenations, 256², 18 BN2d"),
     "temporal3d": ("temporal3d", (2, 3, 8, 112, 112), 1, "R(2+1)D-style video net, 8 BN3d"),
     "crnn": ("crnn", (16, 1, 32, 128), 1, "CRNN: conv + BN2d, then a bidirectional GRU"),
-    # the benchmark's original five, one smaller batch each (the MLP two: its batches are tiny;
-    # the full-size figures quiet are in the first section)
-    "resnet50": ("resnet50_like", (4, 3, 112, 112), 1, "ResNet-50 layout"),
-    "mobilenetv2": ("mobilenetv2_like", (8, 3, 112, 112), 1, "MobileNetV2 layout, 112²"),
-    "mlp400": ("mlp400", (64, 64), 2, "400 × (Linear → BatchNorm1d → ReLU)"),
-    "cnn3d": ("cnn3d", (2, 3, 16, 64, 64), 1, "6 × (Conv3d → BatchNorm3d → ReLU)"),
-    "effnet": ("efficientnet_b0_like", (8, 3, 112, 112), 1, "EfficientNet-B0, BatchNormAct2d"),
+    # the benchmark's original five, one batch of the first section's shape (the MLP its eight:
+    # its batches are tiny)
+    "resnet50": ("resnet50_like", (16, 3, 112, 112), 1, "ResNet-50 layout"),
+    "mobilenetv2": ("mobilenetv2_like", (16, 3, 112, 112), 1, "MobileNetV2 layout, 112²"),
+    "mlp400": ("mlp400", (64, 64), 8, "400 × (Linear → BatchNorm1d → ReLU)"),
+    "cnn3d": ("cnn3d", (4, 3, 16, 64, 64), 1, "6 × (Conv3d → BatchNorm3d → ReLU)"),
+    "effnet": ("efficientnet_b0_like", (16, 3, 112, 112), 1, "EfficientNet-B0, BatchNormAct2d"),
 }
 QUICK_SHAPES = {
     "mobilenetv2-224": (2, 3, 32, 32),

@@ -20,13 +20,15 @@ from bnaudit.core.layers import LayerAttrs, find_bn_layers, preserved
 from bnaudit.inputs.calls import call_model, to_call
 from bnaudit.measure.fold import (
     FOLD_BLOCK,
+    FOLD_POSITIONS,
     FOLD_SAMPLES,
     FoldCheck,
     FoldWatch,
+    Kept,
     _apply,
     _finite_errors,
+    _risk,
     folded,
-    risk,
 )
 from tests.nets import GatedNet
 from tests.reports import single_thread
@@ -50,15 +52,40 @@ def reference_errors(
     return float(torch.stack(errs).max()), float(torch.stack(ratios).max())
 
 
+def reference_folded(conv: nn.Module, a: LayerAttrs) -> tuple[Tensor, Tensor]:
+    """`folded` as it was: a float64 copy of the weight first."""
+    bias = conv.bias.detach().double() if conv.bias is not None else None
+    w, b = F.fold(
+        conv.weight.detach().double(), bias, a.running_mean, a.running_var, a.weight, a.bias, a.eps
+    )
+    return w.to(conv.weight.dtype), b.to(conv.weight.dtype)
+
+
+def reference_risk(w: Tensor, b: Tensor) -> tuple[float, float]:
+    """`_risk` as it was: |W'| and its maxima in float64."""
+    w, b = w.double(), b.double()
+    per_channel = w.abs().reshape(w.shape[0], -1).amax(1)
+    top = float(per_channel.max())
+    levels = float((127 * per_channel / top).median()) if top > 0 else math.nan
+    return max(top, float(b.abs().max())), levels
+
+
 class ReferenceWatch(FoldWatch):
-    """`FoldWatch` before its shortcuts: `_compare` and `results` as they were."""
+    """`FoldWatch` before its shortcuts: `_keep`, `_compare` and `results` as they were (the
+    whole first sample, never a window of it)."""
+
+    @staticmethod
+    def _keep(conv: nn.Module, inputs: tuple) -> Tensor | None:  # type: ignore[type-arg]
+        if inputs and isinstance(inputs[0], Tensor):
+            return inputs[0].detach()[:FOLD_SAMPLES].clone()
+        return None
 
     def _compare(self, conv_name: str, bn_name: str, x, bn: nn.Module, out) -> None:  # type: ignore[no-untyped-def]
         if x is None or bn.training or bn_name in self.errors or not isinstance(out, Tensor):
             return
         conv = self.modules[conv_name]
         ref = out.detach()[:FOLD_SAMPLES]
-        w, b = folded(conv, LayerAttrs.of(bn))
+        w, b = reference_folded(conv, LayerAttrs.of(bn))
         rtol, atol = F.tolerance(ref.dtype)
         try:
             with torch.no_grad():
@@ -82,7 +109,8 @@ class ReferenceWatch(FoldWatch):
     def results(self) -> dict[str, FoldCheck]:
         out = {}
         for p in self.pairs().pairs:
-            weight_max, levels = risk(self.modules[p.conv], LayerAttrs.of(self.modules[p.bn]))
+            conv, a = self.modules[p.conv], LayerAttrs.of(self.modules[p.bn])
+            weight_max, levels = reference_risk(*reference_folded(conv, a))
             max_err, ratio = self.errors.get(p.bn, (math.nan, math.nan))
             checked = p.bn in self.errors
             out[p.bn] = FoldCheck(p.conv, checked, max_err, ratio, weight_max, levels)
@@ -198,3 +226,75 @@ def test_fold_checks_of_gated_nets_are_the_reference(between: str) -> None:
     assert fast.keys() == slow.keys() and fast
     for bn in fast:
         assert same_bits(fast[bn], slow[bn]), bn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_folded_weights_and_risk_are_the_float64_formulation(
+    dtype: torch.dtype, bias: bool
+) -> None:
+    torch.manual_seed(3)
+    conv, bn = nn.Conv2d(8, 16, 3, bias=bias).to(dtype), nn.BatchNorm2d(16).to(dtype)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(16))
+        bn.running_var.copy_(torch.rand(16) * 3 + 1e-4)
+        bn.weight.copy_(torch.randn(16))
+        conv.weight.mul_(7)
+    a = LayerAttrs.of(bn)
+    (w, b), (w0, b0) = folded(conv, a), reference_folded(conv, a)
+    assert w.dtype == w0.dtype == dtype
+    assert torch.equal(w, w0) and torch.equal(b, b0)
+    assert same_bits(_risk(w, b), reference_risk(w0, b0))
+
+
+class Wide(nn.Module):
+    """Samples larger than FOLD_POSITIONS outputs per channel: conv1d, a strided reflect-padded
+    conv2d, a dilated conv3d, each into a BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv1d(2, 4, 5, padding=2), nn.BatchNorm1d(4)
+        self.c2 = nn.Conv2d(3, 4, 3, stride=2, padding=1, padding_mode="reflect")
+        self.bn2 = nn.BatchNorm2d(4)
+        self.c3, self.bn3 = nn.Conv3d(2, 3, 3, dilation=2, bias=False), nn.BatchNorm3d(3)
+
+    def forward(self, xs: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        a, b, c = xs
+        return self.bn1(self.c1(a)).sum() + self.bn2(self.c2(b)).sum() + self.bn3(self.c3(c)).sum()
+
+
+@pytest.mark.parametrize("defect", DEFECTS)
+def test_a_window_of_a_large_sample_gives_the_whole_samples_verdict(defect: str) -> None:
+    torch.manual_seed(0)
+    model = Wide()
+    planted(model, "none")
+    with torch.no_grad():
+        if defect == "nan":
+            model.bn2.running_var[0] = math.nan
+        elif defect == "inf":
+            model.bn2.running_mean[0] = math.inf
+        elif defect == "tiny var":
+            model.bn2.running_var.fill_(1e-30)
+            model.bn2.eps = 0.0
+        elif defect == "cancellation":
+            model.bn2.weight.fill_(1.0)
+            model.bn2.bias.fill_(1e4)
+    batch = ((torch.randn(2, 2, 9000), torch.randn(1, 3, 200, 160), torch.randn(2, 2, 30, 24, 40)),)
+    convs = [model.c1, model.c2, model.c3]
+    kept = [FoldWatch._keep(m, (x[:1],)) for m, x in zip(convs, batch[0], strict=True)]
+    assert all(isinstance(k, Kept) and k.window for k in kept)
+    with torch.no_grad():  # the window's output: about FOLD_POSITIONS per channel
+        sizes = [m(k.x)[0, 0].numel() for m, k in zip(convs, kept, strict=True)]  # type: ignore[union-attr]
+    assert all(FOLD_POSITIONS <= n <= 1.1 * FOLD_POSITIONS for n in sizes), sizes
+    with single_thread():
+        fast, slow = run(FoldWatch, model, batch), run(ReferenceWatch, model, batch)
+    assert set(fast) == set(slow) == {"bn1", "bn2", "bn3"}
+    for bn in fast:
+        f, s = fast[bn], slow[bn]
+        assert f.checked and s.checked, bn
+        assert (f.weight_max, f.int8_levels) == (s.weight_max, s.int8_levels) or defect == "nan"
+        # The same verdict (within the tolerance, beyond it, or not finite) on the window.
+        verdict = [math.isnan(c.ratio) or c.ratio > 1 for c in (f, s)]
+        assert verdict[0] == verdict[1], (bn, f, s)
+    if defect == "none":
+        assert all(c.ratio <= 1 for c in fast.values())

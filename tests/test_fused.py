@@ -255,36 +255,6 @@ def test_audits_agree_across_paths(dtype: torch.dtype, channels_last: bool) -> N
     assert_same_report(dataclasses.replace(blocks, notes=blocks.notes[1:]), general)
 
 
-@needs_numba
-@pytest.mark.parametrize("defect", ["none", "eps x10", "1-ulp"])
-@pytest.mark.parametrize("batch_stats", [True, False])
-def test_parallel_rows_kernel_gives_the_serial_numbers(defect: str, batch_stats: bool) -> None:
-    """Large NCHW calls share their channels among threads: each channel's numbers are those of
-    the one-thread kernel, bit for bit."""
-    call = make(Case((4, 7, 100, 100), False, torch.float32, 3.0, batch_stats, defect, 5))
-    assert call.x.numel() >= fused.PARALLEL_VALUES
-    k = fused.kernels()
-    assert k is not None
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        assert fused._rows_kernel(k, call.x) is k.measure_rows_parallel
-        parallel = measured(call)
-        torch.set_num_threads(1)
-        assert fused._rows_kernel(k, call.x) is k.measure_rows
-        serial = measured(call)
-    finally:
-        torch.set_num_threads(threads)
-    for name in ("mean", "var", "err", "ratio"):
-        assert torch.equal(getattr(parallel, name), getattr(serial, name)), name
-    assert parallel.worst == serial.worst and parallel.finite == serial.finite
-    # The planted defects are seen (at this N, torch's float64 var_mean is not the reference to
-    # 1e-9 of a ratio: the kernel's compensated sums are the more exact).
-    ratio = reference(call)[3]
-    assert bool(((parallel.ratio <= 1) == (ratio <= 1)).all())
-    assert torch.allclose(parallel.ratio, ratio, rtol=1e-6)
-
-
 def test_the_report_says_when_the_torch_path_ran(monkeypatch: pytest.MonkeyPatch) -> None:
     """One note names the path that ran and how to get the fast one; none with the kernel."""
     model, images = conv_model(torch.float32, False)

@@ -12,6 +12,7 @@ then the findings: each a stage that returns its values and its notes, which `au
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -27,6 +28,7 @@ from bnaudit.check.impact import output_impact
 from bnaudit.check.options import AuditOptions, with_overrides
 from bnaudit.check.sites import shared_sites
 from bnaudit.check.static import NO_BATCH_CODES
+from bnaudit.core.blocked import torch_threads
 from bnaudit.core.layers import counter_notes, find_bn_layers, other_names
 from bnaudit.measure import fused
 from bnaudit.measure.dataflow import METHOD, Pairs
@@ -80,12 +82,15 @@ def audit(
     """
     options = with_overrides(options or AuditOptions(), overrides)
     ran = _run(model, batches, options, progress, ranks)
-    metrics = _metrics(ran.passes, options)
-    folds = _fold_checks(ran.folds, ran.passes)
-    impact = output_impact(model, ran.passes, metrics, options, ranks, progress)
-    joined = _joined(metrics, folds.checks, impact.impact)
-    sites = shared_sites(model, ran.passes, metrics, options, ranks)
-    judged = _judged(ran.passes, joined, impact.impact, options.thresholds, sites)
+    # A model whose BN calls are all small: its passes after the first ran on one torch thread,
+    # and so do the rest (`bnaudit.measure.passes.SMALL_CALL_VALUES` says why).
+    with torch_threads(1) if ran.passes.small else contextlib.nullcontext():
+        metrics = _metrics(ran.passes, options)
+        folds = _fold_checks(ran.folds, ran.passes)
+        impact = output_impact(model, ran.passes, metrics, options, ranks, progress)
+        joined = _joined(metrics, folds.checks, impact.impact)
+        sites = shared_sites(model, ran.passes, metrics, options, ranks)
+        judged = _judged(ran.passes, joined, impact.impact, options.thresholds, sites)
     sample = _sample_note(ran.passes, judged.layers, options)
     notes = (*ran.notes, *folds.notes, *impact.notes, *judged.notes, *sample)
     return _report(

@@ -9,6 +9,7 @@ tests/test_fast_paths.py holds each to its formula over many shapes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from typing import TypeVar
 
@@ -40,16 +41,24 @@ def one_thread(fn: Callable[..., _R]) -> Callable[..., _R]:
 
     @wraps(fn)
     def run(*args, **kwargs):
-        threads = torch.get_num_threads()
-        if threads == 1:
+        with torch_threads(1):
             return fn(*args, **kwargs)
-        torch.set_num_threads(1)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(threads)
 
     return run
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch on at most `count` threads in the block; the caller's count is put back."""
+    threads = torch.get_num_threads()
+    if threads <= count:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class Blocks:

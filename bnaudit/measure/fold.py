@@ -2,9 +2,9 @@
 
 Deployment tools fold every eval-mode BN into the conv or linear whose output it receives (the pairs
 come from the dataflow observed on the first batch: `bnaudit.measure.dataflow`). The fold is checked
-on the layer's real inputs (the first samples of the audit's own first eval-mode pass): the folded
-conv's output against conv → BN in eval mode, in the model's own dtype. Its risk is judged from the
-folded weights:
+on the layer's real inputs (the first sample of the audit's own first eval-mode pass, or a window of
+it): the folded conv's output against conv → BN in eval mode, in the model's own dtype. Its risk is
+judged from the folded weights:
 - float16: any |W'| or |b'| above 65504 overflows;
 - int8 per-tensor: a tensor shares one scale, max|W'|/127, so an output channel whose largest
   weight is a small fraction of the tensor's keeps few quantization levels. Levels of a
@@ -45,8 +45,10 @@ def folded(conv: nn.Module, a: LayerAttrs) -> tuple[Tensor, Tensor]:
     """W', b' in the conv's dtype, computed in float64."""
     assert a.running_mean is not None and a.running_var is not None
     bias = conv.bias.detach().double() if conv.bias is not None else None
+    # The weight is promoted to float64 inside the product (the statistics are float64): the
+    # same bits as a float64 copy first, without writing one.
     w, b = F.fold(
-        conv.weight.detach().double(), bias, a.running_mean, a.running_var, a.weight, a.bias, a.eps
+        conv.weight.detach(), bias, a.running_mean, a.running_var, a.weight, a.bias, a.eps
     )
     return w.to(conv.weight.dtype), b.to(conv.weight.dtype)
 
@@ -64,8 +66,9 @@ def risk(conv: nn.Module, a: LayerAttrs) -> tuple[float, float]:
 
 def _risk(w: Tensor, b: Tensor) -> tuple[float, float]:
     """`risk` of the folded W', b' (in the conv's dtype)."""
-    w, b = w.double(), b.double()
-    per_channel = w.abs().reshape(w.shape[0], -1).amax(1)
+    # |·| and max are exact in any float dtype: float64 after them is the same number.
+    per_channel = w.abs().reshape(w.shape[0], -1).amax(1).double()
+    b = b.double()
     top = float(per_channel.max())
     levels = float((127 * per_channel / top).median()) if top > 0 else math.nan
     return max(top, float(b.abs().max())), levels
@@ -75,6 +78,37 @@ def _risk(w: Tensor, b: Tensor) -> tuple[float, float]:
 # all of them; checking one keeps the extra conv work a small fraction of one pass.
 FOLD_SAMPLES = 1
 FOLD_BLOCK = 1 << 18  # values compared at a time
+# ... but not at batch 1 or 2, where one sample is half a pass (a U-Net at 256², a video net): a
+# conv's output is local, so a sample larger than this many output positions per channel is
+# checked on a window of its input, both sides (conv → BN, the folded conv) computed on it.
+FOLD_POSITIONS = 4096
+
+
+@dataclass(frozen=True)
+class Kept:
+    """What a conv call keeps for the fold check: its input's first sample, or a window of it
+    (`window`: the BN output must then be computed on it, not taken from the forward)."""
+
+    x: Tensor
+    window: bool = False
+
+
+def window_of(conv: nn.Module, x: Tensor) -> Tensor | None:
+    """A leading window of `x` (one sample, [1, C, *S]) whose conv output has about
+    `FOLD_POSITIONS` positions per channel; None when the sample is no larger than that."""
+    if not isinstance(conv, nn.modules.conv._ConvNd) or x.dim() != len(conv.kernel_size) + 2:
+        return None
+    dims = len(conv.kernel_size)
+    side = math.ceil(FOLD_POSITIONS ** (1 / dims))
+    lengths = [
+        min(size, side * stride + dilation * (k - 1))
+        for size, stride, dilation, k in zip(
+            x.shape[2:], conv.stride, conv.dilation, conv.kernel_size, strict=True
+        )
+    ]
+    if lengths == list(x.shape[2:]):
+        return None
+    return x[(..., *(slice(0, n) for n in lengths))]
 
 
 class FoldWatch:
@@ -108,19 +142,23 @@ class FoldWatch:
         return {bn: why for bn, why in self._failed.items() if bn in paired}
 
     @staticmethod
-    def _keep(conv: nn.Module, inputs: tuple[Any, ...]) -> Tensor | None:
-        if inputs and isinstance(inputs[0], Tensor):
-            return inputs[0].detach()[:FOLD_SAMPLES].clone()
-        return None
+    def _keep(conv: nn.Module, inputs: tuple[Any, ...]) -> Kept | None:
+        if not inputs or not isinstance(inputs[0], Tensor):
+            return None
+        x = inputs[0].detach()[:FOLD_SAMPLES]
+        part = window_of(conv, x)
+        return Kept(x.clone()) if part is None else Kept(part.clone(), window=True)
 
-    def _compare(self, conv_name: str, bn_name: str, x: Any, bn: nn.Module, out: Any) -> None:
-        if x is None or bn.training or bn_name in self.errors or not isinstance(out, Tensor):
+    def _compare(self, conv_name: str, bn_name: str, kept: Any, bn: nn.Module, out: Any) -> None:
+        if kept is None or bn.training or bn_name in self.errors or not isinstance(out, Tensor):
             return
-        conv = self.modules[conv_name]
-        ref = out.detach()[:FOLD_SAMPLES]
+        conv, x = self.modules[conv_name], kept.x
         w, b = folded(conv, self.flow.attrs.get(bn_name) or LayerAttrs.of(bn))
         with contextlib.suppress(RuntimeError, ValueError, IndexError):  # results() says why
             self.risks[bn_name] = _risk(w, b)
+        ref = self._reference(conv, bn_name, kept, bn, out)
+        if ref is None:
+            return
         rtol, atol = F.tolerance(ref.dtype)
 
         def errors(got: Tensor, spread: Tensor | None) -> tuple[float, float]:
@@ -168,6 +206,22 @@ class FoldWatch:
             self._failed[bn_name] = why
             return
         self.errors[bn_name] = errors(got, spread)
+
+    def _reference(
+        self, conv: nn.Module, bn_name: str, kept: Kept, bn: nn.Module, out: Tensor
+    ) -> Tensor | None:
+        """conv → BN in eval mode on the kept input: the forward's own output, or on a window
+        computed here (None, with the reason kept, when that cannot run)."""
+        if not kept.window:
+            return out.detach()[:FOLD_SAMPLES]
+        # The module's forward, not its call: the audit's hooks are for the model's own calls.
+        # In eval mode it reads the running statistics and changes nothing.
+        try:
+            with torch.no_grad():
+                return bn.forward(conv._conv_forward(kept.x, conv.weight, conv.bias))
+        except (RuntimeError, ValueError, TypeError) as exc:
+            self._failed[bn_name] = describe(exc)
+            return None
 
     def results(self) -> dict[str, FoldCheck]:
         """Per paired BN layer: the fold's error (when its check ran) and its numeric risk."""

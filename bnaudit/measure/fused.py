@@ -206,7 +206,7 @@ def _run(
     rtol, atol = F.tolerance(dtype)
     out = torch.empty((4, c), dtype=torch.float64)
     if layout == "rows":
-        probe, worst = _rows_kernel(k, x)(
+        probe, worst = k.measure_rows(
             x32.data_ptr(), y32.data_ptr(), n, ny, b, c, n // (b * c), *args, rmean, rvar,
             batch, rtol, atol, out.data_ptr(),
         )  # fmt: skip
@@ -218,21 +218,6 @@ def _run(
             rtol, atol, u, out.data_ptr(), np.empty((9, c)),
         )  # fmt: skip
     return Measured(out, math.isfinite(probe), worst)
-
-
-# Values from which an NCHW call shares its channels among threads: below, starting them costs
-# more than it saves.
-PARALLEL_VALUES = 1 << 18
-
-
-def _rows_kernel(k: ModuleType, x: Tensor):
-    """The NCHW kernel for this call: its channels shared among as many threads as torch uses
-    (the forward around it runs on all of them), or one thread for a small call."""
-    threads = torch.get_num_threads()
-    if threads > 1 and x.numel() >= PARALLEL_VALUES and x.shape[1] > 1:
-        k.set_threads(threads)
-        return k.measure_rows_parallel
-    return k.measure_rows
 
 
 def _layout(x: Tensor) -> str | None:

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from bnaudit.core.blocked import torch_threads
 from bnaudit.core.errors import DataError, NothingToAudit, describe
 from bnaudit.core.layers import LayerKind, find_bn_layers, preserved
 from bnaudit.inputs.calls import Call, InputChoice, call_model, move_batch, to_call
@@ -46,6 +47,41 @@ class Passes:
     outputs: list[Any] | None  # eval-mode outputs with the stored stats; None past the budget
     feed: str = ""  # how the batches feed the model, when they hold more than the input
     order: tuple[str, ...] = ()  # every BN layer that ran, audited or not, in the order it ran
+    small: bool = False  # every call small: the passes after the first ran on one torch thread
+
+
+# Below this many values in every BN call (torch's grain size: its element-wise ops on such a
+# tensor run on one thread anyway), the passes after the first run on one torch thread. A
+# parallel region then costs more than its work, and on a busy machine every region waits for
+# all its threads to be scheduled: the 400-layer MLP's batch_norm and linear calls took 40×
+# longer between the audit's hooks than back to back (issue 25).
+SMALL_CALL_VALUES = 1 << 15
+
+
+def small_calls(model: nn.Module, probes: list[Probe]) -> bool:
+    """Whether the passes so far (at least one) saw only small BN calls, on the CPU."""
+    largest = max((p.largest for p in probes), default=0)
+    on_cpu = _model_device_dtype(model)[0].type == "cpu"
+    return on_cpu and 0 < largest < SMALL_CALL_VALUES
+
+
+def _set_regime(
+    model: nn.Module,
+    layers: list[tuple[str, nn.Module]],
+    probes: list[Probe],
+    regime: str,
+    train_mode: str,
+    first: bool,
+) -> None:
+    for p in probes:
+        p.regime = regime
+    if regime == "train":
+        _set_train_mode(model, layers, train_mode)
+    elif train_mode == "all" or first:
+        model.eval()
+    else:  # only the BN layers left eval mode: a walk of the model costs more
+        for _, m in layers:
+            m.training = False
 
 
 def _set_train_mode(model: nn.Module, layers: list[tuple[str, nn.Module]], mode: str) -> None:
@@ -92,7 +128,8 @@ def run_passes(
     outputs: list[Any] | None = [] if options.impact else None
     budget = options.output_budget_mb * 2**20
     count = 0
-    with preserved(model, layers), torch.no_grad():
+    small = False
+    with preserved(model, layers), torch.no_grad(), contextlib.ExitStack() as threads:
         handles = [h for p in probes for h in p.hooks()]
         try:
             for batch in batches:
@@ -101,20 +138,15 @@ def run_passes(
                 batch = _as_call(model, move_batch(batch, device, dtype), options.input)
                 feed = feed or batch.how
                 for regime in ("eval", "train"):
-                    for p in probes:
-                        p.regime = regime
-                    if regime == "train":
-                        _set_train_mode(model, layers, options.train_mode)
-                    elif options.train_mode == "all" or count == 0:
-                        model.eval()
-                    else:  # only the BN layers left eval mode: a walk of the model costs more
-                        for _, m in layers:
-                            m.training = False
+                    _set_regime(model, layers, probes, regime, options.train_mode, count == 0)
                     watch = folds is not None and count == 0 and regime == "eval"
                     with folds.watching() if watch else contextlib.nullcontext():  # type: ignore[union-attr]
                         out = _forward(model, batch, count, regime)
                     ledger.settle()  # the train-mode updates, read and undone
                     deferred.end_pass()
+                    if count == 0 and regime == "eval" and small_calls(model, probes):
+                        small = True
+                        threads.enter_context(torch_threads(1))
                     if regime == "eval" and outputs is not None:
                         outputs.append(_detached(out))
                         budget -= _nbytes(out)
@@ -135,7 +167,7 @@ def run_passes(
     ran = sorted((p for p in probes if p.first_call is not None), key=lambda p: p.first_call or 0)
     order = tuple(p.name for p in ran)
     probed = [p for p in probes if p.measure]
-    return Passes(probed, dict(layers), count, again, outputs, feed, order)
+    return Passes(probed, dict(layers), count, again, outputs, feed, order, small)
 
 
 def _as_call(model: nn.Module, batch: Any, choice: InputChoice) -> Call:

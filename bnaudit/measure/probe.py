@@ -91,6 +91,7 @@ class Probe:
         self.measure = measure
         self.clock = clock  # shared by all probes: orders layers by their first call
         self.first_call: int | None = None
+        self.largest = 0  # values in the largest call measured
         self.module = module
         self.attrs = a = LayerAttrs.of(module)
         # Exact copies (original dtype) to undo each train-mode update.
@@ -186,6 +187,7 @@ class Probe:
         x, y = inputs[0].detach(), output.detach()
         if x.dim() < 2 or y.shape != x.shape:
             return
+        self.largest = max(self.largest, x.numel())
         train = self.regime == "train"
         update = None
         if train and self.checks_update:  # read by the ledger, after the pass as a rule

@@ -1,0 +1,71 @@
+"""A model whose BN calls are all small runs the audit's passes after the first on one torch
+thread (`bnaudit.measure.passes.SMALL_CALL_VALUES`), and the caller's thread count comes back;
+a model with a large call keeps the caller's count throughout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import bnaudit
+from bnaudit.core.errors import DataError
+from bnaudit.measure.passes import SMALL_CALL_VALUES
+
+
+def threads_seen(model: nn.Module, batches: list[torch.Tensor]) -> list[int]:
+    """torch's thread count at every BN call of an audit, in order."""
+    seen: list[int] = []
+    hooks = [
+        m.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+        for m in model.modules()
+        if isinstance(m, nn.BatchNorm1d)
+    ]
+    try:
+        bnaudit.audit(model, batches)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("width", [16, SMALL_CALL_VALUES // 8])
+def test_only_small_calls_narrow_the_threads_after_the_first_pass(width: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, 3)
+    )
+    batches = [torch.randn(8, 8) for _ in range(3)]  # 8 × width values per BN call
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = threads_seen(model, batches)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert after == 2
+    assert seen[0] == 2  # the first pass decides
+    small = 8 * width < SMALL_CALL_VALUES
+    assert set(seen[1:]) == ({1} if small else {2}), (width, seen)
+
+
+def test_a_failed_audit_gives_the_threads_back() -> None:
+    class Breaks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn, self.calls = nn.BatchNorm1d(4), 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            if self.calls == 3:  # batch 2's eval pass, after the narrowing
+                raise RuntimeError("boom")
+            return self.bn(x)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(DataError):
+            bnaudit.audit(Breaks(), [torch.randn(8, 4) for _ in range(3)])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
