@@ -28,8 +28,8 @@ from bnaudit.check.impact import output_impact
 from bnaudit.check.options import AuditOptions, with_overrides
 from bnaudit.check.sites import shared_sites
 from bnaudit.check.static import NO_BATCH_CODES
-from bnaudit.core.blocked import torch_threads
 from bnaudit.core.layers import counter_notes, find_bn_layers, other_names
+from bnaudit.core.runtime import older_objects_frozen, torch_threads
 from bnaudit.measure import fused
 from bnaudit.measure.dataflow import METHOD, Pairs
 from bnaudit.measure.diversity import diversity
@@ -81,6 +81,19 @@ def audit(
             rank measured is merged before judging (`bnaudit.distributed`).
     """
     options = with_overrides(options or AuditOptions(), overrides)
+    with older_objects_frozen():
+        return _audit(model, batches, options, checkpoint, sha256, progress, ranks)
+
+
+def _audit(
+    model: nn.Module,
+    batches: Iterable[Any],
+    options: AuditOptions,
+    checkpoint: str | None,
+    sha256: str | None,
+    progress: ProgressFn | None,
+    ranks: Ranks | None,
+) -> AuditReport:
     ran = _run(model, batches, options, progress, ranks)
     # A model whose BN calls are all small: its passes after the first ran on one torch thread,
     # and so do the rest (`bnaudit.measure.passes.SMALL_CALL_VALUES` says why).

@@ -9,7 +9,6 @@ tests/test_fast_paths.py holds each to its formula over many shapes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from functools import wraps
 from typing import TypeVar
 
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor
 
 from bnaudit.core.formulas import tolerance, values_per_channel
+from bnaudit.core.runtime import torch_threads
 
 # Values per block in the streaming functions: their float64 temporaries (three blocks of
 # 8 bytes a value) stay small, and memory does not grow with the activation.
@@ -45,20 +45,6 @@ def one_thread(fn: Callable[..., _R]) -> Callable[..., _R]:
             return fn(*args, **kwargs)
 
     return run
-
-
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """torch on at most `count` threads in the block; the caller's count is put back."""
-    threads = torch.get_num_threads()
-    if threads <= count:
-        yield
-        return
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class Blocks:

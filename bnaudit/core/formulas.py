@@ -290,14 +290,23 @@ def fold(
 
     W' = W·γ/sqrt(σ²_r + ε) per output channel, b' = (b − μ_r)·γ/sqrt(σ²_r + ε) + β.
     """
-    scale = torch.rsqrt(running_var + eps)
-    if gamma is not None:
-        scale = scale * gamma
+    scale = fold_scale(running_var, gamma, eps)
     # As [C_out, rest] × [C_out, 1]: the same products, several times faster than the
     # broadcast over the weight's own dimensions (with a dtype promotion).
     w = (weight.reshape(len(scale), -1) * scale[:, None]).reshape(weight.shape)
+    return w, fold_bias(bias, running_mean, scale, beta)
+
+
+def fold_scale(running_var: Tensor, gamma: Tensor | None, eps: float) -> Tensor:
+    """γ/sqrt(σ²_r + ε), the factor of `fold` per output channel."""
+    scale = torch.rsqrt(running_var + eps)
+    return scale if gamma is None else scale * gamma
+
+
+def fold_bias(
+    bias: Tensor | None, running_mean: Tensor, scale: Tensor, beta: Tensor | None
+) -> Tensor:
+    """b' of `fold`, given its `fold_scale`."""
     b = (bias if bias is not None else torch.zeros_like(running_mean)) - running_mean
     b = b * scale
-    if beta is not None:
-        b = b + beta
-    return w, b
+    return b if beta is None else b + beta

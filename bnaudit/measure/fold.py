@@ -28,6 +28,7 @@ from bnaudit.core import formulas as F
 from bnaudit.core.errors import describe
 from bnaudit.core.layers import LayerAttrs, find_bn_layers, preserved
 from bnaudit.inputs.calls import call_model
+from bnaudit.measure import fused
 from bnaudit.measure.dataflow import Dataflow, Pairs
 
 
@@ -42,15 +43,20 @@ class FoldCheck:
 
 
 def folded(conv: nn.Module, a: LayerAttrs) -> tuple[Tensor, Tensor]:
-    """W', b' in the conv's dtype, computed in float64."""
+    """W', b' in the conv's dtype, computed in float64 (`formulas.fold`)."""
     assert a.running_mean is not None and a.running_var is not None
+    weight, dtype = conv.weight.detach(), conv.weight.dtype
     bias = conv.bias.detach().double() if conv.bias is not None else None
-    # The weight is promoted to float64 inside the product (the statistics are float64): the
-    # same bits as a float64 copy first, without writing one.
-    w, b = F.fold(
-        conv.weight.detach(), bias, a.running_mean, a.running_var, a.weight, a.bias, a.eps
-    )
-    return w.to(conv.weight.dtype), b.to(conv.weight.dtype)
+    scale = F.fold_scale(a.running_var, a.weight, a.eps)
+    b = F.fold_bias(bias, a.running_mean, scale, a.bias).to(dtype)
+    # A ResNet-50's 23 M weights: one pass of the kernel instead of a float64 product tensor
+    # and its conversion, which took longer than a sample's forward.
+    w = fused.fold_weight(weight, scale)
+    if w is None:
+        # The weight is promoted to float64 inside the product (the statistics are float64):
+        # the same bits as a float64 copy first, without writing one.
+        w = (weight.reshape(len(scale), -1) * scale[:, None]).reshape(weight.shape).to(dtype)
+    return w, b
 
 
 def _apply(conv: nn.Module, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
@@ -66,8 +72,10 @@ def risk(conv: nn.Module, a: LayerAttrs) -> tuple[float, float]:
 
 def _risk(w: Tensor, b: Tensor) -> tuple[float, float]:
     """`risk` of the folded W', b' (in the conv's dtype)."""
-    # |·| and max are exact in any float dtype: float64 after them is the same number.
-    per_channel = w.abs().reshape(w.shape[0], -1).amax(1).double()
+    # max |w| = max(|max w|, |min w|), without an |w| tensor; |·| and max are exact in any
+    # float dtype, so float64 after them is the same number (NaN stays NaN).
+    rows = w.reshape(w.shape[0], -1)
+    per_channel = torch.maximum(rows.amax(1).abs(), rows.amin(1).abs()).double()
     b = b.double()
     top = float(per_channel.max())
     levels = float((127 * per_channel / top).median()) if top > 0 else math.nan
@@ -80,8 +88,9 @@ FOLD_SAMPLES = 1
 FOLD_BLOCK = 1 << 18  # values compared at a time
 # ... but not at batch 1 or 2, where one sample is half a pass (a U-Net at 256², a video net): a
 # conv's output is local, so a sample larger than this many output positions per channel is
-# checked on a window of its input, both sides (conv → BN, the folded conv) computed on it.
-FOLD_POSITIONS = 4096
+# checked on a window of its input, both sides (conv → BN, the folded conv) computed on it. The
+# window keeps the copy of each conv's input small as well (made at every conv call).
+FOLD_POSITIONS = 1024
 
 
 @dataclass(frozen=True)
@@ -99,7 +108,7 @@ def window_of(conv: nn.Module, x: Tensor) -> Tensor | None:
     if not isinstance(conv, nn.modules.conv._ConvNd) or x.dim() != len(conv.kernel_size) + 2:
         return None
     dims = len(conv.kernel_size)
-    side = math.ceil(FOLD_POSITIONS ** (1 / dims))
+    side = round(FOLD_POSITIONS ** (1 / dims))
     lengths = [
         min(size, side * stride + dilation * (k - 1))
         for size, stride, dilation, k in zip(

@@ -229,6 +229,24 @@ def _layout(x: Tensor) -> str | None:
     return "rows" if x.is_contiguous() else None
 
 
+def fold_weight(weight: Tensor, scale: Tensor) -> Tensor | None:
+    """A float32 CPU weight times a float64 `scale` per output channel, each product rounded to
+    float32 (`formulas.fold`'s W' in the weight's dtype, bit for bit) in one pass, without the
+    float64 product tensor; None where the kernel does not apply (the caller folds in torch)."""
+    if weight.dtype is not torch.float32 or weight.device.type != "cpu" or not weight.numel():
+        return None
+    if not weight.is_contiguous() or scale.dtype is not torch.float64 or not scale.is_cpu:
+        return None
+    k = kernels()
+    if k is None:
+        return None
+    out = torch.empty_like(weight)
+    channels = weight.shape[0]
+    s = np.ascontiguousarray(scale.numpy())
+    k.fold_weight(weight.data_ptr(), out.data_ptr(), channels, weight.numel() // channels, s)
+    return out
+
+
 def _per_channel(v: Tensor | float | None, channels: int, fill: float) -> np.ndarray:
     if isinstance(v, Tensor):
         return v.numpy()

@@ -274,3 +274,22 @@ def measure_inner(
         esum_all += mean[c] + var[c] + esum[c]
         worst = max(worst, rmax[c])
     return esum_all, worst
+
+
+@njit(**OPTIONS)
+def fold_weight(wp, op, channels, per, scale):
+    """W' = W·scale per output channel: float32 [channels, per] at `wp` into `op`, each product
+    in float64 and rounded to float32 (as torch's float64 product, then `.to(float32)`). No
+    fast-math: every product is rounded as written."""
+    w = carray(_address(wp), (channels * per,), np.float32)
+    out = carray(_address(op), (channels * per,), np.float32)
+    for c in range(channels):
+        s = scale[c]
+        row = slice(c * per, (c + 1) * per)
+        _scale_row(w[row], out[row], s)
+
+
+@njit(**OPTIONS)
+def _scale_row(w, out, s):
+    for k in range(w.size):
+        out[k] = np.float32(np.float64(w[k]) * s)

@@ -12,9 +12,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from bnaudit.core.blocked import torch_threads
 from bnaudit.core.errors import DataError, NothingToAudit, describe
 from bnaudit.core.layers import LayerKind, find_bn_layers, preserved
+from bnaudit.core.runtime import torch_threads
 from bnaudit.inputs.calls import Call, InputChoice, call_model, move_batch, to_call
 from bnaudit.inputs.containers import map_tensors, tensors
 from bnaudit.measure.fold import FoldWatch

@@ -1,8 +1,11 @@
-"""A model whose BN calls are all small runs the audit's passes after the first on one torch
-thread (`bnaudit.measure.passes.SMALL_CALL_VALUES`), and the caller's thread count comes back;
-a model with a large call keeps the caller's count throughout."""
+"""The process settings an audit holds (`bnaudit.core.runtime`) and gives back: a model whose BN
+calls are all small runs the passes after the first on one torch thread
+(`bnaudit.measure.passes.SMALL_CALL_VALUES`), a model with a large call keeps the caller's count
+throughout; the objects older than the audit are frozen for the cycle collector while it runs."""
 
 from __future__ import annotations
+
+import gc
 
 import pytest
 import torch
@@ -69,3 +72,24 @@ def test_a_failed_audit_gives_the_threads_back() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_audit_freezes_older_objects_while_it_runs_and_unfreezes_them() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    frozen: list[int] = []
+    model[1].register_forward_hook(lambda *_: frozen.append(gc.get_freeze_count()))
+    assert gc.get_freeze_count() == 0
+    bnaudit.audit(model, [torch.randn(8, 4) for _ in range(2)])
+    assert min(frozen) > 0  # the model, at least, was frozen during the passes
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_caller_who_froze_objects_keeps_them_frozen() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        bnaudit.audit(model, [torch.randn(8, 4) for _ in range(2)])
+        assert gc.get_freeze_count() == before
+    finally:
+        gc.unfreeze()
