@@ -208,7 +208,7 @@ DEFECTS = ["none", "nan", "inf", "tiny var", "cancellation"]
 def test_fold_checks_are_the_reference_bit_for_bit(defect: str, dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     model = planted(Net(dtype), defect)
-    batch = ((torch.randn(5, 6).to(dtype), torch.randn(2, 3, 6, 6).to(dtype)),)
+    batch = ((torch.randn(5, 6).to(dtype), torch.randn(2, 3, 4, 4).to(dtype)),)
     with single_thread():
         fast, slow = run(FoldWatch, model, batch), run(ReferenceWatch, model, batch)
     assert set(fast) == set(slow) == {"bn0", "bn1", "bn2", "bn3"}
@@ -286,7 +286,7 @@ def test_a_window_of_a_large_sample_gives_the_whole_samples_verdict(defect: str)
     assert all(isinstance(k, Kept) and k.window for k in kept)
     with torch.no_grad():  # the window's output: about FOLD_POSITIONS per channel
         sizes = [m(k.x)[0, 0].numel() for m, k in zip(convs, kept, strict=True)]  # type: ignore[union-attr]
-    assert all(0.9 * FOLD_POSITIONS <= n <= 1.1 * FOLD_POSITIONS for n in sizes), sizes
+    assert all(0.9 * FOLD_POSITIONS <= n <= 1.3 * FOLD_POSITIONS for n in sizes), sizes
     with single_thread():
         fast, slow = run(FoldWatch, model, batch), run(ReferenceWatch, model, batch)
     assert set(fast) == set(slow) == {"bn1", "bn2", "bn3"}

@@ -90,7 +90,7 @@ FOLD_BLOCK = 1 << 18  # values compared at a time
 # conv's output is local, so a sample larger than this many output positions per channel is
 # checked on a window of its input, both sides (conv → BN, the folded conv) computed on it. The
 # window keeps the copy of each conv's input small as well (made at every conv call).
-FOLD_POSITIONS = 1024
+FOLD_POSITIONS = 64
 
 
 @dataclass(frozen=True)
