@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import floors
+
 TARGET_QUIET = 1.25  # audit / plain passes, the default install, quiet
 TARGET_BUSY = 1.5  # the same with BURNERS busy processes
 TARGET_FALLBACK = 1.5  # torch path / numba kernel, both under contention
@@ -90,6 +92,12 @@ def median_ratio(times: dict[str, list[float]], side: str, over: str = "plain") 
     return statistics.median(ratios(times, side, over))
 
 
+def rest_s(times: dict[str, list[float]]) -> float:
+    """The audit's seconds beyond the exact-kernel floor, median of the rounds: the work that is
+    not the measurement of each call (the fold check, set-up, bookkeeping, metrics, verdict)."""
+    return statistics.median(a - k for a, k in zip(times["numba"], times["kernel"], strict=True))
+
+
 @contextlib.contextmanager
 def burners(count: int) -> Iterator[list[subprocess.Popen]]:
     """`count` processes that spin on the CPU until the block ends (killed in `finally`)."""
@@ -153,10 +161,14 @@ def measure(bench: Any, name: str, shape: tuple[int, ...], batches: int, repeats
 
         return run
 
+    def floor() -> None:  # the plain passes with hooks that run the exact kernel alone
+        floors.floor_passes(bench, model, data, "kernel")
+        model.load_state_dict(state)
+
     runs = {"plain": plain, "numba": audit(""), "torch": audit("torch")}
-    for run in runs.values():  # warm-up: the kernels loaded, the allocator's pools grown
+    for run in (*runs.values(), floor):  # warm-up: the kernels loaded, the allocator grown
         run()
-    quiet = rounds(runs, repeats)
+    quiet = rounds({**runs, "kernel": floor}, repeats)
     with burners(BURNERS):
         busy = rounds(runs, repeats)
     return Measured(name, shape, batches, len(bench.models.bn_layers(model)), quiet, busy)
@@ -192,6 +204,8 @@ def render(got: list[Measured], threads: int, repeats: int) -> str:
                 str(m.layers),
                 f"{statistics.median(q['plain']):.3f}",
                 _mark(median_ratio(q, "numba"), TARGET_QUIET),
+                f"{median_ratio(q, 'kernel'):.2f}",
+                f"{1e3 * rest_s(q):.0f}",
                 f"{median_ratio(q, 'torch'):.2f}",
                 f"{statistics.median(b['plain']):.3f}",
                 _mark(median_ratio(b, "numba"), TARGET_BUSY),
@@ -205,6 +219,8 @@ def render(got: list[Measured], threads: int, repeats: int) -> str:
         "BN layers",
         "plain s, quiet",
         "numba / plain, quiet",
+        "exact kernel alone / plain, quiet",
+        "the rest, ms per audit",
         "torch path / plain, quiet",
         f"plain s, {BURNERS} burners",
         f"numba / plain, {BURNERS} burners",
@@ -238,12 +254,16 @@ def render(got: list[Measured], threads: int, repeats: int) -> str:
             f"≤ {TARGET_BUSY} with {BURNERS} burners: {busy_ok} of {len(got)}",
             f"- torch path ≤ {TARGET_FALLBACK} × the numba kernel with {BURNERS} burners: "
             f"{fallback_ok} of {len(got)}",
-            '- where the numba kernel misses its target, the floors above ("Where the ratio '
-            'goes: the measured floors": hooks that run the exact kernel and nothing else, on '
-            "the same layouts) show how much of it is the exact measurement itself; the torch "
-            "path's floor (about 18 float64 passes over each value, against the kernel's two "
-            'reads) and its profile are in docs/performance.md, "The default install, quiet and '
-            'under load"',
+            "- where the numba kernel misses its target, two columns say why: `exact kernel "
+            "alone` is the plain passes with hooks that run the audit's exact kernel on every "
+            "BN call and nothing else (the floor of the measurement itself, interleaved in the "
+            "same quiet rounds: `benchmarks/floors.py`); `the rest` is the audit's time beyond "
+            "that floor (the fold check, the probes' set-up, the train-mode update undone, the "
+            "kept rows, the metrics and the verdict), which does not grow with the batch, so "
+            "it weighs most on a small forward; docs/performance.md has their profiles. The "
+            "torch path's floor is about 18 float64 passes over each value against the "
+            "kernel's two reads (docs/performance.md, \"The default install, quiet and under "
+            'load")',
             f"- models: {what}",
             "",
         ]
