@@ -255,6 +255,39 @@ def test_audits_agree_across_paths(dtype: torch.dtype, channels_last: bool) -> N
     assert_same_report(dataclasses.replace(blocks, notes=blocks.notes[1:]), general)
 
 
+@needs_numba
+@pytest.mark.parametrize("defect", ["none", "eps x10", "1-ulp"])
+@pytest.mark.parametrize("batch_stats", [True, False])
+def test_parallel_rows_kernel_gives_the_serial_numbers(
+    defect: str, batch_stats: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large NCHW calls share their channels among threads on a machine with cores to spare:
+    each channel's numbers are those of the one-thread kernel, bit for bit."""
+    monkeypatch.setattr(fused, "machine_busy", lambda: False)
+    call = make(Case((4, 7, 100, 100), False, torch.float32, 3.0, batch_stats, defect, 5))
+    assert call.x.numel() >= fused.PARALLEL_VALUES
+    k = fused.kernels()
+    assert k is not None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert fused._rows_kernel(k, call.x) is k.measure_rows_parallel
+        parallel = measured(call)
+        torch.set_num_threads(1)
+        assert fused._rows_kernel(k, call.x) is k.measure_rows
+        serial = measured(call)
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("mean", "var", "err", "ratio"):
+        assert torch.equal(getattr(parallel, name), getattr(serial, name)), name
+    assert parallel.worst == serial.worst and parallel.finite == serial.finite
+    # The planted defects are seen (at this N, torch's float64 var_mean is not the reference to
+    # 1e-9 of a ratio: the kernel's compensated sums are the more exact).
+    ratio = reference(call)[3]
+    assert bool(((parallel.ratio <= 1) == (ratio <= 1)).all())
+    assert torch.allclose(parallel.ratio, ratio, rtol=1e-6)
+
+
 def test_the_report_says_when_the_torch_path_ran(monkeypatch: pytest.MonkeyPatch) -> None:
     """One note names the path that ran and how to get the fast one; none with the kernel."""
     model, images = conv_model(torch.float32, False)
@@ -281,5 +314,58 @@ def test_the_torch_path_runs_on_one_thread_and_puts_the_count_back() -> None:
         with pytest.raises(ZeroDivisionError):
             blocked_fn(lambda: 1 / 0)
         assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+BENCH_DIR = __import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize(
+    ("factory", "shape"),
+    [
+        ("audio1d", (2, 1, 2000)),  # [B, C, T]: rows of hundreds of values
+        ("unet", (1, 3, 32, 32)),  # skip concatenations, a single sample per batch
+        ("temporal3d", (1, 3, 4, 16, 16)),  # BatchNorm3d
+        ("crnn", (2, 1, 32, 32)),  # conv + BN2d, then a GRU
+    ],
+)
+def test_the_benchmark_shapes_agree_across_paths(factory: str, shape: tuple[int, ...]) -> None:
+    """The shapes `make bench` times (`benchmarks/shapes.py`), small: the numba kernel and the
+    torch path give the general float64 path's report."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        models = importlib.import_module("models")
+        torch.manual_seed(0)
+        model = models.calibrate(getattr(models, factory)(), [torch.randn(shape) for _ in range(2)])
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+    batches = [torch.randn(shape) for _ in range(3)]
+    fast = bnaudit.audit(model, batches)
+    with torch_kernel():
+        blocks = bnaudit.audit(model, batches)
+    with grouping(0), general_only():
+        general = bnaudit.audit(model, batches)
+    assert_same_report(fast, general)
+    if fused.kernels() is not None:  # the torch path's report opens with the note that says so
+        blocks = dataclasses.replace(blocks, notes=blocks.notes[1:])
+    assert_same_report(blocks, general)
+
+
+@needs_numba
+def test_a_busy_machine_keeps_large_calls_on_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    call = make(Case((4, 7, 100, 100), False, torch.float32, 3.0, True, "none", 5))
+    k = fused.kernels()
+    assert k is not None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(fused, "machine_busy", lambda: True)
+        assert fused._rows_kernel(k, call.x) is k.measure_rows
+        monkeypatch.setattr(fused, "machine_busy", lambda: False)
+        assert fused._rows_kernel(k, call.x) is k.measure_rows_parallel
     finally:
         torch.set_num_threads(threads)

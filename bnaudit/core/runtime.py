@@ -1,8 +1,11 @@
-"""Process-wide settings an audit holds for its duration, each put back as it was found."""
+"""Process-wide settings an audit holds for its duration, each put back as it was found, and
+whether the machine has a core to spare for a parallel kernel right now."""
 
 from __future__ import annotations
 
 import gc
+import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -37,3 +40,41 @@ def older_objects_frozen() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+LOADAVG = "/proc/loadavg"
+
+
+BUSY_FOR_S = 0.02  # how long one reading is trusted: a kernel call costs less than the read
+_busy: tuple[float, bool] = (-1.0, True)  # (when read, the answer)
+
+
+def machine_busy(loadavg: str = LOADAVG) -> bool:
+    """Whether more tasks are runnable right now than this process may use cores (Linux's
+    /proc/loadavg, its fourth field: runnable/all, this thread and any spinning worker
+    included), read at most every BUSY_FOR_S. Where that cannot be read it says busy: the
+    caller then stays on one thread, which is never the slow choice under load."""
+    global _busy
+    now = time.monotonic()
+    if loadavg == LOADAVG and now - _busy[0] < BUSY_FOR_S:
+        return _busy[1]
+    busy = _read_busy(loadavg)
+    if loadavg == LOADAVG:
+        _busy = (now, busy)
+    return busy
+
+
+def _read_busy(loadavg: str) -> bool:
+    try:
+        with open(loadavg, "rb") as f:
+            running = int(f.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return True
+    return running > _cores()
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1

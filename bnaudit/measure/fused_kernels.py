@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import carray, njit, types
+from numba import carray, config, njit, prange, set_num_threads, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -159,11 +159,8 @@ def measure_rows(
     ratio). Addresses, not arrays: a tensor's data_ptr() costs a fraction of the NumPy views
     and the result tensor a hook would otherwise make on every call.
 
-    One thread: numba's parallel loop (an OpenMP region) returns when every thread of its team
-    has run, so on a busy machine each call waited for a descheduled thread (the U-Net's audit:
-    2.28× its plain passes with it, 1.42× without, with two busy processes beside it), for
-    0.02 of a ratio quiet on the ResNet-50 layout. Helper threads taking chunks of the channels
-    did no better under load: a helper descheduled while it holds the GIL stops the caller.
+    One thread; `measure_rows_parallel` shares the channels among threads (`fused._rows_kernel`
+    says when).
     """
     x = carray(_address(xp), (n,), np.float32)
     y = carray(_address(yp), (ny,), np.float32)
@@ -177,6 +174,35 @@ def measure_rows(
         if ny:
             worst = max(worst, out[3, c])
     return esum, worst
+
+
+@njit(parallel=True, **OPTIONS)
+def measure_rows_parallel(
+    xp, yp, n, ny, batch, channels, inner, weight, bias, eps, rmean, rvar, batch_stats, rtol,
+    atol, op,
+):  # fmt: skip
+    """`measure_rows` with the channels shared among numba's threads: each channel is computed
+    as there, by one thread, so every result is the same (the error sum, which only says
+    whether everything is finite, is added in another order)."""
+    x = carray(_address(xp), (n,), np.float32)
+    y = carray(_address(yp), (ny,), np.float32)
+    out = carray(_address(op), (4, channels), np.float64)
+    parts = np.empty(channels)
+    for c in prange(channels):
+        parts[c] = _rows_channel(
+            x, y, batch, channels, inner, c, weight, bias, eps, rmean, rvar, batch_stats,
+            rtol, atol, out,
+        )  # fmt: skip
+    worst = 0.0
+    if ny:
+        for c in range(channels):
+            worst = max(worst, out[3, c])
+    return np.sum(parts), worst
+
+
+def set_threads(count: int) -> None:
+    """Use up to `count` threads in `measure_rows_parallel` (numba's pool caps it)."""
+    set_num_threads(max(1, min(count, config.NUMBA_NUM_THREADS)))
 
 
 @njit(fastmath=FAST, **OPTIONS)
