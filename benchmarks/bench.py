@@ -57,6 +57,7 @@ import memory_stages  # noqa: E402
 import models  # noqa: E402
 import shapes  # noqa: E402
 import watch_cost  # noqa: E402
+from timing import timed  # noqa: E402
 
 TARGET_TIME = 1.25  # audit / plain passes
 TARGET_RSS = 1.3  # audit / plain eval forward
@@ -213,9 +214,7 @@ def interleaved(
     order = list(range(len(runs)))
     for repeat in range(repeats):
         for j in order if repeat % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            runs[j]()
-            times[j].append(time.perf_counter() - start)
+            times[j].append(timed(runs[j]))
             if j < resets:
                 reset()
     return times
@@ -730,7 +729,9 @@ class Results:
             "`bnaudit.audit(model, batches)` with its defaults against the same passes without "
             "hooks (per batch one eval and one BN-train-mode forward, then one eval forward, "
             "`torch.no_grad`), interleaved; median of the runs and the range of the per-run "
-            "ratios.",
+            "ratios. Every timed run in this file's one-process tables is timed as `timeit` "
+            "times one: Python's cycle collector run before it and off during it "
+            "(`benchmarks/timing.py`).",
             "",
             table(
                 ["model", "batches × shape", "plain passes s", "audit s", "audit / plain", "range"],

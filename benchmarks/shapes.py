@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import floors
+from timing import timed
 
 TARGET_QUIET = 1.25  # audit / plain passes, the default install, quiet
 TARGET_BUSY = 1.5  # the same with BURNERS busy processes
@@ -138,9 +139,7 @@ def rounds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, lis
     order = list(runs)
     for i in range(repeats):
         for k in order if i % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            runs[k]()
-            times[k].append(time.perf_counter() - start)
+            times[k].append(timed(runs[k]))
     return times
 
 
@@ -239,7 +238,8 @@ def render(got: list[Measured], threads: int, repeats: int) -> str:
             "",
             f"`bnaudit.audit` against the plain passes it needs, in one process, torch threads: "
             f"{threads}, interleaved (plain, numba kernel, torch path; reversed every other "
-            f"round), median of {repeats} per-round ratios. `numba` is what `pip install "
+            f"round; the cycle collector off during each run), median of {repeats} per-round "
+            "ratios. `numba` is what `pip install "
             "bnaudit` runs; `torch path` is `BNAUDIT_KERNEL=torch`, what runs where numba has "
             f"no wheel (the report then says so in a note). Then the same {repeats} rounds "
             f"while {BURNERS} other processes spin on the CPU (busy loops, started and "
