@@ -102,7 +102,7 @@ def test_the_machine_is_busy_with_more_runnable_tasks_than_cores(tmp_path) -> No
     loadavg = tmp_path / "loadavg"
     for running, busy in ((1, False), (cores, False), (cores + 1, True), (cores + 5, True)):
         loadavg.write_text(f"0.52 0.61 0.70 {running}/812 4242\n")
-        assert runtime.machine_busy(str(loadavg)) is busy, running
+        assert runtime.busy_in(str(loadavg)) is busy, running
     loadavg.write_text("garbage\n")
-    assert runtime.machine_busy(str(loadavg))  # unreadable: one thread, the safe choice
-    assert runtime.machine_busy(str(tmp_path / "absent"))
+    assert runtime.busy_in(str(loadavg))  # unreadable: one thread, the safe choice
+    assert runtime.busy_in(str(tmp_path / "absent"))

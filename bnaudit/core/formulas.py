@@ -291,16 +291,21 @@ def fold(
     W' = W·γ/sqrt(σ²_r + ε) per output channel, b' = (b − μ_r)·γ/sqrt(σ²_r + ε) + β.
     """
     scale = fold_scale(running_var, gamma, eps)
-    # As [C_out, rest] × [C_out, 1]: the same products, several times faster than the
-    # broadcast over the weight's own dimensions (with a dtype promotion).
-    w = (weight.reshape(len(scale), -1) * scale[:, None]).reshape(weight.shape)
-    return w, fold_bias(bias, running_mean, scale, beta)
+    return fold_weight(weight, scale), fold_bias(bias, running_mean, scale, beta)
 
 
 def fold_scale(running_var: Tensor, gamma: Tensor | None, eps: float) -> Tensor:
     """γ/sqrt(σ²_r + ε), the factor of `fold` per output channel."""
     scale = torch.rsqrt(running_var + eps)
     return scale if gamma is None else scale * gamma
+
+
+def fold_weight(weight: Tensor, scale: Tensor) -> Tensor:
+    """W' of `fold`, given its `fold_scale`, in the promoted dtype of the two: a weight of
+    narrower dtype is promoted inside the product (the same bits as converting it first)."""
+    # As [C_out, rest] × [C_out, 1]: the same products, several times faster than the
+    # broadcast over the weight's own dimensions (with a dtype promotion).
+    return (weight.reshape(len(scale), -1) * scale[:, None]).reshape(weight.shape)
 
 
 def fold_bias(

@@ -49,22 +49,20 @@ BUSY_FOR_S = 0.02  # how long one reading is trusted: a kernel call costs less t
 _busy: tuple[float, bool] = (-1.0, True)  # (when read, the answer)
 
 
-def machine_busy(loadavg: str = LOADAVG) -> bool:
-    """Whether more tasks are runnable right now than this process may use cores (Linux's
-    /proc/loadavg, its fourth field: runnable/all, this thread and any spinning worker
-    included), read at most every BUSY_FOR_S. Where that cannot be read it says busy: the
-    caller then stays on one thread, which is never the slow choice under load."""
+def machine_busy() -> bool:
+    """`busy_in(LOADAVG)`, read at most every BUSY_FOR_S."""
     global _busy
     now = time.monotonic()
-    if loadavg == LOADAVG and now - _busy[0] < BUSY_FOR_S:
-        return _busy[1]
-    busy = _read_busy(loadavg)
-    if loadavg == LOADAVG:
-        _busy = (now, busy)
-    return busy
+    if now - _busy[0] >= BUSY_FOR_S:
+        _busy = (now, busy_in(LOADAVG))
+    return _busy[1]
 
 
-def _read_busy(loadavg: str) -> bool:
+def busy_in(loadavg: str) -> bool:
+    """Whether more tasks are runnable right now than this process may use cores (Linux's
+    /proc/loadavg, its fourth field: runnable/all, this thread and any spinning worker
+    included). Where that cannot be read it says busy: the caller then stays on one thread,
+    which is never the slow choice under load."""
     try:
         with open(loadavg, "rb") as f:
             running = int(f.read().split()[3].split(b"/")[0])

@@ -53,9 +53,7 @@ def folded(conv: nn.Module, a: LayerAttrs) -> tuple[Tensor, Tensor]:
     # and its conversion, which took longer than a sample's forward.
     w = fused.fold_weight(weight, scale)
     if w is None:
-        # The weight is promoted to float64 inside the product (the statistics are float64):
-        # the same bits as a float64 copy first, without writing one.
-        w = (weight.reshape(len(scale), -1) * scale[:, None]).reshape(weight.shape).to(dtype)
+        w = F.fold_weight(weight, scale).to(dtype)  # float64 (the statistics are), rounded
     return w, b
 
 

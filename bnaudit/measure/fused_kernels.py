@@ -149,6 +149,15 @@ def _rows_channel(
 
 
 @njit(**OPTIONS)
+def _worst(out, channels, moments_only):
+    worst = 0.0
+    if not moments_only:
+        for c in range(channels):
+            worst = max(worst, out[3, c])
+    return worst
+
+
+@njit(**OPTIONS)
 def measure_rows(
     xp, yp, n, ny, batch, channels, inner, weight, bias, eps, rmean, rvar, batch_stats, rtol,
     atol, op,
@@ -165,15 +174,13 @@ def measure_rows(
     x = carray(_address(xp), (n,), np.float32)
     y = carray(_address(yp), (ny,), np.float32)
     out = carray(_address(op), (4, channels), np.float64)
-    esum, worst = 0.0, 0.0
+    esum = 0.0
     for c in range(channels):
         esum += _rows_channel(
             x, y, batch, channels, inner, c, weight, bias, eps, rmean, rvar, batch_stats,
             rtol, atol, out,
         )  # fmt: skip
-        if ny:
-            worst = max(worst, out[3, c])
-    return esum, worst
+    return esum, _worst(out, channels, y.size == 0)
 
 
 @njit(parallel=True, **OPTIONS)
@@ -193,11 +200,7 @@ def measure_rows_parallel(
             x, y, batch, channels, inner, c, weight, bias, eps, rmean, rvar, batch_stats,
             rtol, atol, out,
         )  # fmt: skip
-    worst = 0.0
-    if ny:
-        for c in range(channels):
-            worst = max(worst, out[3, c])
-    return np.sum(parts), worst
+    return np.sum(parts), _worst(out, channels, y.size == 0)
 
 
 def set_threads(count: int) -> None:
